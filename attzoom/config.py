@@ -1,0 +1,92 @@
+"""One training's knobs (the paper's protocol, Sec. 5.3), validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .data import DATASETS
+from .models import BACKBONES, POSITIONS, VARIANTS
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("cosine", "step", "plateau", "onecycle")
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "tiny_resnet"
+    dataset: str = "cluttered-digits"
+    variant: str = "baseline"
+    position: str = "stem"
+    cifar_stem: bool = False
+    kernel_size: int = 3
+    threshold: float = 0.5
+    zoom: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"
+    step_size: int = 30  # StepLR only
+    epochs: int = 50
+    patience: int = 5
+    augment: bool = True
+    seed: int = 0
+    data_root: str = "data"
+    val_fraction: float = 0.1
+    device: str = "auto"
+    amp: bool | None = None  # None: on when training on CUDA
+    channels_last: bool | None = None  # None: on when training on CUDA
+    compile: bool = False
+    gpu_memory_fraction: float | None = None  # cap this process's CUDA memory (shared GPUs)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a plain dict (a Tune config, a checkpoint), rejecting unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        _choice("backbone", self.backbone, BACKBONES)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("variant", self.variant, VARIANTS)
+        _choice("position", self.position, POSITIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        for key in ("batch_size", "epochs", "patience", "step_size", "zoom"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        _in_range("lr", self.lr, 0, 10, low_open=True)
+        _in_range("weight_decay", self.weight_decay, 0, 1)
+        _in_range("momentum", self.momentum, 0, 1)
+        _in_range("threshold", self.threshold, 0, 1)
+        _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        if self.gpu_memory_fraction is not None:
+            _in_range("gpu_memory_fraction", self.gpu_memory_fraction, 0, 1, low_open=True)
+
+
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {key} {value!r}: choose one of {', '.join(valid)}")
+
+
+def _in_range(key, value, low, high, low_open=False, high_open=False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{key} must be in {lo}{low}, {high}{hi}, got {value}")

@@ -1,0 +1,307 @@
+"""Data sets as uint8 tensors: CIFAR-100, Tiny-ImageNet and the embedded cluttered digits.
+
+Every loader returns a :class:`Splits`: a training set, a validation set held out of
+the training set with a fixed seed (for search and early stopping), and the official
+test split (kept for the final report; for Tiny-ImageNet that is its labelled ``val``
+folder, as its own test labels were never published). Images are (N, 3, H, W) uint8 so
+that CIFAR-sized sets live on the training device whole and are augmented there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("cifar100", "tinyimagenet", "cluttered-digits")
+
+
+class DataError(Exception):
+    """A data set is missing or malformed; the message says where and what is expected."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+    def to(self, device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
+def load(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: int = 0,
+         download: bool = True) -> Splits:
+    """Load a data set by name and hold ``val_fraction`` of its training set out for validation."""
+    root = Path(root).expanduser()
+    if name == "cifar100":
+        train, test, classes = load_cifar100(root, download)
+    elif name == "tinyimagenet":
+        train, test, classes = load_tinyimagenet(root, download)
+    elif name == "cluttered-digits":
+        train, test, classes = load_cluttered_digits(root)
+    else:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    train, val = split_validation(train, val_fraction, seed)
+    mean, std = channel_stats(train.images)
+    return Splits(train, val, test, classes, mean, std)
+
+
+def split_validation(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Fixed-seed random split of a training set into (train, validation)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {fraction}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(fraction * len(data)))
+    return data.subset(order[n_val:]), data.subset(order[:n_val])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units, for normalisation."""
+    x = images[:4096].float().div_(255)
+    mean = x.mean(dim=(0, 2, 3)).tolist()
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return tuple(mean), tuple(std)
+
+
+# --- CIFAR-100 (python pickle layout) -------------------------------------------------
+
+CIFAR100_LAYOUT = "cifar-100-python/{train,test,meta} pickles as published by the CIFAR authors"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+
+
+def load_cifar100(root: Path, download: bool = True) -> tuple[ImageSet, ImageSet, int]:
+    folder = root / "cifar-100-python"
+    if not (folder / "train").exists() and download:
+        _try_download(CIFAR100_URL, root, CIFAR100_MD5)
+    return _cifar_part(folder, "train"), _cifar_part(folder, "test"), 100
+
+
+def _cifar_part(folder: Path, part: str) -> ImageSet:
+    path = folder / part
+    if not path.is_file():
+        raise DataError(f"CIFAR-100 not found: {path} is missing; expected {CIFAR100_LAYOUT}")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"CIFAR-100 file {path} is truncated or malformed ({type(e).__name__}: {e}); "
+                        f"expected a pickled dict with b'data' (N x 3072 uint8) and b'fine_labels'") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"CIFAR-100 file {path} is malformed: data shape {data.shape}, "
+                        f"{len(labels)} labels; expected N x 3072 and N labels")
+    if labels.min() < 0 or labels.max() >= 100:
+        raise DataError(f"CIFAR-100 file {path} is malformed: labels outside 0..99")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return ImageSet(images, torch.from_numpy(labels))
+
+
+# --- Tiny-ImageNet (folder layout) ----------------------------------------------------
+
+TINY_LAYOUT = ("tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and "
+               "val/images/*.JPEG with val/val_annotations.txt")
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, ImageSet, int]:
+    folder = root / "tiny-imagenet-200"
+    if not (folder / "wnids.txt").exists() and download:
+        _try_download(TINY_URL, root, None)
+    wnids_file = folder / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DataError(f"Tiny-ImageNet not found: {wnids_file} is missing; expected {TINY_LAYOUT}")
+    wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
+    index = {w: i for i, w in enumerate(wnids)}
+    cache = _cache_file(folder, "tiny")
+    if cache.is_file():
+        with np.load(cache) as z:
+            train = ImageSet(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"]))
+            test = ImageSet(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"]))
+        return train, test, len(wnids)
+    train = _read_images(_tiny_train_files(folder, wnids, index))
+    test = _read_images(_tiny_val_files(folder, index))
+    _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
+                test_x=test.images.numpy(), test_y=test.labels.numpy())
+    return train, test, len(wnids)
+
+
+def _tiny_train_files(folder: Path, wnids: list[str], index: dict[str, int]) -> list[tuple[Path, int]]:
+    files = []
+    for wnid in wnids:
+        images = folder / "train" / wnid / "images"
+        found = sorted(images.glob("*.JPEG"))
+        if not found:
+            raise DataError(f"Tiny-ImageNet malformed: no images in {images}; expected {TINY_LAYOUT}")
+        files += [(p, index[wnid]) for p in found]
+    return files
+
+
+def _tiny_val_files(folder: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
+    annotations = folder / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DataError(f"Tiny-ImageNet malformed: {annotations} is missing; expected {TINY_LAYOUT}")
+    files = []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) < 2 or fields[1] not in index:
+            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} is {line!r}; "
+                            "expected '<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' with a wnid from wnids.txt")
+        files.append((folder / "val" / "images" / fields[0], index[fields[1]]))
+    return files
+
+
+def _read_images(files: list[tuple[Path, int]]) -> ImageSet:
+    from PIL import Image, UnidentifiedImageError
+
+    images = np.empty((len(files), 64, 64, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (64, 64):
+                    raise DataError(f"Tiny-ImageNet image {path} is {im.size[0]}x{im.size[1]}, expected 64x64")
+                images[i] = np.asarray(im)
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"Tiny-ImageNet image {path} is missing or unreadable ({e})") from e
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+# --- Cluttered digits (embedded, generated) -------------------------------------------
+
+@dataclass(frozen=True)
+class ClutterSpec:
+    """How the cluttered-digits set is drawn; the cache key is derived from it."""
+
+    canvas: int = 32
+    digit_sizes: tuple[int, int] = (12, 18)
+    fragments: tuple[int, int] = (3, 6)
+    fragment_size: int = 6
+    train_per_digit: int = 4
+    test_per_digit: int = 2
+    seed: int = 0
+
+
+def load_cluttered_digits(root: Path, spec: ClutterSpec = ClutterSpec()) -> tuple[ImageSet, ImageSet, int]:
+    """Cluttered digits: scikit-learn's 8x8 digits scaled onto a larger canvas with clutter.
+
+    The cluttered-MNIST idea from the attention literature, built from a data set that
+    ships inside scikit-learn, so the demo needs no download. Deterministic in ``spec``
+    and cached under ``root`` after the first build.
+    """
+    cache = _cache_file(root / "cluttered-digits", _spec_key(spec))
+    if cache.is_file():
+        with np.load(cache) as z:
+            return (ImageSet(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"])),
+                    ImageSet(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"])), 10)
+    train, test = make_cluttered_digits(spec)
+    _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
+                test_x=test.images.numpy(), test_y=test.labels.numpy())
+    return train, test, 10
+
+
+def make_cluttered_digits(spec: ClutterSpec = ClutterSpec()) -> tuple[ImageSet, ImageSet]:
+    """Generate (train, test); the source digits of the two splits are disjoint."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    glyphs = torch.from_numpy(digits.images / 16.0).float()  # (1797, 8, 8) in [0, 1]
+    labels = torch.from_numpy(digits.target).long()
+    gen = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(labels), generator=gen)
+    n_test = len(labels) // 4
+    test_src, train_src = order[:n_test], order[n_test:]
+    train = _render(glyphs, labels, train_src, spec.train_per_digit, spec, gen)
+    test = _render(glyphs, labels, test_src, spec.test_per_digit, spec, gen)
+    return train, test
+
+
+def _render(glyphs, labels, source, copies, spec: ClutterSpec, gen) -> ImageSet:
+    import torch.nn.functional as F
+
+    c = spec.canvas
+    src = source.repeat(copies)
+    canvas = torch.zeros(len(src), c, c)
+    for i, k in enumerate(src.tolist()):
+        for _ in range(int(torch.randint(spec.fragments[0], spec.fragments[1] + 1, (1,), generator=gen))):
+            other = glyphs[int(torch.randint(len(glyphs), (1,), generator=gen))]
+            big = F.interpolate(other[None, None], size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+            fy, fx = torch.randint(0, 16 - spec.fragment_size + 1, (2,), generator=gen).tolist()
+            frag = big[fy:fy + spec.fragment_size, fx:fx + spec.fragment_size]
+            y, x = torch.randint(0, c - spec.fragment_size + 1, (2,), generator=gen).tolist()
+            _paste_max(canvas[i], frag, y, x)
+        size = int(torch.randint(spec.digit_sizes[0], spec.digit_sizes[1] + 1, (1,), generator=gen))
+        digit = F.interpolate(glyphs[k][None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        y, x = torch.randint(0, c - size + 1, (2,), generator=gen).tolist()
+        _paste_max(canvas[i], digit, y, x)
+    images = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return ImageSet(images, labels[src].clone())
+
+
+def _paste_max(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> None:
+    h, w = patch.shape
+    canvas[y:y + h, x:x + w] = torch.maximum(canvas[y:y + h, x:x + w], patch)
+
+
+def _spec_key(spec: ClutterSpec) -> str:
+    return "digits-" + hashlib.sha1(repr(spec).encode()).hexdigest()[:12]
+
+
+# --- caching and download -------------------------------------------------------------
+
+def _cache_file(folder: Path, key: str) -> Path:
+    return folder / f".attzoom-{key}.npz"
+
+
+def _save_cache(path: Path, **arrays) -> None:
+    """Write atomically, so a killed build never leaves a truncated cache behind."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only data root only costs a rebuild next time
+
+
+def _try_download(url: str, root: Path, md5: str | None) -> None:
+    """Fetch and unpack an archive when the network allows; stay quiet when it does not."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        download_and_extract_archive(url, str(root), md5=md5, remove_finished=True)
+    except Exception:  # noqa: BLE001 - any failure falls through to the layout check's message
+        pass
+    finally:
+        socket.setdefaulttimeout(previous)

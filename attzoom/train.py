@@ -1,0 +1,280 @@
+"""The training loop: the paper's protocol, resumable to the bit, reporting through a callback.
+
+Short and flat in the airbench style: the data sit on the training device as uint8,
+each batch is augmented there, and the loop knows nothing of Tune or MLflow. After
+every epoch it writes ``last.pt`` (everything needed to continue exactly: model,
+optimizer, scheduler, early-stopping state and RNG states) and, when validation
+top-1 improved, ``best.pt``; then it calls ``callback(metrics, checkpoint_dir)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import PaperAugment
+from .config import TrainConfig
+from .data import ImageSet, Splits, load
+from .models import build_model
+
+METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "images_per_s")
+Callback = Callable[[dict, Path | None], None]
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" | "early_stopped" | "diverged"
+    best: dict  # metrics of the best epoch by validation top-1
+    history: list[dict] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+
+@dataclass
+class Runtime:
+    """What the loop needs besides the config: device, precision and normalisation."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float().div_(255) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Callback | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = True) -> FitResult:
+    """Train one model; with ``resume`` and a ``last.pt`` in ``checkpoint_dir``, continue it exactly."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg.validate()
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    data = data or load(cfg.dataset, cfg.data_root, cfg.val_fraction)
+    rt = make_runtime(cfg, data)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, data.num_classes, rt)
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stop = EarlyStopping(cfg.patience)
+    history: list[dict] = []
+    last = ckpt_dir / "last.pt" if ckpt_dir else None
+    if resume and last is not None and last.exists():
+        history = load_training_state(last, model, optimizer, scheduler, scaler, generator, stop)
+    train_model = torch.compile(model) if cfg.compile else model
+    train_set, val_set = data.train.to(rt.device), data.val.to(rt.device)
+    augment = PaperAugment(data.image_size, autoaugment=True) if cfg.augment else None
+    status = "early_stopped" if stop.should_stop else "completed"
+
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if stop.should_stop:
+            break
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, seen = train_one_epoch(train_model, train_set, cfg, rt, optimizer, scheduler, scaler,
+                                           augment, generator)
+        if not math.isfinite(train_loss):
+            status = "diverged"
+            break
+        val = evaluate(model, val_set, rt)
+        if cfg.scheduler == "plateau":
+            scheduler.step(val["loss"])
+        elif cfg.scheduler != "onecycle":
+            scheduler.step()
+        elapsed = time.perf_counter() - started
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
+                   "val_top5": val["top5"], "lr": lr, "epoch_time": elapsed, "images_per_s": seen / elapsed}
+        history.append(metrics)
+        improved = stop.update(epoch, metrics["val_top1"])
+        status = "early_stopped" if stop.should_stop else "completed"
+        if ckpt_dir:
+            save_checkpoints(ckpt_dir, cfg, data, model, optimizer, scheduler, scaler, generator, stop, history,
+                             improved)
+        if callback:
+            callback(metrics, ckpt_dir)
+    best = next((m for m in history if m["epoch"] == stop.best_epoch), {})
+    return FitResult(status, best, history, ckpt_dir)
+
+
+def make_runtime(cfg: TrainConfig, data: Splits) -> Runtime:
+    """CUDA gets mixed precision and channels_last unless the config says otherwise."""
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    cuda = device.type == "cuda"
+    if cuda and cfg.gpu_memory_fraction:
+        # Ray's fractional GPUs are bookkeeping only: cap our share so a neighbour's OOM stays theirs.
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
+    amp = cuda if cfg.amp is None else cfg.amp
+    amp_dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+    channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+    shape = (1, 3, 1, 1)
+    return Runtime(device, amp_dtype, channels_last,
+                   torch.tensor(data.mean, device=device).view(shape),
+                   torch.tensor(data.std, device=device).view(shape))
+
+
+def make_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
+    model = build_model(cfg.backbone, num_classes, cfg.variant, cfg.position, cfg.cifar_stem,
+                        kernel_size=cfg.kernel_size, threshold=cfg.threshold, zoom=cfg.zoom)
+    model = model.to(rt.device)
+    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """The paper's four schedulers; OneCycleLR steps per batch, the others per epoch."""
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size)
+    if cfg.scheduler == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="min", patience=2)
+    if cfg.scheduler == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+
+
+def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimizer, scheduler, scaler,
+                    augment, generator) -> tuple[float, int]:
+    """One pass in shuffled full batches; returns (mean loss, images seen), NaN as soon as the loss is."""
+    model.train()
+    n = len(data)
+    usable = n if n < cfg.batch_size else n - n % cfg.batch_size
+    order = torch.randperm(n, generator=generator)[:usable].to(rt.device)
+    total = torch.zeros((), device=rt.device)
+    batches = order.split(cfg.batch_size)
+    for step, index in enumerate(batches, 1):
+        images = data.images[index]
+        if augment:
+            images = augment(images, generator)
+        with rt.autocast():
+            loss = F.cross_entropy(model(rt.prepare(images)), data.labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if cfg.scheduler == "onecycle":
+            scheduler.step()
+        total += loss.detach() * len(index)
+        if step % 25 == 0 and not torch.isfinite(total):
+            return math.nan, step * cfg.batch_size
+    return total.item() / usable, usable
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, rt: Runtime, batch_size: int = 500) -> dict:
+    """Loss, top-1 and top-5 accuracy (in %) on a data set, no augmentation."""
+    model.eval()
+    loss = top1 = top5 = 0.0
+    for start in range(0, len(data), batch_size):
+        images = data.images[start:start + batch_size].to(rt.device)
+        labels = data.labels[start:start + batch_size].to(rt.device)
+        with rt.autocast():
+            logits = model(rt.prepare(images)).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+    n = len(data)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a new best validation top-1."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.bad_epochs = patience, -math.inf, 0, 0
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def update(self, epoch: int, value: float) -> bool:
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+def save_checkpoints(ckpt_dir: Path, cfg, data: Splits, model, optimizer, scheduler, scaler, generator, stop,
+                     history, improved: bool) -> None:
+    """``last.pt`` to continue exactly; ``best.pt`` (weights + config + metrics) when top-1 improved."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model_info = {"config": cfg.to_dict(), "model": weights, "num_classes": data.num_classes,
+                  "mean": list(data.mean), "std": list(data.std)}
+    if improved:
+        _atomic_save({**model_info, "metrics": history[-1]}, ckpt_dir / "best.pt")
+    _atomic_save({
+        **model_info,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "early_stopping": stop.state_dict(),
+        "history": history,
+        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, ckpt_dir / "last.pt")
+
+
+def load_training_state(path: Path, model, optimizer, scheduler, scaler, generator, stop) -> list[dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    stop.load_state_dict(state["early_stopping"])
+    generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["history"]
+
+
+def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig, dict]:
+    """Rebuild a trained model from ``best.pt`` or ``last.pt``: (model in eval mode, config, metrics)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_model(cfg.backbone, state["num_classes"], cfg.variant, cfg.position, cfg.cifar_stem,
+                        kernel_size=cfg.kernel_size, threshold=cfg.threshold, zoom=cfg.zoom)
+    model.load_state_dict(state["model"])
+    metrics = state.get("metrics") or (state["history"][-1] if state.get("history") else {})
+    return model.to(device).eval(), cfg, metrics
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
