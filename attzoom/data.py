@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,15 +98,16 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 def load_cifar100(root: Path, download: bool = True) -> tuple[ImageSet, ImageSet, int]:
     folder = root / "cifar-100-python"
+    note = ""
     if not (folder / "train").exists() and download:
-        _try_download(CIFAR100_URL, root, CIFAR100_MD5)
-    return _cifar_part(folder, "train"), _cifar_part(folder, "test"), 100
+        note = _try_download(CIFAR100_URL, root, CIFAR100_MD5)
+    return _cifar_part(folder, "train", note), _cifar_part(folder, "test", note), 100
 
 
-def _cifar_part(folder: Path, part: str) -> ImageSet:
+def _cifar_part(folder: Path, part: str, note: str = "") -> ImageSet:
     path = folder / part
     if not path.is_file():
-        raise DataError(f"CIFAR-100 not found: {path} is missing; expected {CIFAR100_LAYOUT}")
+        raise DataError(f"CIFAR-100 not found: {path} is missing{note}; put {CIFAR100_LAYOUT} under {folder.parent}")
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
@@ -132,11 +134,12 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, ImageSet, int]:
     folder = root / "tiny-imagenet-200"
+    note = ""
     if not (folder / "wnids.txt").exists() and download:
-        _try_download(TINY_URL, root, None)
+        note = _try_download(TINY_URL, root, None)
     wnids_file = folder / "wnids.txt"
     if not wnids_file.is_file():
-        raise DataError(f"Tiny-ImageNet not found: {wnids_file} is missing; expected {TINY_LAYOUT}")
+        raise DataError(f"Tiny-ImageNet not found: {wnids_file} is missing{note}; put {TINY_LAYOUT} under {root}")
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     index = {w: i for i, w in enumerate(wnids)}
     cache = _cache_file(folder, "tiny")
@@ -293,15 +296,20 @@ def _save_cache(path: Path, **arrays) -> None:
         pass  # a read-only data root only costs a rebuild next time
 
 
-def _try_download(url: str, root: Path, md5: str | None) -> None:
-    """Fetch and unpack an archive when the network allows; stay quiet when it does not."""
+def _try_download(url: str, root: Path, md5: str | None) -> str:
+    """Fetch and unpack an archive when the network allows; on failure return a note for the error
+    message and leave no folder behind that was not there before."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    created = [p for p in (root, *root.parents) if not p.exists()]
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
         download_and_extract_archive(url, str(root), md5=md5, remove_finished=True)
-    except Exception:  # noqa: BLE001 - any failure falls through to the layout check's message
-        pass
+        return ""
+    except Exception as e:  # noqa: BLE001 - any failure is reported by the layout check that follows
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        return f" and downloading {url} failed ({type(e).__name__})"
     finally:
         socket.setdefaulttimeout(previous)

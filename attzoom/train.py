@@ -274,6 +274,15 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[nn.Mod
     return model.to(device).eval(), cfg, metrics
 
 
+def best_test_metrics(checkpoint_dir: str | Path, data: Splits, device: str = "auto") -> dict:
+    """The best checkpoint's loss, top-1 and top-5 on the official test split (for the final report)."""
+    name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, _ = load_checkpoint_model(Path(checkpoint_dir) / "best.pt", name)
+    rt = Runtime(torch.device(name), None, False, *(torch.tensor(v, device=name).view(1, 3, 1, 1)
+                                                     for v in (data.mean, data.std)))
+    return evaluate(model, data.test, rt)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)

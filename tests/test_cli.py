@@ -1,0 +1,46 @@
+"""The ``attzoom`` command as a user runs it: a real process, real data on disk."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attzoom.cli import main
+
+
+def attzoom(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "attzoom.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_runs_and_prints_final_metrics(tmp_path):
+    out = attzoom("train", "--dataset", "cluttered-digits", "--data-root", str(tmp_path / "data"),
+                  "--variant", "attzoom", "--epochs", "1", "--batch-size", "256", "--no-augment",
+                  "--checkpoint-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "test top-1" in out.stdout and "val top-1" in out.stdout
+    assert "attzoom" in out.stderr and "1/1" in out.stderr  # the progress bar
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["config"]["variant"] == "attzoom" and best["metrics"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lr", "-1"], "lr must be in"),
+    (["--backbone", "vgg"], "invalid choice: 'vgg'"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--kernel-size", "4"], "kernel_size must be odd"),
+    (["--dataset", "cifar100", "--data-root", "nowhere/data"], "nowhere/data/cifar-100-python/train is missing"),
+    (["--dataset", "tinyimagenet", "--data-root", "nowhere"], "tiny-imagenet-200/wnids.txt is missing"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_trace(tmp_path, args, expected):
+    out = attzoom("train", *args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/, no data/, nothing
+
+
+def test_main_returns_2_in_process_for_config_errors(capsys):
+    assert main(["train", "--threshold", "1.5"]) == 2
+    assert "threshold must be in [0, 1]" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""The training loop: metrics, checkpoints, exact resume, early stopping, divergence."""
+
+import math
+
+import pytest
+import torch
+
+from attzoom.config import ConfigError, TrainConfig
+from attzoom.data import ImageSet, Splits
+from attzoom.train import METRICS, EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
+
+TIMING = {"epoch_time", "images_per_s"}
+
+
+def small_splits(n_train=96, n_val=32, n_test=32, classes=4, size=32, seed=0, random_labels=False) -> Splits:
+    """A learnable toy task: the class sets the brightness of one quadrant."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        labels = torch.randint(classes, (n,), generator=gen)
+        images = torch.randint(0, 60, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+        half = size // 2
+        for i, y in enumerate(labels.tolist()):
+            r, c = divmod(y % 4, 2)
+            images[i, :, r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+        if random_labels:
+            labels = torch.randint(classes, (n,), generator=gen)
+        return ImageSet(images, labels)
+
+    return Splits(make(n_train), make(n_val), make(n_test), classes, (0.3, 0.3, 0.3), (0.25, 0.25, 0.25))
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(backbone="tiny_resnet", dataset="cluttered-digits", batch_size=16, lr=3e-3, epochs=4, patience=50)
+    return TrainConfig(**{**base, **overrides})
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_callback_gets_every_metric_each_epoch_after_the_checkpoint(tmp_path):
+    seen = []
+
+    def callback(metrics, ckpt_dir):
+        assert (ckpt_dir / "last.pt").exists()
+        saved = torch.load(ckpt_dir / "last.pt", weights_only=True)
+        assert saved["history"][-1]["epoch"] == metrics["epoch"]  # checkpoint written before the report
+        seen.append(metrics)
+
+    result = fit(config(epochs=3), small_splits(), callback=callback, checkpoint_dir=tmp_path)
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    for m in seen:
+        assert set(METRICS) <= set(m)
+        assert 0 <= m["val_top1"] <= m["val_top5"] <= 100
+        assert m["images_per_s"] > 0 and m["epoch_time"] > 0 and m["train_loss"] > 0
+    assert result.status == "completed" and result.epochs == 3
+    assert result.best["val_top1"] == max(m["val_top1"] for m in seen)
+
+
+def test_training_learns_a_learnable_task():
+    result = fit(config(epochs=6, augment=False), small_splits())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best["val_top1"] > 50  # chance is 25 %
+
+
+@pytest.mark.parametrize("optimizer,scheduler", [
+    ("adam", "cosine"), ("sgd", "step"), ("adam", "plateau"), ("sgd", "onecycle")])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, optimizer, scheduler):
+    cfg = config(optimizer=optimizer, scheduler=scheduler, step_size=1, epochs=4)
+    data = small_splits()
+    straight = fit(cfg, data, checkpoint_dir=tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(metrics, _):
+        if metrics["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, data, callback=kill_after_two, checkpoint_dir=tmp_path / "resumed")
+    torch.manual_seed(12345)  # a different global RNG state must not matter: it is restored from the checkpoint
+    resumed = fit(cfg, data, checkpoint_dir=tmp_path / "resumed")
+
+    assert without_timing(resumed.history) == without_timing(straight.history)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_false_starts_over(tmp_path):
+    data = small_splits()
+    fit(config(epochs=2), data, checkpoint_dir=tmp_path)
+    again = fit(config(epochs=2), data, checkpoint_dir=tmp_path, resume=False)
+    assert [m["epoch"] for m in again.history] == [1, 2]
+
+
+def test_finished_run_resumes_to_nothing(tmp_path):
+    data, calls = small_splits(), []
+    first = fit(config(epochs=2), data, checkpoint_dir=tmp_path)
+    second = fit(config(epochs=2), data, checkpoint_dir=tmp_path, callback=lambda m, c: calls.append(m))
+    assert calls == [] and without_timing(second.history) == without_timing(first.history)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "plateau", "onecycle"])
+def test_checkpoints_load_weights_only_and_rebuild_the_model(tmp_path, scheduler):
+    data = small_splits()
+    cfg = config(epochs=1, scheduler=scheduler, variant="attzoom")
+    fit(cfg, data, checkpoint_dir=tmp_path)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "early_stopping", "rng", "history", "config"} <= set(last)
+    model, loaded_cfg, metrics = load_checkpoint_model(tmp_path / "best.pt")
+    assert loaded_cfg == cfg and metrics["epoch"] == 1
+    rt = make_runtime(cfg, data)
+    assert evaluate(model, data.val, rt)["top1"] == pytest.approx(metrics["val_top1"])
+    assert 0 <= best_test_metrics(tmp_path, data)["top1"] <= 100
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement():
+    result = fit(config(epochs=15, patience=2, lr=1e-6, augment=False), small_splits(random_labels=True))
+    assert result.status == "early_stopped"
+    best_epoch = result.best["epoch"]
+    assert result.epochs == best_epoch + 2
+    assert all(m["val_top1"] <= result.best["val_top1"] for m in result.history)
+
+
+def test_early_stopping_state():
+    stop = EarlyStopping(patience=2)
+    assert stop.update(1, 10.0) and not stop.update(2, 10.0)  # a tie is no improvement
+    assert not stop.should_stop and not stop.update(3, 5.0) and stop.should_stop
+    restored = EarlyStopping(2)
+    restored.load_state_dict(stop.state_dict())
+    assert restored.should_stop and restored.best_epoch == 1
+
+
+def test_nan_loss_stops_the_run_with_a_status(tmp_path):
+    reported = []
+    result = fit(config(epochs=6, optimizer="sgd", lr=9.9, momentum=0.99, scheduler="step", step_size=100,
+                        augment=False),
+                 small_splits(), callback=lambda m, c: reported.append(m), checkpoint_dir=tmp_path)
+    assert result.status == "diverged"
+    assert result.epochs < 6 and all(math.isfinite(m["train_loss"]) for m in reported)
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown config key 'lrate'"):
+        TrainConfig.from_dict({"lrate": 0.1})
+    with pytest.raises(ConfigError, match="scheduler"):
+        TrainConfig.from_dict({"scheduler": "linear"})
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ConfigError, match="kernel_size"):
+        TrainConfig.from_dict({"kernel_size": 4})
+    assert TrainConfig.from_dict(TrainConfig(lr=0.5).to_dict()).lr == 0.5
+
+
+def test_runtime_picks_cpu_defaults_without_cuda():
+    rt = make_runtime(config(), small_splits())
+    if not torch.cuda.is_available():
+        assert rt.device.type == "cpu" and rt.amp_dtype is None and not rt.channels_last
+    x = rt.prepare(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert torch.allclose(x, torch.full_like(x, (1 - 0.3) / 0.25))
+
+
+def test_bf16_autocast_and_channels_last_paths_run_on_cpu():
+    """The CUDA defaults (mixed precision, channels_last) are code paths of their own; run them here."""
+    result = fit(config(epochs=1, amp=True, channels_last=True, variant="attzoom"), small_splits())
+    assert result.status == "completed" and math.isfinite(result.history[0]["val_loss"])
