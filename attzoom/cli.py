@@ -1,4 +1,4 @@
-"""The ``attzoom`` command: ``train`` one model, or run the embedded ``demo``.
+"""``attzoom train``: one training from the command line (the sweep service adds the other commands).
 
 Errors a user can cause (a bad option value, missing data) end with one line naming the
 problem and the fix, and exit code 2, before any training starts.
@@ -39,20 +39,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="attzoom", description="AttZoom sweeps: train and compare CNNs with and without AttZoom.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = Parser(prog="attzoom", description="Train CNNs with and without AttZoom.")
+    add_train_command(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    return parser
+
+
+def add_train_command(sub) -> None:
+    """``attzoom train``; the sweep service's CLI adds it to its own commands."""
     train = sub.add_parser("train", help="train one model and print its final metrics")
     add_train_options(train)
     train.add_argument("--checkpoint-dir", type=Path, default=None,
                        help="where last.pt / best.pt go (default: runs/<backbone>-<dataset>-<variant>)")
     train.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming it")
     train.set_defaults(run=run_train)
-    demo = sub.add_parser("demo", help="baseline vs AttZoom on the embedded cluttered-digits set (a few minutes)")
-    demo.add_argument("--epochs", type=int, default=8)
-    demo.add_argument("--data-root", default="data")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.set_defaults(run=run_demo)
-    return parser
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -103,36 +102,6 @@ def run_train(args: argparse.Namespace) -> int:
           f"test top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} %")
     print(f"checkpoints: {ckpt}/best.pt (best weights), {ckpt}/last.pt (resume state)")
     return 0 if result.status != "diverged" else 1
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """Baseline vs AttZoom on cluttered digits: the smallest honest comparison, no download."""
-    from .train import fit, best_test_metrics
-
-    rows = []
-    for variant in ("baseline", "attzoom"):
-        config = TrainConfig(backbone="tiny_resnet", dataset="cluttered-digits", variant=variant,
-                             epochs=args.epochs, batch_size=64, lr=3e-3, scheduler="cosine",
-                             augment=False, data_root=args.data_root)
-        data = load(config.dataset, config.data_root, config.val_fraction)
-        ckpt = args.out / variant
-        with EpochBar(config.epochs, variant) as bar:
-            result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=False)
-        test = best_test_metrics(ckpt, data, config.device)
-        rows.append((variant, result, test))
-    print(comparison_table(rows))
-    print(f"\ncheckpoints under {args.out}/<variant>/best.pt; train one yourself with `attzoom train --help`")
-    return 0
-
-
-def comparison_table(rows) -> str:
-    lines = ["| variant | val top-1 | val top-5 | test top-1 | test top-5 | epochs | status |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for variant, result, test in rows:
-        b = result.best
-        lines.append(f"| {variant} | {b.get('val_top1', 0):.2f} | {b.get('val_top5', 0):.2f} | "
-                     f"{test['top1']:.2f} | {test['top5']:.2f} | {result.epochs} | {result.status} |")
-    return "\n".join(lines)
 
 
 class EpochBar:

@@ -1,0 +1,227 @@
+"""The ``attzoom`` command: ``train`` (from attzoom.cli) plus the sweep service.
+
+    attzoom sweep SPEC      run a sweep (local Ray on 127.0.0.1, or --address)
+    attzoom resume SWEEP    continue an interrupted sweep, running only what is missing
+    attzoom submit SPEC     submit a sweep to a cluster as a Ray job
+    attzoom status [SWEEP]  progress of local sweeps (MLflow) or of a submitted job
+    attzoom logs JOB_ID     follow a submitted job's output
+    attzoom ui              the MLflow UI on 127.0.0.1
+    attzoom demo            the embedded demo sweep, then the comparison table
+
+Every error a user can cause is one line on stderr and exit code 2, before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from attzoom.cli import EXIT_USAGE, Parser, add_train_command
+from attzoom.config import ConfigError
+from attzoom.data import DataError
+
+from .spec import SpecError
+
+SPECS = Path(__file__).parent / "specs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (SpecError, ConfigError, DataError) as e:
+        print(f"attzoom {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; continue with `attzoom resume`", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="attzoom", description="AttZoom sweeps: does the AttZoom layer really help your CNN?")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_train_command(sub)
+
+    sweep = sub.add_parser("sweep", help="run a sweep spec (TOML) to the end")
+    sweep.add_argument("spec", type=Path)
+    add_overrides(sweep)
+    sweep.set_defaults(run=run_sweep_command)
+
+    resume = sub.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
+    resume.add_argument("--storage", default="ray_results")
+    resume.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    resume.set_defaults(run=run_resume_command)
+
+    demo = sub.add_parser("demo", help="the embedded demo sweep: cluttered digits, baseline vs AttZoom")
+    add_overrides(demo)
+    demo.set_defaults(run=run_demo_command, spec=SPECS / "demo.toml")
+
+    status = sub.add_parser("status", help="per-study progress of sweeps, or of a submitted job")
+    status.add_argument("sweep", nargs="?", help="a sweep name (default: every sweep in the store)")
+    status.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    status.add_argument("--job", default=None, help="also show a submitted job's state (needs --address)")
+    status.add_argument("--address", default=None)
+    status.set_defaults(run=run_status_command)
+
+    submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a job")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--address", required=True, help="the Jobs API, e.g. http://HEAD:8265")
+    add_overrides(submit, address=False)
+    submit.set_defaults(run=run_submit_command)
+
+    logs = sub.add_parser("logs", help="follow a submitted job's output")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", required=True)
+    logs.set_defaults(run=run_logs_command)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a tracking store")
+    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=run_ui_command)
+    return parser
+
+
+def add_overrides(p, address: bool = True) -> None:
+    if address:
+        p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray on 127.0.0.1)")
+    p.add_argument("--storage", default=None, help="Tune storage: a folder, shared file system path or cloud URI")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--trials", type=int, default=None, help="trials per study")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-concurrent", type=int, default=None, help="global cap on concurrent trials")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--local-gpus", type=int, default=None, help="logical GPUs for a local Ray instance")
+
+
+def spec_from_args(args):
+    from .spec import load_spec
+
+    return load_spec(args.spec, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials,
+                     epochs=args.epochs, max_concurrent=args.max_concurrent, local_gpus=args.local_gpus,
+                     data_root=args.data_root)
+
+
+def run_sweep_command(args) -> int:
+    from .sweep import preflight, print_summary, run_sweep
+
+    spec = preflight(spec_from_args(args))
+    started = time.time()
+    summary = run_sweep(spec, address=args.address)
+    print_summary(spec, summary)
+    print(f"\nsweep {spec.name} done in {time.time() - started:.0f} s; see it with `attzoom ui "
+          f"--tracking-uri {spec.tracking_uri}` (MLflow UI on http://127.0.0.1:5000)")
+    return 0
+
+
+def run_resume_command(args) -> int:
+    from .sweep import load_saved_spec, preflight, print_summary, run_sweep
+
+    spec = preflight(load_saved_spec(args.sweep, args.storage))
+    summary = run_sweep(spec, address=args.address, resume=True)
+    print_summary(spec, summary)
+    return 0
+
+
+def run_demo_command(args) -> int:
+    from .report import best_trials_table
+    from .sweep import preflight, run_sweep
+
+    spec = preflight(spec_from_args(args))
+    started = time.time()
+    run_sweep(spec, address=args.address)
+    print(best_trials_table(spec))
+    print(f"\ndemo sweep done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
+          f"    .venv/bin/attzoom ui --tracking-uri {spec.tracking_uri}    # then open http://127.0.0.1:5000\n"
+          f"Tune results and checkpoints: {spec.storage}/{spec.name}")
+    return 0
+
+
+def run_status_command(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from .sweep import summarize
+    from .tracking import experiment_name
+
+    if args.job:
+        print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
+    client = MlflowClient(args.tracking_uri)
+    experiments = [e for e in client.search_experiments() if e.name.startswith("attzoom-")]
+    if args.sweep:
+        experiments = [e for e in experiments if e.name == experiment_name(args.sweep)]
+        if not experiments:
+            raise SpecError(f"no sweep named {args.sweep!r} in {args.tracking_uri}; "
+                            "check the name or pass --tracking-uri")
+    for experiment in experiments:
+        print(f"{experiment.name[len('attzoom-'):]}:")
+        for study, row in sorted(summarize(client, experiment.experiment_id).items()):
+            best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
+            print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}, "
+                  f"best val_top1 {best}")
+    return 0
+
+
+def jobs_client(address: str):
+    """A Ray Jobs client; a token, when the cluster uses one, comes from the environment or a file."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and token_path:
+        token = Path(token_path).expanduser().read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(address, headers=headers)
+
+
+def run_submit_command(args) -> int:
+    """Ship the project folder as the job's working dir; local paths go as absolute overrides."""
+    import shlex
+
+    from .sweep import absolute
+
+    root = Path(__file__).resolve().parent.parent
+    spec_path = args.spec.resolve()
+    if not spec_path.is_relative_to(root):
+        raise SpecError(f"{args.spec}: a submitted spec must live inside {root}, which is shipped as the job's "
+                        "working dir; copy it into tune_jobs/specs/")
+    spec = absolute(spec_from_args(args))
+    options = {"storage": spec.storage, "tracking-uri": spec.tracking_uri, "data-root": spec.data_root,
+               "trials": spec.trials, "epochs": spec.epochs, "max-concurrent": spec.max_concurrent}
+    command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
+    command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
+    runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
+                                                          "mlruns/", "data/", "runs/", "*.db", "*.pt"]}
+    job_id = jobs_client(args.address).submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                                  metadata={"attzoom.sweep": spec.name})
+    print(job_id)
+    print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
+    return 0
+
+
+def run_logs_command(args) -> int:
+    import asyncio
+
+    client = jobs_client(args.address)
+
+    async def follow():
+        async for lines in client.tail_job_logs(args.job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(follow())
+    print(f"job {args.job_id}: {client.get_job_status(args.job_id)}", file=sys.stderr)
+    return 0
+
+
+def run_ui_command(args) -> int:
+    import subprocess
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return subprocess.call([str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
+                            "--port", str(args.port)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

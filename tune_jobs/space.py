@@ -1,0 +1,38 @@
+"""The paper's conditional search space, written define-by-run for OptunaSearch.
+
+Momentum exists only for SGD and the step size only for StepLR, so the space is a
+function of the trial rather than a flat dict. It is a small class, not a closure,
+so that OptunaSearch can pickle it with the searcher state on every experiment snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import SearchSpace, Study
+
+GATED = ("attzoom", "attention-only")
+
+
+@dataclass(frozen=True)
+class StudySpace:
+    search: SearchSpace
+    variant: str
+
+    def __call__(self, trial) -> None:
+        s = self.search
+        trial.suggest_categorical("batch_size", list(s.batch_sizes))
+        trial.suggest_float("lr", *s.lr, log=True)
+        trial.suggest_float("weight_decay", *s.weight_decay, log=True)
+        if trial.suggest_categorical("optimizer", list(s.optimizers)) == "sgd":
+            trial.suggest_float("momentum", *s.momentum)
+        if trial.suggest_categorical("scheduler", list(s.schedulers)) == "step":
+            trial.suggest_int("step_size", *s.step_size)
+        if s.threshold and self.variant in GATED:
+            trial.suggest_float("threshold", *s.threshold)
+        if s.positions and self.variant != "baseline":
+            trial.suggest_categorical("position", list(s.positions))
+
+
+def study_space(search: SearchSpace, study: Study) -> StudySpace:
+    return StudySpace(search, study.variant)

@@ -1,0 +1,274 @@
+"""Sweep specs: one TOML file describes a whole search, checked before anything starts.
+
+A sweep is the matrix backbones x datasets x variants; each combination is one *study*,
+an Optuna search of ``trials`` trials over the paper's space (tune_jobs/space.py). Every
+problem is reported as a :class:`SpecError` whose one-line message names the key or path
+and the fix, so the CLI can exit 2 before Ray, MLflow or any directory is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from attzoom.config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
+from attzoom.data import DATASETS
+from attzoom.models import BACKBONES, POSITIONS, VARIANTS
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+METRICS = ("val_top1",)
+# TrainConfig keys a spec may fix in [train]; the searched and per-study ones are excluded.
+SEARCHED = {"batch_size", "lr", "weight_decay", "optimizer", "momentum", "scheduler", "step_size"}
+PER_STUDY = {"backbone", "dataset", "variant", "epochs", "patience", "seed", "data_root"}
+TRAIN_KEYS = sorted({f.name for f in fields(TrainConfig)} - SEARCHED - PER_STUDY)
+
+
+class SpecError(ValueError):
+    """A spec problem a user can fix; str() is the one line to print."""
+
+
+@dataclass(frozen=True)
+class Study:
+    backbone: str
+    dataset: str
+    variant: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}.{self.dataset}.{self.variant}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The paper's search space (Sec. 5.3); a spec may narrow it or add AttZoom knobs."""
+
+    batch_sizes: tuple[int, ...] = (32, 64, 128, 256)
+    lr: tuple[float, float] = (1e-5, 1e-1)
+    weight_decay: tuple[float, float] = (1e-6, 1e-2)
+    optimizers: tuple[str, ...] = ("adam", "sgd")
+    momentum: tuple[float, float] = (0.7, 1.0)
+    schedulers: tuple[str, ...] = SCHEDULERS
+    step_size: tuple[int, int] = (10, 30)
+    threshold: tuple[float, float] | None = None  # tuned for gated variants when given
+    positions: tuple[str, ...] | None = None  # tuned for non-baseline variants when given
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    backbones: tuple[str, ...]
+    datasets: tuple[str, ...]
+    variants: tuple[str, ...]
+    trials: int = 30
+    epochs: int = 50
+    patience: int = 5
+    seed: int = 0
+    data_root: str = "data"
+    storage: str = "ray_results"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    metric: str = "val_top1"
+    max_concurrent: int = 4
+    max_retries: int = 2
+    cpus: float = 1.0
+    gpus: float = 0.0
+    local_gpus: int | None = None  # logical GPUs for a local Ray instance (default: those detected)
+    train: dict = field(default_factory=dict)
+    search: SearchSpace = SearchSpace()
+
+    @property
+    def studies(self) -> list[Study]:
+        return [Study(b, d, v) for b in self.backbones for d in self.datasets for v in self.variants]
+
+    def train_config(self, study: Study, params: dict) -> TrainConfig:
+        """The TrainConfig of one trial: fixed [train] settings, the study, the sampled params."""
+        return TrainConfig(**{**self.train, **params}, backbone=study.backbone, dataset=study.dataset,
+                           variant=study.variant, epochs=self.epochs, patience=self.patience,
+                           seed=self.seed, data_root=self.data_root)
+
+
+TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storage", "tracking_uri", "metric",
+            "max_concurrent", "matrix", "resources", "failure", "train", "search"}
+SECTION_KEYS = {
+    "matrix": {"backbones", "datasets", "variants"},
+    "resources": {"cpus", "gpus", "local_gpus"},
+    "failure": {"max_retries"},
+    "search": {f.name for f in fields(SearchSpace)},
+    "train": set(TRAIN_KEYS),
+}
+
+
+def load_spec(path: str | Path, **overrides) -> Spec:
+    """Parse and validate a spec file; ``overrides`` (from the CLI) win over the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} not found; pass the path of a TOML sweep spec") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"spec file {path} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"spec file {path} is not valid TOML: {e}") from None
+    spec = parse_spec(raw, source=str(path))
+    spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    validate(spec, source=str(path))
+    return spec
+
+
+def parse_spec(raw: dict, source: str = "spec") -> Spec:
+    _check_keys(raw, TOP_KEYS, source, "")
+    for section, keys in SECTION_KEYS.items():
+        if section in raw:
+            if not isinstance(raw[section], dict):
+                raise SpecError(f"{source}: [{section}] must be a table")
+            _check_keys(raw[section], keys, source, f"{section}.")
+    if "name" not in raw:
+        raise SpecError(f"{source}: missing key 'name'; add name = \"my-sweep\"")
+    matrix = raw.get("matrix", {})
+    for key in ("backbones", "datasets", "variants"):
+        if not matrix.get(key):
+            raise SpecError(f"{source}: [matrix] {key} is missing or empty; list at least one")
+    resources, failure = raw.get("resources", {}), raw.get("failure", {})
+    search = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("search", {}).items()}
+    top = {k: v for k, v in raw.items() if k not in SECTION_KEYS and k != "name"}
+    try:
+        return Spec(name=raw["name"], **top,
+                    backbones=tuple(matrix["backbones"]), datasets=tuple(matrix["datasets"]),
+                    variants=tuple(matrix["variants"]), train=dict(raw.get("train", {})),
+                    search=SearchSpace(**search), **resources, **failure)
+    except TypeError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def validate(spec: Spec, source: str = "spec") -> None:
+    """Every check that needs no cluster and writes nothing."""
+    def fail(message: str):
+        raise SpecError(f"{source}: {message}")
+
+    if not isinstance(spec.name, str) or not NAME.match(spec.name):
+        fail(f"name {spec.name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit "
+             "(it names folders, so no '/' or '..')")
+    for key, values, valid in (("matrix.backbones", spec.backbones, BACKBONES), ("matrix.datasets", spec.datasets,
+                               DATASETS), ("matrix.variants", spec.variants, VARIANTS)):
+        for value in values:
+            if value not in valid:
+                fail(f"{key}: unknown name {value!r}; choose from {', '.join(valid)}")
+        if len(set(values)) != len(values):
+            fail(f"{key} lists a name twice")
+    for key in ("trials", "epochs", "patience", "max_concurrent"):
+        _positive_int(spec, key, fail)
+    if not isinstance(spec.max_retries, int) or spec.max_retries < 0:
+        fail(f"failure.max_retries must be an integer >= 0, got {spec.max_retries!r}")
+    if spec.metric not in METRICS:
+        fail(f"metric {spec.metric!r} is not supported; use one of {', '.join(METRICS)} (maximised)")
+    if not _number(spec.cpus) or spec.cpus <= 0:
+        fail(f"resources.cpus must be a number > 0, got {spec.cpus!r}")
+    if not _number(spec.gpus) or spec.gpus < 0:
+        fail(f"resources.gpus must be a number >= 0 (a fraction such as 0.25 shares a GPU), got {spec.gpus!r}")
+    if spec.gpus > 1 and spec.gpus != int(spec.gpus):
+        fail(f"resources.gpus {spec.gpus} above 1 must be a whole number of GPUs")
+    if spec.local_gpus is not None and (not isinstance(spec.local_gpus, int) or spec.local_gpus < 0):
+        fail(f"resources.local_gpus must be an integer >= 0, got {spec.local_gpus!r}")
+    _validate_search(spec.search, fail)
+    _validate_train(spec, fail)
+
+
+def check_cluster_gpus(spec: Spec, available: float, where: str) -> None:
+    """A trial asking for more GPU than the cluster has would wait forever: refuse it up front."""
+    if spec.gpus > available:
+        raise SpecError(f"resources.gpus = {spec.gpus} but {where} has {available:g} GPU(s); lower resources.gpus "
+                        "or run on a cluster with GPUs (for a local run without one, set resources.gpus = 0)")
+
+
+def check_data(spec: Spec) -> None:
+    """The data root must hold each data set the matrix names (cluttered digits are generated)."""
+    root = Path(spec.data_root).expanduser()
+    expected = {"cifar100": ("cifar-100-python/train", "cifar-100-python/{train,test,meta}"),
+                "tinyimagenet": ("tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/ (wnids.txt, train/, val/)")}
+    for dataset in spec.datasets:
+        if dataset in expected and not (root / expected[dataset][0]).exists():
+            raise SpecError(f"data_root: {root} does not hold {dataset} ({root / expected[dataset][0]} is missing); "
+                            f"put {expected[dataset][1]} there or set data_root to where it is")
+        if dataset == "cluttered-digits" and not _writable(root):
+            raise SpecError(f"data_root: {root} is not writable, and cluttered digits are generated there; "
+                            "set data_root to a writable folder")
+
+
+def check_writable(key: str, location: str) -> None:
+    """A local storage or tracking location must be creatable; remote URIs are left to their clients."""
+    path = local_path(location)
+    if path is not None and not _writable(path):
+        raise SpecError(f"{key}: cannot write to {path} (its nearest existing folder is not writable); "
+                        f"choose a writable location with --{key.replace('_', '-')}")
+
+
+def local_path(location: str) -> Path | None:
+    """The local file system path behind a storage path or tracking URI, or None when remote."""
+    if location.startswith("sqlite:///"):
+        return Path(location[len("sqlite:///"):]).expanduser().resolve().parent
+    if location.startswith("file://"):
+        return Path(location[len("file://"):]).expanduser()
+    if "://" in location:
+        return None
+    return Path(location).expanduser()
+
+
+def _writable(path: Path) -> bool:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _validate_search(search: SearchSpace, fail) -> None:
+    if not search.batch_sizes or any(not isinstance(b, int) or b < 1 for b in search.batch_sizes):
+        fail(f"search.batch_sizes must be positive integers, got {list(search.batch_sizes)}")
+    _range("search.lr", search.lr, fail, low=0, high=10, log=True)
+    _range("search.weight_decay", search.weight_decay, fail, low=0, high=1, log=True)
+    _range("search.momentum", search.momentum, fail, low=0, high=1)
+    _range("search.step_size", search.step_size, fail, low=1, high=10_000)
+    if search.threshold is not None:
+        _range("search.threshold", search.threshold, fail, low=0, high=1)
+    for key, values, valid in (("search.optimizers", search.optimizers, OPTIMIZERS),
+                               ("search.schedulers", search.schedulers, SCHEDULERS),
+                               ("search.positions", search.positions or (), POSITIONS)):
+        if key != "search.positions" and not values:
+            fail(f"{key} is empty; list at least one of {', '.join(valid)}")
+        for value in values:
+            if value not in valid:
+                fail(f"{key}: unknown name {value!r}; choose from {', '.join(valid)}")
+
+
+def _validate_train(spec: Spec, fail) -> None:
+    study = spec.studies[0]
+    try:
+        spec.train_config(study, {}).validate()
+    except ConfigError as e:
+        fail(f"[train] {e}")
+    except TypeError as e:
+        fail(f"[train] {e}")
+
+
+def _range(key, value, fail, low, high, log=False) -> None:
+    ok = isinstance(value, tuple) and len(value) == 2 and all(_number(v) for v in value)
+    if not ok or not (low <= value[0] <= value[1] <= high) or (log and value[0] <= 0):
+        bound = "> 0" if log else f">= {low}"
+        fail(f"{key} must be [low, high] with {bound}, low <= high <= {high}; got {list(value) if ok else value!r}")
+
+
+def _positive_int(spec: Spec, key: str, fail) -> None:
+    value = getattr(spec, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        fail(f"{key} must be a positive integer, got {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_keys(table: dict, valid: set, source: str, prefix: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise SpecError(f"{source}: unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(valid))}")

@@ -1,0 +1,189 @@
+"""Run, resume and summarise a sweep: one Tune experiment, all studies, one global cap.
+
+Order matters for "nothing lost, nothing repeated": the spec is validated first (no
+side effects), then the MLflow store and the studies' parent runs are created by this
+driver (trials racing on a fresh SQLite schema fail), then Ray starts, then Tune.
+``resume`` restores the same experiment (searcher state included) and runs only what
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .spec import SearchSpace, Spec, SpecError, check_cluster_gpus, check_data, check_writable, parse_spec, validate
+
+SPEC_FILE = "attzoom-spec.json"
+# Snapshot the experiment every second (not every 10 s): a driver killed between two
+# snapshots forgets the trials started since, and each of those costs a repeated trial.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def absolute(spec: Spec) -> Spec:
+    """Trials run in other working directories: pin every local path to where the user meant."""
+    def pin(location: str) -> str:
+        if "://" in location:
+            if location.startswith("sqlite:///") and not location.startswith("sqlite:////"):
+                return "sqlite:///" + str(Path(location[len("sqlite:///"):]).expanduser().resolve())
+            return location
+        return str(Path(location).expanduser().resolve())
+
+    return replace(spec, storage=pin(spec.storage), tracking_uri=pin(spec.tracking_uri),
+                   data_root=str(Path(spec.data_root).expanduser().resolve()))
+
+
+def preflight(spec: Spec) -> Spec:
+    """Every check that can run before Ray or MLflow is touched; returns the spec with absolute paths."""
+    spec = absolute(spec)
+    check_writable("storage", spec.storage)
+    check_writable("tracking_uri", spec.tracking_uri)
+    check_data(spec)
+    return spec
+
+
+def experiment_dir(spec: Spec) -> Path:
+    return Path(spec.storage) / spec.name
+
+
+def save_spec(spec: Spec) -> None:
+    folder = experiment_dir(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
+
+
+def load_saved_spec(name_or_dir: str, storage: str = "ray_results") -> Spec:
+    """The spec a sweep was started with, found by its folder or by its name under ``storage``."""
+    candidates = [Path(name_or_dir), Path(storage) / name_or_dir]
+    for folder in candidates:
+        if (folder / SPEC_FILE).is_file():
+            raw = json.loads((folder / SPEC_FILE).read_text())
+            search = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("search").items()})
+            spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, search=search)
+            validate(spec, source=str(folder / SPEC_FILE))
+            return spec
+    raise SpecError(f"no sweep found at {name_or_dir!r} (looked for {SPEC_FILE} in "
+                    f"{' and '.join(str(c) for c in candidates)}); pass the sweep's folder or its name with --storage")
+
+
+def start_ray(spec: Spec, address: str | None):
+    """Connect to a cluster, or start a private local instance bound to 127.0.0.1."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        where = f"the cluster at {address}"
+    else:
+        ray.init(num_gpus=spec.local_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+        where = "this machine"
+    check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+
+
+def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
+    """Run (or resume) a validated sweep to the end; returns the per-study summary."""
+    import ray
+    from ray import tune
+
+    from .progress import StudyProgress
+    from .searcher import MultiStudySearcher
+    from .space import study_space
+    from .trainable import SweepContext, run_trial
+    from .tracking import prepare_store, study_runs
+
+    spec = preflight(spec)
+    experiment_id = prepare_store(spec.tracking_uri, spec.name)
+    parents = study_runs(spec.tracking_uri, experiment_id, spec)
+    save_spec(spec)
+    start_ray(spec, address)
+    try:
+        context = SweepContext(spec, spec.tracking_uri, experiment_id, parents)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
+                                        {"cpu": spec.cpus, "gpu": spec.gpus})
+        path = str(experiment_dir(spec))
+        progress = StudyProgress(spec)
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
+                                          spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
+                                            reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=spec.storage, verbose=0, callbacks=[progress],
+                    trial_dirname_creator=trial_dirname,
+                    failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            )
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    return finish_studies(spec, experiment_id, parents)
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial.config.get('study', 'trial')}-{trial.trial_id}"
+
+
+def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
+    """Close each study's parent run with its counts and best trial; return the summary."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import STUDY
+
+    client = MlflowClient(spec.tracking_uri)
+    summary = summarize(client, experiment_id)
+    for name, run_id in parents.items():
+        row = summary.get(name, {})
+        metrics = {"trials_finished": row.get("finished", 0), "trials_failed": row.get("failed", 0)}
+        if row.get("best_top1") is not None:
+            metrics["best_val_top1"] = row["best_top1"]
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        done = row.get("finished", 0) + row.get("failed", 0) >= spec.trials
+        client.set_terminated(run_id, "FINISHED" if done else "KILLED")
+    return summary
+
+
+def summarize(client, experiment_id: str) -> dict:
+    """Per study: finished / running / failed child runs and the best validation top-1 so far."""
+    from .tracking import ROLE, STUDY
+
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "best_top1": None, "best_run": None})
+    for run in client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'", max_results=50_000):
+        row = rows[run.data.tags[STUDY]]
+        row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
+        top1 = run.data.metrics.get("val_top1")
+        best = _best_of_run(client, run, top1)
+        if best is not None and (row["best_top1"] is None or best > row["best_top1"]):
+            row["best_top1"], row["best_run"] = best, run.info.run_id
+    return dict(rows)
+
+
+def _best_of_run(client, run, latest):
+    if latest is None:
+        return None
+    return max(m.value for m in client.get_metric_history(run.info.run_id, "val_top1"))
+
+
+def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
+    lines = ["| study | finished | failed | running | best val top-1 |", "|---|---:|---:|---:|---:|"]
+    for study in spec.studies:
+        row = summary.get(study.name, {})
+        best = row.get("best_top1")
+        lines.append(f"| {study.name} | {row.get('finished', 0)} | {row.get('failed', 0)} | {row.get('running', 0)} "
+                     f"| {'-' if best is None else f'{best:.2f}'} |")
+    print("\n".join(lines), file=out)
+
+
+def wall_clock(started: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(time.time() - started))

@@ -1,0 +1,58 @@
+"""The Tune trainable: one trial is one ``attzoom.train.fit``, reported and checkpointed every epoch.
+
+The trial's folder (last.pt, best.pt, mlflow.json) is the Tune checkpoint, so a trial
+restarted anywhere (after a crash, a retry, or on another node) continues from its
+last epoch and logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from attzoom.train import fit
+
+from .searcher import STUDY_KEY
+from .spec import Spec
+from .tracking import TrialTracker, study_tags
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs from the driver; paths and URIs are absolute."""
+
+    spec: Spec
+    tracking_uri: str
+    experiment_id: str
+    parent_runs: dict
+
+
+def run_trial(config: dict, sweep: SweepContext) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
+    study = next(s for s in sweep.spec.studies if s.name == config[STUDY_KEY])
+    params = {k: v for k, v in config.items() if k != STUDY_KEY}
+    train_config = sweep.spec.train_config(study, params)
+    if 0 < sweep.spec.gpus < 1:
+        train_config.gpu_memory_fraction = sweep.spec.gpus
+    trial_id = tune.get_context().get_trial_id()
+    workdir = Path(tempfile.mkdtemp(prefix=f"attzoom-{trial_id}-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        checkpoint.to_directory(str(workdir))
+    tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name], trial_id,
+                                study_tags(sweep.spec, study), {**train_config.to_dict(), **params}, workdir)
+
+    def report(metrics: dict, _checkpoint_dir) -> None:
+        tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs it
+        tune.report({**metrics, STUDY_KEY: study.name}, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+
+    try:
+        result = fit(train_config, callback=report, checkpoint_dir=workdir, resume=True)
+    except Exception as error:
+        tracker.fail(error)
+        raise
+    tracker.finish(result.status, workdir / "best.pt")
