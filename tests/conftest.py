@@ -1,0 +1,48 @@
+"""Shared fixtures: small fake copies of the real data sets, in their exact on-disk formats."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _write_cifar100(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict:
+    """``root/cifar-100-python/{train,test,meta}`` laid out like the published pickles.
+
+    Returns the written dicts by part name, so tests can compare against them.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        entry = {
+            b"filenames": [f"fake_{part}_{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{part}ing batch 1 of 1".encode(),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": (fine // 5).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        with open(folder / part, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        parts[part] = entry
+    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return parts
+
+
+@pytest.fixture
+def fake_cifar100(tmp_path) -> Path:
+    """A data root holding a 50-train / 20-test fake CIFAR-100."""
+    _write_cifar100(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def write_cifar100():
+    """The fake CIFAR-100 writer: ``write_cifar100(root, n_train, n_test)`` -> written dicts."""
+    return _write_cifar100
