@@ -45,8 +45,9 @@ BACKBONES: dict[str, Backbone] = {
     "resnext50": Backbone("resnext50_32x4d", _RESNET_STEM, "layer1"),
     # small ones for CPU work and the embedded demo
     "resnet18": Backbone("resnet18", _RESNET_STEM, "layer1"),
+    # one BasicBlock per stage, narrow stages; timm's plain 7x7 stem stays 64 wide
     "tiny_resnet": Backbone("resnet18", _RESNET_STEM, "layer1", (
-        ("layers", (1, 1, 1, 1)), ("channels", (16, 32, 64, 128)), ("stem_width", 16))),
+        ("layers", (1, 1, 1, 1)), ("channels", (16, 32, 64, 128)))),
 }
 
 

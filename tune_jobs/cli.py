@@ -106,9 +106,12 @@ def spec_from_args(args):
 
 
 def run_sweep_command(args) -> int:
-    from .sweep import preflight, print_summary, run_sweep
+    from .sweep import experiment_dir, preflight, print_summary, run_sweep
 
     spec = preflight(spec_from_args(args))
+    if experiment_dir(spec).exists():
+        raise SpecError(f"a sweep named {spec.name!r} already exists in {experiment_dir(spec)}; continue it with "
+                        f"`attzoom resume {spec.name} --storage {spec.storage}` or change name in {args.spec}")
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)
@@ -132,7 +135,7 @@ def run_demo_command(args) -> int:
 
     spec = preflight(spec_from_args(args))
     started = time.time()
-    run_sweep(spec, address=args.address)
+    run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(best_trials_table(spec))
     print(f"\ndemo sweep done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    .venv/bin/attzoom ui --tracking-uri {spec.tracking_uri}    # then open http://127.0.0.1:5000\n"
@@ -165,15 +168,27 @@ def run_status_command(args) -> int:
 
 
 def jobs_client(address: str):
-    """A Ray Jobs client; a token, when the cluster uses one, comes from the environment or a file."""
+    """A Ray Jobs client. The token, when the cluster uses one, comes from RAY_AUTH_TOKEN, the file named
+    by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token - never from the command line, and it is never printed."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not token and token_path:
-        token = Path(token_path).expanduser().read_text().strip()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
+    token = auth_token()
+    try:
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+    except AuthenticationError:
+        raise SpecError(f"the Ray cluster at {address} refused the request: it needs its token; set RAY_AUTH_TOKEN "
+                        "or RAY_AUTH_TOKEN_PATH (the token file of the head node)") from None
+    except ConnectionError as e:
+        raise SpecError(f"cannot reach the Ray Jobs API at {address} ({type(e).__name__}); start the cluster or "
+                        "fix --address (e.g. http://127.0.0.1:8265)") from None
+
+
+def auth_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    return path.read_text().strip() if path.is_file() else None
 
 
 def run_submit_command(args) -> int:

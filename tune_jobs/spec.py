@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -89,6 +90,7 @@ class Spec:
                            seed=self.seed, data_root=self.data_root)
 
 
+LIST_KEYS = ("batch_sizes", "optimizers", "schedulers", "positions")  # [search] keys that are lists of choices
 TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storage", "tracking_uri", "metric",
             "max_concurrent", "matrix", "resources", "failure", "train", "search"}
 SECTION_KEYS = {
@@ -130,6 +132,10 @@ def parse_spec(raw: dict, source: str = "spec") -> Spec:
     for key in ("backbones", "datasets", "variants"):
         if not matrix.get(key):
             raise SpecError(f"{source}: [matrix] {key} is missing or empty; list at least one")
+        _check_list(matrix[key], f"matrix.{key}", source)
+    for key in LIST_KEYS:
+        if key in raw.get("search", {}):
+            _check_list(raw["search"][key], f"search.{key}", source)
     resources, failure = raw.get("resources", {}), raw.get("failure", {})
     search = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("search", {}).items()}
     top = {k: v for k, v in raw.items() if k not in SECTION_KEYS and k != "name"}
@@ -159,6 +165,11 @@ def validate(spec: Spec, source: str = "spec") -> None:
             fail(f"{key} lists a name twice")
     for key in ("trials", "epochs", "patience", "max_concurrent"):
         _positive_int(spec, key, fail)
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
+        fail(f"seed must be an integer, got {spec.seed!r}")
+    for key in ("data_root", "storage", "tracking_uri"):
+        if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
+            fail(f"{key} must be a non-empty string (a path or URI), got {getattr(spec, key)!r}")
     if not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         fail(f"failure.max_retries must be an integer >= 0, got {spec.max_retries!r}")
     if spec.metric not in METRICS:
@@ -169,7 +180,8 @@ def validate(spec: Spec, source: str = "spec") -> None:
         fail(f"resources.gpus must be a number >= 0 (a fraction such as 0.25 shares a GPU), got {spec.gpus!r}")
     if spec.gpus > 1 and spec.gpus != int(spec.gpus):
         fail(f"resources.gpus {spec.gpus} above 1 must be a whole number of GPUs")
-    if spec.local_gpus is not None and (not isinstance(spec.local_gpus, int) or spec.local_gpus < 0):
+    if spec.local_gpus is not None and (not isinstance(spec.local_gpus, int) or isinstance(spec.local_gpus, bool)
+                                        or spec.local_gpus < 0):
         fail(f"resources.local_gpus must be an integer >= 0, got {spec.local_gpus!r}")
     _validate_search(spec.search, fail)
     _validate_train(spec, fail)
@@ -216,10 +228,18 @@ def local_path(location: str) -> Path | None:
 
 
 def _writable(path: Path) -> bool:
+    """Whether ``path`` can be created: its nearest existing folder takes a file (an unnamed
+    temporary one, so nothing is left; os.access alone says yes to root even on /proc)."""
     path = path.resolve()
     while not path.exists():
         path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def _validate_search(search: SearchSpace, fail) -> None:
@@ -229,6 +249,8 @@ def _validate_search(search: SearchSpace, fail) -> None:
     _range("search.weight_decay", search.weight_decay, fail, low=0, high=1, log=True)
     _range("search.momentum", search.momentum, fail, low=0, high=1)
     _range("search.step_size", search.step_size, fail, low=1, high=10_000)
+    if not all(isinstance(v, int) for v in search.step_size):
+        fail(f"search.step_size must be two integers [low, high], got {list(search.step_size)}")
     if search.threshold is not None:
         _range("search.threshold", search.threshold, fail, low=0, high=1)
     for key, values, valid in (("search.optimizers", search.optimizers, OPTIMIZERS),
@@ -242,6 +264,11 @@ def _validate_search(search: SearchSpace, fail) -> None:
 
 
 def _validate_train(spec: Spec, fail) -> None:
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}  # e.g. "float | None"
+    for key, value in spec.train.items():
+        kinds = annotations[key].replace(" ", "").split("|")
+        if not any(_is_a(value, kind) for kind in kinds):
+            fail(f"train.{key} must be {' or '.join(kinds)}, got {value!r}")
     study = spec.studies[0]
     try:
         spec.train_config(study, {}).validate()
@@ -264,8 +291,21 @@ def _positive_int(spec: Spec, key: str, fail) -> None:
         fail(f"{key} must be a positive integer, got {value!r}")
 
 
+def _is_a(value, kind: str) -> bool:
+    """TOML value against a TrainConfig annotation name; bools are not numbers, ints are floats."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    return {"bool": False, "int": isinstance(value, int), "float": _number(value), "str": isinstance(value, str),
+            "None": value is None}.get(kind, True)
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_list(value, key: str, source: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise SpecError(f"{source}: {key} must be a list such as [\"a\", \"b\"], got {value!r}")
 
 
 def _check_keys(table: dict, valid: set, source: str, prefix: str) -> None:

@@ -40,12 +40,21 @@ def absolute(spec: Spec) -> Spec:
                    data_root=str(Path(spec.data_root).expanduser().resolve()))
 
 
-def preflight(spec: Spec) -> Spec:
-    """Every check that can run before Ray or MLflow is touched; returns the spec with absolute paths."""
+def preflight(spec: Spec, local: bool = False) -> Spec:
+    """Every check that can run before Ray or MLflow is touched; returns the spec with absolute paths.
+
+    ``local``: the sweep will start its own Ray instance, so the GPU request is checked here
+    against this machine; a cluster's GPUs are checked once connected (start_ray).
+    """
     spec = absolute(spec)
     check_writable("storage", spec.storage)
     check_writable("tracking_uri", spec.tracking_uri)
     check_data(spec)
+    if local and spec.gpus > 0:
+        import torch
+
+        gpus = spec.local_gpus if spec.local_gpus is not None else torch.cuda.device_count()
+        check_cluster_gpus(spec, gpus, "this machine")
     return spec
 
 
@@ -98,7 +107,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     from .trainable import SweepContext, run_trial
     from .tracking import prepare_store, study_runs
 
-    spec = preflight(spec)
+    spec = preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
     experiment_id = prepare_store(spec.tracking_uri, spec.name)
     parents = study_runs(spec.tracking_uri, experiment_id, spec)
     save_spec(spec)
@@ -117,21 +126,43 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
-                                            reuse_actors=False),
+                                            reuse_actors=False, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0, callbacks=[progress],
-                    trial_dirname_creator=trial_dirname,
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
-        tuner.fit()
+        results = tuner.fit()
     finally:
         ray.shutdown()
+    drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     return finish_studies(spec, experiment_id, parents)
 
 
 def trial_dirname(trial) -> str:
     return f"{trial.config.get('study', 'trial')}-{trial.trial_id}"
+
+
+def trial_id_of(trial_path: str) -> str:
+    return Path(trial_path).name.rsplit("-", 1)[-1]
+
+
+def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> None:
+    """Delete the runs of trials the experiment does not know.
+
+    A driver killed between starting a trial and its next experiment snapshot restores
+    without that trial (Tune and the searcher forget it together, and it is suggested
+    afresh), but the trial may already have opened an MLflow run: that run belongs to no
+    trial, so it goes, keeping one run per trial.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import ROLE, TRIAL
+
+    client = MlflowClient(spec.tracking_uri)
+    for run in client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'", max_results=50_000):
+        if run.data.tags.get(TRIAL) not in trial_ids:
+            client.delete_run(run.info.run_id)
 
 
 def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:

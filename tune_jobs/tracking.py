@@ -105,8 +105,12 @@ class TrialTracker:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, error: BaseException) -> None:
+        """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial)."""
         message = f"{type(error).__name__}: {error}"[:4000]
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(ERROR, message), RunTag("attzoom.status", "error")])
+        attempt = len(self.client.get_metric_history(self.run_id, "failures")) + 1
+        _retry(self.client.log_batch, self.run_id, metrics=[Metric("failures", attempt, int(time.time() * 1000),
+                                                                   attempt)],
+               tags=[RunTag(ERROR, message), RunTag("attzoom.status", "error")])
         self.client.set_terminated(self.run_id, "FAILED")
 
 

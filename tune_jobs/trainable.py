@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from attzoom.train import fit
@@ -43,8 +44,9 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         checkpoint.to_directory(str(workdir))
+    tags = {**study_tags(sweep.spec, study), "attzoom.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
     tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name], trial_id,
-                                study_tags(sweep.spec, study), {**train_config.to_dict(), **params}, workdir)
+                                tags, {**train_config.to_dict(), **params}, workdir)
 
     def report(metrics: dict, _checkpoint_dir) -> None:
         tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs it
