@@ -1,0 +1,164 @@
+"""MultiStudySearcher with real OptunaSearch (TPE) instances, driven the way Tune drives it.
+
+No Ray cluster: a Searcher is plain Python. Tune calls suggest(trial_id) until it gets None
+(wait) or FINISHED (stop asking), on_trial_result per epoch and on_trial_complete once, and
+save/restore around every experiment snapshot; these tests make the same calls.
+"""
+
+import optuna
+import pytest
+from ray.tune.search import Searcher
+
+from tune_jobs.searcher import STUDY_KEY, MultiStudySearcher
+from tune_jobs.space import study_space
+from tune_jobs.spec import SearchSpace, Spec, Study
+
+STUDIES = [Study("tiny_resnet", "cluttered-digits", v) for v in ("baseline", "attzoom", "zoom-only")]
+NAMES = [s.name for s in STUDIES]
+
+
+def make_searcher(search: SearchSpace = SearchSpace(), trials: int = 3, cap: int = 2, seed: int = 0):
+    return MultiStudySearcher({s.name: study_space(search, s) for s in STUDIES}, trials, cap, "val_top1", "max",
+                              seed)
+
+
+def complete(searcher, trial_id: str, value: float = 50.0) -> None:
+    searcher.on_trial_result(trial_id, {"val_top1": value, "training_iteration": 1})
+    searcher.on_trial_complete(trial_id, {"val_top1": value, "training_iteration": 1})
+
+
+def optuna_trials(searcher, name: str, state=optuna.trial.TrialState.COMPLETE):
+    return [t for t in searcher.searches[name]._ot_study.trials if t.state == state]
+
+
+def test_trials_go_to_the_study_with_fewest_within_the_global_cap():
+    searcher = make_searcher()
+    assert searcher.suggest("t0")[STUDY_KEY] == NAMES[0]
+    assert searcher.suggest("t1")[STUDY_KEY] == NAMES[1]
+    assert searcher.suggest("t2") is None  # 2 live = the cap, across studies
+    complete(searcher, "t0")
+    assert searcher.suggest("t2")[STUDY_KEY] == NAMES[2]  # the study with no trial yet, not t0's
+    assert searcher.suggest("t3") is None
+
+    live, n = ["t1", "t2"], 3
+    while True:
+        complete(searcher, live.pop(0))
+        counts = searcher.trial_counts()
+        config = searcher.suggest(f"t{n}")
+        if config is Searcher.FINISHED:
+            break
+        assert counts[config[STUDY_KEY]] == min(c for c in counts.values() if c < 3)
+        live.append(f"t{n}")
+        n += 1
+        assert len(searcher.live) <= 2
+    assert n == 9 and searcher.trial_counts() == dict.fromkeys(NAMES, 3)
+    assert searcher.live == set(live) == {"t8"}  # FINISHED comes while the last trial still runs
+    for trial_id in live:
+        complete(searcher, trial_id)
+    assert searcher.suggest("t99") is Searcher.FINISHED
+    assert all(len(optuna_trials(searcher, name)) == 3 for name in NAMES)
+
+
+def test_results_go_to_the_owning_study_only():
+    searcher = make_searcher(cap=3)
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+    owner = searcher.owner["t1"]
+    searcher.on_trial_result("t1", {"training_iteration": 1, "val_loss": 2.0})  # no metric yet: ignored
+    searcher.on_trial_result("t1", {"val_top1": 40.0, "training_iteration": 1})
+    searcher.on_trial_result("t1", {"val_top1": 61.5, "training_iteration": 2})
+    searcher.on_trial_complete("t1", {"val_top1": 61.5, "training_iteration": 2})
+    searcher.on_trial_complete("stranger", {"val_top1": 1.0})  # a trial this searcher never suggested
+    [done] = optuna_trials(searcher, owner)
+    assert done.value == 61.5 and done.intermediate_values == {1: 40.0, 2: 61.5}
+    assert all(not optuna_trials(searcher, name) for name in NAMES if name != owner)
+    assert searcher.live == {"t0", "t2"}
+
+    searcher.on_trial_complete("t2", None, error=True)  # failed for good: recorded as failed, slot freed
+    assert len(optuna_trials(searcher, searcher.owner["t2"], optuna.trial.TrialState.FAIL)) == 1
+    assert searcher.live == {"t0"}
+    assert searcher.trial_counts() == dict.fromkeys(NAMES, 1)  # a failed trial still counts for its study
+
+
+def test_conditional_parameters_follow_the_paper_space():
+    search = SearchSpace(threshold=(0.3, 0.7), positions=("stem", "stage1"))
+    searcher = make_searcher(search, trials=20, cap=1)
+    spec = Spec(name="t", backbones=("tiny_resnet",), datasets=("cluttered-digits",),
+                variants=tuple(s.variant for s in STUDIES), search=search)
+    seen = set()
+    for i in range(60):
+        config = searcher.suggest(f"t{i}")
+        name = config.pop(STUDY_KEY)
+        study = next(s for s in STUDIES if s.name == name)
+        assert ("momentum" in config) == (config["optimizer"] == "sgd")
+        assert ("step_size" in config) == (config["scheduler"] == "step")
+        assert ("threshold" in config) == (study.variant == "attzoom")  # gated variants only
+        assert ("position" in config) == (study.variant != "baseline")
+        assert config["batch_size"] in search.batch_sizes and 1e-5 <= config["lr"] <= 1e-1
+        spec.train_config(study, config).validate()  # every sample is a trainable config
+        seen |= {config["optimizer"], config["scheduler"]}
+        complete(searcher, f"t{i}", value=float(i))
+    assert seen >= {"adam", "sgd", "step", "cosine"}  # both sides of each condition were drawn
+    assert searcher.suggest("t60") is Searcher.FINISHED
+
+
+def test_no_attzoom_knobs_unless_the_spec_asks():
+    searcher = make_searcher(cap=3)
+    for i in range(3):
+        config = searcher.suggest(f"t{i}")
+        assert not {"threshold", "position"} & set(config)
+
+
+def test_restore_continues_with_the_same_owners_live_trials_and_counts(tmp_path):
+    searcher = make_searcher()
+    for i in range(2):
+        searcher.suggest(f"t{i}")
+    complete(searcher, "t0", 10.0)
+    complete(searcher, "t1", 20.0)
+    for i in range(2, 4):
+        searcher.suggest(f"t{i}")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the driver is killed here: 4 suggested, 2 live
+    owner, live = dict(searcher.owner), set(searcher.live)
+
+    restored = make_searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.owner == owner and restored.live == live == {"t2", "t3"}
+    assert restored.suggest("t4") is None  # the resumed trials still hold the cap
+    complete(restored, "t2", 30.0)  # Tune resumes the two running trials; they report to their studies
+    complete(restored, "t3", 40.0)
+    n = 4
+    while (config := restored.suggest(f"t{n}")) is not Searcher.FINISHED:
+        complete(restored, f"t{n}", float(n))
+        n += 1
+    assert n == 9 and restored.trial_counts() == dict.fromkeys(NAMES, 3)
+    values = {name: sorted(t.value for t in optuna_trials(restored, name)) for name in NAMES}
+    assert all(len(v) == 3 for v in values.values())
+    assert sorted(v for vs in values.values() for v in vs) == [4, 5, 6, 7, 8, 10, 20, 30, 40]  # each trial once
+    assert 10.0 in values[owner["t0"]] and 30.0 in values[owner["t2"]] and 40.0 in values[owner["t3"]]
+
+
+def test_the_same_seed_gives_the_same_suggestions():
+    def first(seed):
+        searcher = make_searcher(cap=3, seed=seed)
+        return [searcher.suggest(f"t{i}") for i in range(3)]
+
+    assert first(7) == first(7)
+    assert first(7) != first(8)
+    assert len({c["lr"] for c in first(7)}) == 3  # each study has its own sampler seed
+
+
+def test_set_max_concurrency_changes_the_cap():
+    searcher = make_searcher(cap=1)
+    assert searcher.suggest("t0") is not None and searcher.suggest("t1") is None
+    assert searcher.set_max_concurrency(2)
+    assert searcher.suggest("t1") is not None and searcher.suggest("t2") is None
+
+
+@pytest.mark.parametrize("trials", [1, 2])
+def test_finished_once_every_study_has_its_trials(trials):
+    searcher = make_searcher(trials=trials, cap=10)
+    ids = []
+    while (config := searcher.suggest(f"t{len(ids)}")) is not Searcher.FINISHED:
+        assert config is not None
+        ids.append(f"t{len(ids)}")
+    assert len(ids) == 3 * trials and searcher.trial_counts() == dict.fromkeys(NAMES, trials)

@@ -1,0 +1,321 @@
+"""Sweep specs: the shipped ones load, and every bad spec exits 2 with one line and leaves no trace.
+
+The issue's rule: unknown keys, unknown names, bad ranges, non-positive counts, a GPU request
+above what the cluster has, a data root without the data set, an unwritable storage or
+tracking location each exit 2 with one line naming the key or path, before Ray starts, before
+an MLflow run exists and before any directory is created. Most cases run ``main`` in-process
+(with Ray and the MLflow store booby-trapped); a few run the real command to prove the exit
+code and the clean working directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tune_jobs import cli
+from tune_jobs.spec import SearchSpace, SpecError, load_spec, parse_spec, validate
+from tune_jobs.sweep import preflight
+
+SPECS = Path(cli.__file__).parent / "specs"
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def base_spec(tmp_path: Path) -> dict:
+    """A valid, tiny spec whose every location is a not-yet-existing folder under tmp_path."""
+    out = tmp_path / "out"
+    return {"name": "tiny", "trials": 1, "epochs": 1, "data_root": str(out / "data"),
+            "storage": str(out / "ray_results"), "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+            "matrix": {"backbones": ["tiny_resnet"], "datasets": ["cluttered-digits"],
+                       "variants": ["baseline", "attzoom"]},
+            "resources": {"cpus": 1, "gpus": 0}}
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "spec.toml") -> Path:
+    top = [f"{k} = {toml_value(v)}" for k, v in spec.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {toml_value(vv)}" for kk, vv in v.items())
+              for k, v in spec.items() if isinstance(v, dict)]
+    path = tmp_path / name
+    path.write_text("\n".join(top) + "\n" + "\n".join(tables) + "\n")
+    return path
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def edit(spec: dict, key: str, value) -> dict:
+    """Set 'key' or 'section.key' (value None deletes it)."""
+    section, _, name = key.rpartition(".")
+    table = spec.setdefault(section, {}) if section else spec
+    if value is None:
+        table.pop(name)
+    else:
+        table[name] = value
+    return spec
+
+
+# (key to set, value, what the one line must name). "{tmp}" is replaced by tmp_path.
+BAD = {
+    "unknown top-level key": ("epoch", 3, "'epoch'"),
+    "unknown [matrix] key": ("matrix.backbone", ["tiny_resnet"], "matrix.backbone"),
+    "unknown [search] key": ("search.learning_rate", [1e-4, 1e-2], "search.learning_rate"),
+    "unknown [train] key": ("train.batch_size", 64, "train.batch_size"),  # searched: narrow search.batch_sizes
+    "unknown [resources] key": ("resources.gpu", 1, "resources.gpu"),
+    "unknown [failure] key": ("failure.retries", 1, "failure.retries"),
+    "unknown backbone": ("matrix.backbones", ["tiny_resnet", "vgg16"], "matrix.backbones"),
+    "unknown dataset": ("matrix.datasets", ["mnist"], "matrix.datasets"),
+    "unknown variant": ("matrix.variants", ["baseline", "attzom"], "matrix.variants"),
+    "backbones not a list": ("matrix.backbones", "tiny_resnet", "matrix.backbones"),
+    "empty variants": ("matrix.variants", [], "variants"),
+    "missing name": ("name", None, "name"),
+    "trials 0": ("trials", 0, "trials"),
+    "trials not an integer": ("trials", 2.5, "trials"),
+    "epochs -1": ("epochs", -1, "epochs"),
+    "max_concurrent 0": ("max_concurrent", 0, "max_concurrent"),
+    "patience 0": ("patience", 0, "patience"),
+    "seed not an integer": ("seed", "zero", "seed"),
+    "max_retries -1": ("failure.max_retries", -1, "failure.max_retries"),
+    "unknown metric": ("metric", "val_loss", "metric"),
+    "lr reversed": ("search.lr", [0.1, 1e-5], "search.lr"),
+    "lr low 0 on a log scale": ("search.lr", [0.0, 0.1], "search.lr"),
+    "weight_decay negative": ("search.weight_decay", [-1e-4, 1e-2], "search.weight_decay"),
+    "momentum above 1": ("search.momentum", [0.9, 1.5], "search.momentum"),
+    "batch size 0": ("search.batch_sizes", [0, 32], "search.batch_sizes"),
+    "batch sizes not a list": ("search.batch_sizes", 32, "search.batch_sizes"),
+    "step_size not integers": ("search.step_size", [1.5, 30], "search.step_size"),
+    "unknown optimizer": ("search.optimizers", ["adam", "lamb"], "search.optimizers"),
+    "empty schedulers": ("search.schedulers", [], "search.schedulers"),
+    "threshold above 1": ("search.threshold", [0.5, 1.2], "search.threshold"),
+    "unknown position": ("search.positions", ["stem", "head"], "search.positions"),
+    "cpus 0": ("resources.cpus", 0, "resources.cpus"),
+    "gpus negative": ("resources.gpus", -0.25, "resources.gpus"),
+    "gpus 1.5": ("resources.gpus", 1.5, "resources.gpus"),
+    "gpus above this machine's": ("resources.gpus", 0.5, "resources.gpus"),
+    "gpus above local_gpus": ("resources.local_gpus", 1, "resources.gpus"),  # with gpus = 2 below
+    "train threshold 2": ("train.threshold", 2, "threshold"),
+    "train kernel_size wrong type": ("train.kernel_size", "3", "train.kernel_size"),
+    "train unknown position": ("train.position", "head", "position"),
+    "name with /": ("name", "a/b", "name"),
+    "name ..": ("name", "..", "name"),
+    "name traversal": ("name", "../escape", "name"),
+    "storage not a string": ("storage", 5, "storage"),
+    "storage under a file": ("storage", "{tmp}/f/sub", "storage"),
+    "storage in /proc": ("storage", "/proc/attzoom-x", "storage"),
+    "tracking under a file": ("tracking_uri", "sqlite:///{tmp}/f/sub/mlflow.db", "tracking_uri"),
+    "data root under a file": ("data_root", "{tmp}/f/data", "data_root"),
+    "data root without cifar100": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train"),
+}
+
+
+def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """Write the case's spec (and any file it needs); returns the spec path and the expected text."""
+    key, value, expected = BAD[case]
+    value = json.loads(json.dumps(value).replace("{tmp}", str(tmp_path)))
+    spec = edit(base_spec(tmp_path), key, value)
+    if "under a file" in case:
+        (tmp_path / "f").write_text("a regular file, not a folder")
+    if case == "data root without cifar100":
+        (tmp_path / "empty").mkdir()
+        spec["data_root"] = str(tmp_path / "empty")
+    if case == "gpus above local_gpus":
+        spec["resources"]["gpus"] = 2
+    return write_spec(tmp_path, spec), expected.replace("{tmp}", str(tmp_path))
+
+
+@pytest.fixture
+def no_side_effects(monkeypatch):
+    """Fail loudly if a bad spec gets as far as Ray or the MLflow store; pretend there is no GPU."""
+    import ray
+    import torch
+
+    from tune_jobs import tracking
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a bad spec reached Ray or MLflow")
+
+    monkeypatch.setattr(ray, "init", trap)
+    monkeypatch.setattr(tracking, "prepare_store", trap)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def assert_one_line(err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].strip(), err
+    assert lines[0].startswith("attzoom sweep: error: "), err
+    assert expected in lines[0], err
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, capsys, no_side_effects, case):
+    spec_file, expected = bad_spec_file(tmp_path, case)
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", str(spec_file)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_one_line(err, expected)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--trials", "0"], "trials"),
+    (["--epochs", "0"], "epochs"),
+    (["--max-concurrent", "-1"], "max_concurrent"),
+    (["--storage", "{tmp}/f/sub"], "storage"),
+    (["--tracking-uri", "sqlite:///{tmp}/f/mlflow.db"], "tracking_uri"),
+    (["--data-root", "{tmp}/f"], "data_root"),
+])
+def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, argv, expected):
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))
+    (tmp_path / "f").write_text("a regular file")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", str(spec_file), *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_one_line(err, expected)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('name = "x"\n[matrix\nbackbones = 1\n', "not valid TOML"),
+    ("name = 'x'\nmatrix = 3\n", "[matrix] must be a table"),
+    ('name = "x"\n\n[matrix]\nbackbones = ["tiny_resnet"]\n', "[matrix] datasets is missing"),
+])
+def test_malformed_spec_file_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, text, expected):
+    (tmp_path / "spec.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "spec.toml"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and tree(tmp_path) == {"spec.toml"}
+    assert_one_line(err, expected)
+
+
+def test_missing_spec_file_and_folder_as_spec_exit_2(tmp_path, monkeypatch, capsys, no_side_effects):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.toml").mkdir()
+    for name in ("nowhere.toml", "folder.toml"):
+        assert cli.main(["sweep", name]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert_one_line(err, name)
+    assert tree(tmp_path) == {"folder.toml"}
+
+
+def sweep_process(spec_file: Path, *args: str, cwd: Path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # "no GPU on this machine", whatever machine runs the tests
+    return subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec_file), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["unknown top-level key", "gpus above this machine's", "data root without cifar100",
+                                  "storage under a file", "tracking under a file"])
+def test_real_command_exits_2_before_ray_or_mlflow(tmp_path, case):
+    """The command a user runs: exit code 2, one line, and the working folder exactly as it was.
+
+    With a GPU request this machine cannot meet, Ray is never started: a local run checks
+    this machine's GPUs before Ray, before MLflow (the default store would appear in cwd).
+    """
+    spec_file, expected = bad_spec_file(tmp_path, case)
+    before = tree(tmp_path)
+    out = sweep_process(spec_file, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert_one_line(out.stderr, expected)
+    assert tree(tmp_path) == before
+
+
+def test_real_command_override_trials_0_exits_2(tmp_path):
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))
+    out = sweep_process(spec_file, "--trials", "0", cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert_one_line(out.stderr, "trials")
+    assert tree(tmp_path) == {"spec.toml"}
+
+
+def test_gpu_check_is_local_only(tmp_path, monkeypatch):
+    """The pre-Ray GPU check applies to a local Ray instance; a cluster is checked once connected."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    spec = load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "resources.gpus", 0.25)))
+    with pytest.raises(SpecError, match="resources.gpus = 0.25 but this machine has 0 GPU"):
+        preflight(spec, local=True)
+    preflight(spec)  # --address: the cluster may have GPUs
+    preflight(replace(spec, local_gpus=1), local=True)  # a logical GPU for a local instance
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    preflight(spec, local=True)
+    assert tree(tmp_path) == {"spec.toml"}
+
+
+def test_valid_spec_passes_preflight_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))), local=True)
+    assert [s.name for s in spec.studies] == ["tiny_resnet.cluttered-digits.baseline",
+                                              "tiny_resnet.cluttered-digits.attzoom"]
+    assert tree(tmp_path) == {"spec.toml"}
+
+
+def test_cifar100_data_root_that_holds_it_passes(tmp_path, write_cifar100):
+    write_cifar100(tmp_path / "data")
+    spec = edit(edit(base_spec(tmp_path), "matrix.datasets", ["cifar100"]), "data_root", str(tmp_path / "data"))
+    preflight(load_spec(write_spec(tmp_path, spec)))
+
+
+def test_paper_spec_is_the_papers_protocol():
+    spec = load_spec(SPECS / "paper.toml")
+    assert len(spec.studies) == 24 == len({s.name for s in spec.studies})
+    assert set(spec.backbones) == {"resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50",
+                                   "resnext50"}
+    assert spec.datasets == ("cifar100", "tinyimagenet") and spec.variants == ("baseline", "attzoom")
+    assert (spec.trials, spec.epochs, spec.patience, spec.metric) == (30, 50, 5, "val_top1")
+    assert spec.gpus == 0.25
+    assert spec.search == SearchSpace()  # the shipped space is the default one ...
+    s = spec.search  # ... which is the paper's (Sec. 5.3)
+    assert s.batch_sizes == (32, 64, 128, 256)
+    assert (s.lr, s.weight_decay, s.momentum, s.step_size) == ((1e-5, 1e-1), (1e-6, 1e-2), (0.7, 1.0), (10, 30))
+    assert set(s.optimizers) == {"adam", "sgd"}
+    assert set(s.schedulers) == {"cosine", "step", "plateau", "onecycle"}
+    assert s.threshold is None and s.positions is None
+
+
+def test_paper_spec_with_the_controls_switched_on_validates():
+    import tomllib
+
+    raw = tomllib.loads((SPECS / "paper.toml").read_text())
+    raw["matrix"]["variants"] = ["baseline", "attzoom", "zoom-only", "attention-only", "resize2x"]
+    raw["search"].update(threshold=[0.3, 0.7], positions=["stem", "stage1"])
+    spec = parse_spec(raw)
+    validate(spec)
+    assert len(spec.studies) == 60
+
+
+def test_demo_spec_is_small_and_needs_no_gpu_or_download(tmp_path, monkeypatch):
+    spec = load_spec(SPECS / "demo.toml")
+    assert spec.datasets == ("cluttered-digits",) and spec.variants == ("baseline", "attzoom")
+    assert len(spec.studies) == 2 and spec.gpus == 0
+    assert spec.trials * len(spec.studies) <= 16 and spec.epochs <= 10
+    monkeypatch.chdir(tmp_path)
+    preflight(spec, local=True)
+    assert tree(tmp_path) == set()
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)), trials=4, epochs=None, max_concurrent=3)
+    assert (spec.trials, spec.epochs, spec.max_concurrent) == (4, 1, 3)
