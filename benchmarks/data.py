@@ -105,6 +105,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     images = make_images(args.images, args.source, args.data_root)
     hwc = list(images.permute(0, 2, 3, 1).contiguous().numpy())  # CIFAR100.data layout, one array per item
 
@@ -130,7 +131,8 @@ def main() -> None:
         "threads": "torch.set_num_threads(1) for both; PIL is single-threaded, so each uses one core",
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
+        "load_note": "1-minute load average at start and end; other processes on the CPUs skew timings",
         "torch": torch.__version__,
         "quick": args.quick,
         "repeats": args.repeats,

@@ -161,6 +161,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     shapes = {name: bench_shape(args.batch, c, side, args, device) for name, (c, side) in SHAPES.items()}
     mid = shapes["mid_C64"]
     memory_method = (
@@ -176,7 +177,9 @@ def main() -> None:
         "torch": torch.__version__,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
+        "load_note": "1-minute load average at start and end; other processes on the CPUs skew timings, "
+                     "multi-threaded ones most (use --threads 1 on a shared machine)",
         "quick": args.quick,
         "repeats": args.repeats,
         "warmup": args.warmup,
