@@ -113,7 +113,8 @@ def _cifar_part(folder: Path, part: str, note: str = "") -> ImageSet:
             entry = pickle.load(f, encoding="bytes")
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+            MemoryError) as e:  # a corrupt frame header can ask for an absurd allocation
         raise DataError(f"CIFAR-100 file {path} is truncated or malformed ({type(e).__name__}: {e}); "
                         f"expected a pickled dict with b'data' (N x 3072 uint8) and b'fine_labels'") from e
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):

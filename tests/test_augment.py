@@ -128,3 +128,12 @@ def test_paper_augment_without_autoaugment_is_crop_and_flip():
         assert straight is not None or mirrored is not None
         flips += straight is None
     assert 0 < flips < 32
+
+
+def test_fused_crop_flip_equals_crop_then_flip():
+    from attzoom.augment import random_crop, random_crop_flip, random_flip
+
+    images = torch.randint(0, 256, (64, 3, 16, 12), dtype=torch.uint8)
+    fused = random_crop_flip(images, 3, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    assert torch.equal(fused, random_flip(random_crop(images, 3, gen), gen))

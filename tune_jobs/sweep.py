@@ -90,7 +90,7 @@ def start_ray(spec: Spec, address: str | None):
         ray.init(address=address, log_to_driver=True)
         where = f"the cluster at {address}"
     else:
-        ray.init(num_gpus=spec.local_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=True, configure_logging=False)
         where = "this machine"
     check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
@@ -107,11 +107,13 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     from .trainable import SweepContext, run_trial
     from .tracking import prepare_store, study_runs
 
-    spec = preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
+    spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
     experiment_id = prepare_store(spec.tracking_uri, spec.name)
     parents = study_runs(spec.tracking_uri, experiment_id, spec)
     save_spec(spec)
     start_ray(spec, address)
+    # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(spec.max_concurrent))
     try:
         context = SweepContext(spec, spec.tracking_uri, experiment_id, parents)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
@@ -126,7 +128,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
-                                            reuse_actors=False, trial_dirname_creator=trial_dirname),
+                                            reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0, callbacks=[progress],
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),

@@ -7,6 +7,7 @@ last epoch and logs into the same MLflow run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from attzoom.data import load
 from attzoom.train import fit
 
 from .searcher import STUDY_KEY
@@ -40,21 +42,33 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     if 0 < sweep.spec.gpus < 1:
         train_config.gpu_memory_fraction = sweep.spec.gpus
     trial_id = tune.get_context().get_trial_id()
-    workdir = Path(tempfile.mkdtemp(prefix=f"attzoom-{trial_id}-"))
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        checkpoint.to_directory(str(workdir))
-    tags = {**study_tags(sweep.spec, study), "attzoom.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
-    tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name], trial_id,
-                                tags, {**train_config.to_dict(), **params}, workdir)
+    with tempfile.TemporaryDirectory(prefix=f"attzoom-{trial_id}-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:
+            checkpoint.to_directory(tmp)
+        tags = {**study_tags(sweep.spec, study), "attzoom.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
+        tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name],
+                                    trial_id, tags, {**train_config.to_dict(), **params}, workdir)
 
-    def report(metrics: dict, _checkpoint_dir) -> None:
-        tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs it
-        tune.report({**metrics, STUDY_KEY: study.name}, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+        def report(metrics: dict, _checkpoint_dir) -> None:
+            tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs
+            tune.report({**metrics, STUDY_KEY: study.name}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    try:
-        result = fit(train_config, callback=report, checkpoint_dir=workdir, resume=True)
-    except Exception as error:
-        tracker.fail(error)
-        raise
-    tracker.finish(result.status, workdir / "best.pt")
+        try:
+            result = fit(train_config, data=cached_data(train_config), callback=report, checkpoint_dir=workdir,
+                         resume=True)
+        except Exception as error:
+            tracker.fail(error)
+            raise
+        tracker.finish(result.status, workdir / "best.pt")
+
+
+@functools.lru_cache(maxsize=2)
+def _load(dataset: str, root: str, val_fraction: float):
+    return load(dataset, root, val_fraction)
+
+
+def cached_data(config):
+    """A reused trial process (reuse_actors) keeps its data set in memory for the next trial."""
+    return _load(config.dataset, config.data_root, config.val_fraction)

@@ -1,0 +1,93 @@
+"""What the sweep service costs: the same trials as a plain loop over ``fit`` vs ``attzoom sweep``.
+
+Both sides run in a fresh Python process (imports included) on the same fixed trial
+config, so the only difference is the service: Ray start, trial actors, Optuna, per-epoch
+MLflow logging and Tune checkpoints. The sweep runs with concurrency 1 so the two do the
+same work one trial at a time. Prints one JSON object; the target is a ratio <= 1.10.
+
+    .venv/bin/python benchmarks/overhead.py [--trials 4] [--epochs 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# One fixed point of the search space, so every trial of the sweep trains the same config.
+CONFIG = {"backbone": "tiny_resnet", "dataset": "cluttered-digits", "variant": "baseline", "batch_size": 64,
+          "lr": 3e-3, "weight_decay": 1e-4, "optimizer": "adam", "scheduler": "cosine", "augment": False}
+
+SPEC = """
+name = "overhead"
+trials = {trials}
+epochs = {epochs}
+patience = {epochs}
+data_root = "{data}"
+storage = "{work}/ray_results"
+tracking_uri = "sqlite:///{work}/mlflow.db"
+max_concurrent = 1
+[matrix]
+backbones = ["tiny_resnet"]
+datasets = ["cluttered-digits"]
+variants = ["baseline"]
+[resources]
+cpus = {cpus}
+[train]
+augment = false
+[search]
+batch_sizes = [64]
+lr = [3e-3, 3e-3]
+weight_decay = [1e-4, 1e-4]
+optimizers = ["adam"]
+schedulers = ["cosine"]
+"""
+
+PLAIN_LOOP = """
+import sys
+from attzoom.train import fit
+config, trials = {config!r}, {trials}
+for seed in range(trials):
+    fit({{**config, "epochs": {epochs}, "patience": {epochs}, "data_root": "{data}", "seed": 0}})
+"""
+
+
+def timed(command: list[str], cwd: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=14, help="about 20 s of training per trial on 2 CPU cores")
+    args = parser.parse_args()
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        work, data = Path(tmp), Path(tmp) / "data"
+        subprocess.run([sys.executable, "-c", f"from attzoom.data import load; load('cluttered-digits', '{data}')"],
+                       check=True)  # build the data cache outside both timings
+        spec = work / "overhead.toml"
+        spec.write_text(SPEC.format(trials=args.trials, epochs=args.epochs, data=data, work=work, cpus=cpus))
+        loop = PLAIN_LOOP.format(config=CONFIG, trials=args.trials, epochs=args.epochs, data=data)
+        plain_s = timed([sys.executable, "-c", loop], work)
+        sweep_s = timed([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], work)
+    print(json.dumps({
+        "what": "same trials: plain loop over attzoom.train.fit vs `attzoom sweep` (concurrency 1), "
+                "each a fresh process, Ray start and imports included",
+        "trials": args.trials, "epochs_per_trial": args.epochs, "config": CONFIG, "cpus_per_trial": cpus,
+        "plain_loop_s": round(plain_s, 2), "sweep_s": round(sweep_s, 2),
+        "training_s_per_trial_plain": round(plain_s / args.trials, 2),
+        "ratio": round(sweep_s / plain_s, 3), "target": 1.10, "target_met": sweep_s / plain_s <= 1.10,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
