@@ -7,6 +7,7 @@
     attzoom logs JOB_ID     follow a submitted job's output
     attzoom ui              the MLflow UI on 127.0.0.1
     attzoom demo            the embedded demo sweep, then the comparison table
+    attzoom report SWEEP    comparison report (CSV, Markdown, HTML) from MLflow alone (dashboards/)
 
 Every error a user can cause is one line on stderr and exit code 2, before any work.
 """
@@ -82,6 +83,11 @@ def build_parser() -> Parser:
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=run_ui_command)
+
+    # The CLI is the one place allowed to reach up a layer: dashboards sits above tune_jobs.
+    from dashboards.cli import add_report_command
+
+    add_report_command(sub)
     return parser
 
 
@@ -130,16 +136,19 @@ def run_resume_command(args) -> int:
 
 
 def run_demo_command(args) -> int:
-    from .report import best_trials_table
+    from dashboards.report import comparison_markdown  # the CLI may reach up to dashboards (see build_parser)
+
     from .sweep import preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
     started = time.time()
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
-    print(best_trials_table(spec))
+    print(comparison_markdown(spec.tracking_uri, spec.name))
     print(f"\ndemo sweep done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    .venv/bin/attzoom ui --tracking-uri {spec.tracking_uri}    # then open http://127.0.0.1:5000\n"
-          f"Tune results and checkpoints: {spec.storage}/{spec.name}")
+          f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
+          f"Full report (CSV, Markdown, HTML with curves): .venv/bin/attzoom report {spec.name} "
+          f"--tracking-uri {spec.tracking_uri}")
     return 0
 
 

@@ -1,0 +1,47 @@
+"""``attzoom report SWEEP [--tracking-uri URI] [--out DIR] [--data-root DIR]``.
+
+Registered by tune_jobs/cli.py through a lazy import; this module itself never imports
+``tune_jobs`` or Ray, so the report runs on a laptop with only the tracking URI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from attzoom.cli import EXIT_USAGE
+
+from .runs import ReportError
+
+
+def add_report_command(sub) -> None:
+    report = sub.add_parser("report", help="comparison report of a sweep (CSV, Markdown, self-contained HTML)")
+    report.add_argument("sweep", help="the sweep's name (its MLflow experiment is attzoom-<name>)")
+    report.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    report.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<sweep>)")
+    report.add_argument("--data-root", default=None,
+                        help="where the test splits are, when not where the trials ran (to score best checkpoints)")
+    report.set_defaults(run=run_report_command)
+
+
+def run_report_command(args) -> int:
+    from .report import write_report
+
+    try:
+        check_store(args.tracking_uri)
+        text, paths = write_report(args.tracking_uri, args.sweep, args.out, args.data_root)
+    except ReportError as e:
+        print(f"attzoom report: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(text)
+    print(f"wrote {paths['csv']}, {paths['md']} and {paths['html']} (open it in a browser; it needs no network)")
+    return 0
+
+
+def check_store(tracking_uri: str) -> None:
+    """A missing SQLite file is a typo, not a new store: MLflow would silently create an empty one."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ReportError(f"no tracking store at {path}; pass --tracking-uri sqlite:///PATH/mlflow.db "
+                              "(or the http:// address of an MLflow server)")

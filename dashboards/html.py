@@ -1,0 +1,76 @@
+"""The report as one self-contained HTML page: inline CSS, figures as base64 PNG data URIs.
+
+No script, no web font, no external link: the page opens offline, from a mail attachment or
+an artifact store, and shows the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .6em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+.warn { background: #fff4e0; border-left: 4px solid #e69500; padding: .5em 1em; }
+.note { color: #555; }
+figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
+figcaption { font-size: .85em; color: #555; }
+img { max-width: 100%; }
+"""
+
+
+def table(rows: list[dict], id: str | None = None) -> str:
+    if not rows:
+        return "<p class='note'>(none)</p>"
+    columns = list(rows[0])
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    attr = f" id='{escape(id)}'" if id else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def image(caption: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f"<figure><img alt='{escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+def figures(images, section: str) -> str:
+    shown = [image(caption, png) for kind, caption, png in images if kind == section and png]
+    return "".join(shown) or "<p class='note'>(no finished trial yet)</p>"
+
+
+def page(report) -> str:
+    sweep = report.sweep
+    parts = [f"<h1>AttZoom sweep report: {escape(sweep.name)}</h1>",
+             f"<p class='note'>Tracking store <code>{escape(sweep.tracking_uri)}</code>, experiment "
+             f"<code>attzoom-{escape(sweep.name)}</code>, generated {escape(report.generated)}. Test top-1 / top-5 "
+             "(%) of each study's best trial, chosen by validation top-1 (ties by top-5) over every epoch of every "
+             "finished trial; Δ is the difference from the same backbone's baseline.</p>"]
+    if report.unfinished:
+        parts += [f"<div class='warn' id='unfinished'><strong>Unfinished studies ({len(report.unfinished)}):"
+                  "</strong> partial results below.", table(report.unfinished), "</div>"]
+    parts.append("<h2>Comparison</h2>")
+    for dataset, rows in report.tables.items():
+        parts += [f"<h3>{escape(dataset)}</h3>", table(rows, id=f"comparison-{dataset}")]
+    parts += ["<h2>Best trial per study</h2>", table(report.best_rows, id="best-trials"),
+              "<h2>Learning curves of the best trials</h2>", figures(report.images, "curves"),
+              "<h2>Optimisation history</h2>", figures(report.images, "history"),
+              "<h2>Hyperparameter importance</h2>", table(report.importance), figures(report.images, "importance"),
+              "<h2>Chosen configs</h2>", table(report.configs, id="configs"),
+              "<h2>Compute spent</h2>",
+              "<p class='note'>Hours are summed epoch times as logged (training and validation).</p>",
+              table(report.compute, id="compute")]
+    if report.notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+            f"<title>AttZoom report: {escape(sweep.name)}</title><style>{STYLE}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")

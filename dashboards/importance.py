@@ -1,0 +1,112 @@
+"""Optuna's view of a study rebuilt from MLflow: optimisation history and hyperparameter importance.
+
+The sweep's own Optuna state lives inside Ray Tune's searcher checkpoint, which a laptop
+does not have; the trial runs hold everything importance needs (params, and the best
+validation top-1 as the objective), so an in-memory study is rebuilt from them with the
+paper's conditional space (momentum only for SGD, step size only for StepLR; Sec. 5.3).
+Only what was searched counts: a parameter with a single value in a study was fixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from .runs import Study, Trial
+
+# name -> (kind, the paper's range or choices, the condition under which it exists)
+SPACE = {
+    "batch_size": ("int-choice", (32, 64, 128, 256), None),
+    "lr": ("log", (1e-5, 1e-1), None),
+    "weight_decay": ("log", (1e-6, 1e-2), None),
+    "optimizer": ("choice", ("adam", "sgd"), None),
+    "momentum": ("float", (0.7, 1.0), ("optimizer", "sgd")),
+    "scheduler": ("choice", ("cosine", "step", "plateau", "onecycle"), None),
+    "step_size": ("int", (10, 30), ("scheduler", "step")),
+    "threshold": ("float", (0.0, 1.0), None),
+    "position": ("choice", ("input", "stem", "stage1"), None),
+}
+
+
+def optuna_study(study: Study) -> optuna.Study:
+    """An in-memory Optuna study: finished trials COMPLETE (value = best val top-1), failed ones FAIL."""
+    searched = searched_params(study)
+    distributions = {name: distribution(name, [_parse(name, t.params[name]) for t in study.trials
+                                               if name in t.params]) for name in searched}
+    result = optuna.create_study(direction="maximize", study_name=study.name)
+    for trial in study.trials:
+        if trial.status not in ("FINISHED", "FAILED"):
+            continue
+        params = {name: _parse(name, trial.params[name]) for name in searched
+                  if name in trial.params and _applies(name, trial)}
+        done = trial.status == "FINISHED" and trial.best is not None
+        result.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: distributions[k] for k in params},
+            value=trial.best["val_top1"] if done else None, state=TrialState.COMPLETE if done else TrialState.FAIL,
+            user_attrs={"run_id": trial.run_id}))
+    return result
+
+
+def searched_params(study: Study) -> list[str]:
+    """The space's parameters that took more than one value across the study's trials."""
+    names = []
+    for name in SPACE:
+        values = {t.params[name] for t in study.trials if name in t.params and _applies(name, t)}
+        if len(values) > 1:
+            names.append(name)
+    return names
+
+
+def _applies(name: str, trial: Trial) -> bool:
+    condition = SPACE[name][2]
+    return condition is None or trial.params.get(condition[0]) == condition[1]
+
+
+def _parse(name: str, value: str):
+    kind = SPACE[name][0]
+    if kind in ("int", "int-choice"):
+        return int(float(value))
+    if kind in ("log", "float"):
+        return float(value)
+    return value
+
+
+def distribution(name: str, values: list):
+    """The paper's range for ``name``, widened to hold every observed value (a spec may narrow or widen it)."""
+    kind, space, _ = SPACE[name]
+    if kind in ("choice", "int-choice"):
+        return CategoricalDistribution(sorted(set(space) | set(values)))
+    low, high = min([space[0], *values]), max([space[1], *values])
+    if kind == "int":
+        return IntDistribution(int(low), int(high))
+    log = kind == "log" and low > 0
+    return FloatDistribution(low, high, log=log)
+
+
+def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
+    """({param: importance}, None), or ({}, why not) when the study cannot support an estimate."""
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if len(complete) < 2:
+        return {}, f"needs at least 2 finished trials (has {len(complete)})"
+    if not any(len(t.params) for t in complete):
+        return {}, "no searched hyperparameter"
+    try:
+        scores = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (ValueError, RuntimeError) as e:
+        return {}, f"not estimable ({e})"
+    return {k: v for k, v in scores.items() if not math.isnan(v)}, None
+
+
+def history(study: optuna.Study) -> list[tuple[int, float, float]]:
+    """(trial number, its value, best so far) for completed trials, numbered by start time."""
+    rows, best = [], -math.inf
+    for number, trial in enumerate(study.trials):
+        if trial.state != TrialState.COMPLETE:
+            continue
+        best = max(best, trial.value)
+        rows.append((number, trial.value, best))
+    return rows

@@ -1,0 +1,182 @@
+"""``attzoom report``: a sweep's comparison report from its MLflow runs alone.
+
+Writes ``best_trials.csv``, ``report.md`` and one self-contained ``report.html`` (the tables,
+learning curves of the best trials, optimisation history and hyperparameter importance per
+study, the chosen configs, compute spent). A partial sweep reports what exists and lists
+its unfinished studies. Needs only the tracking URI: no spec, no Tune results, no Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures, importance
+from .published import published_config
+from .runs import Study, Sweep, curves, load_sweep
+from .table import best_trials, comparison, markdown, number, pair
+
+
+@dataclass
+class Report:
+    sweep: Sweep
+    best: pd.DataFrame
+    tables: dict[str, list[dict]]
+    best_rows: list[dict]
+    configs: list[dict]
+    compute: list[dict]
+    unfinished: list[dict]
+    notes: list[str]
+    images: list[tuple[str, str, bytes]] = field(default_factory=list)  # (section, caption, png)
+    importance: list[dict] = field(default_factory=list)  # per study: its top hyperparameters
+    generated: str = ""
+
+
+def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with_figures: bool = True) -> Report:
+    sweep = load_sweep(tracking_uri, sweep_name)
+    best, notes = best_trials(sweep, data_root)
+    report = Report(sweep, best, comparison(best) if not best.empty else {}, best_rows(best),
+                    config_rows(sweep, best), compute_rows(sweep), unfinished_rows(sweep), notes,
+                    generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    if with_figures:
+        report.images, report.importance = draw(sweep)
+    return report
+
+
+def best_rows(best: pd.DataFrame) -> list[dict]:
+    return [{"study": r.study, "trials (ok / failed / running)": f"{r.trials_finished} / {r.trials_failed} / "
+             f"{r.trials_running}", "best trial": r.trial_id or "–",
+             "epoch": "–" if math.isnan(r.best_epoch) else int(r.best_epoch),
+             "val top-1 / top-5": pair(r.val_top1, r.val_top5), "test top-1 / top-5": pair(r.test_top1, r.test_top5),
+             "run id": r.run_id or "–"} for r in best.itertuples()]
+
+
+def describe_config(params: dict) -> dict[str, str]:
+    """The paper's five choices, with SGD's momentum and StepLR's step size only where they apply."""
+    if not params or params.get("optimizer") is None:
+        return {}
+    optimizer = params["optimizer"]
+    if optimizer == "sgd" and params.get("momentum") is not None:
+        optimizer += f" ({float(params['momentum']):.2f})"
+    scheduler = params.get("scheduler", "?")
+    if scheduler == "step" and params.get("step_size") is not None:
+        scheduler += f" ({int(float(params['step_size']))})"
+    return {"batch": str(params.get("batch_size")), "lr": f"{float(params['lr']):.2g}",
+            "weight decay": f"{float(params['weight_decay']):.2g}", "optimizer": optimizer, "scheduler": scheduler}
+
+
+def config_rows(sweep: Sweep, best: pd.DataFrame) -> list[dict]:
+    rows = []
+    for study in sweep.studies:
+        trial = study.best
+        ours = describe_config(trial.params) if trial else {}
+        paper = describe_config(published_config(study.backbone, study.dataset, study.variant) or {})
+        rows.append({"study": study.name, **{k: ours.get(k, "–") for k in ("batch", "lr", "weight decay",
+                                                                             "optimizer", "scheduler")},
+                     "paper's config": ", ".join(paper.values()) if paper else "–"})
+    return rows
+
+
+def compute_rows(sweep: Sweep) -> list[dict]:
+    """Trials, epochs and hours per study from the logged epoch_time; GPU hours where the GPU share is known."""
+    rows, total = [], {"trials": 0, "epochs": 0, "hours": 0.0, "gpu": 0.0, "gpu_known": True}
+    for study in sweep.studies:
+        hours = sum(t.hours for t in study.trials)
+        shares = [t.gpus for t in study.trials]
+        known = all(s is not None for s in shares)
+        gpu = sum(t.hours * t.gpus for t in study.trials) if known else None
+        epochs = sum(t.epochs for t in study.trials)
+        rows.append({"study": study.name, "trials": len(study.trials), "epochs": epochs, "hours": f"{hours:.3f}",
+                     "GPU hours": number(gpu) if known else "unknown"})
+        total["trials"] += len(study.trials)
+        total["epochs"] += epochs
+        total["hours"] += hours
+        total["gpu_known"] &= known
+        total["gpu"] += gpu or 0.0
+    rows.append({"study": "total", "trials": total["trials"], "epochs": total["epochs"],
+                 "hours": f"{total['hours']:.3f}", "GPU hours": number(total["gpu"]) if total["gpu_known"]
+                 else "unknown"})
+    return rows
+
+
+def unfinished_rows(sweep: Sweep) -> list[dict]:
+    return [{"study": s.name, "parent run": s.parent.info.status if s.parent else "missing",
+             "finished": s.count("FINISHED"), "failed": s.count("FAILED"),
+             "running": len(s.trials) - s.count("FINISHED") - s.count("FAILED")} for s in sweep.unfinished]
+
+
+def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
+    """Learning curves and optimisation history per (data set, backbone); importance per study."""
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    images, ranked = [], []
+    groups: dict[tuple[str, str], list[Study]] = {}
+    for study in sweep.studies:
+        groups.setdefault((study.dataset, study.backbone), []).append(study)
+    for (dataset, backbone), studies in groups.items():
+        title = f"{backbone} on {dataset}"
+        best_curves = {s.variant: curves(sweep.tracking_uri, s.best.run_id) for s in studies if s.best}
+        if best_curves:
+            images.append(("curves", f"{title}: best trial of each variant",
+                           figures.learning_curves(title, best_curves)))
+        rebuilt = {s.variant: importance.optuna_study(s) for s in studies}
+        histories = {variant: importance.history(study) for variant, study in rebuilt.items()}
+        if any(histories.values()):
+            images.append(("history", f"{title}: optimisation history", figures.optimisation_history(title, histories)))
+        for study in studies:
+            scores, why = importance.importances(rebuilt[study.variant])
+            if scores:
+                images.append(("importance", study.name, figures.importance_bars(study.name, scores)))
+            ranked.append({"study": study.name, "importance (fANOVA)": ", ".join(
+                f"{name} {score:.2f}" for name, score in scores.items()) if scores else why})
+    return images, ranked
+
+
+def to_markdown(report: Report) -> str:
+    sweep = report.sweep
+    parts = [f"# AttZoom sweep report: {sweep.name}", "",
+             f"Tracking store `{sweep.tracking_uri}`, experiment `attzoom-{sweep.name}`, generated {report.generated}. "
+             "Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
+             "every epoch of every finished trial; Δ is the difference from the same backbone's baseline."]
+    if report.unfinished:
+        parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
+                  markdown(report.unfinished)]
+    for dataset, rows in report.tables.items():
+        parts += ["", f"## {dataset}", "", markdown(rows)]
+    parts += ["", "## Best trial per study", "", markdown(report.best_rows),
+              "", "## Chosen configs", "", markdown(report.configs),
+              "", "## Hyperparameter importance", "", markdown(report.importance) if report.importance else "(not computed)",
+              "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation).", "",
+              markdown(report.compute)]
+    if report.notes:
+        parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    return "\n".join(parts) + "\n"
+
+
+def write(report: Report, out: Path) -> dict[str, Path]:
+    from .html import page
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "best_trials.csv", "md": out / "report.md", "html": out / "report.html"}
+    report.best.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(to_markdown(report))
+    paths["html"].write_text(page(report))
+    return paths
+
+
+def write_report(tracking_uri: str, sweep: str, out: str | Path | None = None,
+                 data_root: str | None = None) -> tuple[str, dict[str, Path]]:
+    """Build and write the report to ``out`` (default ``reports/<sweep>``); returns (markdown, paths)."""
+    report = build(tracking_uri, sweep, data_root)
+    paths = write(report, Path(out) if out else Path("reports") / sweep)
+    return to_markdown(report), paths
+
+
+def comparison_markdown(tracking_uri: str, sweep: str, data_root: str | None = None) -> str:
+    """Only the comparison tables (what the demo prints at its end)."""
+    report = build(tracking_uri, sweep, data_root, with_figures=False)
+    return "\n".join(f"{dataset}:\n{markdown(rows)}\n" for dataset, rows in report.tables.items())

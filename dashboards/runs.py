@@ -1,0 +1,153 @@
+"""Read a sweep back from MLflow alone: its studies (parent runs) and trials (child runs).
+
+The report must work on a laptop that has only the tracking URI, so nothing here needs
+the sweep spec, the Tune results or Ray. The layout read is the one ``tune_jobs`` writes:
+one experiment ``attzoom-<sweep>``, a parent run per study tagged ``attzoom.role=study``,
+a child run per trial tagged ``attzoom.role=trial`` with per-epoch metrics (step = epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+# The tags tune_jobs/tracking.py writes (tests/test_dashboards.py checks the two agree).
+SWEEP, STUDY, TRIAL, ROLE, ERROR = "attzoom.sweep", "attzoom.study", "attzoom.trial_id", "attzoom.role", "attzoom.error"
+GPU_IDS = "attzoom.gpu_ids"
+MAX_RUNS = 50_000
+
+
+class ReportError(Exception):
+    """A problem the user can fix (unknown sweep, missing store); the message says how."""
+
+
+def experiment_name(sweep: str) -> str:
+    return f"attzoom-{sweep}"
+
+
+@dataclass
+class Trial:
+    """One trial run: its parsed params, its per-epoch history and where its best epoch is."""
+
+    run: Run
+    history: dict[str, dict[int, float]]  # metric -> {epoch: value}
+    best: dict | None  # {"epoch", "val_top1", "val_top5"}, None before the first epoch
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def status(self) -> str:
+        return self.run.info.status
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.run.data.params
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history.get("val_top1", {}))
+
+    @property
+    def hours(self) -> float:
+        return sum(self.history.get("epoch_time", {}).values()) / 3600
+
+    @property
+    def gpus(self) -> float | None:
+        """GPUs this trial held: its memory share when it shared one, else its GPU ids; None when unknown."""
+        fraction = self.params.get("gpu_memory_fraction")
+        if fraction not in (None, "None", ""):
+            return float(fraction)
+        ids = self.run.data.tags.get(GPU_IDS)
+        if ids is None:
+            return None
+        return float(len([i for i in ids.split(",") if i.strip()]))
+
+
+@dataclass
+class Study:
+    """One (backbone, dataset, variant) Optuna study: its parent run and its trials by start time."""
+
+    name: str
+    backbone: str
+    dataset: str
+    variant: str
+    parent: Run | None
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.parent is not None and self.parent.info.status == "FINISHED"
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
+
+    @property
+    def best(self) -> Trial | None:
+        """The finished trial with the highest validation top-1 (ties by top-5) over its epochs."""
+        done = [t for t in self.trials if t.status == "FINISHED" and t.best]
+        return max(done, key=lambda t: (t.best["val_top1"], t.best["val_top5"]), default=None)
+
+
+@dataclass
+class Sweep:
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    studies: list[Study]
+
+    @property
+    def unfinished(self) -> list[Study]:
+        return [s for s in self.studies if not s.finished]
+
+
+def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
+    """Every study and trial of a sweep, as the tracking store holds it now (finished or not)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name(sweep))
+    if experiment is None:
+        known = sorted(e.name[len("attzoom-"):] for e in client.search_experiments() if e.name.startswith("attzoom-"))
+        raise ReportError(f"no sweep named {sweep!r} in {tracking_uri} (sweeps there: "
+                          f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
+    eid = experiment.experiment_id
+    studies: dict[str, Study] = {}
+    for run in client.search_runs([eid], f"tags.`{ROLE}` = 'study'", max_results=MAX_RUNS):
+        studies[run.data.tags[STUDY]] = _study(run.data.tags, run)
+    trials = client.search_runs([eid], f"tags.`{ROLE}` = 'trial'", max_results=MAX_RUNS,
+                                order_by=["attributes.start_time ASC"])
+    for run in trials:
+        name = run.data.tags[STUDY]
+        study = studies.setdefault(name, _study(run.data.tags, None))
+        history = {key: _history(client, run.info.run_id, key) for key in ("val_top1", "val_top5", "epoch_time")}
+        study.trials.append(Trial(run, history, best_epoch(history["val_top1"], history["val_top5"])))
+    ordered = sorted(studies.values(), key=lambda s: (s.dataset, s.backbone, s.variant != "baseline", s.variant))
+    return Sweep(sweep, tracking_uri, eid, ordered)
+
+
+def _study(tags: dict, parent: Run | None) -> Study:
+    return Study(tags[STUDY], tags.get("backbone", "?"), tags.get("dataset", "?"), tags.get("variant", "?"), parent)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
+    """The epoch with the highest validation top-1 (ties by top-5): the epoch ``best.pt`` holds.
+
+    The maximum over the run's history, not the last logged value: with early stopping the
+    last epochs are the ones that did not improve.
+    """
+    if not top1:
+        return None
+    step = max(top1, key=lambda s: (top1[s], top5.get(s, 0.0)))
+    return {"epoch": step, "val_top1": top1[step], "val_top5": top5.get(step, 0.0)}
+
+
+def curves(tracking_uri: str, run_id: str, keys=("val_top1", "train_loss")) -> dict[str, dict[int, float]]:
+    """Per-epoch histories of a few metrics of one run (the learning curves of a best trial)."""
+    client = MlflowClient(tracking_uri)
+    return {key: _history(client, run_id, key) for key in keys}

@@ -1,0 +1,343 @@
+"""The comparison report (dashboards/) on sweeps written straight into a real MLflow SQLite store.
+
+No Ray and no mocks: the runs are laid out exactly as tune_jobs writes them (a parent run per
+study, a child run per trial, per-epoch metrics with step = epoch, the best checkpoint as an
+artifact). One study's best trial has a real ``best.pt`` trained by ``attzoom.train.fit`` and is
+scored on the cluttered-digits test split by the report; the others carry pre-logged test scores.
+
+"Best trial" is the trial with the highest validation top-1 over all its epochs (ties by top-5),
+which is the epoch ``best.pt`` holds. MLflow's ``search_runs(order_by=["metrics.val_top1 DESC"])``
+orders by the *last* logged value instead, so the expected answer here lists the runs with
+``search_runs`` and takes the maximum over each run's metric history.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from dashboards.published import CONFIGS, RESULTS, published
+from dashboards.report import build, to_markdown, write
+from dashboards.runs import ERROR, GPU_IDS, ROLE, STUDY, SWEEP, TRIAL
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_700_000_000_000
+
+
+# --- writing sweeps in tune_jobs' layout ---------------------------------------------------------
+
+class SweepWriter:
+    def __init__(self, uri: str, sweep: str, artifacts: Path):
+        self.client = MlflowClient(uri)
+        self.sweep = sweep
+        self.eid = self.client.create_experiment(f"attzoom-{sweep}", artifact_location=artifacts.as_uri())
+        self.clock = T0
+        self.parents: dict[str, str] = {}
+
+    def tick(self) -> int:
+        self.clock += 1000
+        return self.clock
+
+    def study(self, backbone: str, dataset: str, variant: str) -> str:
+        name = f"{backbone}.{dataset}.{variant}"
+        tags = {SWEEP: self.sweep, STUDY: name, ROLE: "study", "backbone": backbone, "dataset": dataset,
+                "variant": variant}
+        self.parents[name] = self.client.create_run(self.eid, start_time=self.tick(), tags=tags,
+                                                    run_name=name).info.run_id
+        return name
+
+    def finish_study(self, name: str, finished: int, failed: int) -> None:
+        run_id = self.parents[name]
+        self.client.log_metric(run_id, "trials_finished", finished)
+        self.client.log_metric(run_id, "trials_failed", failed)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def trial(self, study: str, trial_id: str, epochs: list[tuple[float, float]], params: dict,
+              status: str = "FINISHED", test: tuple[float, float] | None = None, gpu_ids: str | None = "",
+              checkpoint: Path | None = None) -> str:
+        backbone, dataset, variant = study.split(".")
+        tags = {SWEEP: self.sweep, STUDY: study, ROLE: "trial", TRIAL: trial_id, "backbone": backbone,
+                "dataset": dataset, "variant": variant, "mlflow.parentRunId": self.parents[study]}
+        if gpu_ids is not None:
+            tags[GPU_IDS] = gpu_ids
+        run_id = self.client.create_run(self.eid, start_time=self.tick(), tags=tags, run_name=trial_id).info.run_id
+        config = {"backbone": backbone, "dataset": dataset, "variant": variant, "epochs": 8, "momentum": 0.9,
+                  "step_size": 30, "gpu_memory_fraction": None, **params}
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(config.items())])
+        for step, (top1, top5) in enumerate(epochs, start=1):
+            values = {"train_loss": 2.5 / step, "val_loss": 2.0 / step, "val_top1": top1, "val_top5": top5,
+                      "lr": params.get("lr", 1e-3), "epoch_time": 90.0, "images_per_s": 500.0}
+            self.client.log_batch(run_id, metrics=[Metric(k, v, self.tick(), step) for k, v in values.items()])
+        if test:
+            self.client.log_metric(run_id, "test_top1", test[0])
+            self.client.log_metric(run_id, "test_top5", test[1])
+        if checkpoint:
+            self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
+        if status == "FAILED":
+            self.client.set_tag(run_id, ERROR, "RuntimeError: CUDA out of memory")
+        if status != "RUNNING":
+            self.client.set_terminated(run_id, status, end_time=self.tick())
+        return run_id
+
+
+ADAM = {"batch_size": 64, "lr": 1e-3, "weight_decay": 1e-5, "optimizer": "adam", "scheduler": "cosine"}
+SGD = {"batch_size": 128, "lr": 3e-2, "weight_decay": 1e-4, "optimizer": "sgd", "momentum": 0.85,
+       "scheduler": "onecycle"}
+STEP = {"batch_size": 32, "lr": 5e-3, "weight_decay": 1e-6, "optimizer": "adam", "scheduler": "step", "step_size": 12}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store holding a finished sweep ``small`` and a partial sweep ``partial``."""
+    import torch
+
+    from attzoom.data import ImageSet, Splits, load
+    from attzoom.train import fit
+
+    tmp = tmp_path_factory.mktemp("dashboards")
+    data_root = tmp / "data"
+    data = load("cluttered-digits", data_root)
+    few = Splits(ImageSet(data.train.images[:64], data.train.labels[:64]), data.val, data.test, data.num_classes,
+                 data.mean, data.std)
+    config = {"backbone": "tiny_resnet", "dataset": "cluttered-digits", "epochs": 1, "augment": False,
+              "batch_size": 32, "data_root": str(data_root)}
+    fit(config, data=Splits(few.train, ImageSet(data.val.images[:64], data.val.labels[:64]), few.test,
+                            few.num_classes, few.mean, few.std), checkpoint_dir=tmp / "trained")
+    assert torch.load(tmp / "trained" / "best.pt", weights_only=True)["config"]["dataset"] == "cluttered-digits"
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    small = SweepWriter(uri, "small", tmp / "artifacts" / "small")
+    base = small.study("tiny_resnet", "cluttered-digits", "baseline")
+    small.trial(base, "b1", [(40, 80), (55, 85)], ADAM)
+    small.trial(base, "b2", [(50, 82), (62, 90), (61, 91)], SGD, checkpoint=tmp / "trained" / "best.pt")  # best
+    small.trial(base, "b3", [(30, 70)], STEP)
+    small.finish_study(base, 3, 0)
+    att = small.study("tiny_resnet", "cluttered-digits", "attzoom")
+    small.trial(att, "a1", [(50, 80), (80, 95), (60, 85)], ADAM, test=(78.5, 96.25))  # best: max 80, top-5 tie-break
+    small.trial(att, "a2", [(70, 90), (75, 92)], SGD, test=(74.0, 93.0))  # best by *last* value (75 > 60)
+    small.trial(att, "a3", [(80, 90)], STEP, test=(79.0, 91.0))  # ties a1's top-1, loses on top-5
+    small.trial(att, "a4", [(20, 50)], {**ADAM, "lr": 0.05}, status="FAILED")
+    small.finish_study(att, 3, 1)
+    for variant, tests in (("baseline", [(58.0, 85.0), (60.0, 86.5)]), ("attzoom", [(66.0, 89.0), (64.0, 88.0)])):
+        study = small.study("resnet50", "cifar100", variant)
+        for i, (test, params) in enumerate(zip(tests, (ADAM, SGD))):
+            small.trial(study, f"{variant[0]}r{i}", [(test[0] - 1 + i, test[1])],
+                        {**params, "gpu_memory_fraction": 0.25}, test=test, gpu_ids="0")
+        small.finish_study(study, 2, 0)
+
+    partial = SweepWriter(uri, "partial", tmp / "artifacts" / "partial")
+    done = partial.study("resnet50", "cifar100", "baseline")
+    partial.trial(done, "p1", [(50, 80)], ADAM, test=(49.0, 79.0))
+    partial.trial(done, "p2", [(52, 81)], SGD, test=(51.0, 80.0))
+    partial.finish_study(done, 2, 0)
+    going = partial.study("resnet50", "cifar100", "attzoom")  # parent run left RUNNING
+    partial.trial(going, "q1", [(55, 84)], ADAM, test=(54.0, 83.0))
+    partial.trial(going, "q2", [(20, 60)], SGD, status="RUNNING")
+    partial.study("resnet50", "cifar100", "resize2x")  # started, no trial yet
+    return {"uri": uri, "tmp": tmp, "data_root": data_root}
+
+
+def expected_best(uri: str, sweep: str) -> dict[str, str]:
+    """{study: run id} from MLflow's own search: finished trial runs, max val top-1 over epochs, ties by top-5."""
+    client = MlflowClient(uri)
+    eid = client.get_experiment_by_name(f"attzoom-{sweep}").experiment_id
+    best = {}
+    for run in client.search_runs([eid], "tags.`attzoom.role` = 'trial' and attributes.status = 'FINISHED'"):
+        top5 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top5")}
+        score = max((m.value, top5[m.step]) for m in client.get_metric_history(run.info.run_id, "val_top1"))
+        study = run.data.tags["attzoom.study"]
+        if study not in best or score > best[study][0]:
+            best[study] = (score, run.info.run_id)
+    return {study: run_id for study, (_, run_id) in best.items()}
+
+
+@pytest.fixture(scope="module")
+def small_report(store):
+    out = store["tmp"] / "report-small"
+    report = build(store["uri"], "small")
+    return report, write(report, out)
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+def test_best_trial_per_study_matches_mlflow_search(store, small_report):
+    _, paths = small_report
+    csv = pd.read_csv(paths["csv"])
+    assert dict(zip(csv.study, csv.run_id)) == expected_best(store["uri"], "small")
+    att = csv.set_index("study").loc["tiny_resnet.cluttered-digits.attzoom"]
+    assert (att.trial_id, att.best_epoch, att.val_top1, att.val_top5) == ("a1", 2, 80.0, 95.0)
+    # MLflow's order_by sorts by the last logged value, which is why the expectation uses the history.
+    client = MlflowClient(store["uri"])
+    eid = client.get_experiment_by_name("attzoom-small").experiment_id
+    by_last = client.search_runs([eid], "tags.`attzoom.study` = 'tiny_resnet.cluttered-digits.attzoom' and "
+                                        "attributes.status = 'FINISHED'", order_by=["metrics.val_top1 DESC"])
+    assert by_last[0].data.tags[TRIAL] == "a3" and att.run_id != by_last[0].info.run_id
+
+
+def test_real_checkpoint_scored_on_test_split_and_logged(store, small_report):
+    report, _ = small_report
+    row = report.best.set_index("study").loc["tiny_resnet.cluttered-digits.baseline"]
+    assert row.trial_id == "b2" and 0 <= row.test_top1 <= row.test_top5 <= 100
+    logged = MlflowClient(store["uri"]).get_run(row.run_id).data.metrics
+    assert (logged["test_top1"], logged["test_top5"]) == (row.test_top1, row.test_top5)
+    assert not report.notes
+
+
+def test_differences_from_baseline(small_report):
+    report, paths = small_report
+    csv = pd.read_csv(paths["csv"]).set_index("study")
+    for backbone, dataset in (("tiny_resnet", "cluttered-digits"), ("resnet50", "cifar100")):
+        base = csv.loc[f"{backbone}.{dataset}.baseline"]
+        att = csv.loc[f"{backbone}.{dataset}.attzoom"]
+        assert att.test_top1_vs_baseline == pytest.approx(att.test_top1 - base.test_top1)
+        assert att.test_top5_vs_baseline == pytest.approx(att.test_top5 - base.test_top5)
+        assert pd.isna(base.test_top1_vs_baseline)
+    resnet = {row["backbone"]: row for row in report.tables["cifar100"]}["resnet50"]
+    # best trials: baseline 60.0/86.5 (val 60 > 57), attzoom 66.0/89.0 (val 65 > 64)
+    assert resnet["baseline"] == "60.00 / 86.50" and resnet["attzoom"] == "66.00 / 89.00"
+    assert resnet["attzoom Δ"] == "+6.00 / +2.50"
+    assert resnet["paper baseline"] == "58.50 / 87.75" and resnet["paper attzoom"] == "67.66 / 90.15"
+    assert resnet["paper attzoom Δ"] == "+9.16 / +2.40"
+    assert "paper baseline" not in report.tables["cluttered-digits"][0]  # no published numbers there
+
+
+def test_markdown_configs_compute_and_importance(small_report):
+    report, paths = small_report
+    text = paths["md"].read_text()
+    assert text == to_markdown(report)
+    assert "## cifar100" in text and "## cluttered-digits" in text and "Unfinished" not in text
+    configs = {row["study"]: row for row in report.configs}
+    assert configs["tiny_resnet.cluttered-digits.baseline"]["optimizer"] == "sgd (0.85)"
+    assert configs["resnet50.cifar100.baseline"]["paper's config"] == "128, 0.001, 0.0003, adam, onecycle"
+    compute = {row["study"]: row for row in report.compute}
+    assert compute["tiny_resnet.cluttered-digits.attzoom"]["epochs"] == 3 + 2 + 1 + 1
+    assert compute["tiny_resnet.cluttered-digits.attzoom"]["GPU hours"] == "0.00"  # CPU trials
+    assert compute["resnet50.cifar100.baseline"]["GPU hours"] == "0.01"  # 2 epochs x 90 s x 0.25 GPU
+    ranked = {row["study"]: row["importance (fANOVA)"] for row in report.importance}
+    assert "lr" in ranked["tiny_resnet.cluttered-digits.baseline"]
+    assert "at least 2" in ranked["resnet50.cifar100.baseline"] or "lr" in ranked["resnet50.cifar100.baseline"]
+    kinds = {kind for kind, _, png in report.images if png}
+    assert kinds == {"curves", "history", "importance"}
+
+
+def test_partial_sweep_lists_unfinished_studies(store, tmp_path):
+    report = build(store["uri"], "partial")
+    assert [row["study"] for row in report.unfinished] == ["resnet50.cifar100.attzoom", "resnet50.cifar100.resize2x"]
+    assert report.unfinished[0]["running"] == 1
+    paths = write(report, tmp_path)
+    csv = pd.read_csv(paths["csv"]).set_index("study")
+    assert dict(csv.run_id.dropna()) == expected_best(store["uri"], "partial")
+    assert pd.isna(csv.loc["resnet50.cifar100.resize2x", "test_top1"])
+    for path in (paths["md"], paths["html"]):
+        text = path.read_text()
+        assert "Unfinished studies (2)" in text and "resnet50.cifar100.resize2x" in text
+
+
+def test_html_is_self_contained(small_report):
+    _, paths = small_report
+    html = paths["html"].read_text()
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", html, re.I)
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+    images = re.findall(r"<img [^>]*src='([^']*)'", html)
+    assert len(images) >= 3 and all(src.startswith("data:image/png;base64,") for src in images)
+
+
+def test_cli_report_and_unknown_sweep(store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "tune_jobs.cli", "report"]
+    bad = subprocess.run([*cli, "nope", "--tracking-uri", store["uri"]], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "no sweep named 'nope'" in bad.stderr and "partial, small" in bad.stderr
+    missing = subprocess.run([*cli, "small", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and not (tmp_path / "none.db").exists()
+    ok = subprocess.run([*cli, "partial", "--tracking-uri", store["uri"]], capture_output=True, text=True, env=env,
+                        cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "Unfinished studies (2)" in ok.stdout and "| resnet50 |" in ok.stdout
+    assert {p.name for p in (tmp_path / "reports" / "partial").iterdir()} == {"best_trials.csv", "report.md",
+                                                                               "report.html"}
+
+
+def test_dashboards_never_import_ray():
+    code = ("import sys, dashboards.report, dashboards.cli, dashboards.html, dashboards.importance; "
+            "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_tags_agree_with_tune_jobs():
+    from tune_jobs import tracking
+
+    assert (SWEEP, STUDY, TRIAL, ROLE, ERROR) == (tracking.SWEEP, tracking.STUDY, tracking.TRIAL, tracking.ROLE,
+                                                  tracking.ERROR)
+
+
+def test_published_reference_data():
+    backbones = {"resnet50", "mobilenetv1", "densenet121", "seresnet50", "cbam_resnet50", "resnext50"}
+    assert {b for b, _, _ in RESULTS} == backbones and len(RESULTS) == 24
+    assert published("mobilenetv1", "tinyimagenet", "attzoom") == (64.89, 85.30)
+    assert published("resnext50", "cifar100", "baseline") == (72.83, None)
+    assert len(CONFIGS) == 16 and CONFIGS[("densenet121", "tinyimagenet", "baseline")]["step_size"] == 30
+
+
+# --- the page in a real browser ------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing; skipped only when it cannot be installed."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path:
+        return path
+    if not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and apt-get is not available to install it")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+            done = subprocess.run(sudo + command, capture_output=True, text=True, env=env, timeout=900)
+            if done.returncode != 0:
+                pytest.skip(f"chromium could not be installed ({' '.join(command)}: {done.stderr.strip()[-200:]})")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"chromium could not be installed ({e})")
+    return "/usr/bin/chromium"
+
+
+def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_html_renders_in_headless_chromium(chromium, small_report, tmp_path):
+    _, paths = small_report
+    url = paths["html"].resolve().as_uri()
+    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<table id=\"comparison-cifar100\">" in dom.stdout and "66.00 / 89.00" in dom.stdout
+    assert "<table id=\"best-trials\">" in dom.stdout
+    for line in dom.stderr.splitlines():  # page console messages and failed loads are logged to stderr
+        assert "CONSOLE" not in line and "Uncaught" not in line and "net::ERR" not in line, line
+    shot = tmp_path / "report.png"
+    started = time.time()
+    done = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000",
+                        "--hide-scrollbars", url)
+    assert done.returncode == 0 and shot.stat().st_size > 20_000, done.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copy(shot, "/tmp/attzoom-report-screenshot.png")
+    print(f"screenshot of report.html: {shot} (copied to /tmp/attzoom-report-screenshot.png, "
+          f"{time.time() - started:.1f} s)")
