@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def png(fig: Figure) -> bytes:
@@ -26,6 +27,8 @@ def learning_curves(title: str, curves: dict[str, dict[str, dict[int, float]]]) 
             points = sorted(metrics.get(key, {}).items())
             if points:
                 ax.plot(*zip(*points), marker=".", label=variant)
+    for ax in (top1, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     top1.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{title}: validation top-1")
     loss.set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
     for ax in (top1, loss):
@@ -45,6 +48,7 @@ def optimisation_history(title: str, histories: dict[str, list[tuple[int, float,
         line = ax.step(numbers, best, where="post", label=f"{variant} best so far")[0]
         ax.scatter(numbers, values, s=12, alpha=0.6, color=line.get_color())
     ax.set(xlabel="trial (by start time)", ylabel="validation top-1 (%)", title=f"{title}: optimisation history")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)

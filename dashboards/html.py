@@ -22,6 +22,7 @@ th { background: #f3f3f3; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figcaption { font-size: .85em; color: #555; }
 img { max-width: 100%; }
+.scroll { overflow-x: auto; }
 """
 
 
@@ -33,7 +34,7 @@ def table(rows: list[dict], id: str | None = None) -> str:
     body = "".join("<tr>" + "".join(f"<td>{escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
                    for r in rows)
     attr = f" id='{escape(id)}'" if id else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def image(caption: str, png: bytes) -> str:
@@ -66,7 +67,8 @@ def page(report) -> str:
               "<h2>Hyperparameter importance</h2>", table(report.importance), figures(report.images, "importance"),
               "<h2>Chosen configs</h2>", table(report.configs, id="configs"),
               "<h2>Compute spent</h2>",
-              "<p class='note'>Hours are summed epoch times as logged (training and validation).</p>",
+              "<p class='note'>Hours are summed epoch times as logged (training and validation); GPU hours weigh them "
+              "by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.</p>",
               table(report.compute, id="compute")]
     if report.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]

@@ -102,11 +102,11 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
 
 
 def history(study: optuna.Study) -> list[tuple[int, float, float]]:
-    """(trial number, its value, best so far) for completed trials, numbered by start time."""
+    """(trial number from 1, its value, best so far) for completed trials, numbered by start time."""
     rows, best = [], -math.inf
     for number, trial in enumerate(study.trials):
         if trial.state != TrialState.COMPLETE:
             continue
         best = max(best, trial.value)
-        rows.append((number, trial.value, best))
+        rows.append((number + 1, trial.value, best))
     return rows

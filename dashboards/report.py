@@ -19,7 +19,7 @@ import pandas as pd
 from . import figures, importance
 from .published import published_config
 from .runs import Study, Sweep, curves, load_sweep
-from .table import best_trials, comparison, markdown, number, pair
+from .table import best_trials, comparison, markdown, pair
 
 
 @dataclass
@@ -92,14 +92,14 @@ def compute_rows(sweep: Sweep) -> list[dict]:
         gpu = sum(t.hours * t.gpus for t in study.trials) if known else None
         epochs = sum(t.epochs for t in study.trials)
         rows.append({"study": study.name, "trials": len(study.trials), "epochs": epochs, "hours": f"{hours:.3f}",
-                     "GPU hours": number(gpu) if known else "unknown"})
+                     "GPU hours": f"{gpu:.3f}" if known else "unknown"})
         total["trials"] += len(study.trials)
         total["epochs"] += epochs
         total["hours"] += hours
         total["gpu_known"] &= known
         total["gpu"] += gpu or 0.0
     rows.append({"study": "total", "trials": total["trials"], "epochs": total["epochs"],
-                 "hours": f"{total['hours']:.3f}", "GPU hours": number(total["gpu"]) if total["gpu_known"]
+                 "hours": f"{total['hours']:.3f}", "GPU hours": f"{total['gpu']:.3f}" if total["gpu_known"]
                  else "unknown"})
     return rows
 
@@ -131,7 +131,8 @@ def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
             scores, why = importance.importances(rebuilt[study.variant])
             if scores:
                 images.append(("importance", study.name, figures.importance_bars(study.name, scores)))
-            ranked.append({"study": study.name, "importance (fANOVA)": ", ".join(
+            finished = sum(t.state.name == "COMPLETE" for t in rebuilt[study.variant].trials)
+            ranked.append({"study": study.name, "finished trials": finished, "importance (fANOVA)": ", ".join(
                 f"{name} {score:.2f}" for name, score in scores.items()) if scores else why})
     return images, ranked
 
@@ -150,7 +151,8 @@ def to_markdown(report: Report) -> str:
     parts += ["", "## Best trial per study", "", markdown(report.best_rows),
               "", "## Chosen configs", "", markdown(report.configs),
               "", "## Hyperparameter importance", "", markdown(report.importance) if report.importance else "(not computed)",
-              "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation).", "",
+              "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation); GPU hours "
+              "weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.", "",
               markdown(report.compute)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]

@@ -13,6 +13,7 @@ orders by the *last* logged value instead, so the expected answer here lists the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -221,8 +222,8 @@ def test_markdown_configs_compute_and_importance(small_report):
     assert configs["resnet50.cifar100.baseline"]["paper's config"] == "128, 0.001, 0.0003, adam, onecycle"
     compute = {row["study"]: row for row in report.compute}
     assert compute["tiny_resnet.cluttered-digits.attzoom"]["epochs"] == 3 + 2 + 1 + 1
-    assert compute["tiny_resnet.cluttered-digits.attzoom"]["GPU hours"] == "0.00"  # CPU trials
-    assert compute["resnet50.cifar100.baseline"]["GPU hours"] == "0.01"  # 2 epochs x 90 s x 0.25 GPU
+    assert compute["tiny_resnet.cluttered-digits.attzoom"]["GPU hours"] == "0.000"  # CPU trials
+    assert compute["resnet50.cifar100.baseline"]["GPU hours"] == f"{2 * 90 * 0.25 / 3600:.3f}"  # 0.25 GPU each
     ranked = {row["study"]: row["importance (fANOVA)"] for row in report.importance}
     assert "lr" in ranked["tiny_resnet.cluttered-digits.baseline"]
     assert "at least 2" in ranked["resnet50.cifar100.baseline"] or "lr" in ranked["resnet50.cifar100.baseline"]
@@ -252,18 +253,18 @@ def test_html_is_self_contained(small_report):
     assert len(images) >= 3 and all(src.startswith("data:image/png;base64,") for src in images)
 
 
-def test_cli_report_and_unknown_sweep(store, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "tune_jobs.cli", "report"]
-    bad = subprocess.run([*cli, "nope", "--tracking-uri", store["uri"]], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.count("\n") == 1 and "no sweep named 'nope'" in bad.stderr and "partial, small" in bad.stderr
-    missing = subprocess.run([*cli, "small", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], capture_output=True,
-                             text=True, env=env, cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and not (tmp_path / "none.db").exists()
-    ok = subprocess.run([*cli, "partial", "--tracking-uri", store["uri"]], capture_output=True, text=True, env=env,
-                        cwd=tmp_path)
+def test_cli_report_and_unknown_sweep(store, tmp_path, capsys):
+    from tune_jobs.cli import main
+
+    assert main(["report", "nope", "--tracking-uri", store["uri"]]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and err.err.count("\n") == 1
+    assert "no sweep named 'nope'" in err.err and "partial, small" in err.err
+    assert main(["report", "small", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "none.db").exists()
+    # the real command, as a user runs it
+    ok = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "report", "partial", "--tracking-uri", store["uri"]],
+                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "Unfinished studies (2)" in ok.stdout and "| resnet50 |" in ok.stdout
     assert {p.name for p in (tmp_path / "reports" / "partial").iterdir()} == {"best_trials.csv", "report.md",
@@ -295,7 +296,7 @@ def test_published_reference_data():
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0"]
+                  "--enable-logging=stderr", "--v=0"]  # console messages go to stderr
 
 
 @pytest.fixture(scope="session")
@@ -323,21 +324,42 @@ def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.Complet
                           text=True, timeout=120)
 
 
+def open_page(chromium: str, url: str, folder: Path) -> tuple[str, list[str], list[str]]:
+    """(DOM after load, console messages, URLs the page requested from the network).
+
+    Console messages come from --enable-logging=stderr; requests from Chromium's NetLog, where a
+    request made by a page opened from file:// carries a network isolation key of file://
+    (the browser's own background requests carry other keys and are ignored).
+    """
+    netlog = folder / "netlog.json"
+    done = run_chromium(chromium, folder / "profile", f"--log-net-log={netlog}", "--dump-dom", url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    log = json.loads(netlog.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    requests = [e["params"]["url"] for e in log["events"] if e["type"] == start
+                and e.get("params", {}).get("network_isolation_key", "").startswith("file://")]
+    return done.stdout, console, requests
+
+
 def test_html_renders_in_headless_chromium(chromium, small_report, tmp_path):
+    # the detector first sees a bad page's console error and network request, so its silence below means something
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><img src='http://example.invalid/x.png'><script>console.error('boom')</script>"
+                   "</body></html>")
+    _, console, requests = open_page(chromium, bad.as_uri(), tmp_path / "bad")
+    assert any("boom" in line for line in console) and requests == ["http://example.invalid/x.png"]
+
     _, paths = small_report
     url = paths["html"].resolve().as_uri()
-    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<table id=\"comparison-cifar100\">" in dom.stdout and "66.00 / 89.00" in dom.stdout
-    assert "<table id=\"best-trials\">" in dom.stdout
-    for line in dom.stderr.splitlines():  # page console messages and failed loads are logged to stderr
-        assert "CONSOLE" not in line and "Uncaught" not in line and "net::ERR" not in line, line
+    dom, console, requests = open_page(chromium, url, tmp_path / "page")
+    assert console == [] and requests == []
+    assert '<table id="comparison-cifar100">' in dom and "66.00 / 89.00" in dom
+    assert '<table id="best-trials">' in dom and '<table id="compute">' in dom
     shot = tmp_path / "report.png"
-    started = time.time()
     done = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000",
                         "--hide-scrollbars", url)
     assert done.returncode == 0 and shot.stat().st_size > 20_000, done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.copy(shot, "/tmp/attzoom-report-screenshot.png")
-    print(f"screenshot of report.html: {shot} (copied to /tmp/attzoom-report-screenshot.png, "
-          f"{time.time() - started:.1f} s)")
+    print(f"screenshot of report.html: {shot} (copied to /tmp/attzoom-report-screenshot.png)")
