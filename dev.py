@@ -33,7 +33,7 @@ def setup() -> Path:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if not STAMP.exists() or STAMP.read_text() != wanted:
         print("installing dependencies into .venv (first run: a few minutes) ...", file=sys.stderr)
-        subprocess.run([str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+        subprocess.run([str(PYTHON), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
                         "-e", f"{ROOT}[test]"], check=True)
         STAMP.write_text(wanted)
     return PYTHON

@@ -218,11 +218,23 @@ def run_submit_command(args) -> int:
     command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
                                                           "mlruns/", "data/", "runs/", "*.db", "*.pt"]}
-    job_id = jobs_client(args.address).submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
-                                                  metadata={"attzoom.sweep": spec.name})
+    job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
+                               metadata={"attzoom.sweep": spec.name})
     print(job_id)
     print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
     return 0
+
+
+def submit_when_ready(client, wait_s: float = 120, **job) -> str:
+    """Submit; a head that has just started answers 'no available agent, try again later' for a while."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def run_logs_command(args) -> int:

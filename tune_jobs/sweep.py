@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .spec import SearchSpace, Spec, SpecError, check_cluster_gpus, check_data, check_writable, parse_spec, validate
+from .spec import SearchSpace, Spec, SpecError, check_cluster_gpus, check_data, check_writable, validate
 
 SPEC_FILE = "attzoom-spec.json"
 # Snapshot the experiment every second (not every 10 s): a driver killed between two
@@ -171,7 +170,6 @@ def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
     """Close each study's parent run with its counts and best trial; return the summary."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import STUDY
 
     client = MlflowClient(spec.tracking_uri)
     summary = summarize(client, experiment_id)
@@ -195,17 +193,11 @@ def summarize(client, experiment_id: str) -> dict:
     for run in client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'", max_results=50_000):
         row = rows[run.data.tags[STUDY]]
         row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
-        top1 = run.data.metrics.get("val_top1")
-        best = _best_of_run(client, run, top1)
+        history = client.get_metric_history(run.info.run_id, "val_top1") if "val_top1" in run.data.metrics else []
+        best = max((m.value for m in history), default=None)
         if best is not None and (row["best_top1"] is None or best > row["best_top1"]):
             row["best_top1"], row["best_run"] = best, run.info.run_id
     return dict(rows)
-
-
-def _best_of_run(client, run, latest):
-    if latest is None:
-        return None
-    return max(m.value for m in client.get_metric_history(run.info.run_id, "val_top1"))
 
 
 def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
@@ -216,7 +208,3 @@ def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
         lines.append(f"| {study.name} | {row.get('finished', 0)} | {row.get('failed', 0)} | {row.get('running', 0)} "
                      f"| {'-' if best is None else f'{best:.2f}'} |")
     print("\n".join(lines), file=out)
-
-
-def wall_clock(started: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
