@@ -8,7 +8,9 @@ once per chosen checkpoint, and the scores are logged to the trial's run (``test
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -33,7 +35,8 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = Path(client.download_artifacts(run_id, "checkpoint/best.pt", tmp))
+            with quiet_downloads():
+                path = Path(client.download_artifacts(run_id, "checkpoint/best.pt", tmp))
         except Exception as e:  # noqa: BLE001 - any store error means: no checkpoint to score
             return dict(UNKNOWN), f"run {run_id} has no checkpoint/best.pt artifact ({type(e).__name__})"
         config = torch.load(path, map_location="cpu", weights_only=True)["config"]
@@ -45,3 +48,18 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     client.log_metric(run_id, "test_top1", scores["top1"])
     client.log_metric(run_id, "test_top5", scores["top5"])
     return {"test_top1": scores["top1"], "test_top5": scores["top5"]}, None
+
+
+@contextmanager
+def quiet_downloads():
+    """No per-file progress bar in the middle of the report's terminal output."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
