@@ -51,20 +51,24 @@ def sync(device: torch.device) -> None:
 def step(module: AttZoom, x: torch.Tensor) -> None:
     x.grad = None
     module.zero_grad(set_to_none=True)
-    module(x).backward(upstream_grad(module, x))
+    out = module(x)
+    out.backward(upstream_grad(out))
 
 
 _GRADS: dict = {}
 
 
-def upstream_grad(module: AttZoom, x: torch.Tensor) -> torch.Tensor:
-    """A fixed gradient from 'the layers above', made once per shape: in a network it arrives as a real
-    tensor, while ``.sum().backward()`` would make both modes pay to materialise a broadcast of ones."""
-    n, c, h, w = x.shape
-    shape = (n, c, module.zoom * h, module.zoom * w)
-    if shape not in _GRADS:
-        _GRADS[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(x.device)
-    return _GRADS[shape]
+def upstream_grad(out: torch.Tensor) -> torch.Tensor:
+    """A fixed gradient from 'the layers above', made once per shape and memory format: in a network it
+    arrives as a real tensor laid out like the activation (the fused layer emits channels_last on CPU),
+    while ``.sum().backward()`` would make both modes pay to materialise a broadcast of ones."""
+    channels_last = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(
+        memory_format=torch.channels_last)
+    key = (tuple(out.shape), channels_last, out.device)
+    if key not in _GRADS:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+        _GRADS[key] = grad.contiguous(memory_format=torch.channels_last) if channels_last else grad
+    return _GRADS[key]
 
 
 def timed_step(module: AttZoom, x: torch.Tensor, device: torch.device) -> float:
@@ -89,7 +93,8 @@ def peak_bytes_cpu(module: AttZoom, x: torch.Tensor) -> int:
     step(module, x)  # leave no lazily created buffers for the profiled step
     x.grad = None
     module.zero_grad(set_to_none=True)
-    grad = upstream_grad(module, x)
+    with torch.no_grad():
+        grad = upstream_grad(module(x))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         module(x).backward(grad)
     events = [
@@ -111,7 +116,8 @@ def peak_bytes_cuda(module: AttZoom, x: torch.Tensor, device: torch.device) -> i
     x.grad = None
     module.zero_grad(set_to_none=True)
     sync(device)
-    grad = upstream_grad(module, x)
+    with torch.no_grad():
+        grad = upstream_grad(module(x))
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     module(x).backward(grad)
