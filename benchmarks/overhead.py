@@ -5,7 +5,7 @@ config, so the only difference is the service: Ray start, trial actors, Optuna, 
 MLflow logging and Tune checkpoints. The sweep runs with concurrency 1 so the two do the
 same work one trial at a time. Prints one JSON object; the target is a ratio <= 1.10.
 
-    .venv/bin/python benchmarks/overhead.py [--trials 4] [--epochs 14]
+    .venv/bin/python benchmarks/overhead.py [--trials 5] [--epochs 16]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def timed(command: list[str], cwd: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=14, help="about 20 s of training per trial on 2 CPU cores")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=16, help="about 20 s of training per trial on 2 CPU cores")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def start_ray(spec: Spec, address: str | None):
     check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
 
 
+def prepare_tracking(spec: Spec) -> tuple[str, dict]:
+    """The store, the sweep's experiment and every study's parent run, before any trial can start."""
+    from .tracking import prepare_store, study_runs
+
+
+    experiment_id = prepare_store(spec.tracking_uri, spec.name)
+    return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
+
+
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end; returns the per-study summary."""
     import ray
@@ -104,13 +114,13 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     from .searcher import MultiStudySearcher
     from .space import study_space
     from .trainable import SweepContext, run_trial
-    from .tracking import prepare_store, study_runs
 
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    experiment_id = prepare_store(spec.tracking_uri, spec.name)
-    parents = study_runs(spec.tracking_uri, experiment_id, spec)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the store's migration overlaps Ray's start
+        tracking = pool.submit(prepare_tracking, spec)
+        start_ray(spec, address)
+        experiment_id, parents = tracking.result()
     save_spec(spec)
-    start_ray(spec, address)
     # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(spec.max_concurrent))
     try:
