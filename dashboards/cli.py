@@ -1,4 +1,5 @@
-"""``attzoom report SWEEP [--tracking-uri URI] [--out DIR] [--data-root DIR]``.
+"""``attzoom report SWEEP [--tracking-uri URI] [--out DIR] [--data-root DIR]`` and
+``attzoom explain RUN_ID [RUN_ID2] [--images N] [--out DIR] [--tracking-uri URI] [--data-root DIR]``.
 
 Registered by tune_jobs/cli.py through a lazy import; this module itself never imports
 ``tune_jobs`` or Ray, so the report runs on a laptop with only the tracking URI.
@@ -22,6 +23,32 @@ def add_report_command(sub) -> None:
     report.add_argument("--data-root", default=None,
                         help="where the test splits are, when not where the trials ran (to score best checkpoints)")
     report.set_defaults(run=run_report_command)
+
+
+def add_explain_command(sub) -> None:
+    explain = sub.add_parser("explain", help="Grad-CAM, AttZoom attention and zoom view of a trained run (PNG grid)")
+    explain.add_argument("run_ids", nargs="+", metavar="RUN_ID",
+                         help="a trial run's id; a second one is shown side by side (e.g. baseline vs attzoom)")
+    explain.add_argument("--images", type=int, default=8, help="validation images, one row each (default 8)")
+    explain.add_argument("--out", type=Path, default=None, help="output folder (default: reports/explain/<run_id>)")
+    explain.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    explain.add_argument("--data-root", default=None, help="where the data set is, when not where the run trained")
+    explain.set_defaults(run=run_explain_command)
+
+
+def run_explain_command(args) -> int:
+    from .explain import write_explanations
+
+    try:
+        if len(args.run_ids) > 2 or args.images < 1:
+            raise ReportError("give one run id, or two to compare side by side, and --images of at least 1")
+        check_store(args.tracking_uri)
+        path = write_explanations(args.tracking_uri, args.run_ids, args.images, args.out, args.data_root)
+    except ReportError as e:
+        print(f"attzoom explain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path} and logged it to the run(s) under explain/")
+    return 0
 
 
 def run_report_command(args) -> int:

@@ -70,6 +70,10 @@ def page(report) -> str:
               "<p class='note'>Hours are summed epoch times as logged (training and validation); GPU hours weigh them "
               "by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.</p>",
               table(report.compute, id="compute")]
+    if any(kind == "explain" for kind, _, _ in report.images):
+        parts += ["<h2>Where the networks look</h2>", "<p class='note'>Grids written by <code>attzoom explain</code> "
+                  "for best trials: Grad-CAM, AttZoom's f(A) and the attention-guided zoom view.</p>",
+                  figures(report.images, "explain")]
     if report.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]
     body = "\n".join(parts)

@@ -45,6 +45,7 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
                     generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     if with_figures:
         report.images, report.importance = draw(sweep)
+        report.images += explain_images(sweep)
     return report
 
 
@@ -135,6 +136,14 @@ def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
             ranked.append({"study": study.name, "finished trials": finished, "importance (fANOVA)": ", ".join(
                 f"{name} {score:.2f}" for name, score in scores.items()) if scores else why})
     return images, ranked
+
+
+def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
+    """The ``attzoom explain`` grids logged to each study's best trial (``explain/*.png``), when there are any."""
+    from .explain import logged_pngs
+
+    return [("explain", f"{study.name}: {name}", png) for study in sweep.studies if study.best
+            for name, png in logged_pngs(sweep.tracking_uri, study.best.run_id)]
 
 
 def to_markdown(report: Report) -> str:

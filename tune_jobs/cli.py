@@ -85,9 +85,10 @@ def build_parser() -> Parser:
     ui.set_defaults(run=run_ui_command)
 
     # The CLI is the one place allowed to reach up a layer: dashboards sits above tune_jobs.
-    from dashboards.cli import add_report_command
+    from dashboards.cli import add_explain_command, add_report_command
 
     add_report_command(sub)
+    add_explain_command(sub)
     return parser
 
 
