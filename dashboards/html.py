@@ -74,6 +74,11 @@ def page(report) -> str:
         parts += ["<h2>Where the networks look</h2>", "<p class='note'>Grids written by <code>attzoom explain</code> "
                   "for best trials: Grad-CAM, AttZoom's f(A) and the attention-guided zoom view.</p>",
                   figures(report.images, "explain")]
+    if report.confirm:
+        from .confirm import NOISE_RULE
+
+        parts += ["<h2>Seed confirmation</h2>", f"<p class='note'>{escape(NOISE_RULE)}</p>",
+                  table(report.confirm, id="confirm")]
     if report.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]
     body = "\n".join(parts)

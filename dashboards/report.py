@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures, importance
+from .confirm import NOISE_RULE, confirm_rows
 from .published import published_config
 from .runs import Study, Sweep, curves, load_sweep
 from .table import best_trials, comparison, markdown, pair
@@ -34,6 +35,7 @@ class Report:
     notes: list[str]
     images: list[tuple[str, str, bytes]] = field(default_factory=list)  # (section, caption, png)
     importance: list[dict] = field(default_factory=list)  # per study: its top hyperparameters
+    confirm: list[dict] = field(default_factory=list)  # per study: seed re-runs' mean +- std (attzoom confirm)
     generated: str = ""
 
 
@@ -43,6 +45,8 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
     report = Report(sweep, best, comparison(best) if not best.empty else {}, best_rows(best),
                     config_rows(sweep, best), compute_rows(sweep), unfinished_rows(sweep), notes,
                     generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    report.confirm, confirm_notes = confirm_rows(sweep, data_root)
+    report.notes += confirm_notes
     if with_figures:
         report.images, report.importance = draw(sweep)
         report.images += explain_images(sweep)
@@ -163,6 +167,8 @@ def to_markdown(report: Report) -> str:
               "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation); GPU hours "
               "weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.", "",
               markdown(report.compute)]
+    if report.confirm:
+        parts += ["", "## Seed confirmation", "", NOISE_RULE, "", markdown(report.confirm)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(parts) + "\n"

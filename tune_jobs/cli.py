@@ -89,6 +89,9 @@ def build_parser() -> Parser:
 
     add_report_command(sub)
     add_explain_command(sub)
+    from .confirm import add_confirm_command
+
+    add_confirm_command(sub)
     return parser
 
 

@@ -71,13 +71,13 @@ class TrialTracker:
 
     @classmethod
     def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, tags: dict,
-             params: dict, workdir: Path) -> "TrialTracker":
+             params: dict, workdir: Path, role: str = "trial") -> "TrialTracker":
         client = MlflowClient(tracking_uri)
         saved = workdir / "mlflow.json"
         if saved.exists():
             run_id = json.loads(saved.read_text())["run_id"]
         else:
-            run_tags = {**tags, TRIAL: trial_id, ROLE: "trial", PARENT: parent_run_id}
+            run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: parent_run_id}
             run_id = find_or_create(client, experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
             existing = client.get_run(run_id).data.params
             new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]

@@ -32,6 +32,7 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_runs: dict
+    role: str = "trial"  # "confirm": a seed re-run of a study's best config (tune_jobs/confirm.py)
 
 
 def run_trial(config: dict, sweep: SweepContext) -> None:
@@ -48,8 +49,11 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         if checkpoint:
             checkpoint.to_directory(tmp)
         tags = {**study_tags(sweep.spec, study), "attzoom.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
+        if sweep.role == "confirm":
+            tags["attzoom.seed"] = str(train_config.seed)
         tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name],
-                                    trial_id, tags, {**train_config.to_dict(), **params}, workdir)
+                                    trial_id, tags, {**train_config.to_dict(), **params}, workdir,
+                                    role=sweep.role)
 
         def report(metrics: dict, _checkpoint_dir) -> None:
             tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs

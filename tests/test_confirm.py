@@ -1,0 +1,103 @@
+"""``attzoom confirm`` end to end: a finished tiny sweep, its best configs re-trained with seeds 1..K
+through real Ray Tune, logged as confirm child runs, and the report's mean +- std over them."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dashboards.confirm import verdict
+from dashboards.report import build, to_markdown
+
+pytestmark = pytest.mark.slow
+SEEDS = 3
+
+
+def cli(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "tune_jobs.cli", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path):
+    from attzoom.data import load
+
+    load("cluttered-digits", tmp_path / "data")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+name = "c"
+trials = 1
+epochs = 1
+data_root = "{tmp_path / 'data'}"
+storage = "{tmp_path / 'ray_results'}"
+tracking_uri = "sqlite:///{tmp_path / 'mlflow.db'}"
+max_concurrent = 2
+[matrix]
+backbones = ["tiny_resnet"]
+datasets = ["cluttered-digits"]
+variants = ["baseline", "attzoom"]
+[train]
+augment = false
+[search]
+batch_sizes = [128]
+lr = [1e-3, 1e-2]
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli("sweep", str(spec), cwd=tmp_path)
+    out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
+    assert "trained seeds 1, 2, 3" in out
+
+    client = MlflowClient(uri)
+    eid = client.get_experiment_by_name("attzoom-c").experiment_id
+    parents = {r.data.tags["attzoom.study"]: r for r in client.search_runs([eid], "tags.`attzoom.role` = 'study'")}
+    trials = {r.data.tags["attzoom.study"]: r for r in client.search_runs([eid], "tags.`attzoom.role` = 'trial'")}
+    confirms = client.search_runs([eid], "tags.`attzoom.role` = 'confirm'")
+    assert len(confirms) == SEEDS * len(parents) == 2 * SEEDS
+    by_study: dict[str, list] = {}
+    for run in confirms:
+        study = run.data.tags["attzoom.study"]
+        by_study.setdefault(study, []).append(run)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[study].info.run_id
+        assert run.data.params["seed"] == run.data.tags["attzoom.seed"]
+        best = trials[study].data.params  # the only trial of its study is its best: same config but the seed
+        assert {k: run.data.params[k] for k in ("lr", "batch_size", "optimizer", "scheduler", "variant")} == \
+               {k: best[k] for k in ("lr", "batch_size", "optimizer", "scheduler", "variant")}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+    for runs in by_study.values():
+        assert sorted(int(r.data.tags["attzoom.seed"]) for r in runs) == list(range(1, SEEDS + 1))
+
+    # confirming again trains nothing new
+    assert "trained seeds" not in cli("confirm", "c", "--seeds", str(SEEDS), "--storage",
+                                      str(tmp_path / "ray_results"), cwd=tmp_path)
+    assert len(client.search_runs([eid], "tags.`attzoom.role` = 'confirm'")) == 2 * SEEDS
+
+    report = build(uri, "c", with_figures=False)
+    assert [r["study"] for r in report.best_rows] == ["tiny_resnet.cluttered-digits.baseline",
+                                                      "tiny_resnet.cluttered-digits.attzoom"]  # confirm runs no trials
+    rows = {r["study"]: r for r in report.confirm}
+    stats = {}
+    for study, runs in by_study.items():
+        top1 = [client.get_run(r.info.run_id).data.metrics["test_top1"] for r in runs]  # logged by the report
+        stats[study] = (statistics.mean(top1), statistics.stdev(top1))
+        assert rows[study]["test top-1 mean ± std"] == f"{stats[study][0]:.2f} ± {stats[study][1]:.2f}"
+        assert rows[study]["seeds"] == "1, 2, 3"
+    base, att = stats["tiny_resnet.cluttered-digits.baseline"], stats["tiny_resnet.cluttered-digits.attzoom"]
+    row = rows["tiny_resnet.cluttered-digits.attzoom"]
+    assert row["Δ vs baseline"] == f"{att[0] - base[0]:+.2f}"
+    assert row["seed noise"] == verdict(att[0] - base[0], base[1], att[1])
+    assert "## Seed confirmation" in to_markdown(report) and "test top-1 mean ± std" in to_markdown(report)
+
+
+def test_noise_rule():
+    assert verdict(5.0, 1.0, 1.0) == "beyond"
+    assert verdict(1.9, 1.0, 1.0) == "within"
+    assert verdict(2.5, 0.0, 2.0) == "within"  # pooled std sqrt(2): 2.5 < 2.83
+    assert verdict(3.0, 0.0, 2.0) == "beyond"
+    assert verdict(1.0, float("nan"), 1.0) == "unknown"
