@@ -153,7 +153,7 @@ def validate(spec: Spec, source: str = "spec") -> None:
     def fail(message: str):
         raise SpecError(f"{source}: {message}")
 
-    if not isinstance(spec.name, str) or not NAME.match(spec.name):
+    if not isinstance(spec.name, str) or not NAME.fullmatch(spec.name):
         fail(f"name {spec.name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit "
              "(it names folders, so no '/' or '..')")
     for key, values, valid in (("matrix.backbones", spec.backbones, BACKBONES), ("matrix.datasets", spec.datasets,
