@@ -1,0 +1,199 @@
+"""A real multi-node Ray cluster on 127.0.0.1 (cluster/local.sh): a worker node dies mid-sweep.
+
+Head (no CPUs: it runs the job driver only) + two one-CPU worker nodes, token auth on. A small
+sweep is submitted with `attzoom submit`; once a trial has reported an epoch, the worker node
+running it is SIGKILLed whole (raylet, agents, trial process). Tune retries the trial from its
+last checkpoint on the surviving node; the sweep still ends with exactly N trials per study, one
+MLflow run per trial, each epoch logged once, and the killed trial continued instead of restarting.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_sweep_e2e import assert_exactly_once, trial_runs, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_SH = ROOT / "cluster" / "local.sh"
+EPOCHS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_block(size: int = 40) -> int:
+    """A base port with ``size`` free ports above it, outside Ray's worker port range (10002-19999)."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000, 10)
+        if all(_free(p) for p in range(base, base + size)):
+            return base
+    raise AssertionError("no free block of ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def cluster_env(state: Path) -> dict:
+    """Private ports and folders; Ray's temp root stays short (its socket paths must fit 107 bytes)."""
+    env = {**os.environ, "ATTZOOM_CLUSTER_DIR": str(state), "ATTZOOM_RAY_PORT": str(free_port()),
+           "ATTZOOM_RAY_TEMP": tempfile.mkdtemp(prefix="azr-"),
+           "ATTZOOM_DASHBOARD_PORT": str(free_port()), "ATTZOOM_CLIENT_PORT": str(free_port()),
+           "ATTZOOM_NODE_PORT_BASE": str(free_port_block()), "ATTZOOM_HEAD_CPUS": "0", "ATTZOOM_WORKER_CPUS": "1",
+           # a dead node is noticed in about 3 s instead of 15 s
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                members.append(p)
+        except OSError:
+            pass
+    return members
+
+
+def stop_cluster(env: dict) -> subprocess.CompletedProcess:
+    """cluster/local.sh stop; then SIGKILL whatever a failed stop left, and drop Ray's temp folders."""
+    stopped = subprocess.run(["bash", str(LOCAL_SH), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    for pid_file in Path(env["ATTZOOM_CLUSTER_DIR"]).glob("*.pid"):
+        kill_session(int(pid_file.read_text()))
+    shutil.rmtree(env["ATTZOOM_RAY_TEMP"], ignore_errors=True)
+    return stopped
+
+
+def kill_session(sid: int) -> None:
+    victims = session_members(sid)
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    from attzoom.data import load
+
+    root = tmp_path_factory.mktemp("data")
+    load("cluttered-digits", root)
+    return root
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    state = tmp_path / "cluster"
+    env = cluster_env(state)
+    started = subprocess.run(["bash", str(LOCAL_SH), "start", "--workers", "2"], env=env, capture_output=True,
+                             text=True, timeout=240)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"export RAY_AUTH_TOKEN_PATH={state / 'token'}" in started.stdout
+        yield env, f"http://127.0.0.1:{env['ATTZOOM_DASHBOARD_PORT']}"
+    finally:
+        stopped = stop_cluster(env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not list(state.glob("*.pid"))
+
+
+def trial_results(storage: Path) -> dict[str, list[dict]]:
+    """Each trial's reported rows (Tune's result.json), by trial folder."""
+    rows = {}
+    for f in storage.glob("t/*/result.json"):
+        lines = [line for line in f.read_text().splitlines() if line.strip()]
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:  # a row being written
+                pass
+        rows[f.parent.name] = parsed
+    return rows
+
+
+def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_path, digits_root, cluster):
+    env, address = cluster
+    state = Path(env["ATTZOOM_CLUSTER_DIR"])
+    workers = {int((state / f"worker-{i}.pid").read_text()) for i in (1, 2)}
+    storage = tmp_path / "ray_results"
+    spec = write_spec(ROOT / "tune_jobs" / "specs" / f".test-{tmp_path.name}.toml", digits_root, trials=2,
+                      epochs=EPOCHS, max_concurrent=2, cpus=1, max_retries=2)
+    try:
+        submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address", address,
+                                    "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                                   env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=180)
+    finally:
+        spec.unlink()
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    victim = {}
+
+    def a_worker_runs_a_trial_past_its_first_epoch() -> bool:
+        for trial, rows in trial_results(storage).items():
+            if not rows or not 1 <= rows[-1]["epoch"] <= EPOCHS - 2:
+                continue
+            try:
+                sid = os.getsid(rows[-1]["pid"])
+            except OSError:
+                continue
+            if sid in workers:
+                victim.update(trial=trial, sid=sid, pid=rows[-1]["pid"], epochs_before=rows[-1]["epoch"])
+                return True
+        return False
+
+    wait_for(a_worker_runs_a_trial_past_its_first_epoch, timeout=150, every=0.5)
+    kill_session(victim["sid"])  # the node's raylet, agents and the trial's process, at once
+
+    logs = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "logs", job_id, "--address", address],
+                          env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, capture_output=True, text=True,
+                          timeout=300)
+    assert f"job {job_id}: SUCCEEDED" in logs.stderr, logs.stdout[-4000:] + logs.stderr[-2000:]
+    assert "| tiny_resnet.cluttered-digits.attzoom | 2 | 0 | 0 |" in logs.stdout
+
+    # exactly N trials per study, one FINISHED MLflow run per trial, epochs 1..E once each
+    assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=2)
+
+    # the killed trial went on from its checkpoint in another process on the surviving node
+    rows = trial_results(storage)[victim["trial"]]
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == list(range(1, EPOCHS + 1)), f"the killed trial restarted or repeated epochs: {epochs}"
+    before = [r for r in rows if r["pid"] == victim["pid"]]
+    after = [r for r in rows if r["pid"] != victim["pid"]]
+    assert before and after, "the trial was not moved"
+    assert max(r["epoch"] for r in before) < min(r["epoch"] for r in after)
+    # MLflow: that trial's run has each epoch once, the first one logged before the kill
+    client, runs = trial_runs(tmp_path)
+    run = next(r for r in runs if r.data.tags["attzoom.trial_id"] == victim["trial"].rsplit("-", 1)[1])
+    history = sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+    assert "failures" not in run.data.metrics  # a lost node is no error of the trial's own
