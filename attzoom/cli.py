@@ -11,9 +11,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
-from .data import DATASETS, DataError, load
-from .models import BACKBONES, POSITIONS, VARIANTS
+from .config import OPTIMIZERS, SCHEDULERS, ConfigError, DataError, TrainConfig
+from .names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 EXIT_USAGE = 2
 
@@ -89,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import fit, best_test_metrics
+    from .data import load
+    from .train import best_test_metrics, fit
 
     config = config_from_args(args)
     data = load(config.dataset, config.data_root, config.val_fraction)

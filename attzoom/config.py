@@ -1,11 +1,11 @@
-"""One training's knobs (the paper's protocol, Sec. 5.3), validated before any work starts."""
+"""One training's knobs (the paper's protocol, Sec. 5.3), validated before any work starts,
+and the errors a user can fix. No torch import: the CLI checks input before loading it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .data import DATASETS
-from .models import BACKBONES, POSITIONS, VARIANTS
+from .names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "onecycle")
@@ -13,6 +13,10 @@ SCHEDULERS = ("cosine", "step", "plateau", "onecycle")
 
 class ConfigError(ValueError):
     """A config value a user can fix; the message names the key and the fix."""
+
+
+class DataError(Exception):
+    """A data set is missing or malformed; the message says where and what is expected."""
 
 
 @dataclass

@@ -19,11 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("cifar100", "tinyimagenet", "cluttered-digits")
-
-
-class DataError(Exception):
-    """A data set is missing or malformed; the message says where and what is expected."""
+from .config import DataError  # noqa: F401 - re-exported
+from .names import DATASETS
 
 
 @dataclass

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 from attzoom.cli import EXIT_USAGE, Parser, add_train_command
-from attzoom.config import ConfigError
-from attzoom.data import DataError
+from attzoom.config import ConfigError, DataError
 
 from .spec import SpecError
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from attzoom.config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
-from attzoom.data import DATASETS
-from attzoom.models import BACKBONES, POSITIONS, VARIANTS
+from attzoom.names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 METRICS = ("val_top1",)

@@ -16,9 +16,6 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from attzoom.data import load
-from attzoom.train import fit
-
 from .searcher import STUDY_KEY
 from .spec import Spec
 from .tracking import TrialTracker, study_tags
@@ -36,6 +33,8 @@ class SweepContext:
 
 
 def run_trial(config: dict, sweep: SweepContext) -> None:
+    from attzoom.train import fit  # in the trial process only: the driver never loads torch
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     study = next(s for s in sweep.spec.studies if s.name == config[STUDY_KEY])
     params = {k: v for k, v in config.items() if k != STUDY_KEY}
@@ -70,6 +69,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _load(dataset: str, root: str, val_fraction: float):
+    from attzoom.data import load
+
     return load(dataset, root, val_fraction)
 
 
