@@ -12,7 +12,7 @@ from pathlib import Path
 
 from attzoom.cli import EXIT_USAGE
 
-from .runs import ReportError
+from .errors import ReportError
 
 
 def add_report_command(sub) -> None:

@@ -8,6 +8,8 @@ a child run per trial tagged ``attzoom.role=trial`` with per-epoch metrics (step
 
 from __future__ import annotations
 
+from .errors import ReportError  # noqa: F401 - re-exported
+
 from dataclasses import dataclass, field
 
 from mlflow.entities import Run
@@ -19,8 +21,6 @@ GPU_IDS = "attzoom.gpu_ids"
 MAX_RUNS = 50_000
 
 
-class ReportError(Exception):
-    """A problem the user can fix (unknown sweep, missing store); the message says how."""
 
 
 def experiment_name(sweep: str) -> str:
