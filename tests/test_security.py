@@ -1,0 +1,288 @@
+"""Security: token authentication, secrets kept off command lines and logs, loopback-only servers,
+weights-only checkpoint loading, and no writing outside the storage root.
+
+The cluster checks share one real head started by cluster/local.sh (module fixture); they are
+marked slow. The checkpoint and path checks run in-process and are fast.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from test_cluster_local import LOCAL_SH, ROOT, cluster_env, free_port, kill_session, stop_cluster
+from test_spec import base_spec, write_spec as write_spec_file
+from test_sweep_e2e import wait_for
+from test_train import config as train_config
+from test_train import small_splits
+
+slow = pytest.mark.slow
+
+
+def listening(pids: set[int], port: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of the LISTEN sockets of ``pids`` (on ``port`` if given)."""
+    found = []
+    for c in psutil.net_connections("inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids and (port is None or c.laddr.port == port):
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.NoSuchProcess:
+                continue
+            found.append((c.pid, name, c.laddr.ip, c.laddr.port))
+    return found
+
+
+def session_pids(sid: int) -> set[int]:
+    pids = set()
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                pids.add(p.pid)
+        except OSError:
+            pass
+    return pids
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+# ---------------------------------------------------------------- a real head with token auth
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    state = tmp_path_factory.mktemp("sec") / "cluster"
+    env = {**cluster_env(state), "ATTZOOM_HEAD_CPUS": "1"}
+    started = subprocess.run(["bash", str(LOCAL_SH), "start", "--workers", "0"], env=env, capture_output=True,
+                             text=True, timeout=240)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env, f"http://127.0.0.1:{env['ATTZOOM_DASHBOARD_PORT']}", state
+    finally:
+        stop_cluster(env)
+
+
+def get(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@slow
+def test_the_token_file_is_private_and_the_jobs_api_refuses_requests_without_it(head):
+    _, address, state = head
+    token_file = state / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) == 64
+    assert get(f"{address}/api/jobs/") == 401
+    assert get(f"{address}/api/jobs/", token="0" * 64) in (401, 403)
+    assert get(f"{address}/api/jobs/", token=token) == 200
+
+
+@slow
+def test_the_dashboard_and_jobs_api_listen_on_loopback_only(head):
+    env, _, state = head
+    sid = int((state / "head.pid").read_text())
+    sockets = listening(session_pids(sid), int(env["ATTZOOM_DASHBOARD_PORT"]))
+    assert sockets, "nothing listens on the dashboard port"
+    assert {ip for _, _, ip, _ in sockets} <= LOOPBACK, sockets
+
+
+def test_no_command_takes_a_token_on_the_command_line():
+    from tune_jobs.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("submit", "logs", "status"):
+        options = [o for a in commands[name]._actions for o in a.option_strings]
+        assert not [o for o in options if "token" in o or "secret" in o or "password" in o], (name, options)
+
+
+@slow
+def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_it(head, tmp_path):
+    env, address, state = head
+    token = (state / "token").read_text().strip()
+    spec = ROOT / "tune_jobs" / "specs" / f".test-sec-{tmp_path.name}.toml"
+    write_spec_file(spec.parent, {**base_spec(tmp_path), "name": "sec"}, spec.name)
+    user = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    user.update(RAY_AUTH_TOKEN=token, RAY_AUTH_TOKEN_PATH=str(tmp_path / "absent"))
+    try:
+        submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address", address],
+                                   env=user, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    finally:
+        spec.unlink()
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert token not in submitted.stdout + submitted.stderr
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    try:
+        info = client.get_job_info(job_id)
+        assert token not in info.entrypoint and token not in json.dumps(info.runtime_env or {})
+        status = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "status", "--job", job_id, "--address",
+                                 address, "--tracking-uri", f"sqlite:///{tmp_path / 'status.db'}"],
+                                env=user, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and f"job {job_id}:" in status.stdout, status.stderr
+        assert token not in status.stdout + status.stderr
+    finally:
+        client.stop_job(job_id)
+
+
+# ---------------------------------------------------------------- servers a local user starts
+
+
+@slow
+def test_a_local_sweeps_ray_starts_no_dashboard_and_runs_with_token_auth(tmp_path):
+    """What the private Ray of `attzoom sweep` opens. No dashboard and no Jobs API (include_dashboard=False).
+    Ray's own services (GCS, raylet and object manager, the node's agents, Prometheus metrics endpoints) bind
+    every interface or the machine's address, and Ray 2.60 has no option to change that: what protects them
+    is token authentication, which Ray turns on by default for a new local instance (token in
+    ~/.ray/auth_token). This test pins both facts, so a Ray upgrade that changes either is noticed."""
+    spec = write_spec_file(tmp_path, base_spec(tmp_path))
+    script = textwrap.dedent(f"""
+        import json, os, sys, psutil
+        from tune_jobs.spec import load_spec
+        from tune_jobs.sweep import start_ray
+        import ray
+        start_ray(load_spec({str(spec)!r}), None)
+        sid = os.getsid(0)
+        out = []
+        for c in psutil.net_connections("inet"):
+            if c.status == "LISTEN" and c.pid:
+                try:
+                    if os.getsid(c.pid) == sid:
+                        p = psutil.Process(c.pid)
+                        name = "driver" if c.pid == os.getpid() else p.name()  # its core worker's gRPC
+                        out.append([name, " ".join(p.cmdline())[:300], c.laddr.ip, c.laddr.port])
+                except OSError:
+                    pass
+        print("SOCKETS" + json.dumps(out))
+        print("AUTH" + os.environ.get("RAY_AUTH_MODE", ""))
+        ray.shutdown()
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sockets = json.loads(done.stdout.split("SOCKETS", 1)[1].splitlines()[0])
+    assert sockets
+    assert not [s for s in sockets if s[3] in (8265, 5000)], sockets  # no dashboard UI, no Jobs API
+
+    def allowed(name, cmdline, port):  # Ray's internals, and the Prometheus metrics ports of its head processes
+        return (name in ("gcs_server", "raylet", "driver") or name.startswith("ray::")
+                or (port in (44217, 44227) and ("dashboard/dashboard.py" in cmdline or "monitor.py" in cmdline)))
+
+    exposed = [s for s in sockets if s[2] not in LOOPBACK]
+    unexpected = [(name, ip, port, cmdline[:120]) for name, cmdline, ip, port in exposed
+                  if not allowed(name, cmdline, port)]
+    assert not unexpected, unexpected
+    assert done.stdout.split("AUTH", 1)[1].startswith("token"), "a local sweep's Ray runs without authentication"
+
+
+@slow
+def test_attzoom_ui_listens_on_loopback_only(tmp_path):
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "ui", "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)], cwd=tmp_path,
+                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: listening(session_pids(ui.pid), port), timeout=120, every=0.5)
+        sockets = listening(session_pids(ui.pid))
+        assert {ip for _, _, ip, _ in sockets} <= LOOPBACK, sockets
+        assert get(f"http://127.0.0.1:{port}/health") == 200
+    finally:
+        kill_session(ui.pid)
+        ui.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- checkpoints: weights only
+
+
+class Payload:
+    """Unpickling this runs os.makedirs(marker): the proof that a loader executed pickled code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def evil_checkpoint(path: Path, marker: Path, template: dict) -> Path:
+    torch.save({**template, "evil": Payload(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_by_load_checkpoint_model(tmp_path):
+    from attzoom.train import fit, load_checkpoint_model
+
+    fit(train_config(epochs=1), data=small_splits(), checkpoint_dir=tmp_path / "run")
+    good = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    path = evil_checkpoint(tmp_path / "evil.pt", marker, good)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint_model(path)
+    assert not marker.exists()
+
+
+def test_resuming_from_a_checkpoint_carrying_a_pickled_object_is_refused(tmp_path):
+    from attzoom.train import fit
+
+    fit(train_config(epochs=1), data=small_splits(), checkpoint_dir=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    marker = tmp_path / "pwned"
+    evil_checkpoint(last, marker, torch.load(last, weights_only=True))
+    with pytest.raises(pickle.UnpicklingError):
+        fit(train_config(epochs=2), data=small_splits(), checkpoint_dir=tmp_path / "run", resume=True)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- nothing written outside storage
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/evil", "..", ".hidden", "a\\b", "x\n", "a b", ""])
+def test_sweep_names_that_could_leave_the_storage_root_exit_2_with_one_line(tmp_path, capsys, name):
+    from tune_jobs import cli
+
+    spec = write_spec_file(tmp_path, {**base_spec(tmp_path), "name": name})
+    assert cli.main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
+
+
+def test_trial_folders_and_mlflow_artifacts_stay_under_their_roots(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.spec import load_spec
+    from tune_jobs.sweep import absolute, experiment_dir, trial_dirname
+    from tune_jobs.tracking import prepare_store
+
+    spec = absolute(load_spec(write_spec_file(tmp_path, base_spec(tmp_path))))
+    storage = Path(spec.storage).resolve()
+    folder = experiment_dir(spec).resolve()
+    assert folder.parent == storage
+    for study in spec.studies:
+        name = trial_dirname(SimpleNamespace(config={"study": study.name}, trial_id="abc12_00000"))
+        assert "/" not in name and ".." not in name and (folder / name).resolve().parent == folder
+    experiment = MlflowClient(spec.tracking_uri).get_experiment(prepare_store(spec.tracking_uri, spec.name))
+    artifacts = Path(experiment.artifact_location.removeprefix("file://")).resolve()
+    assert artifacts.is_relative_to(Path(spec.tracking_uri.removeprefix("sqlite:///")).parent)
