@@ -14,6 +14,8 @@
 #   ATTZOOM_CLIENT_PORT     the head's Ray Client server port    (default: 10001)
 #   ATTZOOM_NODE_PORT_BASE  node k (head 0) uses ports BASE+10k .. BASE+10k+5 for its raylet,
 #                           object manager and agents, so nodes never race for one (default: 23000)
+#   ATTZOOM_RAY_TEMP        Ray's temp root; node k gets its own folder K in it, because nodes sharing one
+#                           would unpack a job's working_dir over each other (default: /tmp/attzoom-ray-GCSPORT)
 #   ATTZOOM_WORKERS, ATTZOOM_HEAD_CPUS, ATTZOOM_WORKER_CPUS      (defaults: 1, 0, 1)
 #   RAY_health_check_* and other RAY_* settings are passed through to every node.
 #
@@ -27,6 +29,7 @@ RAY_PORT="${ATTZOOM_RAY_PORT:-6379}"
 DASHBOARD_PORT="${ATTZOOM_DASHBOARD_PORT:-8265}"
 CLIENT_PORT="${ATTZOOM_CLIENT_PORT:-10001}"
 PORT_BASE="${ATTZOOM_NODE_PORT_BASE:-23000}"
+RAY_TEMP="${ATTZOOM_RAY_TEMP:-/tmp/attzoom-ray-$RAY_PORT}"  # short: Ray's socket paths must fit 107 bytes
 WORKERS="${ATTZOOM_WORKERS:-1}"
 HEAD_CPUS="${ATTZOOM_HEAD_CPUS:-0}"
 WORKER_CPUS="${ATTZOOM_WORKER_CPUS:-1}"
@@ -78,10 +81,11 @@ wait_port() {  # wait_port PORT SECONDS PIDFILE
 }
 
 launch() {  # launch NAME K ARGS...: `ray start --block ARGS` in a new session, its PID in $STATE/NAME.pid
-    local name="$1" base=$((PORT_BASE + 10 * $2)); shift 2
+    local name="$1" k="$2" base=$((PORT_BASE + 10 * $2)); shift 2
     # setsid does not fork here (a script's background job is no process-group leader), so the PID
     # recorded is the session id too: `stop` and the tests kill the node's whole session by it.
-    setsid ray start --block --disable-usage-stats --node-ip-address="$IP" "$@" \
+    mkdir -p "$RAY_TEMP/$k"
+    setsid ray start --block --disable-usage-stats --node-ip-address="$IP" --temp-dir="$RAY_TEMP/$k" "$@" \
         --node-manager-port=$base --object-manager-port=$((base + 1)) --dashboard-agent-listen-port=$((base + 2)) \
         --dashboard-agent-grpc-port=$((base + 3)) --runtime-env-agent-port=$((base + 4)) \
         --metrics-export-port=$((base + 5)) \
