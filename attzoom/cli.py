@@ -25,15 +25,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run(build_parser(), argv)
+
+
+def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt: str = "interrupted") -> int:
+    """Parse, run the chosen command, and turn a user's error into one line and exit code 2."""
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError) as e:
+    except user_errors as e:
         print(f"attzoom {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(on_interrupt, file=sys.stderr)
         return 130
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from attzoom.cli import EXIT_USAGE, Parser, add_train_command
+from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
 from .spec import SpecError
@@ -28,16 +28,8 @@ SPECS = Path(__file__).parent / "specs"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (SpecError, ConfigError, DataError) as e:
-        print(f"attzoom {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; continue with `attzoom resume`", file=sys.stderr)
-        return 130
+    return run(build_parser(), argv, (SpecError, ConfigError, DataError),
+               on_interrupt="interrupted; continue with `attzoom resume`")
 
 
 def build_parser() -> Parser:
