@@ -51,7 +51,7 @@ auth_env() {
     mkdir -p "$STATE"
     chmod 700 "$STATE"
     if [[ ! -s "$STATE/token" ]]; then
-        (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/token")
+        (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/token")
     fi
     chmod 600 "$STATE/token"
     export RAY_AUTH_MODE=token
@@ -63,12 +63,8 @@ alive() {  # alive PIDFILE: the recorded `ray start` process still runs
     [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-listening() {  # listening PORT
-    python - "$1" <<'EOF'
-import socket, sys
-with socket.socket() as s:
-    sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
-EOF
+listening() {  # listening PORT: something accepts connections on 127.0.0.1:PORT
+    (exec 3<>"/dev/tcp/$IP/$1") 2>/dev/null
 }
 
 wait_port() {  # wait_port PORT SECONDS PIDFILE
