@@ -114,14 +114,20 @@ def cluster(tmp_path):
     env = cluster_env(state)
     started = subprocess.run(["bash", str(LOCAL_SH), "start", "--workers", "2"], env=env, capture_output=True,
                              text=True, timeout=240)
+    sessions = set()
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export RAY_AUTH_TOKEN_PATH={state / 'token'}" in started.stdout
+        sessions = {int(f.read_text()) for f in state.glob("*.pid")}
+        assert len(sessions) == 3
         yield env, f"http://127.0.0.1:{env['ATTZOOM_DASHBOARD_PORT']}"
     finally:
-        stopped = stop_cluster(env)
+        stopped = subprocess.run(["bash", str(LOCAL_SH), "stop"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        left = [p for sid in sessions for p in session_members(sid)] if started.returncode == 0 else []
+        stop_cluster(env)  # whatever a failed stop left behind
         assert stopped.returncode == 0, stopped.stderr
-        assert not list(state.glob("*.pid"))
+        assert not left, f"`local.sh stop` left {left}"
 
 
 def trial_results(storage: Path) -> dict[str, list[dict]]:
@@ -173,6 +179,9 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
 
     wait_for(a_worker_runs_a_trial_past_its_first_epoch, timeout=150, every=0.5)
     kill_session(victim["sid"])  # the node's raylet, agents and the trial's process, at once
+    status = subprocess.run(["bash", str(LOCAL_SH), "status"], env=env, capture_output=True, text=True, timeout=60)
+    dead = next(i for i in (1, 2) if int((state / f"worker-{i}.pid").read_text()) == victim["sid"])
+    assert f"worker-{dead}: gone" in status.stdout and f"worker-{3 - dead}: running" in status.stdout, status.stdout
 
     logs = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "logs", job_id, "--address", address],
                           env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, capture_output=True, text=True,
