@@ -138,6 +138,8 @@ def run_demo_command(args) -> int:
     spec = preflight(spec_from_args(args))
     started = time.time()
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
+    print("Test top-1 / top-5 (%) of each study's best trial (chosen by validation top-1); "
+          "Δ: AttZoom minus the baseline.\n")
     print(comparison_markdown(spec.tracking_uri, spec.name))
     print(f"\ndemo sweep done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    .venv/bin/attzoom ui --tracking-uri {spec.tracking_uri}    # then open http://127.0.0.1:5000\n"
