@@ -116,8 +116,7 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
 
 def make_runtime(cfg: TrainConfig, data: Splits) -> Runtime:
     """CUDA gets mixed precision and channels_last unless the config says otherwise."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda and cfg.gpu_memory_fraction:
         # Ray's fractional GPUs are bookkeeping only: cap our share so a neighbour's OOM stays theirs.
@@ -125,10 +124,18 @@ def make_runtime(cfg: TrainConfig, data: Splits) -> Runtime:
     amp = cuda if cfg.amp is None else cfg.amp
     amp_dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
     channels_last = cuda if cfg.channels_last is None else cfg.channels_last
-    shape = (1, 3, 1, 1)
-    return Runtime(device, amp_dtype, channels_last,
-                   torch.tensor(data.mean, device=device).view(shape),
-                   torch.tensor(data.std, device=device).view(shape))
+    return plain_runtime(device, data, amp_dtype, channels_last)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is one, else the CPU."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def plain_runtime(device: torch.device, data: Splits, amp_dtype=None, channels_last: bool = False) -> Runtime:
+    """A Runtime normalising with the data set's channel statistics."""
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (data.mean, data.std))
+    return Runtime(device, amp_dtype, channels_last, mean, std)
 
 
 def make_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
@@ -276,11 +283,9 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[nn.Mod
 
 def best_test_metrics(checkpoint_dir: str | Path, data: Splits, device: str = "auto") -> dict:
     """The best checkpoint's loss, top-1 and top-5 on the official test split (for the final report)."""
-    name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _ = load_checkpoint_model(Path(checkpoint_dir) / "best.pt", name)
-    rt = Runtime(torch.device(name), None, False, *(torch.tensor(v, device=name).view(1, 3, 1, 1)
-                                                     for v in (data.mean, data.std)))
-    return evaluate(model, data.test, rt)
+    device = resolve_device(device)
+    model, _, _ = load_checkpoint_model(Path(checkpoint_dir) / "best.pt", str(device))
+    return evaluate(model, data.test, plain_runtime(device, data))
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -52,15 +52,16 @@ def best_trial_ids(tracking_uri: str, experiment_id: str) -> dict[str, str]:
     """{study: Tune trial id of its best finished trial}: max validation top-1 over epochs, ties by top-5."""
     from mlflow.tracking import MlflowClient
 
+    from .tracking import best_score
+
     client = MlflowClient(tracking_uri)
     best: dict[str, tuple[tuple[float, float], str]] = {}
     for run in client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
                                   max_results=50_000):
-        top5 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top5")}
-        scores = [(m.value, top5.get(m.step, 0.0)) for m in client.get_metric_history(run.info.run_id, "val_top1")]
-        if not scores:
+        score = best_score(client, run.info.run_id)
+        if score is None:
             continue
-        study, score = run.data.tags[STUDY], max(scores)
+        study = run.data.tags[STUDY]
         if study not in best or score > best[study][0]:
             best[study] = (score, run.data.tags[TRIAL])
     return {study: trial_id for study, (_, trial_id) in best.items()}

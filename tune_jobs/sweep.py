@@ -197,16 +197,15 @@ def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
 
 def summarize(client, experiment_id: str) -> dict:
     """Per study: finished / running / failed child runs and the best validation top-1 so far."""
-    from .tracking import ROLE, STUDY
+    from .tracking import ROLE, STUDY, best_score
 
-    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "best_top1": None, "best_run": None})
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "best_top1": None})
     for run in client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial'", max_results=50_000):
         row = rows[run.data.tags[STUDY]]
         row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
-        history = client.get_metric_history(run.info.run_id, "val_top1") if "val_top1" in run.data.metrics else []
-        best = max((m.value for m in history), default=None)
-        if best is not None and (row["best_top1"] is None or best > row["best_top1"]):
-            row["best_top1"], row["best_run"] = best, run.info.run_id
+        score = best_score(client, run.info.run_id) if "val_top1" in run.data.metrics else None
+        if score is not None and (row["best_top1"] is None or score[0] > row["best_top1"]):
+            row["best_top1"] = score[0]
     return dict(rows)
 
 

@@ -61,6 +61,13 @@ def find_or_create(client: MlflowClient, experiment_id: str, tags: dict, keys: d
     return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
 
 
+def best_score(client: MlflowClient, run_id: str) -> tuple[float, float] | None:
+    """(val_top1, val_top5) of a run's best epoch: highest top-1 over its history, ties by top-5."""
+    top5 = {m.step: m.value for m in client.get_metric_history(run_id, "val_top5")}
+    return max(((m.value, top5.get(m.step, 0.0)) for m in client.get_metric_history(run_id, "val_top1")),
+               default=None)
+
+
 @dataclass
 class TrialTracker:
     """A trial's MLflow run; its id is kept in the trial's checkpoint folder (``mlflow.json``)."""
