@@ -120,7 +120,9 @@ def make_runtime(cfg: TrainConfig, data: Splits) -> Runtime:
     cuda = device.type == "cuda"
     if cuda and cfg.gpu_memory_fraction:
         # Ray's fractional GPUs are bookkeeping only: cap our share so a neighbour's OOM stays theirs.
-        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
+        # it needs a device index: a bare "cuda" raises
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, index)
     amp = cuda if cfg.amp is None else cfg.amp
     amp_dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
     channels_last = cuda if cfg.channels_last is None else cfg.channels_last

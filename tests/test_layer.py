@@ -188,7 +188,25 @@ def test_literal_forward_is_conv_of_zero_insert():
     x = torch.randn(1, 3, 6, 5, dtype=torch.float64)
     weighted = x * layer.attention_map(x)
     expected = F.conv2d(zero_insert(weighted, 2), layer.enhance.weight, layer.enhance.bias, padding=2)
-    assert torch.equal(layer(x), expected)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)  # the bias is added apart: rounding only
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("zoom", [2, 4])
+def test_float32_gradients_stay_close_to_float64(fused, zoom):
+    """Both modes' float32 gradients are within float32 rounding of the float64 ones (no lossy reduction)."""
+    torch.manual_seed(3)
+    layer = AttZoom(3, 3, zoom=zoom, fused=fused)
+    x = torch.randn(2, 3, 8, 9)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        layer.zero_grad(set_to_none=True)
+        out = layer.to(dtype)(x.to(dtype))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype))
+        grads[dtype] = {name: p.grad.double() for name, p in layer.named_parameters()}
+    for name, exact in grads[torch.float64].items():
+        scale = exact.abs().max().item()
+        assert (grads[torch.float32][name] - exact).abs().max() < 4e-7 * max(scale, 1), name
 
 
 def test_state_dict_is_shared_between_modes():

@@ -1,0 +1,75 @@
+"""CUDA code paths: the fused layer, mixed precision, channels_last, memory caps, torch.compile.
+
+Skipped where there is no GPU (CI); run on a GPU machine with ``pytest tests/test_cuda.py``.
+The same paths' CPU variants are covered in test_layer.py and test_train.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from attzoom.layer import AttZoom
+from attzoom.train import fit, load_checkpoint_model, make_runtime
+
+from test_train import config, small_splits, without_timing
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("zoom", [1, 2, 3])
+def test_fused_equals_literal_on_cuda_in_float64(zoom):
+    torch.manual_seed(0)
+    fused = AttZoom(8, zoom=zoom, fused=True).double().cuda()
+    literal = AttZoom(8, zoom=zoom, fused=False).double().cuda()
+    literal.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    outs, grads = [], []
+    for layer in (fused, literal):
+        out = layer(x)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        x.grad = None
+    assert (outs[0] - outs[1]).abs().max() < 1e-9
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-9
+
+
+def test_cuda_defaults_are_bf16_autocast_and_channels_last():
+    rt = make_runtime(config(), small_splits())
+    assert rt.device.type == "cuda" and rt.channels_last
+    assert rt.amp_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def test_fit_on_cuda_trains_and_its_checkpoint_loads_on_cpu(tmp_path):
+    result = fit(config(epochs=3, variant="attzoom", lr=3e-3), small_splits(), checkpoint_dir=tmp_path)
+    assert result.status == "completed" and all(math.isfinite(m["train_loss"]) for m in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    model, cfg, metrics = load_checkpoint_model(tmp_path / "best.pt", "cpu")
+    assert cfg.variant == "attzoom" and metrics["val_top1"] == result.best["val_top1"]
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_resume_on_cuda_continues_from_the_checkpoint(tmp_path):
+    full = fit(config(epochs=3), small_splits())
+    fit(config(epochs=1), small_splits(), checkpoint_dir=tmp_path)
+    resumed = fit(config(epochs=3), small_splits(), checkpoint_dir=tmp_path)
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    # cuDNN picks kernels per run, so CUDA resumes are close rather than bit-identical.
+    for a, b in zip(without_timing(full.history), without_timing(resumed.history)):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
+
+
+def test_memory_fraction_caps_the_process():
+    fit(config(epochs=1, gpu_memory_fraction=0.25), small_splits())
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(int(0.3 * total), dtype=torch.uint8, device="cuda")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+
+
+def test_compiled_training_runs():
+    result = fit(config(epochs=2, compile=True, variant="attzoom"), small_splits())
+    assert result.status == "completed" and all(math.isfinite(m["val_loss"]) for m in result.history)
