@@ -14,6 +14,7 @@ import os
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,6 +26,9 @@ SPEC_FILE = "attzoom-spec.json"
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune's default TensorBoard logger costs a second of imports before the first trial and duplicates
+# MLflow; run_sweep adds the CSV and JSON loggers back (confirm reads the trials' params.json).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def absolute(spec: Spec) -> Spec:
@@ -90,10 +94,35 @@ def start_ray(spec: Spec, address: str | None):
         ray.init(address=address, log_to_driver=True)
         where = f"the cluster at {address}"
     else:
-        ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        with loopback_only():
+            ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
     check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+
+
+@contextmanager
+def loopback_only():
+    """Keep every service of a private local Ray on 127.0.0.1.
+
+    Ray swaps 127.0.0.1 for the machine's network address (so that other nodes could join)
+    unless it believes the platform cannot cluster, its macOS/Windows default. Saying so
+    while the instance starts binds the GCS, raylet, object manager and agents to loopback;
+    the processes it starts inherit the setting, nothing after ray.init sees it.
+    """
+    from ray._private import ray_constants
+
+    variable, saved = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
 
 
 def prepare_tracking(spec: Spec) -> tuple[str, dict]:
@@ -107,19 +136,22 @@ def prepare_tracking(spec: Spec) -> tuple[str, dict]:
 
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end; returns the per-study summary."""
+    spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # store migration and Tune's imports overlap Ray's start
+        tracking = pool.submit(prepare_tracking, spec)
+        imports = pool.submit(_import_tune_side)
+        start_ray(spec, address)
+        experiment_id, parents = tracking.result()
+        imports.result()
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .progress import StudyProgress
     from .searcher import MultiStudySearcher
     from .space import study_space
     from .trainable import SweepContext, run_trial
 
-    spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the store's migration overlaps Ray's start
-        tracking = pool.submit(prepare_tracking, spec)
-        start_ray(spec, address)
-        experiment_id, parents = tracking.result()
     save_spec(spec)
     # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(spec.max_concurrent))
@@ -139,7 +171,8 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
                                             reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=spec.storage, verbose=0, callbacks=[progress],
+                    name=spec.name, storage_path=spec.storage, verbose=0,
+                    callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
@@ -148,6 +181,14 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
         ray.shutdown()
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     return finish_studies(spec, experiment_id, parents)
+
+
+def _import_tune_side() -> None:
+    """Tune, Optuna and the trainable's modules: imported while ray.init waits for its processes."""
+    import ray.tune.logger  # noqa: F401
+    import ray.tune.search.optuna  # noqa: F401
+
+    from . import progress, searcher, space, trainable  # noqa: F401
 
 
 def trial_dirname(trial) -> str:
