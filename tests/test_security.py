@@ -101,6 +101,44 @@ def test_the_dashboard_and_jobs_api_listen_on_loopback_only(head):
     assert {ip for _, _, ip, _ in sockets} <= LOOPBACK, sockets
 
 
+CLIENT_PROBE = """
+import sys, ray
+try:
+    ray.util.connect(sys.argv[1], connection_retries=0)
+    print("CONNECTED")
+except ConnectionError:
+    print("REFUSED")
+"""
+
+
+@slow
+def test_the_ray_client_and_the_node_agent_refuse_requests_without_the_token(head, tmp_path):
+    """The head's other ways to run code listen beyond loopback (Ray binds them to the node's address):
+    the Ray Client server and the node agent's job API. Both refuse a caller without the token."""
+    env, _, state = head
+    sid = int((state / "head.pid").read_text())
+    client_port = int(env["ATTZOOM_CLIENT_PORT"])
+    addresses = {ip.removeprefix("::ffff:") for _, _, ip, _ in listening(session_pids(sid), client_port)}
+    assert addresses, "no Ray Client server"
+    stranger = {"PATH": env["PATH"], "HOME": str(tmp_path)}  # no token anywhere: not in env, not in ~/.ray
+    for ip in addresses:
+        probe = subprocess.run([sys.executable, "-c", CLIENT_PROBE, f"{ip}:{client_port}"], env=stranger,
+                               capture_output=True, text=True, timeout=120)
+        assert probe.stdout.strip().endswith("REFUSED"), (ip, probe.stdout, probe.stderr[-2000:])
+    member = {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "token")}
+    probe = subprocess.run([sys.executable, "-c", CLIENT_PROBE, f"127.0.0.1:{client_port}"], env=member,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().endswith("CONNECTED"), probe.stdout + probe.stderr[-2000:]
+
+    agent_port = int(env["ATTZOOM_NODE_PORT_BASE"]) + 2  # cluster/local.sh: the head's agent HTTP port
+    agent_ips = {ip for _, _, ip, _ in listening(session_pids(sid), agent_port)} - LOOPBACK
+    token = (state / "token").read_text().strip()
+    for ip in agent_ips or {"127.0.0.1"}:
+        jobs = f"http://{ip}:{agent_port}/api/job_agent/jobs/nonexistent/logs"
+        assert get(jobs) == 401
+        assert get(jobs, token=token) != 401
+
+
 def test_no_command_takes_a_token_on_the_command_line():
     from tune_jobs.cli import build_parser
 
