@@ -35,6 +35,16 @@ def _write_cifar100(root: Path, n_train: int = 50, n_test: int = 20, seed: int =
     return parts
 
 
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """A data root holding the cluttered-digits cache, built once for the whole run (it takes seconds)."""
+    from attzoom.data import load
+
+    root = tmp_path_factory.mktemp("digits")
+    load("cluttered-digits", root)
+    return root
+
+
 @pytest.fixture
 def fake_cifar100(tmp_path) -> Path:
     """A data root holding a 50-train / 20-test fake CIFAR-100."""

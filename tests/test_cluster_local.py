@@ -99,15 +99,6 @@ def kill_session(sid: int) -> None:
     psutil.wait_procs(victims, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    from attzoom.data import load
-
-    root = tmp_path_factory.mktemp("data")
-    load("cluttered-digits", root)
-    return root
-
-
 @pytest.fixture
 def cluster(tmp_path):
     state = tmp_path / "cluster"

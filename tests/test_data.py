@@ -288,13 +288,6 @@ def test_tinyimagenet_class_without_images(tmp_path):
 
 # --- cluttered digits ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    load("cluttered-digits", root)
-    return root
-
-
 def _cache_files(root: Path) -> list[Path]:
     return sorted((root / "cluttered-digits").glob(".attzoom-digits-*.npz"))
 

@@ -127,7 +127,7 @@ def test_restore_continues_with_the_same_owners_live_trials_and_counts(tmp_path)
     complete(restored, "t2", 30.0)  # Tune resumes the two running trials; they report to their studies
     complete(restored, "t3", 40.0)
     n = 4
-    while (config := restored.suggest(f"t{n}")) is not Searcher.FINISHED:
+    while restored.suggest(f"t{n}") is not Searcher.FINISHED:
         complete(restored, f"t{n}", float(n))
         n += 1
     assert n == 9 and restored.trial_counts() == dict.fromkeys(NAMES, 3)

@@ -160,16 +160,21 @@ def assert_one_line(err: str, expected: str) -> None:
     assert expected in lines[0], err
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, capsys, no_side_effects, case):
-    spec_file, expected = bad_spec_file(tmp_path, case)
-    before = tree(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["sweep", str(spec_file)]) == 2
+def assert_refused(argv: list[str], root: Path, monkeypatch, capsys, expected: str) -> None:
+    """`attzoom ARGV` run in ``root`` exits 2, prints one line naming ``expected`` and leaves ``root`` as it was."""
+    before = tree(root)
+    monkeypatch.chdir(root)
+    assert cli.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert_one_line(err, expected)
-    assert tree(tmp_path) == before
+    assert tree(root) == before
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, capsys, no_side_effects, case):
+    spec_file, expected = bad_spec_file(tmp_path, case)
+    assert_refused(["sweep", str(spec_file)], tmp_path, monkeypatch, capsys, expected)
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -183,13 +188,8 @@ def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, caps
 def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, argv, expected):
     spec_file = write_spec(tmp_path, base_spec(tmp_path))
     (tmp_path / "f").write_text("a regular file")
-    before = tree(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["sweep", str(spec_file), *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert_one_line(err, expected)
-    assert tree(tmp_path) == before
+    overrides = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert_refused(["sweep", str(spec_file), *overrides], tmp_path, monkeypatch, capsys, expected)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -199,11 +199,7 @@ def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_sid
 ])
 def test_malformed_spec_file_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, text, expected):
     (tmp_path / "spec.toml").write_text(text)
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["sweep", "spec.toml"]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and tree(tmp_path) == {"spec.toml"}
-    assert_one_line(err, expected)
+    assert_refused(["sweep", "spec.toml"], tmp_path, monkeypatch, capsys, expected)
 
 
 def test_missing_spec_file_and_folder_as_spec_exit_2(tmp_path, monkeypatch, capsys, no_side_effects):

@@ -19,16 +19,6 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    """Cluttered digits built once for the module (each sweep would otherwise build its own cache)."""
-    from attzoom.data import load
-
-    root = tmp_path_factory.mktemp("data")
-    load("cluttered-digits", root)
-    return root
-
-
 def write_spec(path: Path, data_root: Path, *, name="t", trials=2, epochs=2, datasets=("cluttered-digits",),
                variants=("baseline", "attzoom"), max_concurrent=2, cpus=1, gpus=0, local_gpus=None,
                max_retries=1) -> Path:
