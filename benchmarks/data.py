@@ -32,12 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from attzoom.augment import PaperAugment  # noqa: E402
+from benchmarks.common import log  # noqa: E402
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def make_images(n: int, source: str, root: str) -> torch.Tensor:
@@ -87,7 +84,7 @@ def run_pil(hwc, batch_size: int, seed: int) -> float:
     torch.manual_seed(seed)  # v1 transforms draw from the global generator
     start = time.perf_counter()
     for i in range(0, len(hwc), batch_size):
-        x = torch.stack([transform(Image.fromarray(a)) for a in hwc[i:i + batch_size]])
+        torch.stack([transform(Image.fromarray(a)) for a in hwc[i:i + batch_size]])
     return time.perf_counter() - start
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from attzoom.config import TrainConfig  # noqa: E402
 from attzoom.data import ImageSet, Splits  # noqa: E402
-from attzoom.models import build_model  # noqa: E402
-from attzoom.train import fit  # noqa: E402
+from attzoom.train import fit, make_model, make_optimizer, make_runtime  # noqa: E402
+from benchmarks.common import log, sync  # noqa: E402
 
 PAPER_BACKBONES = ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50")
 EPOCH_IMAGES = {32: 45_000, 64: 90_000}  # CIFAR-100 / Tiny-ImageNet training images after the validation split
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def synthetic_splits(n_train: int, n_val: int, side: int = 32, classes: int = 100) -> Splits:
@@ -83,19 +79,18 @@ def part_fit(args) -> dict:
 
 
 def step_throughput(backbone: str, variant: str, side: int, args) -> dict:
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    model = build_model(backbone, 100, variant).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(args.batch, 3, side, side, device=device)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (args.batch,), device=device)
+    """Training steps as fit takes them on this device (its Runtime: AMP and channels_last on CUDA)."""
+    cfg = TrainConfig(backbone=backbone, variant=variant, device=args.device, optimizer="sgd",
+                      batch_size=args.batch)
+    data = synthetic_splits(args.batch, 1, side)
+    rt = make_runtime(cfg, data)
+    device, cuda = rt.device, rt.device.type == "cuda"
+    model = make_model(cfg, data.num_classes, rt)
+    optimizer = make_optimizer(cfg, model)
+    x, y = rt.prepare(data.train.images.to(device)), data.train.labels.to(device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with rt.autocast():
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,10 +131,10 @@ def part_packed(args) -> dict:
                "--epochs", str(args.epochs), "--batch", str(args.batch), "--train-images", str(args.train_images),
                "--val-images", str(args.val_images)] + (["--fraction", str(fraction)] if fraction else [])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(count)]
-        outs = [json.loads(p.communicate()[0]) for p in procs]
+        outs = [p.communicate()[0] for p in procs]
         if any(p.returncode for p in procs):
-            raise RuntimeError("a packed worker failed")
-        return outs
+            raise RuntimeError("a packed worker failed (its traceback is above)")
+        return [json.loads(out) for out in outs]
 
     alone = launch(1, None)[0]
     four = launch(4, 0.25)
@@ -152,10 +147,6 @@ def part_packed(args) -> dict:
             "aggregate_ratio": round(total / alone["images_per_s"], 3),
             "all_four_overlap_s": round(overlap, 1)}
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -35,17 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from attzoom.layer import AttZoom  # noqa: E402
+from benchmarks.common import log, sync  # noqa: E402
 
 SHAPES = {"mid_C64": (64, 32), "input_C3": (3, 64)}  # name -> (channels, side)
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step(module: AttZoom, x: torch.Tensor) -> None:

@@ -79,12 +79,12 @@ def main() -> None:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-c", f"from attzoom.data import load; load('cluttered-digits', '{data}')"],
                        check=True)  # build the data cache outside both timings
+        loop = PLAIN_LOOP.format(config=CONFIG, trials=args.trials, epochs=args.epochs, data=data)
         for repeat in range(args.repeats):
             work = Path(tmp) / f"run{repeat}"  # a fresh store and storage each time, as a new user has
             work.mkdir()
             spec = work / "overhead.toml"
             spec.write_text(SPEC.format(trials=args.trials, epochs=args.epochs, data=data, work=work, cpus=cpus))
-            loop = PLAIN_LOOP.format(config=CONFIG, trials=args.trials, epochs=args.epochs, data=data)
             plain.append(timed([sys.executable, "-c", loop], work))
             sweep.append(timed([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], work))
     plain_s, sweep_s = sum(plain), sum(sweep)
