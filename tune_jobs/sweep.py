@@ -112,8 +112,8 @@ def loopback_only():
     """
     from ray._private import ray_constants
 
-    variable, saved = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved, saved_flag = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
         yield
@@ -184,10 +184,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
 
 
 def _import_tune_side() -> None:
-    """Tune, Optuna and the trainable's modules: imported while ray.init waits for its processes."""
-    import ray.tune.logger  # noqa: F401
-    import ray.tune.search.optuna  # noqa: F401
-
+    """The modules run_sweep needs next (Tune, Optuna, MLflow through them): imported while ray.init waits."""
     from . import progress, searcher, space, trainable  # noqa: F401
 
 
