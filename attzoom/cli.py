@@ -7,6 +7,7 @@ problem and the fix, and exit code 2, before any training starts.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +40,8 @@ def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt
     except KeyboardInterrupt:
         print(on_interrupt, file=sys.stderr)
         return 130
+    finally:
+        gc.freeze()  # the interpreter's last collection would walk every object Tune and MLflow made: a second
 
 
 def build_parser() -> Parser:

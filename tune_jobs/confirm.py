@@ -99,10 +99,9 @@ def run_confirm_trial(config: dict, sweep, params: dict) -> None:
 
 def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
     """Re-train every study's best config with seeds 1..``seeds``; returns {study: seeds trained now}."""
-    import ray
     from ray import tune
 
-    from .sweep import prepare_tracking, start_ray
+    from .sweep import prepare_tracking, start_ray, stop_ray
     from .trainable import SweepContext
 
     experiment_id, parents = prepare_tracking(spec)
@@ -128,7 +127,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
-        ray.shutdown()
+        stop_ray()
     trained: dict[str, list[int]] = {}
     for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id) - done):
         trained.setdefault(study, []).append(seed)
