@@ -99,6 +99,22 @@ def start_ray(spec: Spec, address: str | None):
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
     check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+    start_trials_in_prestarted_workers()
+
+
+def start_trials_in_prestarted_workers() -> None:
+    """Let trial actors take the workers Ray starts ahead, not new processes (half a second each).
+
+    Tune gives every trainable actor a runtime env holding one variable, PL_DISABLE_FORK (a
+    PyTorch Lightning workaround; no Lightning runs here). Ray reuses a worker only for the
+    runtime env it was started with, so that variable made every trial actor wait for a fresh
+    process. Variables Tune must carry (cloud credentials) still go, and still cost a process.
+    """
+    try:
+        from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
+    except ImportError:  # a Ray without it starts trials in fresh processes, as before
+        return
+    DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
 
 
 @contextmanager
