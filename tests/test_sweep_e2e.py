@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
+
+from tune_jobs.tracking import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def finish(proc: subprocess.Popen, timeout=900) -> str:
 
 
 def trial_runs(spec_dir: Path, sweep="t"):
-    client = MlflowClient(f"sqlite:///{spec_dir / 'mlflow.db'}")
+    client = open_store(f"sqlite:///{spec_dir / 'mlflow.db'}")  # polls while the sweep may create the store
     experiment = client.get_experiment_by_name(f"attzoom-{sweep}")
     if experiment is None:
         return client, []

@@ -150,14 +150,12 @@ def run_demo_command(args) -> int:
 
 
 def run_status_command(args) -> int:
-    from mlflow.tracking import MlflowClient
-
     from .sweep import summarize
-    from .tracking import experiment_name
+    from .tracking import experiment_name, open_store
 
     if args.job:
         print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
-    client = MlflowClient(args.tracking_uri)
+    client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
     experiments = [e for e in client.search_experiments() if e.name.startswith("attzoom-")]
     if args.sweep:
         experiments = [e for e in experiments if e.name == experiment_name(args.sweep)]

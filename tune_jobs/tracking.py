@@ -28,13 +28,30 @@ def experiment_name(sweep: str) -> str:
 
 def prepare_store(tracking_uri: str, sweep: str) -> str:
     """Create (and migrate) the store and the sweep's experiment once, in the driver, before any trial."""
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment_name(sweep))
     if found:
         return found.experiment_id
     folder = local_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
     artifacts = (folder / "mlartifacts" / sweep).resolve().as_uri() if folder else None
     return client.create_experiment(experiment_name(sweep), artifact_location=artifacts)
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client on a ready store; a new SQLite store is created by one process at a time.
+
+    Two processes migrating one fresh SQLite file (a sweep and `attzoom status`, two trials)
+    collide on its tables, and the loser leaves alembic's temporary tables behind, which breaks
+    every later migration of that file: the store is lost. A lock file beside it serialises
+    the first open; MLflow then keeps the store for the rest of the process.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri)
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len("sqlite:///"):]).expanduser()
+    with FileLock(f"{database}.lock"):
+        return MlflowClient(tracking_uri)  # builds the store, migrating it if it is new
 
 
 def study_tags(spec: Spec, study: Study) -> dict[str, str]:
@@ -79,7 +96,7 @@ class TrialTracker:
     @classmethod
     def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, tags: dict,
              params: dict, workdir: Path, role: str = "trial") -> "TrialTracker":
-        client = MlflowClient(tracking_uri)
+        client = open_store(tracking_uri)
         saved = workdir / "mlflow.json"
         if saved.exists():
             run_id = json.loads(saved.read_text())["run_id"]
