@@ -249,6 +249,9 @@ def run_logs_command(args) -> int:
 def run_ui_command(args) -> int:
     import subprocess
 
+    from .tracking import open_store
+
+    open_store(args.tracking_uri)  # created here under the lock, not by the server racing a sweep
     mlflow = Path(sys.executable).with_name("mlflow")
     return subprocess.call([str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
                             "--port", str(args.port)])

@@ -150,8 +150,8 @@ def stop_ray() -> None:
     """
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)  # set only when this process started Ray
-    if node is not None and hasattr(node, "kill_monitor"):
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and hasattr(node, "kill_monitor"):  # kills only a process this driver started
         node.kill_monitor(check_alive=False)
     ray.shutdown()
 
