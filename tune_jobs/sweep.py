@@ -174,7 +174,6 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
         start_ray(spec, address)
         experiment_id, parents = tracking.result()
         imports.result()
-    import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
