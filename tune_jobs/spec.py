@@ -215,10 +215,16 @@ def check_writable(key: str, location: str) -> None:
                         f"choose a writable location with --{key.replace('_', '-')}")
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (``~`` expanded), or None for another store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix):]).expanduser() if tracking_uri.startswith(prefix) else None
+
+
 def local_path(location: str) -> Path | None:
     """The local file system path behind a storage path or tracking URI, or None when remote."""
-    if location.startswith("sqlite:///"):
-        return Path(location[len("sqlite:///"):]).expanduser().resolve().parent
+    if database := sqlite_file(location):
+        return database.resolve().parent
     if location.startswith("file://"):
         return Path(location[len("file://"):]).expanduser()
     if "://" in location:

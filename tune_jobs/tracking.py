@@ -16,7 +16,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .spec import Spec, Study, local_path
+from .spec import Spec, Study, local_path, sqlite_file
 
 SWEEP, STUDY, TRIAL, ROLE, ERROR = "attzoom.sweep", "attzoom.study", "attzoom.trial_id", "attzoom.role", "attzoom.error"
 PARENT = "mlflow.parentRunId"
@@ -45,11 +45,11 @@ def open_store(tracking_uri: str) -> MlflowClient:
     every later migration of that file: the store is lost. A lock file beside it serialises
     the first open; MLflow then keeps the store for the rest of the process.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_file(tracking_uri)
+    if database is None:
         return MlflowClient(tracking_uri)
     from filelock import FileLock
 
-    database = Path(tracking_uri[len("sqlite:///"):]).expanduser()
     with FileLock(f"{database}.lock"):
         return MlflowClient(tracking_uri)  # builds the store, migrating it if it is new
 
