@@ -11,6 +11,8 @@ from dataclasses import dataclass
 DATASETS = ("cifar100", "tinyimagenet", "cluttered-digits")
 VARIANTS = ("baseline", "attzoom", "zoom-only", "attention-only", "resize2x")
 POSITIONS = ("input", "stem", "stage1")
+# What fit reports for every epoch (besides "epoch"); the sweep's driver logs these to MLflow.
+METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "images_per_s")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,6 @@ from .augment import PaperAugment
 from .config import TrainConfig
 from .data import ImageSet, Splits, load
 from .models import build_model
-
-METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "images_per_s")
 Callback = Callable[[dict, Path | None], None]
 
 

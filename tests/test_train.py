@@ -7,7 +7,8 @@ import torch
 
 from attzoom.config import ConfigError, TrainConfig
 from attzoom.data import ImageSet, Splits
-from attzoom.train import METRICS, EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
+from attzoom.names import METRICS
+from attzoom.train import EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
 
 TIMING = {"epoch_time", "images_per_s"}
 

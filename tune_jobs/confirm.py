@@ -4,7 +4,7 @@ A single best-of-30 trial mixes the config's merit with its lucky seed. Each stu
 trial (highest validation top-1 over its epochs, ties by top-5: the rule dashboards' report
 uses) is trained again with seeds 1..K, every other setting unchanged (same epochs, data
 split and resources as the sweep's saved spec). Each re-run is a Tune trial logged by the
-same :class:`TrialTracker` as a child run of the study's parent run, tagged
+same driver-side logger (tune_jobs/runlog.py) as a child run of the study's parent run, tagged
 ``attzoom.role = confirm`` and ``attzoom.seed``; ``attzoom report`` then adds the seeds' mean
 and standard deviation of test top-1. Pairs (study, seed) that already have a finished
 confirm run are skipped, so running confirm again only fills in what is missing.
@@ -88,19 +88,26 @@ def done_pairs(tracking_uri: str, experiment_id: str) -> set[tuple[str, int]]:
     return {(r.data.tags[STUDY], int(r.data.tags[SEED])) for r in runs}
 
 
+def confirm_trial(config: dict, sweep, params: dict):
+    """(sweep trial config, context) of one seed of one study: the best params, the seed swapped in."""
+    study, seed = config["pair"][STUDY_KEY], int(config["pair"]["seed"])
+    return {STUDY_KEY: study, **params[study]}, replace(sweep, spec=replace(sweep.spec, seed=seed), role="confirm")
+
+
 def run_confirm_trial(config: dict, sweep, params: dict) -> None:
-    """One seed of one study: the sweep's own trainable with the best params and the seed swapped in."""
+    """One seed of one study: the sweep's own trainable."""
     from .trainable import run_trial
 
-    study, seed = config["pair"][STUDY_KEY], int(config["pair"]["seed"])
-    context = replace(sweep, spec=replace(sweep.spec, seed=seed), role="confirm")
-    run_trial({STUDY_KEY: study, **params[study]}, context)
+    run_trial(*confirm_trial(config, sweep, params))
 
 
 def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
     """Re-train every study's best config with seeds 1..``seeds``; returns {study: seeds trained now}."""
+    from functools import partial
+
     from ray import tune
 
+    from .runlog import TrialLogger
     from .sweep import prepare_tracking, start_ray, stop_ray
     from .trainable import SweepContext
 
@@ -123,7 +130,9 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{spec.name}-confirm-{int(time.time())}", storage_path=spec.storage,
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+                                      verbose=0, callbacks=[TrialLogger(context, partial(confirm_trial, sweep=context,
+                                                                                         params=params))],
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:

@@ -178,6 +178,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .progress import StudyProgress
+    from .runlog import TrialLogger
     from .searcher import MultiStudySearcher
     from .space import study_space
     from .trainable import SweepContext, run_trial
@@ -202,7 +203,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
                                             reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0,
-                    callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()],
+                    callbacks=[TrialLogger(context), progress, CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
@@ -215,7 +216,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
 
 def _import_tune_side() -> None:
     """The modules run_sweep needs next (Tune, Optuna, MLflow through them): imported while ray.init waits."""
-    from . import progress, searcher, space, trainable  # noqa: F401
+    from . import progress, runlog, searcher, space, trainable  # noqa: F401
 
 
 def trial_dirname(trial) -> str:

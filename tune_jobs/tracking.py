@@ -1,16 +1,15 @@
 """MLflow bookkeeping: one experiment per sweep, a parent run per study, a child run per trial.
 
 Resume-safe by construction: runs are found-or-created by tags (``attzoom.study``,
-``attzoom.trial_id``), and a trial logs an epoch only if that step is not in the run
-yet, so a trial killed between logging and checkpointing, or before its first
-checkpoint, never leaves a second run or a doubled epoch behind.
+``attzoom.trial_id``), and an epoch is logged only if that step is not in the run yet,
+so a driver killed and resumed at any moment never leaves a second run or a doubled
+epoch behind. Only the sweep's driver writes trial runs (tune_jobs/runlog.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -86,56 +85,65 @@ def best_score(client: MlflowClient, run_id: str) -> tuple[float, float] | None:
 
 
 @dataclass
-class TrialTracker:
-    """A trial's MLflow run; its id is kept in the trial's checkpoint folder (``mlflow.json``)."""
+class TrialRuns:
+    """Every trial's run, written by the sweep's driver alone (tune_jobs/runlog.py).
 
-    client: MlflowClient
-    run_id: str
-    logged: set[int]
+    A run is found or created by its trial id, so a retried, moved or resumed trial logs into
+    its one run; an epoch is logged only if the run lacks that step, so an epoch re-run after
+    a crash is never logged twice.
+    """
 
-    @classmethod
-    def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, tags: dict,
-             params: dict, workdir: Path, role: str = "trial") -> "TrialTracker":
-        client = open_store(tracking_uri)
-        saved = workdir / "mlflow.json"
-        if saved.exists():
-            run_id = json.loads(saved.read_text())["run_id"]
-        else:
-            run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: parent_run_id}
-            run_id = find_or_create(client, experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
-            existing = client.get_run(run_id).data.params
-            new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
-            _retry(client.log_batch, run_id, params=new)
-            workdir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"run_id": run_id}))
-        client.update_run(run_id, status="RUNNING")
-        logged = {m.step for m in client.get_metric_history(run_id, "val_top1")}
-        return cls(client, run_id, logged)
+    tracking_uri: str
+    experiment_id: str
+    parent_runs: dict
+    runs: dict = field(default_factory=dict)  # trial id -> run id
+    logged: dict = field(default_factory=dict)  # trial id -> epochs the run has
 
-    def log_epoch(self, metrics: dict) -> None:
+    def __post_init__(self):
+        self.client = open_store(self.tracking_uri)
+
+    def is_open(self, trial_id: str) -> bool:
+        return trial_id in self.runs
+
+    def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = "trial") -> None:
+        run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
+        run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
+        _retry(self.client.log_batch, run_id, params=new)
+        self.client.update_run(run_id, status="RUNNING")
+        self.runs[trial_id] = run_id
+        self.logged[trial_id] = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
+
+    def log_epoch(self, trial_id: str, step: int, metrics: dict, tags: dict) -> None:
         """All of an epoch's metrics in one call (SQLite serialises writers), once per step."""
-        step = int(metrics["epoch"])
-        if step in self.logged:
+        if step in self.logged[trial_id]:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-        _retry(self.client.log_batch, self.run_id, metrics=batch)
-        self.logged.add(step)
+        _retry(self.client.log_batch, self.runs[trial_id], metrics=[Metric(k, float(v), now, step)
+                                                                     for k, v in metrics.items()],
+               tags=[RunTag(k, v) for k, v in tags.items()])
+        self.logged[trial_id].add(step)
 
-    def finish(self, status: str, best_checkpoint: Path | None) -> None:
+    def fit_status(self, trial_id: str, epochs: int) -> str:
+        """How fit ended, from the epochs it finished: none means it diverged in its first."""
+        done = self.logged[trial_id]
+        return "diverged" if not done else "completed" if max(done) >= epochs else "early_stopped"
+
+    def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:
+        run_id = self.runs[trial_id]
         if best_checkpoint and best_checkpoint.exists():
-            _retry(self.client.log_artifact, self.run_id, str(best_checkpoint), "checkpoint")
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag("attzoom.status", status)])
-        self.client.set_terminated(self.run_id, "FINISHED")
+            _retry(self.client.log_artifact, run_id, str(best_checkpoint), "checkpoint")
+        _retry(self.client.log_batch, run_id, tags=[RunTag("attzoom.status", status)])
+        self.client.set_terminated(run_id, "FINISHED")
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, trial_id: str, message: str) -> None:
         """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial)."""
-        message = f"{type(error).__name__}: {error}"[:4000]
-        attempt = len(self.client.get_metric_history(self.run_id, "failures")) + 1
-        _retry(self.client.log_batch, self.run_id, metrics=[Metric("failures", attempt, int(time.time() * 1000),
-                                                                   attempt)],
-               tags=[RunTag(ERROR, message), RunTag("attzoom.status", "error")])
-        self.client.set_terminated(self.run_id, "FAILED")
+        run_id = self.runs[trial_id]
+        attempt = len(self.client.get_metric_history(run_id, "failures")) + 1
+        _retry(self.client.log_batch, run_id, metrics=[Metric("failures", attempt, int(time.time() * 1000), attempt)],
+               tags=[RunTag(ERROR, message[:4000]), RunTag("attzoom.status", "error")])
+        self.client.set_terminated(run_id, "FAILED")
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):

@@ -1,8 +1,8 @@
 """The Tune trainable: one trial is one ``attzoom.train.fit``, reported and checkpointed every epoch.
 
-The trial's folder (last.pt, best.pt, mlflow.json) is the Tune checkpoint, so a trial
-restarted anywhere (after a crash, a retry, or on another node) continues from its
-last epoch and logs into the same MLflow run.
+The trial's folder (last.pt, best.pt) is the Tune checkpoint, so a trial restarted anywhere
+(after a crash, a retry, or on another node) continues from its last epoch. The trial
+touches no MLflow store: the driver logs what it reports (tune_jobs/runlog.py).
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import functools
 import logging
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 from ray import tune
 
 from .searcher import STUDY_KEY
 from .spec import Spec
-from .tracking import TrialTracker, study_tags
+
+GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
 
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial needs from the driver; paths and URIs are absolute."""
+    """What the trials and the driver's MLflow logger need; paths and URIs are absolute."""
 
     spec: Spec
     tracking_uri: str
@@ -36,35 +36,30 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     from attzoom.train import fit  # in the trial process only: the driver never loads torch
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
+    study, _, train_config = trial_config(config, sweep)
+    extra = {STUDY_KEY: study.name, GPU_IDS_KEY: ",".join(map(str, ray.get_gpu_ids()))}
+    with tempfile.TemporaryDirectory(prefix=f"attzoom-{tune.get_context().get_trial_id()}-") as tmp:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:
+            checkpoint.to_directory(tmp)
+
+        def report(metrics: dict, _checkpoint_dir) -> None:
+            tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+        result = fit(train_config, data=cached_data(train_config), callback=report, checkpoint_dir=tmp, resume=True)
+        if result.status == "diverged" and result.history:
+            # fit reports finished epochs only; say why it stopped, with the last epoch's metrics Tune expects
+            tune.report({**result.history[-1], **extra, STATUS_KEY: result.status})
+
+
+def trial_config(config: dict, sweep: SweepContext):
+    """(study, sampled params, TrainConfig) of a trial: what it trains and what its run records."""
     study = next(s for s in sweep.spec.studies if s.name == config[STUDY_KEY])
     params = {k: v for k, v in config.items() if k != STUDY_KEY}
     train_config = sweep.spec.train_config(study, params)
     if 0 < sweep.spec.gpus < 1:
         train_config.gpu_memory_fraction = sweep.spec.gpus
-    trial_id = tune.get_context().get_trial_id()
-    with tempfile.TemporaryDirectory(prefix=f"attzoom-{trial_id}-") as tmp:
-        workdir = Path(tmp)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint:
-            checkpoint.to_directory(tmp)
-        tags = {**study_tags(sweep.spec, study), "attzoom.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
-        if sweep.role == "confirm":
-            tags["attzoom.seed"] = str(train_config.seed)
-        tracker = TrialTracker.open(sweep.tracking_uri, sweep.experiment_id, sweep.parent_runs[study.name],
-                                    trial_id, tags, {**train_config.to_dict(), **params}, workdir,
-                                    role=sweep.role)
-
-        def report(metrics: dict, _checkpoint_dir) -> None:
-            tracker.log_epoch(metrics)  # before the checkpoint: a kill in between re-runs the epoch, never re-logs
-            tune.report({**metrics, STUDY_KEY: study.name}, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-        try:
-            result = fit(train_config, data=cached_data(train_config), callback=report, checkpoint_dir=workdir,
-                         resume=True)
-        except Exception as error:
-            tracker.fail(error)
-            raise
-        tracker.finish(result.status, workdir / "best.pt")
+    return study, params, train_config
 
 
 @functools.lru_cache(maxsize=2)
