@@ -132,7 +132,11 @@ def test_the_ray_client_and_the_node_agent_refuse_requests_without_the_token(hea
     for ip in addresses:
         assert ray_client_answer(f"{ip}:{client_port}", stranger) == "REFUSED", ip
     member = {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "token")}
-    assert ray_client_answer(f"127.0.0.1:{client_port}", member) == "CONNECTED"
+    # a busy head can miss one no-retry connect; a member gets in within three, a stranger never
+    answers = []
+    while len(answers) < 3 and "CONNECTED" not in answers:
+        answers.append(ray_client_answer(f"127.0.0.1:{client_port}", member))
+    assert answers[-1] == "CONNECTED", answers
 
     agent_port = int(env["ATTZOOM_NODE_PORT_BASE"]) + 2  # cluster/local.sh: the head's agent HTTP port
     agent_ips = {ip for _, _, ip, _ in listening(session_pids(sid), agent_port)} - LOOPBACK
