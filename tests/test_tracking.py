@@ -43,5 +43,7 @@ def test_trial_runs_keep_one_run_per_trial_and_each_epoch_once(tmp_path):
     assert len(runs.client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")) == 1
     assert runs.fit_status("t1", epochs=3) == "completed" and runs.fit_status("t1", epochs=5) == "early_stopped"
     runs.fail("t1", "ValueError: bad")
-    run = runs.client.get_run(runs.runs["t1"])
+    run = runs.client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")[0]
     assert run.info.status == "FAILED" and run.data.tags["attzoom.error"] == "ValueError: bad"
+    runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})  # Tune retries it
+    assert runs.client.get_run(run.info.run_id).info.status == "RUNNING" and runs.runs["t1"] == run.info.run_id

@@ -144,6 +144,7 @@ class TrialRuns:
         _retry(self.client.log_batch, run_id, metrics=[Metric("failures", attempt, int(time.time() * 1000), attempt)],
                tags=[RunTag(ERROR, message[:4000]), RunTag("attzoom.status", "error")])
         self.client.set_terminated(run_id, "FAILED")
+        del self.runs[trial_id]  # a retry opens it again, RUNNING
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
