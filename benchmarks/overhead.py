@@ -9,6 +9,9 @@ same work one trial at a time. Prints one JSON object; the target is a ratio <= 
 
 With ``--repeats R`` the two alternate R times (plain, sweep, plain, sweep, ...) so that load
 from other processes hits both alike; the headline ratio is total sweep time over total plain time.
+Each side's time is also split into its epochs (``epoch_time`` summed) and the rest: the
+rest's difference, ``service_s_per_repeat``, is what the service adds, apart from how fast the
+host happened to train.
 """
 
 from __future__ import annotations
@@ -53,18 +56,29 @@ schedulers = ["cosine"]
 """
 
 PLAIN_LOOP = """
-import sys
 from attzoom.train import fit
-config, trials = {config!r}, {trials}
+config, trials, training = {config!r}, {trials}, 0.0
 for seed in range(trials):
-    fit({{**config, "epochs": {epochs}, "patience": {epochs}, "data_root": "{data}", "seed": 0}})
+    result = fit({{**config, "epochs": {epochs}, "patience": {epochs}, "data_root": "{data}", "seed": 0}})
+    training += sum(m["epoch_time"] for m in result.history)
+print(training)
 """
 
 
-def timed(command: list[str], cwd: Path) -> float:
+def timed(command: list[str], cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return time.perf_counter() - started, done.stdout
+
+
+def sweep_training_s(work: Path) -> float:
+    """The epochs' own time (``epoch_time``, train + validation) summed over the sweep's trial runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    experiment = client.get_experiment_by_name("attzoom-overhead")
+    runs = client.search_runs([experiment.experiment_id], "tags.`attzoom.role` = 'trial'")
+    return sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_time"))
 
 
 def main() -> None:
@@ -74,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate plain and sweep this many times")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    plain, sweep = [], []
+    plain, sweep, plain_training, sweep_training = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-c", f"from attzoom.data import load; load('cluttered-digits', '{data}')"],
@@ -85,8 +99,11 @@ def main() -> None:
             work.mkdir()
             spec = work / "overhead.toml"
             spec.write_text(SPEC.format(trials=args.trials, epochs=args.epochs, data=data, work=work, cpus=cpus))
-            plain.append(timed([sys.executable, "-c", loop], work))
-            sweep.append(timed([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], work))
+            seconds, out = timed([sys.executable, "-c", loop], work)
+            plain.append(seconds)
+            plain_training.append(float(out.split()[-1]))
+            sweep.append(timed([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], work)[0])
+            sweep_training.append(sweep_training_s(work))
     plain_s, sweep_s = sum(plain), sum(sweep)
     print(json.dumps({
         "what": "same trials: plain loop over attzoom.train.fit vs `attzoom sweep` (concurrency 1), "
@@ -97,6 +114,13 @@ def main() -> None:
         "ratio_per_repeat": [round(b / a, 3) for a, b in zip(plain, sweep)],
         "training_s_per_trial_plain": round(plain_s / args.repeats / args.trials, 2),
         "ratio": round(sweep_s / plain_s, 3), "target": 1.10, "target_met": sweep_s / plain_s <= 1.10,
+        # Where the difference went: the epochs themselves (which host noise moves) or the rest (imports,
+        # Ray, Tune, MLflow, checkpoints: what the service adds). Not the headline, which is wall time.
+        "epochs_s": {"plain": [round(t, 2) for t in plain_training], "sweep": [round(t, 2) for t in sweep_training]},
+        "outside_epochs_s": {"plain": [round(a - b, 2) for a, b in zip(plain, plain_training)],
+                             "sweep": [round(a - b, 2) for a, b in zip(sweep, sweep_training)]},
+        "service_s_per_repeat": round(((sweep_s - sum(sweep_training)) - (plain_s - sum(plain_training)))
+                                      / args.repeats, 2),
     }, indent=2))
 
 
