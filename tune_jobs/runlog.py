@@ -22,9 +22,8 @@ from ray.exceptions import RayTaskError
 from attzoom.names import METRICS
 
 from .trainable import GPU_IDS_KEY, STATUS_KEY, SweepContext, trial_config
-from .tracking import TrialRuns, study_tags
+from .tracking import GPU_IDS, SEED, TrialRuns, study_tags
 
-GPU_IDS_TAG, SEED_TAG = "attzoom.gpu_ids", "attzoom.seed"
 # confirm trials carry (study, seed) in their config: it maps one to the sweep config and context it runs with
 Resolve = Callable[[dict], tuple[dict, SweepContext]]
 
@@ -52,7 +51,7 @@ class TrialLogger(tune.Callback):
         if "epoch" not in result or STATUS_KEY in result:  # the last line of a diverged trial repeats an epoch
             return
         self._open(trial)
-        tags = {GPU_IDS_TAG: result[GPU_IDS_KEY]} if GPU_IDS_KEY in result else {}
+        tags = {GPU_IDS: result[GPU_IDS_KEY]} if GPU_IDS_KEY in result else {}
         self.runs.log_epoch(trial.trial_id, int(result["epoch"]), {k: result[k] for k in METRICS if k in result},
                             tags)
 
@@ -87,11 +86,11 @@ class TrialLogger(tune.Callback):
         study, params, train_config = trial_config(config, sweep)
         tags = study_tags(sweep.spec, study)
         if sweep.role == "confirm":
-            tags[SEED_TAG] = str(train_config.seed)
+            tags[SEED] = str(train_config.seed)
         self.runs.open(trial.trial_id, study.name, tags, {**train_config.to_dict(), **params}, sweep.role)
 
 
-def trial_error(trial) -> BaseException | None:
+def trial_error(trial) -> BaseException:
     """The exception of the trial's latest failure, as Tune saved it beside the trial."""
     path = Path(trial.pickled_error_file) if trial.pickled_error_file else None
     if path and path.is_file():
@@ -103,7 +102,7 @@ def trial_error(trial) -> BaseException | None:
     return RuntimeError(text.splitlines()[-1] if text else "unknown error")
 
 
-def describe(error: BaseException | None) -> str:
+def describe(error: BaseException) -> str:
     """``Type: message`` of what the trial raised, not Ray's wrapper around it."""
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {cause}"

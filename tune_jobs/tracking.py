@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from .spec import Spec, Study, local_path, sqlite_file
 
 SWEEP, STUDY, TRIAL, ROLE, ERROR = "attzoom.sweep", "attzoom.study", "attzoom.trial_id", "attzoom.role", "attzoom.error"
+GPU_IDS, SEED = "attzoom.gpu_ids", "attzoom.seed"  # the trial's GPUs; a confirm run's seed
 PARENT = "mlflow.parentRunId"
 
 
