@@ -104,6 +104,9 @@ start() {
     command -v ray > /dev/null || die "no 'ray' on PATH; create the project's .venv first"
     listening "$DASHBOARD_PORT" && die "127.0.0.1:$DASHBOARD_PORT is taken; set ATTZOOM_DASHBOARD_PORT"
     listening "$RAY_PORT" && die "port $RAY_PORT is taken; set ATTZOOM_RAY_PORT"
+    for port in "$DASHBOARD_PORT" "$RAY_PORT" "$CLIENT_PORT"; do  # the head's dashboard binds 44227 for its metrics
+        (( port == 44227 )) && die "port 44227 is the Ray dashboard's metrics port; set another ATTZOOM_*_PORT"
+    done
     auth_env
     rm -f "$STATE"/*.pid
 

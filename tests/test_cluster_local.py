@@ -21,19 +21,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_sweep_e2e import assert_exactly_once, trial_runs, wait_for, write_spec
+from test_sweep_e2e import assert_exactly_once, free_port, trial_runs, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 EPOCHS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_block(size: int = 40) -> int:
@@ -197,3 +191,14 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     history = sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, EPOCHS + 1))
     assert "failures" not in run.data.metrics  # a lost node is no error of the trial's own
+
+
+def test_start_refuses_the_dashboards_fixed_metrics_port_before_starting_anything(tmp_path):
+    env = {**cluster_env(tmp_path / "cluster"), "ATTZOOM_DASHBOARD_PORT": "44227"}
+    try:
+        started = subprocess.run(["bash", str(LOCAL_SH), "start"], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(env["ATTZOOM_RAY_TEMP"], ignore_errors=True)
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.strip().count("\n") == 0 and "44227" in started.stderr
+    assert not list((tmp_path / "cluster").glob("*.pid"))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -190,10 +191,20 @@ def test_studies_share_the_global_cap_and_fill_it_until_the_end(tmp_path, digits
     assert any(r.info.start_time < last_start < r.info.end_time for r in runs[:-1]), "cluster idled at the end"
 
 
+# Ports every Ray node binds whatever ports it is given: GCS, dashboard, client, the dashboard's metrics server and
+# the dashboard agent. A test port that lands on one of them (44227 is inside the kernel's ephemeral range) loses it
+# to Ray, and the dashboard's HTTP server then fails to start.
+RAY_FIXED_PORTS = {6379, 8265, 10001, 44227, 52365}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that none of Ray's fixed default ports can take."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_FIXED_PORTS:
+            return port
 
 
 def test_submit_to_a_real_head_with_token_auth(tmp_path, digits_root):
@@ -211,7 +222,7 @@ def test_submit_to_a_real_head_with_token_auth(tmp_path, digits_root):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for(lambda: _listening(dashboard), timeout=120)
+        wait_for(lambda: _jobs_api_answers(address, token.read_text()), timeout=120)
         spec = write_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / f".test-{tmp_path.name}.toml",
                           digits_root, trials=1, epochs=1, variants=("baseline",))
         try:
@@ -237,6 +248,11 @@ def test_submit_to_a_real_head_with_token_auth(tmp_path, digits_root):
         crash(head)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def _jobs_api_answers(address: str, token: str) -> bool:
+    """The dashboard's HTTP server is up (not merely something listening on its port)."""
+    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status == 200
+    except OSError:
+        return False
