@@ -108,7 +108,8 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     from ray import tune
 
     from .runlog import TrialLogger
-    from .sweep import prepare_tracking, start_ray, stop_ray
+    from .sweep import start_ray, stop_ray
+    from .tracking import prepare_tracking
     from .trainable import SweepContext
 
     experiment_id, parents = prepare_tracking(spec)
@@ -121,17 +122,18 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
         return {}
     start_ray(spec, address)
     try:
-        context = SweepContext(spec, spec.tracking_uri, experiment_id, parents)
+        context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_confirm_trial, sweep=context, params=params),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
+        logger = TrialLogger(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
+                                                                                params=params))
         tuner = tune.Tuner(
             trainable,
             param_space={"pair": tune.grid_search([{STUDY_KEY: s, "seed": k} for s, k in todo])},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{spec.name}-confirm-{int(time.time())}", storage_path=spec.storage,
-                                      verbose=0, callbacks=[TrialLogger(context, partial(confirm_trial, sweep=context,
-                                                                                         params=params))],
+                                      verbose=0, callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()

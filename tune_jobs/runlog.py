@@ -22,8 +22,10 @@ from ray.exceptions import RayTaskError
 from attzoom.names import METRICS
 
 from .trainable import GPU_IDS_KEY, STATUS_KEY, SweepContext, trial_config
-from .tracking import GPU_IDS, SEED, TrialRuns, study_tags
+from .tracking import GPU_IDS, SEED, TrialRuns, prepare_tracking, study_tags
 
+# (experiment id, {study: parent run id}); the sweep prepares the store while Ray and the first trial start
+Store = Callable[[], tuple[str, dict[str, str]]]
 # confirm trials carry (study, seed) in their config: it maps one to the sweep config and context it runs with
 Resolve = Callable[[dict], tuple[dict, SweepContext]]
 
@@ -31,17 +33,20 @@ Resolve = Callable[[dict], tuple[dict, SweepContext]]
 class TrialLogger(tune.Callback):
     """One MLflow child run per trial: params when it starts, metrics per epoch, status and best.pt at the end."""
 
-    def __init__(self, sweep: SweepContext, resolve: Resolve | None = None):
-        self.sweep, self.resolve = sweep, resolve
+    def __init__(self, sweep: SweepContext, store: Store, resolve: Resolve | None = None):
+        self.sweep, self.store, self.resolve = sweep, store, resolve
         self._runs: TrialRuns | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_runs": None}  # Tune pickles the run config; the store connection stays here
+        # Tune pickles the run config. The store connection and the pending preparation stay in this process; a
+        # logger restored from that pickle (a resumed sweep) finds the experiment and the parent runs again.
+        return {**self.__dict__, "_runs": None, "store": None}
 
     @property
     def runs(self) -> TrialRuns:
         if self._runs is None:
-            self._runs = TrialRuns(self.sweep.tracking_uri, self.sweep.experiment_id, self.sweep.parent_runs)
+            experiment_id, parents = self.store() if self.store else prepare_tracking(self.sweep.spec)
+            self._runs = TrialRuns(self.sweep.spec.tracking_uri, experiment_id, parents)
         return self._runs
 
     def on_trial_start(self, iteration, trials, trial, **info):

@@ -156,24 +156,15 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def prepare_tracking(spec: Spec) -> tuple[str, dict]:
-    """The store, the sweep's experiment and every study's parent run, before any trial can start."""
-    from .tracking import prepare_store, study_runs
-
-
-    experiment_id = prepare_store(spec.tracking_uri, spec.name)
-    return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
-
-
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end; returns the per-study summary."""
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    with ThreadPoolExecutor(max_workers=1) as pool:  # store migration and Tune's imports overlap Ray's start
-        tracking = pool.submit(prepare_tracking, spec)
-        imports = pool.submit(_import_tune_side)
-        start_ray(spec, address)
-        experiment_id, parents = tracking.result()
-        imports.result()
+    # The store's migration overlaps Ray's start and the first trial's start; only the driver's MLflow logger
+    # waits for it, when the first trial has started.
+    pool = ThreadPoolExecutor(max_workers=1)
+    tracking = pool.submit(_prepare_tracking, spec)
+    pool.shutdown(wait=False)
+    start_ray(spec, address)
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -187,12 +178,13 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(spec.max_concurrent))
     try:
-        context = SweepContext(spec, spec.tracking_uri, experiment_id, parents)
+        context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         path = str(experiment_dir(spec))
-        progress = StudyProgress(spec)
+        progress, logger = StudyProgress(spec), TrialLogger(context, tracking.result)
         if resume and tune.Tuner.can_restore(path):
+            tracking.result()  # the restored run config's logger finds the store's ids again: not while it is made
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
@@ -203,20 +195,24 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
                                             reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0,
-                    callbacks=[TrialLogger(context), progress, CSVLoggerCallback(), JsonLoggerCallback()],
+                    callbacks=[logger, progress, CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         results = tuner.fit()
     finally:
         stop_ray()
+    experiment_id, parents = tracking.result()
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     return finish_studies(spec, experiment_id, parents)
 
 
-def _import_tune_side() -> None:
-    """The modules run_sweep needs next (Tune, Optuna, MLflow through them): imported while ray.init waits."""
+def _prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
+    """The modules run_sweep needs next (Tune, Optuna, MLflow), imported while ray.init waits; then the store."""
     from . import progress, runlog, searcher, space, trainable  # noqa: F401
+    from .tracking import prepare_tracking
+
+    return prepare_tracking(spec)
 
 
 def trial_dirname(trial) -> str:

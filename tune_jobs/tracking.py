@@ -59,6 +59,12 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
             "variant": study.variant}
 
 
+def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
+    """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
+    experiment_id = prepare_store(spec.tracking_uri, spec.name)
+    return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
+
+
 def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, str]:
     """Find or create the parent run of every study: {study name: run id}."""
     client = MlflowClient(tracking_uri)

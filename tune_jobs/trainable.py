@@ -23,12 +23,9 @@ GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What the trials and the driver's MLflow logger need; paths and URIs are absolute."""
+    """What a trial trains with: the validated spec (paths and URIs absolute) and the run's role."""
 
     spec: Spec
-    tracking_uri: str
-    experiment_id: str
-    parent_runs: dict
     role: str = "trial"  # "confirm": a seed re-run of a study's best config (tune_jobs/confirm.py)
 
 
