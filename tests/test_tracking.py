@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 OPEN = """
 import sys
@@ -47,3 +50,31 @@ def test_trial_runs_keep_one_run_per_trial_and_each_epoch_once(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["attzoom.error"] == "ValueError: bad"
     runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})  # Tune retries it
     assert runs.client.get_run(run.info.run_id).info.status == "RUNNING" and runs.runs["t1"] == run.info.run_id
+
+
+def test_the_logger_writes_off_the_trials_path_and_every_write_is_made_before_a_snapshot(tmp_path):
+    # runlog.py: hooks only queue writes; get_state (called while Tune saves an experiment snapshot) waits for them.
+    import threading
+    from types import SimpleNamespace
+
+    from tune_jobs.runlog import TrialLogger
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import prepare_tracking
+    from tune_jobs.trainable import SweepContext
+
+    spec = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml",
+                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment, parents = prepare_tracking(spec)
+    logger = TrialLogger(SweepContext(spec), lambda: (experiment, parents))
+    trial = SimpleNamespace(trial_id="t1", config={"study": spec.studies[0].name})
+    gate = threading.Event()
+    logger._later(gate.wait)  # the store is slow: writes queue behind this one
+    logger.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        logger.on_trial_result(0, [], trial, {"epoch": epoch, "val_top1": 10.0 * epoch})  # returns at once
+    client = MlflowClient(spec.tracking_uri)
+    assert client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'") == []
+    threading.Timer(0.5, gate.set).start()
+    assert logger.get_state() is None  # waits for all four writes
+    [run] = client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2, 3]
