@@ -104,8 +104,9 @@ start() {
     command -v ray > /dev/null || die "no 'ray' on PATH; create the project's .venv first"
     listening "$DASHBOARD_PORT" && die "127.0.0.1:$DASHBOARD_PORT is taken; set ATTZOOM_DASHBOARD_PORT"
     listening "$RAY_PORT" && die "port $RAY_PORT is taken; set ATTZOOM_RAY_PORT"
-    for port in "$DASHBOARD_PORT" "$RAY_PORT" "$CLIENT_PORT"; do  # the head's dashboard binds 44227 for its metrics
-        (( port == 44227 )) && die "port 44227 is the Ray dashboard's metrics port; set another ATTZOOM_*_PORT"
+    for name in DASHBOARD RAY CLIENT; do  # the head's dashboard binds 44227 for its metrics, whatever its own port
+        port="${name}_PORT"
+        (( ${!port} == 44227 )) && die "ATTZOOM_${name}_PORT is 44227, the Ray dashboard's metrics port; pick another"
     done
     auth_env
     rm -f "$STATE"/*.pid

@@ -198,11 +198,14 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         path = str(experiment_dir(spec))
-        progress, logger = StudyProgress(spec), TrialLogger(context, tracking.result)
         if resume and tune.Tuner.can_restore(path):
-            tracking.result()  # the restored run config's logger finds the store's ids again: not while it is made
+            # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
+            # so the preparation finishes first and the two never race.
+            tracking.result()
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
+            callbacks = [TrialLogger(context, tracking.result), StudyProgress(spec), CSVLoggerCallback(),
+                         JsonLoggerCallback()]
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
                                           spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed)
             tuner = tune.Tuner(
@@ -211,7 +214,7 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
                                             reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0,
-                    callbacks=[logger, progress, CSVLoggerCallback(), JsonLoggerCallback()],
+                    callbacks=callbacks,
                     failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
