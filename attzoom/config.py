@@ -62,6 +62,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def parse_params(cls, values: dict[str, str]) -> dict:
+        """Typed values from their ``str()`` (how MLflow stores a run's params), by each field's annotation."""
+        kinds = {f.name: str(f.type).replace(" ", "").split("|") for f in fields(cls)}
+        return {key: _parse(text, kinds[key]) for key, text in values.items()}
+
     def validate(self) -> None:
         _choice("backbone", self.backbone, BACKBONES)
         _choice("dataset", self.dataset, DATASETS)
@@ -81,6 +87,17 @@ class TrainConfig:
         _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
         if self.gpu_memory_fraction is not None:
             _in_range("gpu_memory_fraction", self.gpu_memory_fraction, 0, 1, low_open=True)
+
+
+def _parse(text: str, kinds: list[str]):
+    if text == "None" and "None" in kinds:
+        return None
+    if "bool" in kinds:
+        return text == "True"
+    for kind, convert in (("int", int), ("float", float)):
+        if kind in kinds:
+            return convert(text)
+    return text
 
 
 def _choice(key: str, value, valid) -> None:

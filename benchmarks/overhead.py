@@ -75,11 +75,11 @@ def sweep_training_s(work: Path) -> float:
     """The epochs' own time (``epoch_time``, train + validation) summed over the sweep's trial runs."""
     from mlflow.tracking import MlflowClient
 
-    from tune_jobs.tracking import ROLE, experiment_name
+    from tune_jobs import layout
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
-    experiment = client.get_experiment_by_name(experiment_name("overhead"))
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE}` = 'trial'")
+    experiment = client.get_experiment_by_name(layout.experiment_name("overhead"))
+    runs = client.search_runs([experiment.experiment_id], layout.runs_filter(layout.TRIAL_ROLE))
     return sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_time"))
 
 

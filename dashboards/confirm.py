@@ -15,10 +15,12 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from .runs import ROLE, STUDY, Sweep
+from tune_jobs import layout
+from tune_jobs.layout import SEED, STUDY
+
+from .runs import Sweep
 from .testset import test_metrics
 
-SEED = "attzoom.seed"
 NOISE_FACTOR = 2.0
 NOISE_RULE = ("Each study's best config re-trained with seeds 1..K (`attzoom confirm`): mean ± sample std of test "
               "top-1 (%) over the seeds. A difference from the baseline is beyond seed noise when |Δ| > 2 × pooled "
@@ -28,8 +30,8 @@ NOISE_RULE = ("Each study's best config re-trained with seeds 1..K (`attzoom con
 def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, dict[int, float]], list[str]]:
     """{study: {seed: test top-1}} over finished confirm runs; notes for runs that could not be scored."""
     client = MlflowClient(sweep.tracking_uri)
-    runs = client.search_runs([sweep.experiment_id], f"tags.`{ROLE}` = 'confirm' and attributes.status = 'FINISHED'",
-                              max_results=50_000)
+    runs = client.search_runs([sweep.experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True),
+                              max_results=layout.MAX_RUNS)
     scores: dict[str, dict[int, float]] = {}
     notes = []
     for run in runs:

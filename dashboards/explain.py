@@ -22,7 +22,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .runs import ReportError
+from tune_jobs.layout import CHECKPOINT
+
+from .errors import ReportError
 from .testset import quiet_downloads
 
 CELL, PAD, HEADER = 96, 4, 28  # grid layout in pixels: square panels, gaps, two lines of column titles
@@ -156,9 +158,9 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
-                path = client.download_artifacts(run_id, "checkpoint/best.pt", tmp)
+                path = client.download_artifacts(run_id, CHECKPOINT, tmp)
         except Exception as e:  # noqa: BLE001 - any store error means: nothing to explain
-            raise ReportError(f"run {run_id} has no checkpoint/best.pt artifact ({type(e).__name__}); explain a "
+            raise ReportError(f"run {run_id} has no {CHECKPOINT} artifact ({type(e).__name__}); explain a "
                               "finished trial run") from None
         model, cfg, _ = load_checkpoint_model(path)
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -15,20 +15,21 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from attzoom.names import POSITIONS
+from tune_jobs.space import SEARCHABLE
+from tune_jobs.spec import SearchSpace
+
 from .runs import Study, Trial
 
-# name -> (kind, the paper's range or choices, the condition under which it exists)
-SPACE = {
-    "batch_size": ("int-choice", (32, 64, 128, 256), None),
-    "lr": ("log", (1e-5, 1e-1), None),
-    "weight_decay": ("log", (1e-6, 1e-2), None),
-    "optimizer": ("choice", ("adam", "sgd"), None),
-    "momentum": ("float", (0.7, 1.0), ("optimizer", "sgd")),
-    "scheduler": ("choice", ("cosine", "step", "plateau", "onecycle"), None),
-    "step_size": ("int", (10, 30), ("scheduler", "step")),
-    "threshold": ("float", (0.0, 1.0), None),
-    "position": ("choice", ("input", "stem", "stage1"), None),
+_PAPER = SearchSpace()  # the paper's ranges, as tune_jobs searches them by default
+_KINDS_AND_RANGES = {
+    "batch_size": ("int-choice", _PAPER.batch_sizes), "lr": ("log", _PAPER.lr),
+    "weight_decay": ("log", _PAPER.weight_decay), "optimizer": ("choice", _PAPER.optimizers),
+    "momentum": ("float", _PAPER.momentum), "scheduler": ("choice", _PAPER.schedulers),
+    "step_size": ("int", _PAPER.step_size), "threshold": ("float", (0.0, 1.0)), "position": ("choice", POSITIONS),
 }
+# name -> (kind, range or choices, the (parameter, value) under which it exists)
+SPACE = {name: (*_KINDS_AND_RANGES[name], condition) for name, condition in SEARCHABLE.items()}
 
 
 def optuna_study(study: Study) -> optuna.Study:

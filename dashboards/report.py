@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tune_jobs.layout import experiment_name
+
 from . import figures, importance
 from .confirm import NOISE_RULE, confirm_rows
 from .published import published_config
@@ -153,7 +155,7 @@ def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
 def to_markdown(report: Report) -> str:
     sweep = report.sweep
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
-             f"Tracking store `{sweep.tracking_uri}`, experiment `attzoom-{sweep.name}`, generated {report.generated}. "
+             f"Tracking store `{sweep.tracking_uri}`, experiment `{experiment_name(sweep.name)}`, generated {report.generated}. "
              "Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
              "every epoch of every finished trial; Δ is the difference from the same backbone's baseline."]
     if report.unfinished:

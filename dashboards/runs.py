@@ -1,30 +1,22 @@
 """Read a sweep back from MLflow alone: its studies (parent runs) and trials (child runs).
 
 The report must work on a laptop that has only the tracking URI, so nothing here needs
-the sweep spec, the Tune results or Ray. The layout read is the one ``tune_jobs`` writes:
-one experiment ``attzoom-<sweep>``, a parent run per study tagged ``attzoom.role=study``,
-a child run per trial tagged ``attzoom.role=trial`` with per-epoch metrics (step = epoch).
+the sweep spec, the Tune results or Ray. The layout read is the one the sweep's driver
+writes, named in tune_jobs/layout.py (plain data, no Ray): one experiment per sweep, a
+parent run per study, a child run per trial with per-epoch metrics (step = epoch).
 """
 
 from __future__ import annotations
-
-from .errors import ReportError  # noqa: F401 - re-exported
 
 from dataclasses import dataclass, field
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-# The tags tune_jobs/tracking.py writes (tests/test_dashboards.py checks the two agree).
-SWEEP, STUDY, TRIAL, ROLE, ERROR = "attzoom.sweep", "attzoom.study", "attzoom.trial_id", "attzoom.role", "attzoom.error"
-GPU_IDS = "attzoom.gpu_ids"
-MAX_RUNS = 50_000
+from tune_jobs import layout
+from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, sweep_of
 
-
-
-
-def experiment_name(sweep: str) -> str:
-    return f"attzoom-{sweep}"
+from .errors import ReportError
 
 
 @dataclass
@@ -87,9 +79,8 @@ class Study:
 
     @property
     def best(self) -> Trial | None:
-        """The finished trial with the highest validation top-1 (ties by top-5) over its epochs."""
-        done = [t for t in self.trials if t.status == "FINISHED" and t.best]
-        return max(done, key=lambda t: (t.best["val_top1"], t.best["val_top5"]), default=None)
+        """The finished trial whose best epoch ranks highest (layout.best_of; trials are in start order)."""
+        return layout.best_of((t, t.best) for t in self.trials if t.status == "FINISHED")
 
 
 @dataclass
@@ -109,14 +100,14 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name(sweep))
     if experiment is None:
-        known = sorted(e.name[len("attzoom-"):] for e in client.search_experiments() if e.name.startswith("attzoom-"))
+        known = sorted(filter(None, (sweep_of(e.name) for e in client.search_experiments())))
         raise ReportError(f"no sweep named {sweep!r} in {tracking_uri} (sweeps there: "
                           f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
     eid = experiment.experiment_id
     studies: dict[str, Study] = {}
-    for run in client.search_runs([eid], f"tags.`{ROLE}` = 'study'", max_results=MAX_RUNS):
+    for run in client.search_runs([eid], layout.runs_filter(layout.STUDY_ROLE), max_results=MAX_RUNS):
         studies[run.data.tags[STUDY]] = _study(run.data.tags, run)
-    trials = client.search_runs([eid], f"tags.`{ROLE}` = 'trial'", max_results=MAX_RUNS,
+    trials = client.search_runs([eid], layout.runs_filter(layout.TRIAL_ROLE), max_results=MAX_RUNS,
                                 order_by=["attributes.start_time ASC"])
     for run in trials:
         name = run.data.tags[STUDY]
@@ -128,23 +119,12 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
 
 
 def _study(tags: dict, parent: Run | None) -> Study:
-    return Study(tags[STUDY], tags.get("backbone", "?"), tags.get("dataset", "?"), tags.get("variant", "?"), parent)
+    return Study(tags[STUDY], tags.get(layout.BACKBONE, "?"), tags.get(layout.DATASET, "?"),
+                 tags.get(layout.VARIANT, "?"), parent)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
-    """The epoch with the highest validation top-1 (ties by top-5): the epoch ``best.pt`` holds.
-
-    The maximum over the run's history, not the last logged value: with early stopping the
-    last epochs are the ones that did not improve.
-    """
-    if not top1:
-        return None
-    step = max(top1, key=lambda s: (top1[s], top5.get(s, 0.0)))
-    return {"epoch": step, "val_top1": top1[step], "val_top5": top5.get(step, 0.0)}
 
 
 def curves(tracking_uri: str, run_id: str, keys=("val_top1", "train_loss")) -> dict[str, dict[int, float]]:

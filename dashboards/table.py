@@ -11,12 +11,14 @@ import math
 
 import pandas as pd
 
+from tune_jobs.layout import TRIAL
+from tune_jobs.space import SEARCHABLE
+
 from .published import published
-from .runs import TRIAL, Sweep
+from .runs import Sweep
 from .testset import test_metrics
 
-HYPERPARAMETERS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "scheduler", "step_size",
-                   "threshold", "position", "epochs")
+HYPERPARAMETERS = (*SEARCHABLE, "epochs")
 
 
 def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFrame, list[str]]:

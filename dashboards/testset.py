@@ -15,6 +15,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from tune_jobs.layout import CHECKPOINT
+
 UNKNOWN = {"test_top1": math.nan, "test_top5": math.nan}
 
 
@@ -36,9 +38,9 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
-                path = Path(client.download_artifacts(run_id, "checkpoint/best.pt", tmp))
+                path = Path(client.download_artifacts(run_id, CHECKPOINT, tmp))
         except Exception as e:  # noqa: BLE001 - any store error means: no checkpoint to score
-            return dict(UNKNOWN), f"run {run_id} has no checkpoint/best.pt artifact ({type(e).__name__})"
+            return dict(UNKNOWN), f"run {run_id} has no {CHECKPOINT} artifact ({type(e).__name__})"
         config = torch.load(path, map_location="cpu", weights_only=True)["config"]
         try:
             data = load(config["dataset"], data_root or config["data_root"], config["val_fraction"], download=False)

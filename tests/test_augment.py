@@ -1,8 +1,13 @@
 """Batch augmentation: every image draws its own crop, flip and AutoAugment sub-policy."""
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import chi2_contingency
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import AutoAugmentPolicy
 
 from attzoom.augment import BatchAutoAugment, PaperAugment, random_crop, random_flip
 
@@ -105,6 +110,28 @@ def test_autoaugment_large_batch():
     # outputs are far more varied than one draw per sub-policy could make them (about 30 here)
     same = BatchAutoAugment()(_natural(256), gen())
     assert len({o.numpy().tobytes() for o in same}) > 45
+
+
+def test_autoaugment_draws_like_torchvision_per_image():
+    """Per image, the same outputs as torchvision's own AutoAugment, at the same rates.
+
+    BatchAutoAugment rebuilds AutoAugment from torchvision's private policy table and operations
+    and regroups the draws, so a change there or a slip in the grouping (sub-policy, coin flip,
+    sign, order of the two operations) alters which images come out or how often. One image,
+    augmented 4000 times each way; a chi-square test on how often each distinct output occurs.
+    """
+    n = 4000
+    x = _natural(n)
+    ours = Counter(o.numpy().tobytes() for o in BatchAutoAugment()(x, gen()))
+    reference = v2.AutoAugment(AutoAugmentPolicy.CIFAR10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = Counter(reference(x[0]).numpy().tobytes() for _ in range(n))
+    common = [k for k in sorted(ours.keys() | theirs.keys()) if ours[k] + theirs[k] >= 10]
+    assert len(common) > 50  # enough distinct outputs for the test to see a difference
+    # one column per output seen 10+ times in all, and one for the rare rest
+    table = [[c[k] for k in common] + [n - sum(c[k] for k in common)] for c in (ours, theirs)]
+    assert chi2_contingency(table).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("size, padding", [(32, 4), (64, 8)])

@@ -3,6 +3,7 @@ through real Ray Tune, logged as confirm child runs, and the report's mean +- st
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from dashboards.confirm import verdict
 from dashboards.report import build, to_markdown
+from tune_jobs.layout import (CHECKPOINT, CHECKPOINT_DIR, CONFIRM_ROLE, PARENT, SEED, STUDY, STUDY_ROLE, TRIAL_ROLE,
+                              experiment_name, runs_filter)
 
 pytestmark = pytest.mark.slow
 SEEDS = 3
@@ -50,33 +53,34 @@ lr = [1e-3, 1e-2]
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cli("sweep", str(spec), cwd=tmp_path)
+    shutil.rmtree(tmp_path / "ray_results" / "c")  # confirm reads the spec and the best configs from MLflow alone
     out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
     assert "trained seeds 1, 2, 3" in out
 
     client = MlflowClient(uri)
-    eid = client.get_experiment_by_name("attzoom-c").experiment_id
-    parents = {r.data.tags["attzoom.study"]: r for r in client.search_runs([eid], "tags.`attzoom.role` = 'study'")}
-    trials = {r.data.tags["attzoom.study"]: r for r in client.search_runs([eid], "tags.`attzoom.role` = 'trial'")}
-    confirms = client.search_runs([eid], "tags.`attzoom.role` = 'confirm'")
+    eid = client.get_experiment_by_name(experiment_name("c")).experiment_id
+    parents = {r.data.tags[STUDY]: r for r in client.search_runs([eid], runs_filter(STUDY_ROLE))}
+    trials = {r.data.tags[STUDY]: r for r in client.search_runs([eid], runs_filter(TRIAL_ROLE))}
+    confirms = client.search_runs([eid], runs_filter(CONFIRM_ROLE))
     assert len(confirms) == SEEDS * len(parents) == 2 * SEEDS
     by_study: dict[str, list] = {}
     for run in confirms:
-        study = run.data.tags["attzoom.study"]
+        study = run.data.tags[STUDY]
         by_study.setdefault(study, []).append(run)
         assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parents[study].info.run_id
-        assert run.data.params["seed"] == run.data.tags["attzoom.seed"]
+        assert run.data.tags[PARENT] == parents[study].info.run_id
+        assert run.data.params["seed"] == run.data.tags[SEED]
         best = trials[study].data.params  # the only trial of its study is its best: same config but the seed
-        assert {k: run.data.params[k] for k in ("lr", "batch_size", "optimizer", "scheduler", "variant")} == \
-               {k: best[k] for k in ("lr", "batch_size", "optimizer", "scheduler", "variant")}
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+        assert {k: v for k, v in run.data.params.items() if k != "seed"} == \
+               {k: v for k, v in best.items() if k != "seed"}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, CHECKPOINT_DIR)] == [CHECKPOINT]
     for runs in by_study.values():
-        assert sorted(int(r.data.tags["attzoom.seed"]) for r in runs) == list(range(1, SEEDS + 1))
+        assert sorted(int(r.data.tags[SEED]) for r in runs) == list(range(1, SEEDS + 1))
 
     # confirming again trains nothing new
     assert "trained seeds" not in cli("confirm", "c", "--seeds", str(SEEDS), "--storage",
                                       str(tmp_path / "ray_results"), cwd=tmp_path)
-    assert len(client.search_runs([eid], "tags.`attzoom.role` = 'confirm'")) == 2 * SEEDS
+    assert len(client.search_runs([eid], runs_filter(CONFIRM_ROLE))) == 2 * SEEDS
 
     report = build(uri, "c", with_figures=False)
     assert [r["study"] for r in report.best_rows] == ["tiny_resnet.cluttered-digits.baseline",

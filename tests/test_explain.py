@@ -23,7 +23,7 @@ from dashboards.explain import (CELL, HEADER, PAD, attention_maps, explain, grid
                                 zoom_view)
 from dashboards.html import page
 from dashboards.report import build
-from dashboards.runs import ROLE, STUDY, SWEEP, TRIAL
+from tune_jobs.layout import PARENT, ROLE, STUDY, SWEEP, TRIAL, experiment_name
 from tune_jobs.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
                  ImageSet(data.val.images[:32], data.val.labels[:32]), data.test, data.num_classes, data.mean, data.std)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
-    eid = client.create_experiment("attzoom-ex", artifact_location=(tmp / "artifacts").as_uri())
+    eid = client.create_experiment(experiment_name("ex"), artifact_location=(tmp / "artifacts").as_uri())
     ids = {}
     for variant in ("baseline", "attzoom"):
         config = {"backbone": "tiny_resnet", "dataset": "cluttered-digits", "variant": variant, "epochs": 1,
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
                 "variant": variant}
         parent = client.create_run(eid, tags={**tags, ROLE: "study"}, run_name=study).info.run_id
         run_id = client.create_run(eid, tags={**tags, ROLE: "trial", TRIAL: f"{variant}-1",
-                                              "mlflow.parentRunId": parent}).info.run_id
+                                              PARENT: parent}).info.run_id
         client.log_metric(run_id, "val_top1", 50.0, step=1)
         client.log_metric(run_id, "val_top5", 90.0, step=1)
         client.log_metric(run_id, "test_top1", 40.0)

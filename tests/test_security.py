@@ -196,13 +196,13 @@ def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_i
 def test_a_local_sweeps_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     """What the private Ray of `attzoom sweep` opens: no dashboard, no Jobs API, and every one of Ray's own
     services (GCS, raylet and object manager, the node's agents, metrics endpoints) on loopback
-    (sweep.loopback_only). Token authentication is on as well, as Ray 2.60 does by default for a new local
+    (ray_session.loopback_only). Token authentication is on as well, as Ray 2.60 does by default for a new local
     instance (token in ~/.ray/auth_token)."""
     spec = write_spec_file(tmp_path, base_spec(tmp_path))
     script = textwrap.dedent(f"""
         import json, os, sys, psutil
         from tune_jobs.spec import load_spec
-        from tune_jobs.sweep import start_ray
+        from tune_jobs.ray_session import start_ray
         import ray
         start_ray(load_spec({str(spec)!r}), None)
         sid = os.getsid(0)
@@ -325,37 +325,3 @@ def test_trial_folders_and_mlflow_artifacts_stay_under_their_roots(tmp_path):
     experiment = MlflowClient(spec.tracking_uri).get_experiment(prepare_store(spec.tracking_uri, spec.name))
     artifacts = Path(experiment.artifact_location.removeprefix("file://")).resolve()
     assert artifacts.is_relative_to(Path(spec.tracking_uri.removeprefix("sqlite:///")).parent)
-
-
-@slow
-def test_a_local_sweeps_ray_starts_no_dashboard_server_and_no_autoscaler(tmp_path):
-    """sweep.lean_local_head: the private Ray of `attzoom sweep` runs without the dashboard's API server and the
-    autoscaler monitor (about a CPU-second of its start), and leaves Ray's own start-up code as it found it."""
-    spec = write_spec_file(tmp_path, base_spec(tmp_path))
-    script = textwrap.dedent(f"""
-        import json, os, psutil
-        import ray._private.node, ray._private.services
-        from tune_jobs.spec import load_spec
-        from tune_jobs.sweep import start_ray
-        import ray
-        start_ray(load_spec({str(spec)!r}), None)
-        sid = os.getsid(0)
-        members = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == sid:
-                    members.append(" ".join(p.cmdline()))
-            except OSError:
-                pass
-        print("PROCS" + json.dumps(members))
-        print("RESTORED", ray._private.services.start_api_server.__name__,
-              ray._private.node.Node.start_monitor.__name__)
-        ray.shutdown()
-    """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          start_new_session=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    members = json.loads(done.stdout.split("PROCS", 1)[1].splitlines()[0])
-    assert any("raylet" in m for m in members) and any("gcs_server" in m for m in members), members
-    assert not [m for m in members if "dashboard/dashboard.py" in m or "autoscaler/_private/monitor.py" in m]
-    assert "RESTORED start_api_server start_monitor" in done.stdout

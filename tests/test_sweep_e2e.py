@@ -3,6 +3,7 @@
 Slow by nature (each test starts Ray and trains small models); marked ``slow`` and run in CI.
 """
 
+import json
 import os
 import secrets
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, STATUS, STUDY, TRIAL, TRIAL_ROLE, experiment_name,
+                              runs_filter)
 from tune_jobs.tracking import open_store
 
 pytestmark = pytest.mark.slow
@@ -86,10 +89,10 @@ def finish(proc: subprocess.Popen, timeout=900) -> str:
 
 def trial_runs(spec_dir: Path, sweep="t"):
     client = open_store(f"sqlite:///{spec_dir / 'mlflow.db'}")  # polls while the sweep may create the store
-    experiment = client.get_experiment_by_name(f"attzoom-{sweep}")
+    experiment = client.get_experiment_by_name(experiment_name(sweep))
     if experiment is None:
         return client, []
-    return client, client.search_runs([experiment.experiment_id], "tags.`attzoom.role` = 'trial'")
+    return client, client.search_runs([experiment.experiment_id], runs_filter(TRIAL_ROLE))
 
 
 def wait_for(condition, timeout=600, every=1.0):
@@ -112,13 +115,17 @@ def statuses(spec_dir):
 def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, studies: int) -> None:
     client, runs = trial_runs(spec_dir)
     tune_trials = {d.name.rsplit("-", 1)[1] for d in (spec_dir / "ray_results" / "t").iterdir() if d.is_dir()}
-    trial_ids = [r.data.tags["attzoom.trial_id"] for r in runs]
+    trial_ids = [r.data.tags[TRIAL] for r in runs]
     assert len(trial_ids) == len(set(trial_ids)), "a trial has two MLflow runs"
     assert set(trial_ids) == tune_trials, "MLflow runs and Tune trials differ"
     per_study = {}
     for run in runs:
-        per_study.setdefault(run.data.tags["attzoom.study"], []).append(run)
+        per_study.setdefault(run.data.tags[STUDY], []).append(run)
         assert run.info.status == "FINISHED"
+        # how fit ended is what the trial itself reported last (trainable.py), not guessed from the epochs
+        [folder] = (spec_dir / "ray_results" / "t").glob(f"*-{run.data.tags[TRIAL]}")
+        last = json.loads((folder / "result.json").read_text().splitlines()[-1])
+        assert run.data.tags[STATUS] == last["fit_status"] and last["fit_status"] in FIT_STATUSES
         for key in ("val_top1", "train_loss", "images_per_s"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
@@ -156,7 +163,7 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
     client, runs = trial_runs(tmp_path)
     by_dataset = {r.data.tags["dataset"]: r for r in runs}
     failed, ok = by_dataset["cifar100"], by_dataset["cluttered-digits"]
-    assert failed.info.status == "FAILED" and "CIFAR-100 file" in failed.data.tags["attzoom.error"]
+    assert failed.info.status == "FAILED" and "CIFAR-100 file" in failed.data.tags[ERROR]
     assert len(client.get_metric_history(failed.info.run_id, "failures")) == 3  # first try + 2 retries
     assert ok.info.status == "FINISHED" and ok.data.metrics["val_top1"] >= 0
     assert "| tiny_resnet.cifar100.baseline | 0 | 1 | 0 |" in out
@@ -169,7 +176,7 @@ def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):
     finish(start("sweep", str(spec), cwd=tmp_path))
     _, runs = trial_runs(tmp_path)
     assert len(runs) == 4
-    assert {r.data.tags["attzoom.gpu_ids"] for r in runs} == {"0"}
+    assert {r.data.tags[GPU_IDS] for r in runs} == {"0"}
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs), "the four did not overlap"
 
 
@@ -185,7 +192,7 @@ def test_studies_share_the_global_cap_and_fill_it_until_the_end(tmp_path, digits
         running += change
         peak = max(peak, running)
     assert peak == 2  # the cap holds across studies ...
-    studies = [r.data.tags["attzoom.study"] for r in runs]
+    studies = [r.data.tags[STUDY] for r in runs]
     assert studies[:2] != [studies[0]] * 2  # ... both studies start at once, fewest trials first
     last_start = runs[-1].info.start_time
     assert any(r.info.start_time < last_start < r.info.end_time for r in runs[:-1]), "cluster idled at the end"

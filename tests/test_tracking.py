@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from tune_jobs.layout import ERROR, GPU_IDS, STUDY, TRIAL, tag_filter
+
 OPEN = """
 import sys
 from tune_jobs.tracking import open_store
@@ -23,7 +25,7 @@ def test_processes_creating_one_new_sqlite_store_at_once_all_open_it(tmp_path):
 
 
 def test_a_trial_process_loads_no_mlflow():
-    # The driver logs trials (runlog.py): MLflow's import and store open stay off each trial's start.
+    # The driver logs trials (mlflow_callback.py): MLflow's import and store open stay off each trial's start.
     probe = "import sys, tune_jobs.trainable; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -38,26 +40,25 @@ def test_trial_runs_keep_one_run_per_trial_and_each_epoch_once(tmp_path):
     parent = TrialRuns(uri, experiment, {}).client.create_run(experiment).info.run_id
     for attempt in range(2):  # a driver that restarts finds the run by trial id, not a second one
         runs = TrialRuns(uri, experiment, {"study": parent})
-        runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})
+        runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})
         for step in (1, 2) if attempt == 0 else (2, 3):  # epoch 2 re-run after the crash
-            runs.log_epoch("t1", step, {"val_top1": 10.0 * step + attempt}, {"attzoom.gpu_ids": "0"})
+            runs.log_epoch("t1", step, {"val_top1": 10.0 * step + attempt}, {GPU_IDS: "0"})
     history = runs.client.get_metric_history(runs.runs["t1"], "val_top1")
     assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 20.0), (3, 31.0)]
-    assert len(runs.client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")) == 1
-    assert runs.fit_status("t1", epochs=3) == "completed" and runs.fit_status("t1", epochs=5) == "early_stopped"
+    assert len(runs.client.search_runs([experiment], tag_filter(TRIAL, 't1'))) == 1
     runs.fail("t1", "ValueError: bad")
-    run = runs.client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")[0]
-    assert run.info.status == "FAILED" and run.data.tags["attzoom.error"] == "ValueError: bad"
-    runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})  # Tune retries it
+    run = runs.client.search_runs([experiment], tag_filter(TRIAL, 't1'))[0]
+    assert run.info.status == "FAILED" and run.data.tags[ERROR] == "ValueError: bad"
+    runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})  # Tune retries it
     assert runs.client.get_run(run.info.run_id).info.status == "RUNNING" and runs.runs["t1"] == run.info.run_id
 
 
 def test_the_logger_writes_off_the_trials_path_and_every_write_is_made_before_a_snapshot(tmp_path):
-    # runlog.py: hooks only queue writes; get_state (called while Tune saves an experiment snapshot) waits for them.
+    # mlflow_callback.py: hooks only queue writes; get_state (called while Tune saves a snapshot) waits for them.
     import threading
     from types import SimpleNamespace
 
-    from tune_jobs.runlog import TrialLogger
+    from tune_jobs.mlflow_callback import MlflowCallback
     from tune_jobs.spec import load_spec
     from tune_jobs.tracking import prepare_tracking
     from tune_jobs.trainable import SweepContext
@@ -65,7 +66,7 @@ def test_the_logger_writes_off_the_trials_path_and_every_write_is_made_before_a_
     spec = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml",
                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment, parents = prepare_tracking(spec)
-    logger = TrialLogger(SweepContext(spec), lambda: (experiment, parents))
+    logger = MlflowCallback(SweepContext(spec), lambda: (experiment, parents))
     trial = SimpleNamespace(trial_id="t1", config={"study": spec.studies[0].name})
     gate = threading.Event()
     logger._later(gate.wait)  # the store is slow: writes queue behind this one
@@ -73,8 +74,8 @@ def test_the_logger_writes_off_the_trials_path_and_every_write_is_made_before_a_
     for epoch in (1, 2, 3):
         logger.on_trial_result(0, [], trial, {"epoch": epoch, "val_top1": 10.0 * epoch})  # returns at once
     client = MlflowClient(spec.tracking_uri)
-    assert client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'") == []
+    assert client.search_runs([experiment], tag_filter(TRIAL, 't1')) == []
     threading.Timer(0.5, gate.set).start()
     assert logger.get_state() is None  # waits for all four writes
-    [run] = client.search_runs([experiment], "tags.`attzoom.trial_id` = 't1'")
+    [run] = client.search_runs([experiment], tag_filter(TRIAL, 't1'))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2, 3]

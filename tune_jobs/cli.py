@@ -28,6 +28,9 @@ SPECS = Path(__file__).parent / "specs"
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow 3 sends usage telemetry from every process that opens a store and, at exit, waits up to a
+    # second for it; clusters often have no egress. Opt in with MLFLOW_DISABLE_TELEMETRY=false.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return run(build_parser(), argv, (SpecError, ConfigError, DataError),
                on_interrupt="interrupted; continue with `attzoom resume`")
 
@@ -107,7 +110,8 @@ def spec_from_args(args):
 
 
 def run_sweep_command(args) -> int:
-    from .sweep import experiment_dir, preflight, print_summary, run_sweep
+    from .summary import print_summary
+    from .sweep import experiment_dir, preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
     if experiment_dir(spec).exists():
@@ -122,7 +126,8 @@ def run_sweep_command(args) -> int:
 
 
 def run_resume_command(args) -> int:
-    from .sweep import load_saved_spec, preflight, print_summary, run_sweep
+    from .summary import print_summary
+    from .sweep import load_saved_spec, preflight, run_sweep
 
     spec = preflight(load_saved_spec(args.sweep, args.storage))
     summary = run_sweep(spec, address=args.address, resume=True)
@@ -150,20 +155,21 @@ def run_demo_command(args) -> int:
 
 
 def run_status_command(args) -> int:
-    from .sweep import summarize
-    from .tracking import experiment_name, open_store
+    from .layout import sweep_of
+    from .summary import summarize
+    from .tracking import open_store
 
     if args.job:
         print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
     client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
-    experiments = [e for e in client.search_experiments() if e.name.startswith("attzoom-")]
+    experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep:
-        experiments = [e for e in experiments if e.name == experiment_name(args.sweep)]
+        experiments = [e for e in experiments if sweep_of(e.name) == args.sweep]
         if not experiments:
             raise SpecError(f"no sweep named {args.sweep!r} in {args.tracking_uri}; "
                             "check the name or pass --tracking-uri")
     for experiment in experiments:
-        print(f"{experiment.name[len('attzoom-'):]}:")
+        print(f"{sweep_of(experiment.name)}:")
         for study, row in sorted(summarize(client, experiment.experiment_id).items()):
             best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
             print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}, "
@@ -199,6 +205,7 @@ def run_submit_command(args) -> int:
     """Ship the project folder as the job's working dir; local paths go as absolute overrides."""
     import shlex
 
+    from .layout import SWEEP
     from .sweep import absolute
 
     root = Path(__file__).resolve().parent.parent
@@ -214,7 +221,7 @@ def run_submit_command(args) -> int:
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
                                                           "mlruns/", "data/", "runs/", "*.db", "*.pt"]}
     job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
-                               metadata={"attzoom.sweep": spec.name})
+                               metadata={SWEEP: spec.name})
     print(job_id)
     print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
     return 0

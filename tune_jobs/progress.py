@@ -7,7 +7,7 @@ import time
 
 from ray.tune import Callback
 
-from .searcher import STUDY_KEY
+from .space import STUDY_KEY
 
 
 class StudyProgress(Callback):

@@ -16,7 +16,7 @@ from collections import Counter
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-STUDY_KEY = "study"
+from .space import STUDY_KEY
 
 
 class MultiStudySearcher(Searcher):

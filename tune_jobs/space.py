@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from .spec import SearchSpace, Study
 
 GATED = ("attzoom", "attention-only")
+STUDY_KEY = "study"  # the key of a trial's Tune config that names its study (the searcher adds it)
+# Every parameter a study may search, and the (parameter, value) under which it exists (Sec. 5.3).
+SEARCHABLE = {"batch_size": None, "lr": None, "weight_decay": None, "optimizer": None,
+              "momentum": ("optimizer", "sgd"), "scheduler": None, "step_size": ("scheduler", "step"),
+              "threshold": None, "position": None}
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,18 @@ and the fix, so the CLI can exit 2 before Ray, MLflow or any directory is touche
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from attzoom.config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
 from attzoom.names import BACKBONES, DATASETS, POSITIONS, VARIANTS
+
+from .layout import study_name
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 METRICS = ("val_top1",)
@@ -38,7 +41,7 @@ class Study:
 
     @property
     def name(self) -> str:
-        return f"{self.backbone}.{self.dataset}.{self.variant}"
+        return study_name(self.backbone, self.dataset, self.variant)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,20 @@ def parse_spec(raw: dict, source: str = "spec") -> Spec:
                     search=SearchSpace(**search), **resources, **failure)
     except TypeError as e:
         raise SpecError(f"{source}: {e}") from None
+
+
+def spec_json(spec: Spec) -> str:
+    """The spec as saved beside the sweep and in its MLflow experiment (so resume and confirm need no TOML)."""
+    return json.dumps(asdict(spec), indent=2)
+
+
+def spec_from_json(text: str, source: str) -> Spec:
+    """A spec saved by spec_json, validated again (it may have been edited or come from an older version)."""
+    raw = json.loads(text)
+    search = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("search").items()})
+    spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, search=search)
+    validate(spec, source=source)
+    return spec
 
 
 def validate(spec: Spec, source: str = "spec") -> None:

@@ -1,9 +1,9 @@
-"""MLflow bookkeeping: one experiment per sweep, a parent run per study, a child run per trial.
+"""The MLflow store of a sweep, as its driver writes it (the layout itself: tune_jobs/layout.py).
 
-Resume-safe by construction: runs are found-or-created by tags (``attzoom.study``,
-``attzoom.trial_id``), and an epoch is logged only if that step is not in the run yet,
-so a driver killed and resumed at any moment never leaves a second run or a doubled
-epoch behind. Only the sweep's driver writes trial runs (tune_jobs/runlog.py).
+Resume-safe by construction: runs are found-or-created by tags (the study's, the trial id),
+and an epoch is logged only if that step is not in the run yet, so a driver killed and
+resumed at any moment never leaves a second run or a doubled epoch behind. Only the sweep's
+driver writes (tune_jobs/mlflow_callback.py); trial processes never open the store.
 """
 
 from __future__ import annotations
@@ -15,19 +15,13 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .spec import Spec, Study, local_path, sqlite_file
-
-SWEEP, STUDY, TRIAL, ROLE, ERROR = "attzoom.sweep", "attzoom.study", "attzoom.trial_id", "attzoom.role", "attzoom.error"
-GPU_IDS, SEED = "attzoom.gpu_ids", "attzoom.seed"  # the trial's GPUs; a confirm run's seed
-PARENT = "mlflow.parentRunId"
-
-
-def experiment_name(sweep: str) -> str:
-    return f"attzoom-{sweep}"
+from . import layout
+from .layout import ERROR, FAILURES, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
+from .spec import Spec, Study, local_path, spec_json, sqlite_file
 
 
 def prepare_store(tracking_uri: str, sweep: str) -> str:
-    """Create (and migrate) the store and the sweep's experiment once, in the driver, before any trial."""
+    """The sweep's experiment id; the store (migrated if new) and the experiment are created if missing."""
     client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment_name(sweep))
     if found:
@@ -40,7 +34,7 @@ def prepare_store(tracking_uri: str, sweep: str) -> str:
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client on a ready store; a new SQLite store is created by one process at a time.
 
-    Two processes migrating one fresh SQLite file (a sweep and `attzoom status`, two trials)
+    Two processes migrating one fresh SQLite file (a sweep and `attzoom status` or `attzoom ui`)
     collide on its tables, and the loser leaves alembic's temporary tables behind, which breaks
     every later migration of that file: the store is lost. A lock file beside it serialises
     the first open; MLflow then keeps the store for the rest of the process.
@@ -55,14 +49,23 @@ def open_store(tracking_uri: str) -> MlflowClient:
 
 
 def study_tags(spec: Spec, study: Study) -> dict[str, str]:
-    return {SWEEP: spec.name, STUDY: study.name, "backbone": study.backbone, "dataset": study.dataset,
-            "variant": study.variant}
+    return layout.study_tags(spec.name, study.backbone, study.dataset, study.variant)
 
 
 def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
     experiment_id = prepare_store(spec.tracking_uri, spec.name)
+    MlflowClient(spec.tracking_uri).set_experiment_tag(experiment_id, layout.SPEC, spec_json(spec))
     return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
+
+
+def stored_spec(tracking_uri: str, sweep: str) -> str | None:
+    """The spec JSON a sweep stored in its experiment, or None; a missing SQLite file is not created."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        return None
+    experiment = open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
+    return experiment.tags.get(layout.SPEC) if experiment else None
 
 
 def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, str]:
@@ -70,30 +73,29 @@ def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, s
     client = MlflowClient(tracking_uri)
     runs = {}
     for study in spec.studies:
-        tags = {**study_tags(spec, study), ROLE: "study"}
-        runs[study.name] = find_or_create(client, experiment_id, tags, {ROLE: "study", STUDY: study.name},
-                                          run_name=study.name)
+        role = {ROLE: layout.STUDY_ROLE}
+        runs[study.name] = find_or_create(client, experiment_id, {**study_tags(spec, study), **role},
+                                          {**role, STUDY: study.name}, run_name=study.name)
     return runs
 
 
 def find_or_create(client: MlflowClient, experiment_id: str, tags: dict, keys: dict, run_name: str) -> str:
-    filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in keys.items())
+    filters = " and ".join(layout.tag_filter(k, v) for k, v in keys.items())
     found = client.search_runs([experiment_id], filters, max_results=1)
     if found:
         return found[0].info.run_id
     return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
 
 
-def best_score(client: MlflowClient, run_id: str) -> tuple[float, float] | None:
-    """(val_top1, val_top5) of a run's best epoch: highest top-1 over its history, ties by top-5."""
-    top5 = {m.step: m.value for m in client.get_metric_history(run_id, "val_top5")}
-    return max(((m.value, top5.get(m.step, 0.0)) for m in client.get_metric_history(run_id, "val_top1")),
-               default=None)
+def best_epoch(client: MlflowClient, run_id: str) -> dict | None:
+    """A run's best epoch by the layout's rule (layout.best_epoch), from its metric history."""
+    top1, top5 = ({m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("val_top1", "val_top5"))
+    return layout.best_epoch(top1, top5)
 
 
 @dataclass
 class TrialRuns:
-    """Every trial's run, written by the sweep's driver alone (tune_jobs/runlog.py).
+    """Every trial's run, written by the sweep's driver alone (tune_jobs/mlflow_callback.py).
 
     A run is found or created by its trial id, so a retried, moved or resumed trial logs into
     its one run; an epoch is logged only if the run lacks that step, so an epoch re-run after
@@ -112,7 +114,7 @@ class TrialRuns:
     def is_open(self, trial_id: str) -> bool:
         return trial_id in self.runs
 
-    def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = "trial") -> None:
+    def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = layout.TRIAL_ROLE) -> None:
         run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
         run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
         existing = self.client.get_run(run_id).data.params
@@ -132,24 +134,20 @@ class TrialRuns:
                tags=[RunTag(k, v) for k, v in tags.items()])
         self.logged[trial_id].add(step)
 
-    def fit_status(self, trial_id: str, epochs: int) -> str:
-        """How fit ended, from the epochs it finished: none means it diverged in its first."""
-        done = self.logged[trial_id]
-        return "diverged" if not done else "completed" if max(done) >= epochs else "early_stopped"
-
     def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:
+        """FINISHED with how fit ended (the status the trial reported) and its best checkpoint."""
         run_id = self.runs[trial_id]
         if best_checkpoint and best_checkpoint.exists():
-            _retry(self.client.log_artifact, run_id, str(best_checkpoint), "checkpoint")
-        _retry(self.client.log_batch, run_id, tags=[RunTag("attzoom.status", status)])
+            _retry(self.client.log_artifact, run_id, str(best_checkpoint), layout.CHECKPOINT_DIR)
+        _retry(self.client.log_batch, run_id, tags=[RunTag(STATUS, status)])
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail(self, trial_id: str, message: str) -> None:
         """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial)."""
         run_id = self.runs[trial_id]
-        attempt = len(self.client.get_metric_history(run_id, "failures")) + 1
-        _retry(self.client.log_batch, run_id, metrics=[Metric("failures", attempt, int(time.time() * 1000), attempt)],
-               tags=[RunTag(ERROR, message[:4000]), RunTag("attzoom.status", "error")])
+        attempt = len(self.client.get_metric_history(run_id, FAILURES)) + 1
+        _retry(self.client.log_batch, run_id, metrics=[Metric(FAILURES, attempt, int(time.time() * 1000), attempt)],
+               tags=[RunTag(ERROR, message[:4000]), RunTag(STATUS, layout.ERROR_STATUS)])
         self.client.set_terminated(run_id, "FAILED")
         del self.runs[trial_id]  # a retry opens it again, RUNNING
 

@@ -1,8 +1,9 @@
 """The Tune trainable: one trial is one ``attzoom.train.fit``, reported and checkpointed every epoch.
 
 The trial's folder (last.pt, best.pt) is the Tune checkpoint, so a trial restarted anywhere
-(after a crash, a retry, or on another node) continues from its last epoch. The trial
-touches no MLflow store: the driver logs what it reports (tune_jobs/runlog.py).
+(after a crash, a retry, or on another node) continues from its last epoch. Its last
+report says how fit ended (STATUS_KEY). The trial touches no MLflow store: the driver logs
+what it reports (tune_jobs/mlflow_callback.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import ray
 from ray import tune
 
-from .searcher import STUDY_KEY
+from .layout import TRIAL_ROLE
+from .space import STUDY_KEY
 from .spec import Spec
 
 GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
@@ -26,7 +28,7 @@ class SweepContext:
     """What a trial trains with: the validated spec (paths and URIs absolute) and the run's role."""
 
     spec: Spec
-    role: str = "trial"  # "confirm": a seed re-run of a study's best config (tune_jobs/confirm.py)
+    role: str = TRIAL_ROLE  # CONFIRM_ROLE: a seed re-run of a study's best config (tune_jobs/confirm.py)
 
 
 def run_trial(config: dict, sweep: SweepContext) -> None:
@@ -44,9 +46,9 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
         result = fit(train_config, data=cached_data(train_config), callback=report, checkpoint_dir=tmp, resume=True)
-        if result.status == "diverged" and result.history:
-            # fit reports finished epochs only; say why it stopped, with the last epoch's metrics Tune expects
-            tune.report({**result.history[-1], **extra, STATUS_KEY: result.status})
+        # fit reports finished epochs; the last report says how it ended, with the metrics Tune expects in every one
+        last = result.history[-1] if result.history else {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0}
+        tune.report({**last, **extra, STATUS_KEY: result.status})
 
 
 def trial_config(config: dict, sweep: SweepContext):

@@ -1,4 +1,4 @@
-"""The sweep driver's Tune callback that logs every trial to MLflow.
+"""The Tune callback that writes MLflow: the sweep's driver logs every trial's run from what it reports.
 
 Trials report to Tune; the driver alone writes their runs. A trial process then loads no
 MLflow and opens no store (about 1.4 s off the start of every trial process), and trials on
@@ -26,8 +26,9 @@ from ray.exceptions import RayTaskError
 
 from attzoom.names import METRICS
 
+from .layout import CONFIRM_ROLE, GPU_IDS, SEED, UNKNOWN_STATUS
 from .trainable import GPU_IDS_KEY, STATUS_KEY, SweepContext, trial_config
-from .tracking import GPU_IDS, SEED, TrialRuns, prepare_tracking, study_tags
+from .tracking import TrialRuns, prepare_tracking, study_tags
 
 # (experiment id, {study: parent run id}); the sweep prepares the store while Ray and the first trial start
 Store = Callable[[], tuple[str, dict[str, str]]]
@@ -35,7 +36,7 @@ Store = Callable[[], tuple[str, dict[str, str]]]
 Resolve = Callable[[dict], tuple[dict, SweepContext]]
 
 
-class TrialLogger(tune.Callback):
+class MlflowCallback(tune.Callback):
     """One MLflow child run per trial: params when it starts, metrics per epoch, status and best.pt at the end."""
 
     def __init__(self, sweep: SweepContext, store: Store, resolve: Resolve | None = None):
@@ -73,7 +74,7 @@ class TrialLogger(tune.Callback):
         self._later(self._open, trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" not in result or STATUS_KEY in result:  # the last line of a diverged trial repeats an epoch
+        if "epoch" not in result or STATUS_KEY in result:  # a trial's last report (its status) repeats an epoch
             return
         tags = {GPU_IDS: result[GPU_IDS_KEY]} if GPU_IDS_KEY in result else {}
         self._later(self._log_epoch, trial.trial_id, trial.config, int(result["epoch"]),
@@ -89,8 +90,8 @@ class TrialLogger(tune.Callback):
         self._later(self._fail, trial.trial_id, trial.config, describe(trial_error(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._later(self._finish, trial.trial_id, trial.config, (trial.last_result or {}).get(STATUS_KEY),
-                    trial.checkpoint)
+        status = (trial.last_result or {}).get(STATUS_KEY, UNKNOWN_STATUS)  # every trial reports it last (trainable.py)
+        self._later(self._finish, trial.trial_id, trial.config, status, trial.checkpoint)
 
     def _later(self, write: Callable, *args) -> None:
         if self._writer is None:
@@ -107,9 +108,8 @@ class TrialLogger(tune.Callback):
         self._open(trial_id, config)
         self.runs.fail(trial_id, error)
 
-    def _finish(self, trial_id: str, config: dict, status: str | None, checkpoint) -> None:
+    def _finish(self, trial_id: str, config: dict, status: str, checkpoint) -> None:
         self._open(trial_id, config)
-        status = status or self.runs.fit_status(trial_id, self._resolve(config)[1].spec.epochs)
         if checkpoint is None:
             self.runs.finish(trial_id, status, None)
             return
@@ -125,7 +125,7 @@ class TrialLogger(tune.Callback):
         config, sweep = self._resolve(config)
         study, params, train_config = trial_config(config, sweep)
         tags = study_tags(sweep.spec, study)
-        if sweep.role == "confirm":
+        if sweep.role == CONFIRM_ROLE:
             tags[SEED] = str(train_config.seed)
         self.runs.open(trial_id, study.name, tags, {**train_config.to_dict(), **params}, sweep.role)
 

@@ -1,0 +1,108 @@
+"""How a sweep is laid out in MLflow: the one module that names its experiment, tags, roles and metrics.
+
+The sweep's driver writes this layout (tune_jobs/tracking.py, tune_jobs/mlflow_callback.py) and
+the reports read it back from the store alone (dashboards/), so both import these names
+instead of spelling them (tests/test_layout.py fails on a tag key spelled anywhere else).
+Plain data and pure functions: no torch, Ray or MLflow import, so a laptop with only the
+tracking URI, and the CLI before it loads anything heavy, can use it.
+
+    experiment  attzoom-<sweep>
+    parent run  one per study, named after it:   role=study,   sweep, study, backbone, dataset, variant
+    child run   one per trial, named by its id:  role=trial,   + trial_id, mlflow.parentRunId, gpu_ids
+                one per confirm seed:            role=confirm, + seed
+    metrics     per epoch (step = epoch): EPOCH_METRICS; on the best trials: TEST_METRICS;
+                on a parent when the sweep ends: STUDY_METRICS
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+from attzoom.names import METRICS as EPOCH_METRICS  # what fit reports every epoch
+
+EXPERIMENT_PREFIX = "attzoom-"
+
+# Tag keys. Users filter on them in the MLflow UI (README), so renaming one breaks their saved searches.
+SWEEP = "attzoom.sweep"
+STUDY = "attzoom.study"
+TRIAL = "attzoom.trial_id"
+ROLE = "attzoom.role"
+ERROR = "attzoom.error"  # a failed trial's exception, "Type: message"
+STATUS = "attzoom.status"  # how fit ended, as the trial reported it: FIT_STATUSES, ERROR_STATUS
+GPU_IDS = "attzoom.gpu_ids"  # the GPUs the trial's process was given ("" on CPU)
+SEED = "attzoom.seed"  # a confirm run's seed
+PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its study's
+BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
+SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC)
+
+# Values of the ROLE tag.
+STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
+
+# Values of the STATUS tag; the first three are what attzoom.train.fit returns.
+FIT_STATUSES = ("completed", "early_stopped", "diverged")
+ERROR_STATUS = "error"
+UNKNOWN_STATUS = "unknown"  # a trial that completed without reporting one (none should)
+
+TEST_METRICS = ("test_top1", "test_top5")  # the best checkpoint on the official test split, logged once
+STUDY_METRICS = ("trials_finished", "trials_failed", "best_val_top1")
+FAILURES = "failures"  # on a trial run: its failed attempts so far (step = attempt)
+CHECKPOINT_DIR = "checkpoint"  # a trial's best.pt is logged into this artifact folder
+CHECKPOINT = f"{CHECKPOINT_DIR}/best.pt"
+MAX_RUNS = 50_000  # more runs than any sweep has: one search_runs page reads them all
+
+T = TypeVar("T")
+
+
+def experiment_name(sweep: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{sweep}"
+
+
+def sweep_of(experiment: str) -> str | None:
+    """The sweep an experiment holds, or None when it is not a sweep's."""
+    return experiment[len(EXPERIMENT_PREFIX):] if experiment.startswith(EXPERIMENT_PREFIX) else None
+
+
+def study_name(backbone: str, dataset: str, variant: str) -> str:
+    return f"{backbone}.{dataset}.{variant}"
+
+
+def study_tags(sweep: str, backbone: str, dataset: str, variant: str) -> dict[str, str]:
+    """The tags a study's parent run and every one of its trial runs carry."""
+    return {SWEEP: sweep, STUDY: study_name(backbone, dataset, variant), BACKBONE: backbone, DATASET: dataset,
+            VARIANT: variant}
+
+
+def runs_filter(role: str, finished: bool = False) -> str:
+    """A search_runs filter for the runs of one role (only FINISHED ones with ``finished``)."""
+    text = f"tags.`{ROLE}` = '{role}'"
+    return f"{text} and attributes.status = 'FINISHED'" if finished else text
+
+
+def tag_filter(key: str, value: str) -> str:
+    return f"tags.`{key}` = '{value}'"
+
+
+def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
+    """The epoch with the highest validation top-1, ties by top-5: the epoch ``best.pt`` holds.
+
+    The maximum over the run's history, not the last logged value (what MLflow's own sort and
+    filters use): with early stopping the last epochs are the ones that did not improve.
+    Returns {"epoch", "val_top1", "val_top5"}, or None before the first epoch.
+    """
+    if not top1:
+        return None
+    step = max(top1, key=lambda s: (top1[s], top5.get(s, 0.0)))
+    return {"epoch": step, "val_top1": top1[step], "val_top5": top5.get(step, 0.0)}
+
+
+def best_of(candidates: Iterable[tuple[T, dict | None]]) -> T | None:
+    """The best trial of a study: the highest best epoch (top-1, ties by top-5), then the earliest given.
+
+    ``candidates`` are (trial, its best_epoch) in start order; trials without an epoch never win.
+    """
+    best, best_key = None, None
+    for trial, epoch in candidates:
+        if epoch is not None and (best_key is None or (epoch["val_top1"], epoch["val_top5"]) > best_key):
+            best, best_key = trial, (epoch["val_top1"], epoch["val_top5"])
+    return best

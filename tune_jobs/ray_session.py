@@ -1,0 +1,78 @@
+"""Ray for a sweep's driver: a private local instance kept on 127.0.0.1, or a cluster; and Tune's settings.
+
+Used by ``sweep``, ``resume`` and ``confirm``; the trials' own processes start in this Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from .spec import Spec, check_cluster_gpus
+
+
+def tune_settings(spec: Spec) -> dict[str, str]:
+    """The environment variables that change how Ray and Tune run a sweep (a user's own values win)."""
+    return {
+        # Snapshot the experiment every second (not every 10 s): a driver killed between two
+        # snapshots forgets the trials started since, and each of those costs a repeated trial.
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        "RAY_AIR_NEW_OUTPUT": "0",  # Tune's table output; StudyProgress prints per study instead
+        # Tune's default TensorBoard logger costs a second of imports before the first trial and duplicates
+        # MLflow; the sweep adds the CSV and JSON loggers back.
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
+        "TUNE_MAX_PENDING_TRIALS_PG": str(spec.max_concurrent),
+    }
+
+
+def apply_tune_settings(spec: Spec) -> None:
+    """Set tune_settings once, when a sweep starts and before Tune is imported (it reads some at import)."""
+    for key, value in tune_settings(spec).items():
+        os.environ.setdefault(key, value)
+
+
+def start_ray(spec: Spec, address: str | None) -> None:
+    """Connect to a cluster, or start a private local instance bound to 127.0.0.1."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        where = f"the cluster at {address}"
+    else:
+        with loopback_only():
+            ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+        where = "this machine"
+    check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+@contextmanager
+def loopback_only():
+    """Keep every service of a private local Ray on 127.0.0.1.
+
+    Ray swaps 127.0.0.1 for the machine's network address (so that other nodes could join)
+    unless it believes the platform cannot cluster, its macOS/Windows default. Saying so
+    while the instance starts binds the GCS, raylet, object manager and agents to loopback;
+    the processes it starts inherit the setting, nothing after ray.init sees it.
+    """
+    from ray._private import ray_constants
+
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved, saved_flag = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved

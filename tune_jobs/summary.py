@@ -1,0 +1,57 @@
+"""Per-study summary of a sweep, read from its MLflow runs: what ``status`` prints and a sweep ends with.
+
+A study is done when its finished and failed trials reach the spec's N; its parent run
+then closes FINISHED with the counts and the best validation top-1 (layout.STUDY_METRICS),
+else KILLED, so the MLflow UI shows which studies a resume still has to complete.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+from mlflow.tracking import MlflowClient
+
+from . import layout
+from .layout import STUDY
+from .spec import Spec
+from .tracking import best_epoch
+
+
+def summarize(client: MlflowClient, experiment_id: str) -> dict:
+    """Per study: finished / running / failed trial runs and the best validation top-1 so far."""
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "best_top1": None})
+    for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
+        row = rows[run.data.tags[STUDY]]
+        row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
+        best = best_epoch(client, run.info.run_id) if "val_top1" in run.data.metrics else None
+        if best is not None and (row["best_top1"] is None or best["val_top1"] > row["best_top1"]):
+            row["best_top1"] = best["val_top1"]
+    return dict(rows)
+
+
+def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
+    """Close each study's parent run with its counts and best trial; return the summary."""
+    client = MlflowClient(spec.tracking_uri)
+    summary = summarize(client, experiment_id)
+    finished, failed, best = layout.STUDY_METRICS
+    for name, run_id in parents.items():
+        row = summary.get(name, {})
+        metrics = {finished: row.get("finished", 0), failed: row.get("failed", 0)}
+        if row.get("best_top1") is not None:
+            metrics[best] = row["best_top1"]
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        done = row.get("finished", 0) + row.get("failed", 0) >= spec.trials
+        client.set_terminated(run_id, "FINISHED" if done else "KILLED")
+    return summary
+
+
+def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
+    lines = ["| study | finished | failed | running | best val top-1 |", "|---|---:|---:|---:|---:|"]
+    for study in spec.studies:
+        row = summary.get(study.name, {})
+        best = row.get("best_top1")
+        lines.append(f"| {study.name} | {row.get('finished', 0)} | {row.get('failed', 0)} | {row.get('running', 0)} "
+                     f"| {'-' if best is None else f'{best:.2f}'} |")
+    print("\n".join(lines), file=out)
