@@ -23,6 +23,7 @@ import pytest
 
 from test_sweep_e2e import assert_exactly_once, free_port, trial_runs, wait_for, write_spec
 from tune_jobs.layout import TRIAL
+from tune_jobs.trainable import STATUS_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -117,16 +118,19 @@ def cluster(tmp_path):
 
 
 def trial_results(storage: Path) -> dict[str, list[dict]]:
-    """Each trial's reported rows (Tune's result.json), by trial folder."""
+    """Each trial's per-epoch rows (Tune's result.json), by trial folder; its last row, which reports how
+    fit ended and repeats the last epoch's metrics, is left out."""
     rows = {}
     for f in storage.glob("t/*/result.json"):
         lines = [line for line in f.read_text().splitlines() if line.strip()]
         parsed = []
         for line in lines:
             try:
-                parsed.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a row being written
-                pass
+                continue
+            if STATUS_KEY not in row:
+                parsed.append(row)
         rows[f.parent.name] = parsed
     return rows
 

@@ -300,7 +300,7 @@ def test_mlflow_has_auth_and_is_reached_through_a_clusterip_service():
     port = service["spec"]["ports"][0]
     assert PAPER["tracking_uri"] == f"http://{service['metadata']['name']}:{port['port']}"
     assert any(p["containerPort"] == 5000 for p in container["ports"]) and "--port=5000" in command
-    # The sweep's driver runs on the head and alone writes MLflow (tune_jobs/runlog.py): the head gets the
+    # The sweep's driver runs on the head and alone writes MLflow (tune_jobs/mlflow_callback.py): the head gets the
     # credentials from the Secret, not inline; workers run trials, which never touch the store, and get none.
     for group, spec in _ray_pod_specs(_one("RayCluster")["spec"]):
         ray_env = _env(spec["containers"][0])
