@@ -67,8 +67,9 @@ def run_report_command(args) -> int:
 
 def check_store(tracking_uri: str) -> None:
     """A missing SQLite file is a typo, not a new store: MLflow would silently create an empty one."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise ReportError(f"no tracking store at {path}; pass --tracking-uri sqlite:///PATH/mlflow.db "
-                              "(or the http:// address of an MLflow server)")
+    from tune_jobs.spec import SpecError, check_store_exists
+
+    try:
+        check_store_exists(tracking_uri)
+    except SpecError as e:
+        raise ReportError(str(e)) from None

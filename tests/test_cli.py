@@ -44,3 +44,18 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_trace(tmp_path, args, expect
 def test_main_returns_2_in_process_for_config_errors(capsys):
     assert main(["train", "--threshold", "1.5"]) == 2
     assert "threshold must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--tracking-uri", "sqlite:///{tmp}/nowhere/dir/m.db"],
+                                     ["ui", "--tracking-uri", "sqlite:///{tmp}/nowhere/m.db", "--port", "1"],
+                                     ["report", "demo", "--tracking-uri", "sqlite:///{tmp}/nowhere/m.db"],
+                                     ["explain", "abc", "--tracking-uri", "sqlite:///{tmp}/m.db"]])
+def test_readers_on_a_missing_store_say_so_in_one_line_and_create_nothing(tmp_path, command):
+    # bare `attzoom status` in an empty folder used to create ./mlflow.db and its lock file
+    args = [part.format(tmp=tmp_path) for part in command]
+    out = subprocess.run([sys.executable, "-m", "tune_jobs.cli", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no tracking store at" in lines[0] and "--tracking-uri" in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []

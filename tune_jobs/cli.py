@@ -156,11 +156,17 @@ def run_demo_command(args) -> int:
 
 def run_status_command(args) -> int:
     from .layout import sweep_of
+    from .spec import check_store_exists
     from .summary import summarize
     from .tracking import open_store
 
     if args.job:
         print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
+        try:
+            check_store_exists(args.tracking_uri)
+        except SpecError:
+            return 0  # the job's state is all there is to show from this machine
+    check_store_exists(args.tracking_uri)
     client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
     experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep:
@@ -256,9 +262,11 @@ def run_logs_command(args) -> int:
 def run_ui_command(args) -> int:
     import subprocess
 
+    from .spec import check_store_exists
     from .tracking import open_store
 
-    open_store(args.tracking_uri)  # created here under the lock, not by the server racing a sweep
+    check_store_exists(args.tracking_uri)
+    open_store(args.tracking_uri)  # a store a sweep has just created is migrated under the lock, not by the server
     mlflow = Path(sys.executable).with_name("mlflow")
     return subprocess.call([str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
                             "--port", str(args.port)])

@@ -232,6 +232,15 @@ def check_writable(key: str, location: str) -> None:
                         f"choose a writable location with --{key.replace('_', '-')}")
 
 
+def check_store_exists(tracking_uri: str) -> None:
+    """Readers (status, report, explain, ui) never create a store: a missing SQLite file is a typo or the
+    wrong folder, and MLflow would silently create an empty one (and its folders) there."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        raise SpecError(f"no tracking store at {database}; pass --tracking-uri sqlite:///PATH/mlflow.db (or the "
+                        "http:// address of an MLflow server)")
+
+
 def sqlite_file(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI (``~`` expanded), or None for another store."""
     prefix = "sqlite:///"
