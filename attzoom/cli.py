@@ -96,11 +96,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     from .data import load
-    from .train import best_test_metrics, fit
+    from .train import best_test_metrics, check_resumable, fit
 
     config = config_from_args(args)
     data = load(config.dataset, config.data_root, config.val_fraction)
     ckpt = args.checkpoint_dir or Path("runs") / f"{config.backbone}-{config.dataset}-{config.variant}"
+    if not args.restart and (ckpt / "last.pt").exists():
+        check_resumable(ckpt / "last.pt")
     with EpochBar(config.epochs, config.variant) as bar:
         result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=not args.restart)
     test = best_test_metrics(ckpt, data, config.device)

@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A config value a user can fix; the message names the key and the fix."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (truncated, corrupt, another config's); the message names it."""
+
+
 class DataError(Exception):
     """A data set is missing or malformed; the message says where and what is expected."""
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import PaperAugment
-from .config import TrainConfig
+from .config import CheckpointError, TrainConfig
 from .data import ImageSet, Splits, load
 from .models import build_model
 Callback = Callable[[dict, Path | None], None]
@@ -76,7 +76,7 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     history: list[dict] = []
     last = ckpt_dir / "last.pt" if ckpt_dir else None
     if resume and last is not None and last.exists():
-        history = load_training_state(last, model, optimizer, scheduler, scaler, generator, stop)
+        history = resume_training_state(last, model, optimizer, scheduler, scaler, generator, stop)
     train_model = torch.compile(model) if cfg.compile else model
     train_set, val_set = data.train.to(rt.device), data.val.to(rt.device)
     augment = PaperAugment(data.image_size, autoaugment=True) if cfg.augment else None
@@ -254,6 +254,30 @@ def save_checkpoints(ckpt_dir: Path, cfg, data: Splits, model, optimizer, schedu
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }, ckpt_dir / "last.pt")
+
+
+def resume_training_state(path: Path, *state) -> list[dict]:
+    """load_training_state, any failure told as one CheckpointError line (checkpoint_error)."""
+    try:
+        return load_training_state(path, *state)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the user's choice is the same
+        raise checkpoint_error(path, e) from e
+
+
+def check_resumable(path: Path) -> None:
+    """Fail now, not mid-progress-bar, on a last.pt that cannot be read (mmap: the tensors are not loaded)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - as in resume_training_state
+        raise checkpoint_error(path, e) from e
+
+
+def checkpoint_error(path: Path, error: Exception) -> CheckpointError:
+    """One line naming the file and the way out, for a truncated file, another config's weights, or a file
+    carrying pickled code (which weights_only refuses without running it)."""
+    reason = (str(error).strip().splitlines() or [""])[0][:160]
+    return CheckpointError(f"cannot resume from {path} ({type(error).__name__}: {reason}); it is truncated, corrupt "
+                           "or from another config: start over with --restart (resume=False in fit)")
 
 
 def load_training_state(path: Path, model, optimizer, scheduler, scaler, generator, stop) -> list[dict]:

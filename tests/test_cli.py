@@ -59,3 +59,16 @@ def test_readers_on_a_missing_store_say_so_in_one_line_and_create_nothing(tmp_pa
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "no tracking store at" in lines[0] and "--tracking-uri" in lines[0], out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_last_pt_is_one_line_naming_it_and_restart(tmp_path):
+    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(tmp_path / "data"), "--batch-size", "256",
+            "--no-augment", "--checkpoint-dir", str(tmp_path / "run"), "--epochs"]
+    assert attzoom(*args, "1", cwd=tmp_path).returncode == 0
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    out = attzoom(*args, "2", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(last) in lines[0] and "--restart" in lines[0], out.stderr
+    assert attzoom(*args, "2", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works

@@ -281,14 +281,16 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_by_load_checkpoint_mo
 
 
 def test_resuming_from_a_checkpoint_carrying_a_pickled_object_is_refused(tmp_path):
+    from attzoom.config import CheckpointError
     from attzoom.train import fit
 
     fit(train_config(epochs=1), data=small_splits(), checkpoint_dir=tmp_path / "run")
     last = tmp_path / "run" / "last.pt"
     marker = tmp_path / "pwned"
     evil_checkpoint(last, marker, torch.load(last, weights_only=True))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="--restart") as refused:
         fit(train_config(epochs=2), data=small_splits(), checkpoint_dir=tmp_path / "run", resume=True)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)  # weights_only refused it, unrun
     assert not marker.exists()
 
 
