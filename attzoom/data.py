@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -110,13 +111,13 @@ def _cifar_part(folder: Path, part: str, note: str = "") -> ImageSet:
             entry = pickle.load(f, encoding="bytes")
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
-            MemoryError) as e:  # a corrupt frame header can ask for an absurd allocation
-        raise DataError(f"CIFAR-100 file {path} is truncated or malformed ({type(e).__name__}: {e}); "
+    except Exception as e:  # noqa: BLE001 - damaged bytes can make pickle raise nearly anything
+        # (OverflowError for a bogus FRAME length, ImportError, LookupError, MemoryError, ...)
+        raise DataError(f"CIFAR-100 file {path} is truncated or malformed ({_reason(e)}); "
                         f"expected a pickled dict with b'data' (N x 3072 uint8) and b'fine_labels'") from e
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),) or not len(data):
         raise DataError(f"CIFAR-100 file {path} is malformed: data shape {data.shape}, "
-                        f"{len(labels)} labels; expected N x 3072 and N labels")
+                        f"labels shape {labels.shape}; expected N x 3072 and N labels, N > 0")
     if labels.min() < 0 or labels.max() >= 100:
         raise DataError(f"CIFAR-100 file {path} is malformed: labels outside 0..99")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
@@ -138,14 +139,17 @@ def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, Imag
     wnids_file = folder / "wnids.txt"
     if not wnids_file.is_file():
         raise DataError(f"Tiny-ImageNet not found: {wnids_file} is missing{note}; put {TINY_LAYOUT} under {root}")
-    wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
+    wnids = [w.strip() for w in _read_text(wnids_file, "one wnid such as 'n01443537' a line").splitlines()
+             if w.strip()]
+    bad = [w for w in wnids if not re.fullmatch(r"[A-Za-z0-9_-]+", w)]
+    if bad or not wnids or len(set(wnids)) < len(wnids):
+        what = f"lists {bad[0][:40]!r}" if bad else "repeats a wnid" if wnids else "lists no wnids"
+        raise DataError(f"Tiny-ImageNet malformed: {wnids_file} {what}; expected one wnid such as 'n01443537' "
+                        "a line, each with a folder train/<wnid>/images")
     index = {w: i for i, w in enumerate(wnids)}
     cache = _cache_file(folder, "tiny")
-    if cache.is_file():
-        with np.load(cache) as z:
-            train = ImageSet(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"]))
-            test = ImageSet(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"]))
-        return train, test, len(wnids)
+    if cached := _read_cache(cache, 64, len(wnids)):
+        return *cached, len(wnids)
     train = _read_images(_tiny_train_files(folder, wnids, index))
     test = _read_images(_tiny_val_files(folder, index))
     _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
@@ -159,7 +163,8 @@ def _tiny_train_files(folder: Path, wnids: list[str], index: dict[str, int]) -> 
         images = folder / "train" / wnid / "images"
         found = sorted(images.glob("*.JPEG"))
         if not found:
-            raise DataError(f"Tiny-ImageNet malformed: no images in {images}; expected {TINY_LAYOUT}")
+            raise DataError(f"Tiny-ImageNet malformed: no images in {images} for wnid {wnid} of "
+                            f"{folder / 'wnids.txt'}; expected {TINY_LAYOUT}")
         files += [(p, index[wnid]) for p in found]
     return files
 
@@ -168,31 +173,48 @@ def _tiny_val_files(folder: Path, index: dict[str, int]) -> list[tuple[Path, int
     annotations = folder / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DataError(f"Tiny-ImageNet malformed: {annotations} is missing; expected {TINY_LAYOUT}")
+    expected = "'<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' lines"
+    images = folder / "val" / "images"
+    present = {p.name for p in images.iterdir()} if images.is_dir() else set()
     files = []
-    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(annotations, expected).splitlines(), 1):
         fields = line.split("\t")
         if not line.strip():
             continue
         if len(fields) < 2 or fields[1] not in index:
-            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} is {line!r}; "
-                            "expected '<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' with a wnid from wnids.txt")
-        files.append((folder / "val" / "images" / fields[0], index[fields[1]]))
+            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} is {line[:100]!r}; "
+                            f"expected {expected} with a wnid from {folder / 'wnids.txt'}")
+        if fields[0] not in present:  # also keeps names such as '../x' or '/x' out of the path
+            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} names "
+                            f"{str(images / fields[0][:100])!r}, which is missing")
+        files.append((images / fields[0], index[fields[1]]))
+    if not files:
+        raise DataError(f"Tiny-ImageNet malformed: {annotations} lists no images; expected {expected}")
     return files
 
 
+def _read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except Exception as e:  # noqa: BLE001 - UnicodeDecodeError for binary junk, OSError for an unreadable file
+        raise DataError(f"Tiny-ImageNet file {path} is unreadable ({_reason(e)}); expected {expected}") from e
+
+
 def _read_images(files: list[tuple[Path, int]]) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     images = np.empty((len(files), 64, 64, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(files):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (64, 64):
-                    raise DataError(f"Tiny-ImageNet image {path} is {im.size[0]}x{im.size[1]}, expected 64x64")
-                images[i] = np.asarray(im)
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"Tiny-ImageNet image {path} is missing or unreadable ({e})") from e
+                size = im.size  # checked before decoding, so a damaged header cannot ask for a huge image
+                if size == (64, 64):
+                    images[i] = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            raise DataError(f"Tiny-ImageNet image {path} is missing or unreadable ({_reason(e)}); "
+                            "expected a 64x64 JPEG") from e
+        if size != (64, 64):
+            raise DataError(f"Tiny-ImageNet image {path} is {size[0]}x{size[1]}, expected 64x64")
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
 
@@ -220,10 +242,8 @@ def load_cluttered_digits(root: Path, spec: ClutterSpec = ClutterSpec()) -> tupl
     and cached under ``root`` after the first build.
     """
     cache = _cache_file(root / "cluttered-digits", _spec_key(spec))
-    if cache.is_file():
-        with np.load(cache) as z:
-            return (ImageSet(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"])),
-                    ImageSet(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"])), 10)
+    if cached := _read_cache(cache, spec.canvas, 10):
+        return *cached, 10
     train, test = make_cluttered_digits(spec)
     _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
                 test_x=test.images.numpy(), test_y=test.labels.numpy())
@@ -281,6 +301,35 @@ def _spec_key(spec: ClutterSpec) -> str:
 
 def _cache_file(folder: Path, key: str) -> Path:
     return folder / f".attzoom-{key}.npz"
+
+
+def _read_cache(path: Path, size: int, classes: int) -> tuple[ImageSet, ImageSet] | None:
+    """The cached (train, test), or None when there is none or it is damaged or does not fit.
+
+    A cache is this program's own derived file, not the user's data: when it is damaged (a full
+    disk, a copy cut short) a user expects it rebuilt from the data set, not an error telling them
+    to delete it, so a damaged cache counts as absent and the rebuild overwrites it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            parts = tuple(ImageSet(torch.from_numpy(z[f"{s}_x"]), torch.from_numpy(z[f"{s}_y"]))
+                          for s in ("train", "test"))
+    except Exception:  # noqa: BLE001 - zip, npy and torch errors of every kind all mean: rebuild it
+        return None
+    for p in parts:
+        if not (p.images.dtype == torch.uint8 and p.images.shape[1:] == (3, size, size)
+                and p.labels.dtype == torch.int64 and p.labels.shape == (len(p.images),) and len(p.labels)
+                and 0 <= int(p.labels.min()) and int(p.labels.max()) < classes):
+            return None
+    return parts
+
+
+def _reason(e: BaseException) -> str:
+    """A decoder's complaint on one short line, to quote in a DataError."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def _save_cache(path: Path, **arrays) -> None:

@@ -1,6 +1,8 @@
 """Data loaders on small fake copies in the real on-disk formats, and the cluttered-digits set."""
 
+import collections
 import pickle
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 from PIL import Image
 
 from attzoom import data
-from attzoom.data import DATASETS, ClutterSpec, DataError, load, make_cluttered_digits
+from attzoom.data import DATASETS, ClutterSpec, DataError, ImageSet, load, make_cluttered_digits
 
 # --- CIFAR-100 -------------------------------------------------------------------------
 
@@ -115,6 +117,15 @@ def test_cifar100_empty_file(fake_cifar100):
     path.write_bytes(b"")
     with pytest.raises(DataError, match=str(path)):
         load("cifar100", fake_cifar100, download=False)
+
+
+def test_cifar100_pickle_starting_with_0x95(fake_cifar100):
+    """0x95 is pickle's FRAME opcode: the next 8 bytes read as an absurd frame length (was an OverflowError)."""
+    path = fake_cifar100 / "cifar-100-python" / "train"
+    path.write_bytes(b"\x95" + path.read_bytes()[1:])
+    with pytest.raises(DataError, match="truncated or malformed") as info:
+        load("cifar100", fake_cifar100, download=False)
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
 def _rewrite(root: Path, part: str, **changes) -> Path:
@@ -368,3 +379,142 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
     assert "imagenet" in str(info.value)
     for name in DATASETS:
         assert name in str(info.value)
+
+
+# --- fuzzing: every damaged data file ends in the one-line DataError, never a traceback ----
+
+FUZZ_SEED = 13
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Hundreds of tiny loads: torch's thread pool only adds contention (4x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _corruptions(raw: bytes, n: int, seed: int, quiet: tuple[bytes, ...] = ()) -> list[tuple[str, bytes]]:
+    """``n`` labelled damaged copies of ``raw``, in turn: random bytes of random length, ``raw`` cut
+    at a random point, ``raw`` with 1-8 bytes overwritten (half of them outside the ``quiet`` blobs,
+    bulk pixel data where a flip may only change a pixel) and ``raw`` with another first byte (0x95,
+    the pickle FRAME opcode, among others). Random files also start with 0x95 every other time."""
+    rng = np.random.default_rng(seed)
+    loud = np.ones(len(raw), bool)
+    for blob in quiet:
+        if (at := raw.find(blob)) >= 0:
+            loud[at:at + len(blob)] = False
+    loud = np.flatnonzero(loud)
+    out = []
+    for i in range(n):
+        kind = ("random", "truncated", "flipped", "first-byte")[i % 4]
+        if kind == "random":
+            blob = rng.bytes(int(rng.integers(0, min(2 * len(raw), 1 << 16) + 1)))
+            if i % 8 == 0 and blob:
+                blob = b"\x95" + blob[1:]
+        elif kind == "truncated":
+            blob = raw[: int(rng.integers(0, len(raw)))]
+        else:
+            b = bytearray(raw)
+            if kind == "first-byte":
+                b[0] = int(rng.choice([0x95, 0x95, 0x80, 0x00, 0xFF, int(rng.integers(256))]))
+            else:
+                for _ in range(int(rng.integers(1, 9))):
+                    at = int(rng.choice(loud)) if rng.random() < 0.5 and len(loud) else int(rng.integers(len(b)))
+                    b[at] ^= int(rng.integers(1, 256))
+            blob = bytes(b)
+        out.append((f"seed={seed} {kind} #{i} ({len(blob)} bytes)", blob))
+    return out
+
+
+def _fuzz(path: Path, variants, reload, must_load: bool = False, check=None) -> collections.Counter:
+    """Write each variant over ``path`` and call ``reload()``; it must return (then ``check`` its result)
+    or, unless ``must_load``, raise a one-line DataError naming ``path``. Anything else fails the test."""
+    outcomes, failures = collections.Counter(), []
+    for label, blob in variants:
+        path.write_bytes(blob)
+        try:
+            result = reload()
+        except DataError as e:
+            outcomes["DataError"] += 1
+            message = str(e)
+            if must_load or len(message.splitlines()) != 1 or str(path) not in message:
+                why = "instead of a rebuild" if must_load else "not one line naming the file"
+                failures.append(f"{label}: DataError {why}: {message!r}")
+        except Exception as e:  # noqa: BLE001 - a traceback for the user: exactly what this test hunts
+            outcomes[type(e).__name__] += 1
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            failures.append(f"{label}: {type(e).__name__}: {str(e)[:150]!r} "
+                            f"at {Path(where.filename).name}:{where.lineno}")
+        else:
+            outcomes["loaded"] += 1
+            if check is not None and (problem := check(result)):
+                failures.append(f"{label}: loaded but {problem}")
+    assert not failures, (f"{len(failures)} of {len(variants)} damaged versions of {path} failed "
+                          f"(outcomes {dict(outcomes)}):\n" + "\n".join(failures[:20]))
+    return outcomes
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fuzz_cifar100_pickles(tmp_path, write_cifar100, part):
+    entry = write_cifar100(tmp_path, 4, 2)[part]
+    path = tmp_path / "cifar-100-python" / part
+    pixels = entry[b"data"].tobytes()  # protocol 2 stores them as a latin-1 text, UTF-8 encoded
+    variants = _corruptions(path.read_bytes(), 250, FUZZ_SEED + (part == "test"),
+                            quiet=(pixels, pixels.decode("latin-1").encode("utf-8")))
+    outcomes = _fuzz(path, variants, lambda: load("cifar100", tmp_path, download=False))
+    assert outcomes["DataError"] > len(variants) // 2  # the damage was mostly real, not pixel noise
+
+
+TINY_TARGETS = ["wnids.txt", "val/val_annotations.txt", f"train/{WNIDS[1]}/images/{WNIDS[1]}_0.JPEG",
+                "val/images/val_3.JPEG"]
+
+
+@pytest.mark.parametrize("target", TINY_TARGETS, ids=["wnids", "annotations", "train-jpeg", "val-jpeg"])
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fuzz_tinyimagenet_files(tmp_path, target):
+    folder = write_tinyimagenet(tmp_path, per_class=1)
+    path, cache = folder / target, folder / ".attzoom-tiny.npz"
+
+    def reload():
+        cache.unlink(missing_ok=True)  # decode the files every time, not the cache of a lucky variant
+        return load("tinyimagenet", tmp_path, download=False)
+
+    outcomes = _fuzz(path, _corruptions(path.read_bytes(), 120, FUZZ_SEED), reload)
+    assert outcomes["DataError"] > 30
+
+
+def _fuzz_cache(cache: Path, reference, reload, n: int = 200) -> None:
+    """A damaged cache is rebuilt from the data set, so every variant loads, and loads the right data."""
+    with np.load(cache) as z:
+        quiet = tuple(z[k].tobytes() for k in z.files if z[k].nbytes > 256)
+
+    def check(splits):
+        if not (torch.equal(splits.test.images, reference.test.images)
+                and torch.equal(splits.test.labels, reference.test.labels)
+                and len(splits.train) + len(splits.val) == len(reference.train) + len(reference.val)):
+            return "with data other than the data set's"
+
+    _fuzz(cache, _corruptions(cache.read_bytes(), n, FUZZ_SEED, quiet), reload, must_load=True, check=check)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fuzz_tinyimagenet_cache(tmp_path):
+    folder = write_tinyimagenet(tmp_path, per_class=1)
+    reload = lambda: load("tinyimagenet", tmp_path, download=False)  # noqa: E731
+    reference = reload()
+    _fuzz_cache(folder / ".attzoom-tiny.npz", reference, reload)
+    for jpeg in folder.rglob("*.JPEG"):  # the last damaged cache was replaced by a good one
+        jpeg.unlink()
+    assert torch.equal(reload().test.images, reference.test.images)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fuzz_cluttered_digits_cache(tmp_path, monkeypatch):
+    small = ImageSet(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.arange(20) % 10)
+    monkeypatch.setattr(data, "make_cluttered_digits", lambda spec: (small, small.subset(torch.arange(10))))
+    reload = lambda: load("cluttered-digits", tmp_path)  # noqa: E731 - rebuilding takes milliseconds now
+    reference = reload()
+    _fuzz_cache(_cache_files(tmp_path)[0], reference, reload)

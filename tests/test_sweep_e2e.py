@@ -144,9 +144,16 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and "RUNNING" in statuses(tmp_path))
     crash(resumed)
 
-    out = finish(start("resume", str(tmp_path / "ray_results" / "t"), cwd=tmp_path))
+    last = start("resume", str(tmp_path / "ray_results" / "t"), cwd=tmp_path)
+    time.sleep(5)  # a second driver on the same sweep (a retried job, a second terminal) is turned away
+    second = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "resume", "t", "--storage",
+                             str(tmp_path / "ray_results")], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2 and second.stdout == "", second.stdout + second.stderr
+    assert second.stderr.count("\n") == 1 and f"pid {last.pid}" in second.stderr, second.stderr
+    out = finish(last)
     assert "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in out
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
+    assert not (tmp_path / "ray_results" / "t.lease").exists()
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):

@@ -40,8 +40,11 @@ def run_confirm_command(args) -> int:
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
+    from .lease import sweep_lease
+
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
-    trained = run_confirm(spec, args.seeds, args.address)
+    with sweep_lease(spec.storage, spec.name):  # the sweep's own driver, or a second confirm, may be running
+        trained = run_confirm(spec, args.seeds, args.address)
     for study, seeds in trained.items():
         print(f"{study}: trained seeds {', '.join(map(str, seeds))}")
     print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see mean +- std in "

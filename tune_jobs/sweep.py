@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
+from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
 from .spec import Spec, SpecError, check_cluster_gpus, check_data, check_writable, spec_from_json, spec_json
 
@@ -79,8 +80,13 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
 
 
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
-    """Run (or resume) a validated sweep to the end; returns the per-study summary."""
+    """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
+    with sweep_lease(spec.storage, spec.name):
+        return _run_sweep(spec, address, resume)
+
+
+def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     apply_tune_settings(spec)
     # The store's migration overlaps Ray's start and the first trial's start; only the driver's MLflow callback
     # waits for it, when the first trial has started.

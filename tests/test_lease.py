@@ -1,0 +1,94 @@
+"""One driver per sweep (tune_jobs/lease.py): real processes holding, dying and handing over a sweep's lease."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tune_jobs.lease import STALE_S, lease_path, sweep_lease
+from tune_jobs.spec import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+HOLD = """
+import sys, time
+from tune_jobs.lease import sweep_lease
+with sweep_lease(sys.argv[1], "s"):
+    print("HOLDING", flush=True)
+    time.sleep(600)
+"""
+
+
+def holder(storage: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(storage)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HOLDING"
+    return proc
+
+
+def test_a_second_driver_is_refused_with_one_line_naming_the_holder(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        with pytest.raises(SpecError) as refused, sweep_lease(str(tmp_path), "s"):
+            pass
+        message = str(refused.value)
+        assert "\n" not in message and f"pid {proc.pid} on {socket.gethostname()}" in message
+        assert json.loads(lease_path(str(tmp_path), "s").read_text())["pid"] == proc.pid  # left as it was
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_drivers_lease_is_taken_over_at_once_and_released_at_the_end(tmp_path):
+    proc = holder(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    said = io.StringIO()
+    with sweep_lease(str(tmp_path), "s", out=said):
+        assert json.loads(lease_path(str(tmp_path), "s").read_text())["pid"] == os.getpid()
+    assert said.getvalue().count("\n") == 1 and f"pid {proc.pid}" in said.getvalue() and "taking over" in said.getvalue()
+    assert not lease_path(str(tmp_path), "s").exists()
+
+
+def test_ctrl_c_releases_the_lease(tmp_path):
+    proc = holder(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert not lease_path(str(tmp_path), "s").exists()
+
+
+@pytest.mark.parametrize("age, taken", [(1.0, False), (STALE_S + 5, True)])
+def test_a_holder_on_another_host_counts_until_its_heartbeat_is_stale(tmp_path, age, taken):
+    path = lease_path(str(tmp_path), "s")
+    now = time.time()
+    path.write_text(json.dumps({"host": "node-7", "pid": 1, "started": now - 3600, "heartbeat": now - age,
+                                "token": "theirs"}))
+    if taken:
+        with sweep_lease(str(tmp_path), "s", out=io.StringIO()):
+            assert json.loads(path.read_text())["host"] == socket.gethostname()
+    else:
+        with pytest.raises(SpecError, match="pid 1 on node-7"), sweep_lease(str(tmp_path), "s"):
+            pass
+        assert json.loads(path.read_text())["token"] == "theirs"
+
+
+def test_an_empty_lease_left_by_a_driver_killed_while_creating_it_expires(tmp_path):
+    path = lease_path(str(tmp_path), "s")
+    path.write_text("")
+    with pytest.raises(SpecError), sweep_lease(str(tmp_path), "s"):
+        pass
+    os.utime(path, (time.time() - STALE_S - 5,) * 2)
+    with sweep_lease(str(tmp_path), "s", out=io.StringIO()):
+        pass
+
+
+def test_cloud_storage_has_no_lease_yet():
+    assert lease_path("s3://bucket/ray_results", "s") is None
+    assert lease_path("file:///shared/ray_results", "s") == Path("/shared/ray_results/s.lease")
