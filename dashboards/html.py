@@ -54,7 +54,8 @@ def page(report) -> str:
     sweep = report.sweep
     parts = [f"<h1>AttZoom sweep report: {escape(sweep.name)}</h1>",
              f"<p class='note'>Tracking store <code>{escape(sweep.tracking_uri)}</code>, experiment "
-             f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}. Test top-1 / top-5 "
+             f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}. "
+             "Test top-1 / top-5 "
              "(%) of each study's best trial, chosen by validation top-1 (ties by top-5) over every epoch of every "
              "finished trial; Δ is the difference from the same backbone's baseline.</p>"]
     if report.unfinished:

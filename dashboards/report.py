@@ -155,7 +155,8 @@ def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
 def to_markdown(report: Report) -> str:
     sweep = report.sweep
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
-             f"Tracking store `{sweep.tracking_uri}`, experiment `{experiment_name(sweep.name)}`, generated {report.generated}. "
+             f"Tracking store `{sweep.tracking_uri}`, experiment `{experiment_name(sweep.name)}`, "
+             f"generated {report.generated}. "
              "Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
              "every epoch of every finished trial; Δ is the difference from the same backbone's baseline."]
     if report.unfinished:

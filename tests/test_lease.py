@@ -53,7 +53,8 @@ def test_a_killed_drivers_lease_is_taken_over_at_once_and_released_at_the_end(tm
     said = io.StringIO()
     with sweep_lease(str(tmp_path), "s", out=said):
         assert json.loads(lease_path(str(tmp_path), "s").read_text())["pid"] == os.getpid()
-    assert said.getvalue().count("\n") == 1 and f"pid {proc.pid}" in said.getvalue() and "taking over" in said.getvalue()
+    line = said.getvalue()
+    assert line.count("\n") == 1 and f"pid {proc.pid}" in line and "taking over" in line
     assert not lease_path(str(tmp_path), "s").exists()
 
 

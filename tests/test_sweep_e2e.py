@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -154,6 +155,10 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in out
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
     assert not (tmp_path / "ray_results" / "t.lease").exists()
+    # the killed tries' working files lived in their trial folders, and the tries that ended removed them
+    trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
+    assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
+    assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):

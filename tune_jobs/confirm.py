@@ -87,7 +87,8 @@ def done_pairs(tracking_uri: str, experiment_id: str) -> set[tuple[str, int]]:
 def confirm_trial(config: dict, sweep, params: dict):
     """(sweep trial config, context) of one seed of one study: the best params, the seed swapped in."""
     study, seed = config["pair"][STUDY_KEY], int(config["pair"]["seed"])
-    return {STUDY_KEY: study, **params[study]}, replace(sweep, spec=replace(sweep.spec, seed=seed), role=layout.CONFIRM_ROLE)
+    confirm = replace(sweep, spec=replace(sweep.spec, seed=seed), role=layout.CONFIRM_ROLE)
+    return {STUDY_KEY: study, **params[study]}, confirm
 
 
 def run_confirm_trial(config: dict, sweep, params: dict) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
-from attzoom.names import METRICS as EPOCH_METRICS  # what fit reports every epoch
+from attzoom.names import METRICS as EPOCH_METRICS  # noqa: F401 - re-exported: what fit reports every epoch
 
 EXPERIMENT_PREFIX = "attzoom-"
 

@@ -24,9 +24,7 @@ from typing import Callable
 from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
-from attzoom.names import METRICS
-
-from .layout import CONFIRM_ROLE, GPU_IDS, SEED, UNKNOWN_STATUS
+from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, UNKNOWN_STATUS
 from .trainable import GPU_IDS_KEY, STATUS_KEY, SweepContext, trial_config
 from .tracking import TrialRuns, prepare_tracking, study_tags
 
@@ -78,7 +76,7 @@ class MlflowCallback(tune.Callback):
             return
         tags = {GPU_IDS: result[GPU_IDS_KEY]} if GPU_IDS_KEY in result else {}
         self._later(self._log_epoch, trial.trial_id, trial.config, int(result["epoch"]),
-                    {k: result[k] for k in METRICS if k in result}, tags)
+                    {k: result[k] for k in EPOCH_METRICS if k in result}, tags)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A failed try that Tune retries; a lost process or node is no error of the trial's own."""

@@ -9,6 +9,7 @@ only what is missing (README: How resume works).
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -135,6 +136,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         stop_ray()
     experiment_id, parents = tracking.result()
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
+    drop_orphan_folders(spec, {Path(r.path).name for r in results})
     return finish_studies(spec, experiment_id, parents)
 
 
@@ -152,6 +154,21 @@ def trial_dirname(trial) -> str:
 
 def trial_id_of(trial_path: str) -> str:
     return Path(trial_path).name.rsplit("-", 1)[-1]
+
+
+def drop_orphan_folders(spec: Spec, known: set[str]) -> None:
+    """Delete the trial folders of trials the experiment does not know (drop_orphan_runs says which).
+
+    Such a trial began training, in ``work/`` inside its folder, before the driver died; its
+    epochs are run again by the trial suggested in its place.
+    """
+    folder = experiment_dir(spec)
+    if "://" in spec.storage or not folder.is_dir():
+        return
+    prefixes = tuple(f"{study.name}-" for study in spec.studies)
+    for trial in folder.iterdir():
+        if trial.is_dir() and trial.name.startswith(prefixes) and trial.name not in known:
+            shutil.rmtree(trial, ignore_errors=True)
 
 
 def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> None:
