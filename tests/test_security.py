@@ -235,6 +235,9 @@ def test_a_local_sweeps_ray_listens_on_loopback_only_with_token_auth(tmp_path):
 
 @slow
 def test_attzoom_ui_listens_on_loopback_only(tmp_path):
+    from tune_jobs.tracking import open_store
+
+    open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the UI shows a store, it never creates one
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "ui", "--tracking-uri",
                            f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)], cwd=tmp_path,
