@@ -72,3 +72,36 @@ def test_a_truncated_last_pt_is_one_line_naming_it_and_restart(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and str(last) in lines[0] and "--restart" in lines[0], out.stderr
     assert attzoom(*args, "2", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never answers: a hung or firewalled tracking server."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+@pytest.mark.parametrize("command", [["status"], ["report", "demo"], ["explain", "abc"]])
+@pytest.mark.parametrize("server", ["closed", "silent"])
+def test_readers_on_a_tracking_server_that_does_not_answer_say_so_in_one_line(tmp_path, command, server,
+                                                                             silent_server):
+    import socket
+
+    if server == "closed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once it is closed
+    else:
+        uri = silent_server
+    # MLflow itself would retry for minutes and end in a long traceback; the probe gives up after 5 s
+    out = subprocess.run([sys.executable, "-m", "tune_jobs.cli", *command, "--tracking-uri", uri], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"tracking server {uri} does not answer" in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -232,13 +232,30 @@ def check_writable(key: str, location: str) -> None:
                         f"choose a writable location with --{key.replace('_', '-')}")
 
 
-def check_store_exists(tracking_uri: str) -> None:
-    """Readers (status, report, explain, ui) never create a store: a missing SQLite file is a typo or the
-    wrong folder, and MLflow would silently create an empty one (and its folders) there."""
+def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """What readers (status, report, explain, ui) check first: they never create a store, and never hang on one.
+
+    A missing SQLite file is a typo or the wrong folder, and MLflow would silently create an empty one
+    (and its folders) there. A tracking server that does not answer would make MLflow retry for minutes
+    and end in a long traceback; any HTTP answer (even 401 or 404) means it is there.
+    """
     database = sqlite_file(tracking_uri)
     if database is not None and not database.is_file():
         raise SpecError(f"no tracking store at {database}; pass --tracking-uri sqlite:///PATH/mlflow.db (or the "
                         "http:// address of an MLflow server)")
+    if tracking_uri.startswith(("http://", "https://")):
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(tracking_uri, timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            raise SpecError(f"the tracking server {tracking_uri} does not answer ({reason}); start it, or fix "
+                            "--tracking-uri") from None
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
