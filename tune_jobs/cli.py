@@ -162,11 +162,12 @@ def run_status_command(args) -> int:
 
     if args.job:
         print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
-        try:
-            check_store_exists(args.tracking_uri)
-        except SpecError:
+    try:
+        check_store_exists(args.tracking_uri)
+    except SpecError:
+        if args.job:
             return 0  # the job's state is all there is to show from this machine
-    check_store_exists(args.tracking_uri)
+        raise
     client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
     experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep:

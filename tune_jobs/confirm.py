@@ -20,6 +20,7 @@ from attzoom.config import TrainConfig
 
 from . import layout
 from .layout import SEED, STUDY
+from .lease import sweep_lease
 from .space import SEARCHABLE, STUDY_KEY
 from .spec import Spec, SpecError
 
@@ -40,8 +41,6 @@ def run_confirm_command(args) -> int:
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
-    from .lease import sweep_lease
-
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
     with sweep_lease(spec.storage, spec.name):  # the sweep's own driver, or a second confirm, may be running
         trained = run_confirm(spec, args.seeds, args.address)
