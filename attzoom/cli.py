@@ -29,19 +29,32 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
-def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt: str = "interrupted") -> int:
-    """Parse, run the chosen command, and turn a user's error into one line and exit code 2."""
+def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt: str = "interrupted",
+        stops: tuple[type[Exception], int] | None = None) -> int:
+    """Parse, run the chosen command, and turn a user's error into one line and exit code 2.
+
+    ``stops``: (exception type, exit code) of failures that are no user's error but stop the
+    command cleanly (the sweep service's storage and tracking failures): one line, that code.
+    """
     args = parser.parse_args(argv)
+    stop_error, stop_code = stops or (_NeverRaised, 1)
     try:
         return args.run(args)
     except user_errors as e:
         print(f"attzoom {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except stop_error as e:
+        print(f"attzoom {args.command}: stopped: {e}", file=sys.stderr)
+        return stop_code
     except KeyboardInterrupt:
         print(on_interrupt, file=sys.stderr)
         return 130
     finally:
         gc.freeze()  # the interpreter's last collection would walk every object Tune and MLflow made: a second
+
+
+class _NeverRaised(Exception):
+    pass
 
 
 def build_parser() -> Parser:

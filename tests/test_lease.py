@@ -21,14 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 HOLD = """
 import sys, time
 from tune_jobs.lease import sweep_lease
-with sweep_lease(sys.argv[1], "s"):
+with sweep_lease(sys.argv[1], "s", tracking_uri=sys.argv[2] if len(sys.argv) > 2 else None):
     print("HOLDING", flush=True)
     time.sleep(600)
 """
 
 
-def holder(storage: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(storage)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def holder(storage, tracking_uri: str | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(storage), *filter(None, [tracking_uri])], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "HOLDING"
     return proc
 
@@ -90,6 +91,27 @@ def test_an_empty_lease_left_by_a_driver_killed_while_creating_it_expires(tmp_pa
         pass
 
 
-def test_cloud_storage_has_no_lease_yet():
+def test_cloud_storage_keeps_its_lease_in_the_tracking_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import lease_experiment, sweep_of
+
     assert lease_path("s3://bucket/ray_results", "s") is None
     assert lease_path("file:///shared/ray_results", "s") == Path("/shared/ray_results/s.lease")
+    storage, uri = "s3://bucket/ray_results", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = holder(storage, uri)
+    try:
+        with pytest.raises(SpecError) as refused, sweep_lease(storage, "s", tracking_uri=uri):
+            pass
+        assert "\n" not in str(refused.value) and f"pid {proc.pid} on {socket.gethostname()}" in str(refused.value)
+        experiments = MlflowClient(uri).search_experiments()
+        assert [sweep_of(e.name) for e in experiments if e.name == lease_experiment("s")] == [None]  # not a sweep
+    finally:
+        proc.kill()
+        proc.wait()
+    said = io.StringIO()
+    for _ in range(2):  # taken over from the killed holder, released, then free for the next driver at once
+        with sweep_lease(storage, "s", out=said, tracking_uri=uri):
+            assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is not None
+    assert said.getvalue().count("taking over") == 1
+    assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is None

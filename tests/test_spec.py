@@ -89,6 +89,8 @@ BAD = {
     "patience 0": ("patience", 0, "patience"),
     "seed not an integer": ("seed", "zero", "seed"),
     "max_retries -1": ("failure.max_retries", -1, "failure.max_retries"),
+    "outage deadline 0": ("failure.tracking_outage_minutes", 0, "failure.tracking_outage_minutes"),
+    "outage deadline text": ("failure.tracking_outage_minutes", "30m", "failure.tracking_outage_minutes"),
     "unknown metric": ("metric", "val_loss", "metric"),
     "lr reversed": ("search.lr", [0.1, 1e-5], "search.lr"),
     "lr low 0 on a log scale": ("search.lr", [0.0, 0.1], "search.lr"),

@@ -6,6 +6,7 @@ Slow by nature (each test starts Ray and trains small models); marked ``slow`` a
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,16 +28,16 @@ pytestmark = pytest.mark.slow
 
 def write_spec(path: Path, data_root: Path, *, name="t", trials=2, epochs=2, datasets=("cluttered-digits",),
                variants=("baseline", "attzoom"), max_concurrent=2, cpus=1, gpus=0, local_gpus=None,
-               max_retries=1) -> Path:
+               max_retries=1, patience=5, tracking_uri=None, outage_minutes=30) -> Path:
     local = f"local_gpus = {local_gpus}\n" if local_gpus is not None else ""
     path.write_text(f"""
 name = "{name}"
 trials = {trials}
 epochs = {epochs}
-patience = 5
+patience = {patience}
 data_root = "{data_root}"
 storage = "{path.parent / 'ray_results'}"
-tracking_uri = "sqlite:///{path.parent / 'mlflow.db'}"
+tracking_uri = "{tracking_uri or f'sqlite:///{path.parent / "mlflow.db"}'}"
 max_concurrent = {max_concurrent}
 [matrix]
 backbones = ["tiny_resnet"]
@@ -53,14 +54,22 @@ batch_sizes = [128]
 lr = [1e-3, 1e-2]
 [failure]
 max_retries = {max_retries}
+tracking_outage_minutes = {outage_minutes}
 """.replace("'", '"'))
     return path
 
 
-def start(*args, cwd) -> subprocess.Popen:
-    """The CLI in a session of its own, so a 'crash' can take the driver and its local Ray down together."""
-    return subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", *args], cwd=cwd, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(*args, cwd, stderr=subprocess.STDOUT, without_override=False) -> subprocess.Popen:
+    """The CLI in a session of its own, so a 'crash' can take the driver and its local Ray down together.
+
+    ``without_override``: as root, drop the capability that lets root write where permissions forbid it, so a
+    folder made read-only is read-only for the sweep too (as for any other user).
+    """
+    command = [sys.executable, "-m", "tune_jobs.cli", *args]
+    if without_override and os.geteuid() == 0:
+        command = ["capsh", "--drop=cap_dac_override", "--", "-c", 'exec "$0" "$@"', *command]
+    return subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
 
 
 def crash(proc: subprocess.Popen) -> None:
@@ -134,6 +143,16 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
     assert all(len(r) == trials_per_study for r in per_study.values())
 
 
+def one_epoch_in(spec_dir: Path) -> Path | None:
+    """The folder of a trial whose run is RUNNING with exactly one epoch checkpointed, if there is one."""
+    running = {r.data.tags[TRIAL] for r in trial_runs(spec_dir)[1] if r.info.status == "RUNNING"}
+    for folder in sorted((spec_dir / "ray_results" / "t").glob("*-*")):
+        if folder.name.rsplit("-", 1)[1] in running and [p.name for p in folder.glob("checkpoint_*")] == [
+                "checkpoint_000000"]:
+            return folder
+    return None
+
+
 def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(tmp_path, digits_root):
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=3)
     first = start("sweep", str(spec), cwd=tmp_path)
@@ -142,8 +161,12 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
 
     resumed = start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
-    wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and "RUNNING" in statuses(tmp_path))
+    wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path), every=0.3)
+    time.sleep(1.5)  # an experiment snapshot (every second) records that checkpoint
     crash(resumed)
+    damaged = one_epoch_in(tmp_path)  # a checkpoint cut short (a disk that filled, a copy killed midway)
+    last_pt = damaged / "checkpoint_000000" / "last.pt"
+    last_pt.write_bytes(last_pt.read_bytes()[:1000])
 
     last = start("resume", str(tmp_path / "ray_results" / "t"), cwd=tmp_path)
     time.sleep(5)  # a second driver on the same sweep (a retried job, a second terminal) is turned away
@@ -153,7 +176,9 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert second.stderr.count("\n") == 1 and f"pid {last.pid}" in second.stderr, second.stderr
     out = finish(last)
     assert "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in out
-    assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
+    trial = damaged.name.rsplit("-", 1)[1]
+    assert f"trial {trial}: cannot resume from" in out and "starts over from epoch 1" in out, out[-3000:]
+    assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)  # its new run holds each epoch once
     assert not (tmp_path / "ray_results" / "t.lease").exists()
     # the killed tries' working files lived in their trial folders, and the tries that ended removed them
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
@@ -162,7 +187,6 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
-    import shutil
 
     data = tmp_path / "data"
     shutil.copytree(digits_root, data)
@@ -179,6 +203,105 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
     assert len(client.get_metric_history(failed.info.run_id, "failures")) == 3  # first try + 2 retries
     assert ok.info.status == "FINISHED" and ok.data.metrics["val_top1"] >= 0
     assert "| tiny_resnet.cifar100.baseline | 0 | 1 | 0 |" in out
+
+
+def no_failure_recorded(spec_dir: Path) -> None:
+    client, runs = trial_runs(spec_dir)
+    for run in runs:
+        assert run.info.status != "FAILED" and ERROR not in run.data.tags, run.data.tags
+        assert client.get_metric_history(run.info.run_id, "failures") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("capsh"), reason="root without capsh ignores permissions")
+def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resume_is_exact(tmp_path, digits_root):
+    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=4, variants=("baseline",))
+    storage = tmp_path / "ray_results"
+    sweep = start("sweep", str(spec), cwd=tmp_path, stderr=subprocess.PIPE, without_override=True)
+    wait_for(lambda: any(storage.glob("t/*/checkpoint_000000")), every=0.2)
+    subprocess.run(["chmod", "-R", "a-w", str(storage)], check=True)
+    turned = time.monotonic()
+    out, err = sweep.communicate(timeout=300)
+    subprocess.run(["chmod", "-R", "u+w", str(storage)], check=True)
+    assert sweep.returncode == 3, out[-2000:] + err[-3000:]
+    assert time.monotonic() - turned < 60
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("attzoom sweep: stopped: ") and "Permission denied" in last, err[-3000:]
+    assert f"attzoom resume t --storage {storage}" in last and "Traceback" not in err, err[-3000:]
+    assert "sweep t done" not in out
+    no_failure_recorded(tmp_path)
+    _, runs = trial_runs(tmp_path)
+    assert {r.info.status for r in runs} <= {"RUNNING", "FINISHED"}
+
+    out = finish(start("resume", "t", "--storage", str(storage), cwd=tmp_path))
+    assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out
+    assert_exactly_once(tmp_path, trials_per_study=2, epochs=4, studies=1)
+    no_failure_recorded(tmp_path)
+
+
+def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--backend-store-uri",
+                               f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+                               str(folder / "mlartifacts")], cwd=folder, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=120, every=0.3)
+    return server
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def logged_epochs(spec_dir: Path) -> int:
+    try:
+        client, runs = trial_runs(spec_dir)
+        return sum(len(client.get_metric_history(r.info.run_id, "val_top1")) for r in runs)
+    except Exception:  # noqa: BLE001 - the server may not have created the store yet
+        return 0
+
+
+def epochs_checkpointed(storage: Path) -> int:
+    """Epochs the trials have checkpointed so far (Tune keeps one checkpoint folder per trial, numbered)."""
+    return sum(int(p.name.rsplit("_", 1)[1]) + 1 for p in storage.glob("t/*/checkpoint_*"))
+
+
+def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_cleanly(tmp_path, digits_root):
+    port = free_port()
+    server = start_tracking_server(tmp_path, port)
+    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=10, patience=10, variants=("baseline",),
+                      tracking_uri=f"http://127.0.0.1:{port}", outage_minutes=0.4)
+    storage = tmp_path / "ray_results"
+    sweep = start("sweep", str(spec), cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: logged_epochs(tmp_path) >= 1, every=0.5)
+        crash(server)  # an outage shorter than the deadline (the restart takes seconds): waited out
+        trained = epochs_checkpointed(storage)
+        server = start_tracking_server(tmp_path, port)
+        assert epochs_checkpointed(storage) > trained, "training stopped during the outage"
+        logged = logged_epochs(tmp_path)
+        wait_for(lambda: logged_epochs(tmp_path) > logged, every=0.5)
+        crash(server)  # this one outlasts the deadline
+        out, err = sweep.communicate(timeout=300)
+    finally:
+        crash(server)
+    assert sweep.returncode == 3, out[-2000:] + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("attzoom sweep: stopped: tracking store http://") and "unreachable for 0.4 min" in last
+    assert "attzoom resume t --storage" in last and "Traceback" not in err and "sweep t done" not in out, err[-3000:]
+
+    server = start_tracking_server(tmp_path, port)
+    try:
+        out = finish(start("resume", "t", "--storage", str(storage), cwd=tmp_path))
+        assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out
+        assert_exactly_once(tmp_path, trials_per_study=2, epochs=10, studies=1)
+        no_failure_recorded(tmp_path)
+        assert (storage / "t" / "mlflow-outbox.jsonl").read_text() == ""  # every kept write was made
+    finally:
+        crash(server)
 
 
 def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):

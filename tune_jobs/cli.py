@@ -9,7 +9,9 @@
     attzoom demo            the embedded demo sweep, then the comparison table
     attzoom report SWEEP    comparison report (CSV, Markdown, HTML) from MLflow alone (dashboards/)
 
-Every error a user can cause is one line on stderr and exit code 2, before any work.
+Every error a user can cause is one line on stderr and exit code 2, before any work. A
+storage or tracking store that fails under a running sweep stops it with one line and exit
+code 3 (tune_jobs/infra.py); an interrupt exits 130. Both are continued with ``resume``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
+from .infra import INFRA_EXIT, InfrastructureError
 from .spec import SpecError
 
 SPECS = Path(__file__).parent / "specs"
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # second for it; clusters often have no egress. Opt in with MLFLOW_DISABLE_TELEMETRY=false.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return run(build_parser(), argv, (SpecError, ConfigError, DataError),
-               on_interrupt="interrupted; continue with `attzoom resume`")
+               on_interrupt="interrupted; continue with `attzoom resume`", stops=(InfrastructureError, INFRA_EXIT))
 
 
 def build_parser() -> Parser:

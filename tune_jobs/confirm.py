@@ -20,6 +20,7 @@ from attzoom.config import TrainConfig
 
 from . import layout
 from .layout import SEED, STUDY
+from .infra import raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .space import SEARCHABLE, STUDY_KEY
 from .spec import Spec, SpecError
@@ -42,7 +43,9 @@ def run_confirm_command(args) -> int:
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
-    with sweep_lease(spec.storage, spec.name):  # the sweep's own driver, or a second confirm, may be running
+    again = f"attzoom confirm {spec.name} --storage {spec.storage} --seeds {args.seeds}"
+    with stops_on_problems(again, spec.tracking_uri), \
+            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         trained = run_confirm(spec, args.seeds, args.address)
     for study, seeds in trained.items():
         print(f"{study}: trained seeds {', '.join(map(str, seeds))}")
@@ -103,6 +106,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
 
     from ray import tune
 
+    from .guard import SweepGuard
     from .mlflow_callback import MlflowCallback
     from .ray_session import apply_tune_settings, start_ray, stop_ray
     from .tracking import prepare_tracking
@@ -130,12 +134,13 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{spec.name}-confirm-{int(time.time())}", storage_path=spec.storage,
-                                      verbose=0, callbacks=[logger],
+                                      verbose=0, callbacks=[SweepGuard(), logger],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
         stop_ray()
+    raise_if_problem()
     trained: dict[str, list[int]] = {}
     for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id) - done):
         trained.setdefault(study, []).append(seed)

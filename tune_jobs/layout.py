@@ -33,6 +33,7 @@ GPU_IDS = "attzoom.gpu_ids"  # the GPUs the trial's process was given ("" on CPU
 SEED = "attzoom.seed"  # a confirm run's seed
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its study's
 BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
+LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
 TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC)
 
@@ -56,6 +57,11 @@ T = TypeVar("T")
 
 def experiment_name(sweep: str) -> str:
     return f"{EXPERIMENT_PREFIX}{sweep}"
+
+
+def lease_experiment(sweep: str) -> str:
+    """The experiment that holds a sweep's lease when its storage is a cloud URI (tune_jobs/lease.py)."""
+    return f"attzoom.lease/{sweep}"
 
 
 def sweep_of(experiment: str) -> str | None:

@@ -5,7 +5,8 @@ log epochs twice and delete each other's runs as orphans. So a driver takes the 
 lease before touching anything, and a second one stops with one line naming the holder.
 
 The lease is a small JSON file beside the sweep's Tune folder (``<storage>/<sweep>.lease``),
-so every machine that can run the driver sees it on a shared path. It holds the holder's
+so every machine that can run the driver sees it on a shared path; with cloud storage, where
+no file can be created exclusively, it is kept in the MLflow store (StoreLease). It holds the holder's
 host, pid and start time and a heartbeat the holder renews every few seconds. A lease is
 taken over, with one line saying so, when its holder is gone: a process that no longer
 exists on this host at once, a holder on another host once its heartbeat is older than
@@ -23,7 +24,10 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
+from . import layout
+from .infra import os_problem
 from .spec import SpecError
 
 HEARTBEAT_S = 5.0
@@ -31,49 +35,140 @@ STALE_S = 60.0  # a holder on another host that has not renewed for this long is
 
 
 def lease_path(storage: str, sweep: str) -> Path | None:
-    """Where a sweep's lease lives; None for cloud storage (no lease there yet)."""
+    """Where a sweep's lease file lives; None for cloud storage (the lease is then kept in the MLflow store)."""
     if "://" in storage and not storage.startswith("file://"):
         return None
     return Path(storage.removeprefix("file://")) / f"{sweep}.lease"
 
 
-@contextmanager
-def sweep_lease(storage: str, sweep: str, out=sys.stderr):
-    """Hold the sweep's lease for the body; SpecError (one line, exit 2) when a live driver holds it."""
+class FileLease:
+    """The lease as a file beside the sweep's Tune folder; O_EXCL makes one of two creators win."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def create(self, record: dict) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "x") as f:
+                json.dump(record, f)
+            return True
+        except FileExistsError:
+            return False
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, record: dict) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)
+
+    def age_s(self) -> float:
+        return time.time() - self.path.stat().st_mtime
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class StoreLease:
+    """The lease in the MLflow store, for cloud storage (no file there can be created exclusively).
+
+    It is an experiment of its own, named after the sweep (not ``attzoom-...``, so no reader takes it
+    for a sweep), holding the record in a tag: MLflow refuses a second experiment of one name, which
+    makes one of two creators win. Released, it is renamed and deleted, which frees the name.
+    """
+
+    def __init__(self, tracking_uri: str, sweep: str):
+        from .tracking import open_store
+
+        self.client, self.name = open_store(tracking_uri), layout.lease_experiment(sweep)
+
+    def create(self, record: dict) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_experiment(self.name, tags={layout.LEASE: json.dumps(record)})
+            return True
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return False
+
+    def _experiment(self):
+        return self.client.get_experiment_by_name(self.name)
+
+    def read(self) -> dict:
+        experiment = self._experiment()
+        try:
+            return json.loads(experiment.tags.get(layout.LEASE, "")) if experiment else {}
+        except ValueError:
+            return {}
+
+    def write(self, record: dict) -> None:
+        self.client.set_experiment_tag(self._experiment().experiment_id, layout.LEASE, json.dumps(record))
+
+    def age_s(self) -> float:
+        experiment = self._experiment()
+        return time.time() - experiment.creation_time / 1000 if experiment else float("inf")
+
+    def remove(self) -> None:
+        experiment = self._experiment()
+        if experiment:
+            self.client.rename_experiment(experiment.experiment_id, f"{self.name}.released.{os.urandom(4).hex()}")
+            self.client.delete_experiment(experiment.experiment_id)
+
+
+def lease_for(storage: str, sweep: str, tracking_uri: str | None):
+    """Beside the Tune folder for a local or shared path; in the MLflow store for cloud storage; else none."""
     path = lease_path(storage, sweep)
-    if path is None:
+    if path is not None:
+        return FileLease(path)
+    return StoreLease(tracking_uri, sweep) if tracking_uri else None
+
+
+@contextmanager
+def sweep_lease(storage: str, sweep: str, out=sys.stderr, on_error: Callable[[str], None] | None = None,
+                tracking_uri: str | None = None):
+    """Hold the sweep's lease for the body; SpecError (one line, exit 2) when a live driver holds it.
+
+    ``on_error`` hears of a heartbeat the storage refused (the sweep then stops: tune_jobs/infra.py).
+    """
+    lease = lease_for(storage, sweep, tracking_uri)
+    if lease is None:
         yield
         return
     mine = _record()
-    _acquire(path, sweep, mine, out)
+    _acquire(lease, sweep, mine, out)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(path, mine, stop), name="attzoom-lease", daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(lease, mine, stop, on_error), name="attzoom-lease", daemon=True)
     beat.start()
     try:
         yield
     finally:
         stop.set()
         beat.join()
-        if _read(path).get("token") == mine["token"]:
-            path.unlink(missing_ok=True)
+        try:
+            if lease.read().get("token") == mine["token"]:
+                lease.remove()
+        except Exception:  # noqa: BLE001 - a store that refuses: this host's next driver sees the holder gone
+            pass
 
 
-def _acquire(path: Path, sweep: str, mine: dict, out) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x") as f:  # O_EXCL: of two drivers starting at once, one creates it
-            json.dump(mine, f)
+def _acquire(lease, sweep: str, mine: dict, out) -> None:
+    if lease.create(mine):  # of two drivers starting at once, one creates it
         return
-    except FileExistsError:
-        pass
-    holder = _read(path)
-    if _alive(holder, path):
+    holder = lease.read()
+    if _alive(holder, lease):
         raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end or "
                         f"stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
-    _write(path, mine)
+    lease.write(mine)
     time.sleep(0.2)  # two drivers taking over one dead lease at once: the later write wins, the other stops
-    if _read(path).get("token") != mine["token"]:
-        raise SpecError(f"sweep {sweep!r} was just taken over by another driver: {describe(_read(path))}")
+    if lease.read().get("token") != mine["token"]:
+        raise SpecError(f"sweep {sweep!r} was just taken over by another driver: {describe(lease.read())}")
     print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
 
 
@@ -83,11 +178,11 @@ def describe(record: dict) -> str:
     return f"pid {record.get('pid', '?')} on {record.get('host', '?')} since {since}, last heartbeat {beat:.0f} s ago"
 
 
-def _alive(record: dict, path: Path) -> bool:
+def _alive(record: dict, lease) -> bool:
     """Whether the holder may still run: on this host, its process exists; elsewhere, its heartbeat is fresh."""
     if not record:  # being written by a driver that has just created it, or left empty by one killed then
         try:
-            return time.time() - path.stat().st_mtime < STALE_S
+            return lease.age_s() < STALE_S
         except OSError:
             return False
     if record.get("host") == socket.gethostname():
@@ -119,21 +214,15 @@ def _record() -> dict:
             "started": now, "heartbeat": now, "token": os.urandom(8).hex()}
 
 
-def _heartbeat(path: Path, mine: dict, stop: threading.Event) -> None:
+def _heartbeat(lease, mine: dict, stop: threading.Event, on_error) -> None:
     while not stop.wait(HEARTBEAT_S):
-        if _read(path).get("token") != mine["token"]:
-            return  # taken over (this driver was thought dead): stop claiming it
-        _write(path, {**mine, "heartbeat": time.time()})
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(path: Path, record: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+        try:
+            if lease.read().get("token") != mine["token"]:
+                return  # taken over (this driver was thought dead): stop claiming it
+            lease.write({**mine, "heartbeat": time.time()})
+        except OSError as e:
+            if on_error:
+                on_error(os_problem(e, getattr(lease, "path", None)))
+            return
+        except Exception:  # noqa: BLE001 - a tracking server down for a while: the next beat tries again
+            continue

@@ -4,20 +4,21 @@ Trials report to Tune; the driver alone writes their runs. A trial process then 
 MLflow and opens no store (about 1.4 s off the start of every trial process), and trials on
 any node of a cluster are logged into the driver's store, a local SQLite file included.
 
-The hooks only queue their writes; one thread of the logger's own makes them, in order. A
-trial then waits for no MLflow write between its epochs (about 8 ms each, on a local SQLite store).
+The hooks only put their writes in the sweep's outbox (tune_jobs/outbox.py): a journal file
+beside the sweep, whose one writer thread makes them in order. A trial then waits for no MLflow
+write between its epochs, and a tracking server that is down is waited out while trials train.
 
 Resume safety: Tune asks every callback for its state (get_state) while it saves an experiment
 snapshot, before that snapshot, which names the checkpoint each trial restores from, can reach
-storage; get_state waits until every queued write is made. So an epoch whose checkpoint a
-snapshot records is in MLflow first. A driver killed with writes still queued never
-snapshotted those checkpoints: the trial re-runs the epochs after them and they are logged then;
-an epoch already logged is skipped (TrialRuns logs each step once).
+storage; get_state makes the journal durable. So an epoch whose checkpoint a snapshot records is
+in the journal first, and the next driver makes whatever the journal still holds. A driver
+killed before that snapshot never recorded those checkpoints: the trial re-runs the epochs after
+them and they are logged then; an epoch already logged is skipped (TrialRuns logs each step once).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -25,13 +26,22 @@ from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
 from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, UNKNOWN_STATUS
-from .trainable import GPU_IDS_KEY, STATUS_KEY, SweepContext, trial_config
-from .tracking import TrialRuns, prepare_tracking, study_tags
+from .outbox import Outbox
+from .trainable import GPU_IDS_KEY, RESTART_KEY, STATUS_KEY, SweepContext, trial_config
+from .tracking import TrialRuns, prepare_tracking, study_tags, unreachable
 
 # (experiment id, {study: parent run id}); the sweep prepares the store while Ray and the first trial start
 Store = Callable[[], tuple[str, dict[str, str]]]
 # confirm trials carry (study, seed) in their config: it maps one to the sweep config and context it runs with
 Resolve = Callable[[dict], tuple[dict, SweepContext]]
+JOURNAL = "mlflow-outbox.jsonl"
+
+
+def journal_path(spec) -> Path:
+    """The outbox's journal: in the sweep's Tune folder, or, for cloud storage, in a local folder of the driver."""
+    if "://" in spec.storage and not spec.storage.startswith("file://"):
+        return Path.home() / ".cache" / "attzoom" / spec.name / JOURNAL
+    return Path(spec.storage.removeprefix("file://")) / spec.name / JOURNAL
 
 
 class MlflowCallback(tune.Callback):
@@ -40,92 +50,122 @@ class MlflowCallback(tune.Callback):
     def __init__(self, sweep: SweepContext, store: Store, resolve: Resolve | None = None):
         self.sweep, self.store, self.resolve = sweep, store, resolve
         self._runs: TrialRuns | None = None
-        self._writer: ThreadPoolExecutor | None = None
-        self._queued: list[Future] = []
+        self._outbox: Outbox | None = None
+        self._opened: set[str] = set()  # trials whose run this driver has queued an open for
 
     def __getstate__(self) -> dict:
-        # Tune pickles the run config. The store connection, the writer and the pending preparation stay in this
+        # Tune pickles the run config. The store connection, the outbox and the pending preparation stay in this
         # process; a logger restored from that pickle (a resumed sweep) finds the experiment and parent runs again.
-        return {**self.__dict__, "_runs": None, "store": None, "_writer": None, "_queued": []}
+        return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set()}
 
     @property
     def runs(self) -> TrialRuns:
         if self._runs is None:
-            experiment_id, parents = self.store() if self.store else prepare_tracking(self.sweep.spec)
+            try:
+                experiment_id, parents = self.store() if self.store else prepare_tracking(self.sweep.spec)
+            except Exception:
+                self.store = None  # a preparation that failed (the server was down) is made again next time
+                raise
             self._runs = TrialRuns(self.sweep.spec.tracking_uri, experiment_id, parents)
         return self._runs
 
-    def flush(self) -> None:
-        """Wait until every queued write is made; raise the first that failed."""
-        queued, self._queued = self._queued, []
-        for write in queued:
-            write.result()
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            spec = self.sweep.spec
+            self._outbox = Outbox(journal_path(spec), self._make, unreachable, spec.tracking_uri,
+                                  spec.tracking_outage_minutes * 60)
+        return self._outbox
+
+    def setup(self, **info):
+        self.outbox  # noqa: B018 - writes an earlier driver left are made from the start
 
     def get_state(self) -> None:
-        self.flush()  # before the experiment snapshot can reach storage (the module's docstring)
+        self.outbox.sync()  # before the experiment snapshot can reach storage (the module's docstring)
         return None
 
     def on_experiment_end(self, trials, **info):
-        self.flush()
+        self.outbox.drain()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._later(self._open, trial.trial_id, trial.config)
+        self._open(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if RESTART_KEY in result:
+            self._restart(trial, result[RESTART_KEY])
         if "epoch" not in result or STATUS_KEY in result:  # a trial's last report (its status) repeats an epoch
             return
+        self._open(trial)
         tags = {GPU_IDS: result[GPU_IDS_KEY]} if GPU_IDS_KEY in result else {}
-        self._later(self._log_epoch, trial.trial_id, trial.config, int(result["epoch"]),
-                    {k: result[k] for k in EPOCH_METRICS if k in result}, tags)
+        self.outbox.put({"op": "epoch", "trial": trial.trial_id, "step": int(result["epoch"]),
+                         "metrics": {k: float(result[k]) for k in EPOCH_METRICS if k in result}, "tags": tags})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A failed try that Tune retries; a lost process or node is no error of the trial's own."""
         error = trial_error(trial)
         if isinstance(error, RayTaskError):
-            self._later(self._fail, trial.trial_id, trial.config, describe(error))
+            self._fail(trial, describe(error))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._later(self._fail, trial.trial_id, trial.config, describe(trial_error(trial)))
+        self._fail(trial, describe(trial_error(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._open(trial)
         status = (trial.last_result or {}).get(STATUS_KEY, UNKNOWN_STATUS)  # every trial reports it last (trainable.py)
-        self._later(self._finish, trial.trial_id, trial.config, status, trial.checkpoint)
+        self.outbox.put({"op": "finish", "trial": trial.trial_id, "status": status,
+                         "checkpoint": checkpoint_uri(trial.checkpoint)})
 
-    def _later(self, write: Callable, *args) -> None:
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attzoom-mlflow")
-        self._queued.append(self._writer.submit(write, *args))
-
-    # --- the writes, made in the writer thread in the order the hooks ran ---------------------------------
-
-    def _log_epoch(self, trial_id: str, config: dict, epoch: int, metrics: dict, tags: dict) -> None:
-        self._open(trial_id, config)
-        self.runs.log_epoch(trial_id, epoch, metrics, tags)
-
-    def _fail(self, trial_id: str, config: dict, error: str) -> None:
-        self._open(trial_id, config)
-        self.runs.fail(trial_id, error)
-
-    def _finish(self, trial_id: str, config: dict, status: str, checkpoint) -> None:
-        self._open(trial_id, config)
-        if checkpoint is None:
-            self.runs.finish(trial_id, status, None)
+    def _open(self, trial) -> None:
+        if trial.trial_id in self._opened:
             return
-        with checkpoint.as_directory() as folder:  # the persisted checkpoint, downloaded if remote
-            self.runs.finish(trial_id, status, Path(folder) / "best.pt")
-
-    def _resolve(self, config: dict) -> tuple[dict, SweepContext]:
-        return self.resolve(config) if self.resolve else (config, self.sweep)
-
-    def _open(self, trial_id: str, config: dict) -> None:
-        if self.runs.is_open(trial_id):
-            return
-        config, sweep = self._resolve(config)
+        config, sweep = self.resolve(trial.config) if self.resolve else (trial.config, self.sweep)
         study, params, train_config = trial_config(config, sweep)
         tags = study_tags(sweep.spec, study)
         if sweep.role == CONFIRM_ROLE:
             tags[SEED] = str(train_config.seed)
-        self.runs.open(trial_id, study.name, tags, {**train_config.to_dict(), **params}, sweep.role)
+        params = {k: str(v) for k, v in {**train_config.to_dict(), **params}.items()}
+        self.outbox.put({"op": "open", "trial": trial.trial_id, "study": study.name, "tags": tags,
+                         "params": params, "role": sweep.role})
+        self._opened.add(trial.trial_id)
+
+    def _restart(self, trial, reason: str) -> None:
+        """The trial starts over from epoch 1: its run goes with the epochs it logged, a new one takes its place."""
+        print(f"trial {trial.trial_id}: {reason.split(';')[0]}; Tune keeps no older checkpoint, so the trial starts "
+              "over from epoch 1 in a new run", file=sys.stderr, flush=True)
+        self.outbox.put({"op": "restart", "trial": trial.trial_id})
+        self._opened.discard(trial.trial_id)
+
+    def _fail(self, trial, error: str) -> None:
+        self._open(trial)
+        self.outbox.put({"op": "fail", "trial": trial.trial_id, "error": error,
+                         "attempt": trial.num_failures})
+        self._opened.discard(trial.trial_id)  # a retry opens the run again, RUNNING
+
+    # --- the writes, made by the outbox's thread in the order the hooks ran -----------------------------
+
+    def _make(self, write: dict) -> None:
+        trial, op = write["trial"], write["op"]
+        if op == "open":
+            self.runs.open(trial, write["study"], write["tags"], write["params"], write["role"])
+        elif op == "epoch":
+            self.runs.log_epoch(trial, write["step"], write["metrics"], write["tags"])
+        elif op == "fail":
+            self.runs.fail(trial, write["error"], write["attempt"])
+        elif op == "restart":
+            self.runs.drop(trial)
+        elif write["checkpoint"] is None:
+            self.runs.finish(trial, write["status"], None)
+        else:
+            with tune.Checkpoint(write["checkpoint"]).as_directory() as folder:  # downloaded if remote
+                self.runs.finish(trial, write["status"], Path(folder) / "best.pt")
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    """Where a persisted Tune checkpoint is, as a path or URI a later driver can open."""
+    if checkpoint is None:
+        return None
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def trial_error(trial) -> BaseException:

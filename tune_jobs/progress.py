@@ -8,6 +8,7 @@ import time
 from ray.tune import Callback
 
 from .space import STUDY_KEY
+from .trainable import STATUS_KEY
 
 
 class StudyProgress(Callback):
@@ -45,8 +46,10 @@ class StudyProgress(Callback):
             row = rows.get(trial.config.get(STUDY_KEY))
             if row is None:
                 continue
-            status = trial.status
-            row["done" if status == "TERMINATED" else "failed" if status == "ERROR" else "running"] += 1
+            # done: the trial reported how fit ended; one stopped with the sweep (an interrupt, a storage
+            # failure) is TERMINATED too, but not done: resume runs it on
+            finished = trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
+            row["done" if finished else "failed" if trial.status == "ERROR" else "running"] += 1
             best = trial.metric_analysis.get("val_top1", {}).get("max")
             if best is not None and (row["best"] is None or best > row["best"]):
                 row["best"] = best

@@ -12,7 +12,8 @@ from .spec import Spec, check_cluster_gpus
 
 
 def tune_settings(spec: Spec) -> dict[str, str]:
-    """The environment variables that change how Ray and Tune run a sweep (a user's own values win)."""
+    """The environment variables that change how Ray, Tune and the driver's MLflow client run a sweep (a user's
+    own values win)."""
     return {
         # Snapshot the experiment every second (not every 10 s): a driver killed between two
         # snapshots forgets the trials started since, and each of those costs a repeated trial.
@@ -24,6 +25,10 @@ def tune_settings(spec: Spec) -> dict[str, str]:
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
         # Tune lets a custom searcher keep only one trial pending; let it fill every slot of the cap at once.
         "TUNE_MAX_PENDING_TRIALS_PG": str(spec.max_concurrent),
+        # The driver's MLflow calls fail within seconds when the server does not answer (MLflow's own retries take
+        # minutes); its outbox tries again, in order, until the spec's tracking_outage_minutes (outbox.py).
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     }
 
 

@@ -75,6 +75,7 @@ class Spec:
     metric: str = "val_top1"
     max_concurrent: int = 4
     max_retries: int = 2
+    tracking_outage_minutes: float = 30.0  # how long the driver waits out a tracking server that does not answer
     cpus: float = 1.0
     gpus: float = 0.0
     local_gpus: int | None = None  # logical GPUs for a local Ray instance (default: those detected)
@@ -98,7 +99,7 @@ TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storag
 SECTION_KEYS = {
     "matrix": {"backbones", "datasets", "variants"},
     "resources": {"cpus", "gpus", "local_gpus"},
-    "failure": {"max_retries"},
+    "failure": {"max_retries", "tracking_outage_minutes"},
     "search": {f.name for f in fields(SearchSpace)},
     "train": set(TRAIN_KEYS),
 }
@@ -188,6 +189,9 @@ def validate(spec: Spec, source: str = "spec") -> None:
             fail(f"{key} must be a non-empty string (a path or URI), got {getattr(spec, key)!r}")
     if not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         fail(f"failure.max_retries must be an integer >= 0, got {spec.max_retries!r}")
+    if not _number(spec.tracking_outage_minutes) or spec.tracking_outage_minutes <= 0:
+        fail("failure.tracking_outage_minutes must be a number of minutes > 0 (how long an unreachable tracking "
+             f"server is waited out), got {spec.tracking_outage_minutes!r}")
     if spec.metric not in METRICS:
         fail(f"metric {spec.metric!r} is not supported; use one of {', '.join(METRICS)} (maximised)")
     if not _number(spec.cpus) or spec.cpus <= 0:

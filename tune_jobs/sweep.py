@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
+from .infra import raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
 from .spec import Spec, SpecError, check_cluster_gpus, check_data, check_writable, spec_from_json, spec_json
@@ -83,8 +84,13 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    with sweep_lease(spec.storage, spec.name):
+    with stops_on_problems(resume_command(spec), spec.tracking_uri), \
+            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         return _run_sweep(spec, address, resume)
+
+
+def resume_command(spec: Spec) -> str:
+    return f"attzoom resume {spec.name} --storage {spec.storage}"
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
@@ -98,6 +104,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from .guard import SweepGuard
     from .mlflow_callback import MlflowCallback
     from .progress import StudyProgress
     from .searcher import MultiStudySearcher
@@ -117,8 +124,8 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
             tracking.result()
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
-            callbacks = [MlflowCallback(context, tracking.result), StudyProgress(spec), CSVLoggerCallback(),
-                         JsonLoggerCallback()]
+            callbacks = [SweepGuard(), MlflowCallback(context, tracking.result), StudyProgress(spec),
+                         CSVLoggerCallback(), JsonLoggerCallback()]
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
                                           spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed)
             tuner = tune.Tuner(
@@ -134,7 +141,8 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         results = tuner.fit()
     finally:
         stop_ray()
-    experiment_id, parents = tracking.result()
+    raise_if_problem()  # the MLflow writes could not all be made: no summary, no "done"
+    experiment_id, parents = _tracking_ids(tracking, spec)
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     drop_orphan_folders(spec, {Path(r.path).name for r in results})
     return finish_studies(spec, experiment_id, parents)
@@ -146,6 +154,16 @@ def _prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     from .tracking import prepare_tracking
 
     return prepare_tracking(spec)
+
+
+def _tracking_ids(tracking, spec: Spec) -> tuple[str, dict[str, str]]:
+    """The store's ids; prepared again if the first preparation failed (the tracking server was down then)."""
+    try:
+        return tracking.result()
+    except Exception:  # noqa: BLE001 - the outbox has since made every write, so the store answers again
+        from .tracking import prepare_tracking
+
+        return prepare_tracking(spec)
 
 
 def trial_dirname(trial) -> str:

@@ -8,6 +8,7 @@ driver writes (tune_jobs/mlflow_callback.py); trial processes never open the sto
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +112,6 @@ class TrialRuns:
     def __post_init__(self):
         self.client = open_store(self.tracking_uri)
 
-    def is_open(self, trial_id: str) -> bool:
-        return trial_id in self.runs
-
     def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = layout.TRIAL_ROLE) -> None:
         run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
         run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
@@ -121,35 +119,69 @@ class TrialRuns:
         new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
         _retry(self.client.log_batch, run_id, params=new)
         self.client.update_run(run_id, status="RUNNING")
+        self._known(trial_id, run_id)
+
+    def _known(self, trial_id: str, run_id: str) -> str:
         self.runs[trial_id] = run_id
         self.logged[trial_id] = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
+        return run_id
+
+    def run_of(self, trial_id: str) -> str:
+        """The trial's run; one opened by an earlier driver (whose last writes this one makes) is looked up."""
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        found = self.client.search_runs([self.experiment_id], layout.tag_filter(TRIAL, trial_id), max_results=1)
+        if not found:
+            raise LookupError(f"no MLflow run for trial {trial_id} in experiment {self.experiment_id}")
+        return self._known(trial_id, found[0].info.run_id)
 
     def log_epoch(self, trial_id: str, step: int, metrics: dict, tags: dict) -> None:
         """All of an epoch's metrics in one call (SQLite serialises writers), once per step."""
+        run_id = self.run_of(trial_id)
         if step in self.logged[trial_id]:
             return
         now = int(time.time() * 1000)
-        _retry(self.client.log_batch, self.runs[trial_id], metrics=[Metric(k, float(v), now, step)
+        _retry(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step)
                                                                      for k, v in metrics.items()],
                tags=[RunTag(k, v) for k, v in tags.items()])
         self.logged[trial_id].add(step)
 
     def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:
         """FINISHED with how fit ended (the status the trial reported) and its best checkpoint."""
-        run_id = self.runs[trial_id]
+        run_id = self.run_of(trial_id)
         if best_checkpoint and best_checkpoint.exists():
             _retry(self.client.log_artifact, run_id, str(best_checkpoint), layout.CHECKPOINT_DIR)
         _retry(self.client.log_batch, run_id, tags=[RunTag(STATUS, status)])
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail(self, trial_id: str, message: str) -> None:
-        """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial)."""
-        run_id = self.runs[trial_id]
-        attempt = len(self.client.get_metric_history(run_id, FAILURES)) + 1
-        _retry(self.client.log_batch, run_id, metrics=[Metric(FAILURES, attempt, int(time.time() * 1000), attempt)],
+    def drop(self, trial_id: str) -> None:
+        """Delete the trial's run (it starts over); the next open makes a new one. Made again: nothing to do."""
+        found = self.client.search_runs([self.experiment_id], layout.tag_filter(TRIAL, trial_id))
+        for run in found:
+            self.client.delete_run(run.info.run_id)
+        self.runs.pop(trial_id, None)
+        self.logged.pop(trial_id, None)
+
+    def fail(self, trial_id: str, message: str, attempt: int) -> None:
+        """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial), each once."""
+        run_id = self.run_of(trial_id)
+        counted = {m.step for m in self.client.get_metric_history(run_id, FAILURES)}
+        metrics = [] if attempt in counted else [Metric(FAILURES, attempt, int(time.time() * 1000), attempt)]
+        _retry(self.client.log_batch, run_id, metrics=metrics,
                tags=[RunTag(ERROR, message[:4000]), RunTag(STATUS, layout.ERROR_STATUS)])
         self.client.set_terminated(run_id, "FAILED")
         del self.runs[trial_id]  # a retry opens it again, RUNNING
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server did not answer (worth waiting out)."""
+    import requests
+
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = str(error)
+    return text.startswith("API request to ") and bool(
+        re.search(r"failed with (timeout )?exception|error code 50[234]", text))
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):

@@ -4,7 +4,8 @@ The trial's folder (last.pt, best.pt) is the Tune checkpoint, so a trial restart
 (after a crash, a retry, or on another node) continues from its last epoch; it trains in a
 ``work/`` folder inside its own trial folder, never in the system's temp folder. Its last
 report says how fit ended (STATUS_KEY). The trial touches no MLflow store: the driver logs
-what it reports (tune_jobs/mlflow_callback.py).
+what it reports (tune_jobs/mlflow_callback.py). A try that fails because the storage takes no
+more writes reports that instead of raising, and the driver stops the sweep (tune_jobs/infra.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from .infra import STORAGE_KEY, storage_problem
 from .layout import TRIAL_ROLE
 from .space import STUDY_KEY
 from .spec import Spec
 
 GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
+RESTART_KEY = "restarted"  # in a trial's report: its checkpoint could not be read, so it starts over (why)
+STOP_WAIT_S = 600.0  # how long a try that reported a storage failure waits for the driver to stop it
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,20 @@ class SweepContext:
 
 
 def run_trial(config: dict, sweep: SweepContext) -> None:
+    """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
+    try:
+        train_trial(config, sweep)
+    except Exception as error:
+        problem = storage_problem(error, *trial_folders()) if trial_folders() else None
+        if problem is None:
+            raise
+        tune.report({sweep.spec.metric: 0.0, STORAGE_KEY: problem})
+        time.sleep(STOP_WAIT_S)  # the driver stops every trial now; one that does not (an older driver) fails it
+        raise
+
+
+def train_trial(config: dict, sweep: SweepContext) -> None:
+    from attzoom.config import CheckpointError
     from attzoom.train import fit  # in the trial process only: the driver never loads torch
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
@@ -48,7 +67,18 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         def report(metrics: dict, _checkpoint_dir) -> None:
             tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(work))
 
-        result = fit(train_config, data=cached_data(train_config), callback=report, checkpoint_dir=work, resume=True)
+        data = cached_data(train_config)
+        try:
+            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=True)
+        except CheckpointError as damaged:
+            if not checkpoint:
+                raise
+            # Tune keeps one checkpoint per trial, so there is none older to fall back to: the trial starts over,
+            # and its run with it (the driver deletes the epochs it logged, mlflow_callback.py)
+            tune.report({sweep.spec.metric: 0.0, **extra, RESTART_KEY: str(damaged)})
+            for stale in work.iterdir():
+                stale.unlink()
+            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=False)
         # fit reports finished epochs; the last report says how it ended, with the metrics Tune expects in every one
         last = result.history[-1] if result.history else {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0}
         tune.report({**last, **extra, STATUS_KEY: result.status})
@@ -63,17 +93,25 @@ def working_folder():
     in the system's temp folder for good; the next try empties it before restoring the checkpoint,
     and a try that ends removes it (the Tune checkpoint holds the same files).
     """
-    from pyarrow.fs import LocalFileSystem
-
-    storage = tune.get_context().get_storage()
-    local = isinstance(storage.storage_filesystem, LocalFileSystem)
-    folder = Path(storage.trial_fs_path if local else tune.get_context().get_trial_dir()) / "work"
-    shutil.rmtree(folder, ignore_errors=True)
+    folders = trial_folders()
+    folder = (folders[0] if folders else Path(tune.get_context().get_trial_dir())) / "work"
+    if folder.exists():
+        shutil.rmtree(folder)  # a storage that refuses this is a storage failure, reported as such
     folder.mkdir(parents=True)
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def trial_folders() -> tuple[Path, Path] | None:
+    """(this trial's folder, the storage root) when the Tune storage is a local or shared path, else None."""
+    from pyarrow.fs import LocalFileSystem
+
+    storage = tune.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+        return None
+    return Path(storage.trial_fs_path), Path(storage.storage_fs_path)
 
 
 def trial_config(config: dict, sweep: SweepContext):

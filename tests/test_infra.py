@@ -1,0 +1,239 @@
+"""Infrastructure failures: storage and tracking-store problems stop a sweep; outages are waited out in order."""
+
+import errno
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tune_jobs import infra, outbox
+from tune_jobs.infra import InfrastructureError, report_problem, stops_on_problems
+from tune_jobs.outbox import Outbox
+
+
+@pytest.fixture(autouse=True)
+def no_problem_left():
+    infra.clear()
+    yield
+    infra.clear()
+
+
+def test_a_storage_error_in_the_driver_becomes_one_line_with_the_resume_command():
+    with pytest.raises(InfrastructureError) as stopped:
+        with stops_on_problems("attzoom resume s --storage /x", "sqlite:///m.db"):
+            raise OSError(errno.EROFS, "Read-only file system", "/x/s/experiment_state.json")
+    message = str(stopped.value)
+    assert "/x/s/experiment_state.json: Read-only file system (EROFS)" in message
+    assert message.endswith("continue with: attzoom resume s --storage /x") and "\n" not in message
+
+
+def test_a_problem_a_driver_thread_reported_stops_the_driver_after_its_body():
+    with pytest.raises(InfrastructureError, match="lease: No space left"):
+        with stops_on_problems("attzoom resume s", "sqlite:///m.db"):
+            worker = threading.Thread(target=report_problem, args=("lease: No space left on device (ENOSPC)",))
+            worker.start()
+            worker.join()
+    with stops_on_problems("attzoom resume s", "sqlite:///m.db"):  # a new driver starts without the old problem
+        pass
+
+
+def test_a_trials_own_error_is_not_an_infrastructure_error():
+    with pytest.raises(ValueError):
+        with stops_on_problems("attzoom resume s", "sqlite:///m.db"):
+            raise ValueError("lr must be positive")
+
+
+def test_the_guard_ends_the_run_on_a_reported_storage_failure_and_lets_results_through():
+    from tune_jobs.guard import SweepGuard
+    from tune_jobs.infra import STORAGE_KEY
+
+    guard = SweepGuard()
+    guard.on_trial_result(0, [], SimpleNamespace(trial_id="a"), {"val_top1": 3.0, "epoch": 1})
+    guard.on_step_begin(0, [])
+    with pytest.raises(InfrastructureError, match="/s/t: Permission denied"):
+        guard.on_trial_result(0, [], SimpleNamespace(trial_id="a"),
+                              {"val_top1": 0.0, STORAGE_KEY: "/s/t: Permission denied (EACCES)"})
+    with pytest.raises(InfrastructureError):  # and at every later step, whatever reports next
+        guard.on_step_begin(1, [])
+
+
+PROBE = """
+import sys
+from pathlib import Path
+from tune_jobs.infra import storage_problem
+folder, storage = Path(sys.argv[1]), Path(sys.argv[2])
+print(storage_problem(RuntimeError("[enforce fail at inline_container.cc] open file failed"), folder, storage))
+print(storage_problem(PermissionError(13, "Permission denied", "/elsewhere/data.bin"), storage, storage))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("capsh"), reason="root without capsh ignores permissions")
+def test_a_storage_folder_that_refuses_writes_is_told_from_a_trials_own_error(tmp_path):
+    folder = tmp_path / "storage" / "s" / "trial"
+    folder.mkdir(parents=True)
+    folder.chmod(0o555)
+    command = [sys.executable, "-c", PROBE, str(folder), str(tmp_path / "storage")]
+    if os.geteuid() == 0:
+        command = ["capsh", "--drop=cap_dac_override", "--", "-c", 'exec "$0" "$@"', *command]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    refused, elsewhere = out.stdout.splitlines()
+    assert refused == f"{folder}: Permission denied (EACCES)"  # torch's error carries no OS error: the probe tells
+    assert elsewhere == "None"  # an unreadable file outside the storage is the trial's own failure
+    assert not list(folder.iterdir())
+
+
+def test_an_os_error_inside_the_storage_names_its_path(tmp_path):
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "t" / "last.pt"))
+    told = infra.storage_problem(error, tmp_path, tmp_path)
+    assert told == f"{tmp_path}/s/t/last.pt: No space left on device (ENOSPC)"
+
+
+# --- the outbox: a make function stands for the tracking store ----------------------------------------------
+
+
+class Store:
+    """Makes writes like a tracking store; ``down`` calls fail as a server that does not answer."""
+
+    def __init__(self, down: int = 0, error=ConnectionError("connection refused")):
+        self.made, self.down, self.error = [], down, error
+
+    def make(self, write: dict) -> None:
+        if self.down:
+            self.down -= 1
+            raise self.error
+        self.made.append(write)
+
+
+def outbox_for(path: Path, store: Store, deadline_s: float = 60.0, out=None) -> Outbox:
+    return Outbox(path, store.make, lambda e: isinstance(e, ConnectionError), "http://tracking", deadline_s,
+                  out=out or io.StringIO())
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(outbox, "RETRY_S", (0.01,))
+
+
+def test_writes_are_made_in_order_once_and_the_journal_is_emptied(tmp_path, quick_retries):
+    store, path = Store(), tmp_path / "journal.jsonl"
+    box = outbox_for(path, store)
+    writes = [{"op": "epoch", "step": i} for i in range(5)]
+    for write in writes:
+        box.put(write)
+    box.drain()
+    assert store.made == writes
+    assert path.read_text() == ""
+
+
+def test_an_outage_is_waited_out_while_the_hooks_return_at_once(tmp_path, quick_retries):
+    store, out = Store(down=20), io.StringIO()
+    box = outbox_for(tmp_path / "journal.jsonl", store, out=out)
+    started = time.monotonic()
+    for i in range(3):
+        box.put({"step": i})
+    assert time.monotonic() - started < 0.5 and box.pending == 3
+    box.drain()
+    assert store.made == [{"step": 0}, {"step": 1}, {"step": 2}]
+    said = out.getvalue().splitlines()
+    assert len(said) == 2 and "unreachable" in said[0] and "is back" in said[1]
+    assert infra.problem() is None
+
+
+def test_writes_a_killed_driver_kept_are_made_by_the_next_one_in_order(tmp_path, quick_retries):
+    path = tmp_path / "journal.jsonl"
+    dead = outbox_for(path, Store(down=10**9), deadline_s=3600)  # its store never answers
+    for i in range(3):
+        dead.put({"step": i})
+    dead.sync()  # what get_state does before each experiment snapshot
+    store, out = Store(), io.StringIO()
+    box = outbox_for(path, store, out=out)
+    assert "making 3 MLflow writes kept by an earlier driver" in out.getvalue()
+    box.put({"step": 3})
+    box.drain()
+    assert store.made == [{"step": i} for i in range(4)]
+
+
+def test_an_outage_past_the_deadline_stops_the_sweep_and_keeps_the_writes(tmp_path, quick_retries):
+    path = tmp_path / "journal.jsonl"
+    box = outbox_for(path, Store(down=10**9), deadline_s=0.2)
+    box.put({"step": 1})
+    box.put({"step": 2})
+    box.drain()  # returns once the outbox gives up
+    assert "tracking store http://tracking unreachable for" in infra.problem()
+    assert f"2 MLflow writes kept in {path}" in infra.problem()
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_a_store_that_refuses_a_write_stops_the_sweep_at_once(tmp_path, quick_retries):
+    box = outbox_for(tmp_path / "journal.jsonl", Store(down=1, error=ValueError("attempt to write a readonly db")))
+    box.put({"step": 1})
+    box.drain()
+    assert infra.problem().startswith("tracking store http://tracking failed: ValueError: attempt to write")
+
+
+def test_a_server_that_does_not_answer_is_told_from_one_that_refuses(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.tracking import unreachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    with pytest.raises(Exception) as down:
+        MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name("x")
+    assert unreachable(down.value)
+    with pytest.raises(Exception) as refused:
+        MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run("0" * 32)
+    assert not unreachable(refused.value)
+
+
+def test_the_logger_keeps_writes_for_a_server_that_is_down_and_the_next_driver_makes_them_once(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import TRIAL, tag_filter
+    from tune_jobs.mlflow_callback import MlflowCallback, journal_path
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import prepare_tracking
+    from tune_jobs.trainable import SweepContext
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(outbox, "RETRY_S", (0.05,))
+    demo = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml", storage=str(tmp_path / "r"))
+    down = replace(demo, tracking_uri="http://127.0.0.1:9", tracking_outage_minutes=0.01)  # discard port: refused
+    trial = SimpleNamespace(trial_id="t1", config={"study": demo.studies[0].name}, num_failures=0)
+    logger = MlflowCallback(SweepContext(down), None)
+    started = time.monotonic()
+    logger.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        logger.on_trial_result(0, [], trial, {"epoch": epoch, "val_top1": 10.0 * epoch})
+    assert logger.get_state() is None and time.monotonic() - started < 1.0  # the hooks never wait for the server
+    logger.on_experiment_end([])  # the deadline passes: the sweep would stop here
+    assert "unreachable" in infra.problem()
+    infra.clear()
+
+    up = replace(demo, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    experiment, parents = prepare_tracking(up)
+    resumed = MlflowCallback(SweepContext(up), lambda: (experiment, parents))
+    resumed.setup()
+    resumed.on_trial_result(0, [], trial, {"epoch": 2, "val_top1": 20.0})  # re-run after the driver died
+    resumed.on_trial_result(0, [], trial, {"epoch": 3, "val_top1": 30.0})
+    resumed.on_experiment_end([])
+    client = MlflowClient(up.tracking_uri)
+    [run] = client.search_runs([experiment], tag_filter(TRIAL, "t1"))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2, 3]
+    assert journal_path(up).read_text() == ""

@@ -1,0 +1,131 @@
+"""Infrastructure failures stop the sweep; they are not trial failures.
+
+A trial that cannot write the storage (permission, disk full, read-only file system) is not
+wrong itself: retrying it spends its retries and marks its run FAILED for nothing, while every
+other trial fails the same way. So a trial that hits one reports it (STORAGE_KEY) instead of
+raising, and waits to be stopped; the driver's own threads (the lease's heartbeat, the MLflow
+writer) report what they hit with ``report_problem``. The guard (tune_jobs/guard.py), the first
+of the driver's Tune callbacks, raises InfrastructureError at that result or at the next step: Tune stops the
+trials without charging them a failure, the last experiment snapshot stays as it was (as after
+a killed driver, so ``resume`` is exact), and the CLI prints one line and exits INFRA_EXIT.
+This module loads no Ray and no MLflow: trials and the CLI import it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+from contextlib import contextmanager, suppress
+
+INFRA_EXIT = 3  # bad input is 2 (attzoom.cli.EXIT_USAGE), an interrupt 130
+STORAGE_KEY = "storage_error"  # in a trial's report: the storage failure it hit, instead of raising
+STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+_problem: list[str] = []
+_lock = threading.Lock()
+
+
+class InfrastructureError(Exception):
+    """Storage or tracking store failed: the sweep stops, to be resumed once the cause is fixed."""
+
+
+def report_problem(message: str) -> None:
+    """Called from any driver thread; the first problem is the one the sweep stops with."""
+    with _lock:
+        if not _problem:
+            _problem.append(message)
+
+
+def problem() -> str | None:
+    with _lock:
+        return _problem[0] if _problem else None
+
+
+def clear() -> None:
+    """A driver starts with no problem (a test or a notebook may run sweeps one after another)."""
+    with _lock:
+        _problem.clear()
+
+
+def storage_problem(error: BaseException, folder: Path, storage: Path) -> str | None:
+    """'<path>: <OS error>' when ``error`` comes from ``storage`` failing to take a write, else None.
+
+    torch reports a failed write as a RuntimeError without the OS error, so besides the
+    exception's own chain, ``folder`` (the trial's folder in the storage) is probed with a write.
+    An OS error on a path outside the storage (an unreadable data file) stays the trial's own.
+    """
+    for cause in _chain(error):
+        if (isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS and cause.filename
+                and Path(str(cause.filename)).is_relative_to(storage)):
+            return os_problem(cause)
+    probe = folder / f".attzoom-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return os_problem(e, folder, name=False)  # the folder, not the probe's file name
+    finally:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return None
+
+
+def os_problem(error: OSError, path=None, name: bool = True) -> str:
+    """'<path>: <strerror> (<ERRNO>)', the one line a storage failure is told with."""
+    code = errno.errorcode.get(error.errno, error.errno) if error.errno else type(error).__name__
+    where = (error.filename if name else None) or path or "storage"
+    return f"{where}: {error.strerror or error} ({code})"
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+@contextmanager
+def stops_on_problems(resume: str, tracking_uri: str):
+    """Run a driver's body; a storage or tracking-store failure becomes one InfrastructureError line.
+
+    ``resume`` is the command that continues the work once the cause is fixed.
+    """
+    clear()
+    try:
+        yield
+    except Exception as error:
+        message = problem() or _infrastructure(error, tracking_uri)
+        if message is None:
+            raise
+        raise InfrastructureError(_stopped(message, resume)) from error
+    if (message := problem()) is not None:
+        raise InfrastructureError(_stopped(message, resume))
+
+
+def raise_if_problem() -> None:
+    if (message := problem()) is not None:
+        raise InfrastructureError(message)
+
+
+def _stopped(message: str, resume: str) -> str:
+    return f"{message}. No trial was charged for it; once the cause is fixed, continue with: {resume}"
+
+
+def _infrastructure(error: BaseException, tracking_uri: str) -> str | None:
+    """What an exception that escaped the driver says about the storage or the tracking store, if anything."""
+    from .tracking import unreachable  # MLflow: the driver has it loaded by now
+
+    for cause in _chain(error):
+        if isinstance(cause, InfrastructureError):
+            return str(cause)
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            return os_problem(cause)
+        if unreachable(cause):
+            return f"tracking store {tracking_uri} unreachable ({type(cause).__name__}: {str(cause)[:200]})"
+    return None
