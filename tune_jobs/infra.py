@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def os_problem(error: OSError, path=None, name: bool = True) -> str:
     return f"{where}: {error.strerror or error} ({code})"
 
 
+def short_error(error: BaseException) -> str:
+    """``Type: reason`` on one line; for a connection failure, the OS error under MLflow's and urllib3's wrappers."""
+    text = " ".join(str(error).split())
+    reason = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    return f"{type(error).__name__}: {reason.group(0).strip() if reason else text[:300]}"
+
+
 def _chain(error: BaseException):
     seen = set()
     while error is not None and id(error) not in seen:
@@ -127,5 +135,5 @@ def _infrastructure(error: BaseException, tracking_uri: str) -> str | None:
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
             return os_problem(cause)
         if unreachable(cause):
-            return f"tracking store {tracking_uri} unreachable ({type(cause).__name__}: {str(cause)[:200]})"
+            return f"tracking store {tracking_uri} unreachable ({short_error(cause)})"
     return None

@@ -22,7 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from .infra import os_problem, report_problem
+from .infra import os_problem, report_problem, short_error
 
 RETRY_S = (1, 2, 4, 8, 15)  # waits between tries while the store is unreachable; the last repeats
 
@@ -86,15 +86,15 @@ class Outbox:
                 self.make(write)
             except Exception as error:  # noqa: BLE001 - every failure either waits or stops the sweep
                 if not self.unreachable(error):
-                    return self._give_up(f"tracking store {self.store} failed: {_short(error)}")
+                    return self._give_up(f"tracking store {self.store} failed: {short_error(error)}")
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
-                    self._say(f"tracking store {self.store} unreachable ({_short(error)}); training goes on, "
+                    self._say(f"tracking store {self.store} unreachable ({short_error(error)}); training goes on, "
                               f"MLflow writes are kept in {self.path} for up to {self.deadline_s / 60:g} min")
                 if now - down_since > self.deadline_s:
                     return self._give_up(f"tracking store {self.store} unreachable for {self.deadline_s / 60:g} "
-                                         f"min ({_short(error)})")
+                                         f"min ({short_error(error)})")
                 time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
                 tries += 1
                 continue
@@ -143,8 +143,3 @@ class Outbox:
 
     def _say(self, message: str) -> None:
         print(message, file=self.out, flush=True)
-
-
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
