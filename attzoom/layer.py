@@ -24,6 +24,30 @@ def zero_insert(x: torch.Tensor, zoom: int) -> torch.Tensor:
     return out
 
 
+class GateStats:
+    """Running counts of what the gates of a model did: how often f(A) = 1, and the mean of sigmoid(A).
+
+    A fully open gate is constant, so no gradient reaches the attention conv there: a gate open
+    everywhere stays open, and AttZoom then trains as the zoom-only control. Counts stay on the
+    device (no sync per batch) until ``metrics`` reads them.
+    """
+
+    def __init__(self):
+        self.open = self.sigma = self.count = 0
+
+    def add(self, a: torch.Tensor, threshold: float) -> None:
+        a = a.detach().float()
+        self.open = self.open + (a >= threshold).sum()
+        self.sigma = self.sigma + a.sum()
+        self.count += a.numel()
+
+    def metrics(self) -> dict:
+        """{"gate_open": % of positions with f(A) = 1, "gate_sigma": mean sigmoid(A)}; {} when nothing was seen."""
+        if not self.count:
+            return {}
+        return {"gate_open": 100.0 * float(self.open) / self.count, "gate_sigma": float(self.sigma) / self.count}
+
+
 class AttZoom(nn.Module):
     """Attention gate plus learned zoom: (N, C, H, W) -> (N, C, zoom*H, zoom*W).
 
@@ -50,12 +74,15 @@ class AttZoom(nn.Module):
         pad = kernel_size // 2
         self.attention = nn.Conv2d(channels, 1, kernel_size, padding=pad) if gate else None
         self.enhance = nn.Conv2d(channels, channels, kernel_size, padding=pad)
+        self.stats: GateStats | None = None  # set while the gate is watched (train.watch_gates)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """f(A): 1 where sigmoid(conv_A(x)) >= threshold, else the attention itself; (N, 1, H, W)."""
         if self.attention is None:
             return x.new_ones(x.shape[0], 1, x.shape[2], x.shape[3])
         a = torch.sigmoid(self.attention(x))
+        if self.stats is not None:
+            self.stats.add(a, self.threshold)
         return torch.where(a >= self.threshold, torch.ones_like(a), a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

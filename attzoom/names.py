@@ -11,8 +11,11 @@ from dataclasses import dataclass
 DATASETS = ("cifar100", "tinyimagenet", "cluttered-digits")
 VARIANTS = ("baseline", "attzoom", "zoom-only", "attention-only", "resize2x")
 POSITIONS = ("input", "stem", "stage1")
-# What fit reports for every epoch (besides "epoch"); the sweep's driver logs these to MLflow.
-METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "images_per_s")
+# What fit reports for every epoch (besides "epoch"); the sweep's driver logs these to MLflow. The gate's two, on
+# the validation set, only for variants with a gate: the share of positions (in %) where the gate is fully open
+# (f(A) = 1, which passes no gradient to the attention conv) and the mean of sigmoid(A).
+GATE_METRICS = ("gate_open", "gate_sigma")
+METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "images_per_s", *GATE_METRICS)
 
 
 @dataclass(frozen=True)

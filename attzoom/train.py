@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from torch import nn
 from .augment import PaperAugment
 from .config import CheckpointError, TrainConfig
 from .data import ImageSet, Splits, load
+from .layer import AttZoom, GateStats
 from .models import build_model
 Callback = Callable[[dict, Path | None], None]
 
@@ -92,14 +94,16 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
         if not math.isfinite(train_loss):
             status = "diverged"
             break
-        val = evaluate(model, val_set, rt)
+        with watch_gates(model) as gates:
+            val = evaluate(model, val_set, rt)
         if cfg.scheduler == "plateau":
             scheduler.step(val["loss"])
         elif cfg.scheduler != "onecycle":
             scheduler.step()
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
-                   "val_top5": val["top5"], "lr": lr, "epoch_time": elapsed, "images_per_s": seen / elapsed}
+                   "val_top5": val["top5"], "lr": lr, "epoch_time": elapsed, "images_per_s": seen / elapsed,
+                   **gates.metrics()}
         history.append(metrics)
         improved = stop.update(epoch, metrics["val_top1"])
         status = "early_stopped" if stop.should_stop else "completed"
@@ -188,6 +192,20 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
         if step % 25 == 0 and not torch.isfinite(total):
             return math.nan, step * cfg.batch_size
     return total.item() / usable, usable
+
+
+@contextmanager
+def watch_gates(model: nn.Module):
+    """Count what every gate of ``model`` does inside the block (one GateStats for all of them)."""
+    gates = [m for m in model.modules() if isinstance(m, AttZoom) and m.attention is not None]
+    stats = GateStats()
+    for gate in gates:
+        gate.stats = stats
+    try:
+        yield stats
+    finally:
+        for gate in gates:
+            gate.stats = None
 
 
 @torch.no_grad()

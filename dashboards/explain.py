@@ -4,8 +4,10 @@ For N validation images of the run's data set, one PNG grid with a row per image
 run, the columns: the input; a Grad-CAM heat map (pytorch-grad-cam) of the predicted class;
 for a model with a gated AttZoom layer, the layer's own f(A) upsampled onto the image; and the
 attention-guided zoom view (Fig. 3), a separable warp in which rows and columns with more
-attention take up more of the picture. Given two runs (e.g. baseline and attzoom), their
-columns stand side by side in one grid. The grid is written to ``--out`` and logged to every
+attention take up more of the picture. Each row is labelled with the image's true class and each
+run's prediction; f(A) is drawn on a fixed 0-1 colour scale with its colour bar, so a gate open
+everywhere reads as saturated (f = 1), not as a blank panel. Given two runs (e.g. baseline and
+attzoom), their columns stand side by side in one grid. The grid is written to ``--out`` and logged to every
 run shown under the ``explain/`` artifact path, where ``attzoom report`` finds it.
 """
 
@@ -18,16 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
-from PIL import Image, ImageDraw
 from torch import nn
 
 from tune_jobs.layout import CHECKPOINT
 
 from .errors import ReportError
+from .figures import png
 from .testset import quiet_downloads
 
-CELL, PAD, HEADER = 96, 4, 28  # grid layout in pixels: square panels, gaps, two lines of column titles
+PANEL_INCHES = 1.4  # each square panel of the grid
+GATE_COLOURS = "viridis"  # f(A) on a fixed 0-1 scale: yellow is a fully open gate
 MIN_CAM_SIDE = 4  # Grad-CAM on the deepest stage whose maps are at least this wide (a 1x1 map says nothing)
 ARTIFACT_PATH = "explain"
 
@@ -48,6 +52,8 @@ class Explanation:
     run_id: str
     label: str
     images: torch.Tensor
+    labels: torch.Tensor  # (N,) true classes
+    predicted: torch.Tensor  # (N,) the run's predicted classes
     cams: np.ndarray  # (N, H, W) in [0, 1]
     attention: torch.Tensor | None  # the AttZoom layer's f(A), (N, 1, h, w); None without a gated layer
     zoomed: torch.Tensor | None  # (N, 3, H, W) uint8
@@ -175,19 +181,17 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     name, layer = target_layer(model, cfg.backbone, images.shape[-1])
     attention = attention_maps(model, x)
     zoomed = zoom_view(images, attention) if attention is not None else None
+    with torch.no_grad():
+        predicted = model.eval()(x).argmax(1)
     label = f"{run.data.tags.get('variant', cfg.variant)} ({run_id[:8]})"
-    return Explanation(run_id, label, images, grad_cam(model, x, layer), attention, zoomed, name)
+    return Explanation(run_id, label, images, data.val.labels[:n_images], predicted, grad_cam(model, x, layer),
+                       attention, zoomed, name)
 
 
 # --- drawing ----------------------------------------------------------------------------------------
 
-def grid_size(n_images: int, n_columns: int) -> tuple[int, int]:
-    """(width, height) in pixels of a grid of N rows and this many columns."""
-    return n_columns * CELL + (n_columns + 1) * PAD, HEADER + n_images * CELL + (n_images + 1) * PAD
-
-
 def panels(e: Explanation, i: int) -> list[np.ndarray]:
-    """The (H, W, 3) uint8 panels of image i, in ``e.columns`` order."""
+    """Image i's panels, in ``e.columns`` order: (H, W, 3) uint8 pictures, and f(A) as an (H, W) map in [0, 1]."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = e.images[i].permute(1, 2, 0).numpy()
@@ -195,29 +199,42 @@ def panels(e: Explanation, i: int) -> list[np.ndarray]:
     out = [rgb, show_cam_on_image(rgb.astype(np.float32) / 255, e.cams[i], use_rgb=True)]
     if e.attention is not None:
         att = F.interpolate(e.attention[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        out.append(show_cam_on_image(rgb.astype(np.float32) / 255, att.clamp(0, 1).numpy(), use_rgb=True))
+        out.append(att.clamp(0, 1).numpy())
         out.append(e.zoomed[i].permute(1, 2, 0).numpy())
     return out
 
 
-def draw(explanations: list[Explanation]) -> Image.Image:
-    """One grid: a row per image, each run's columns side by side, titles on top."""
+def figure(explanations: list[Explanation]) -> Figure:
+    """One grid: a row per image labelled with its class and each run's prediction, each run's columns side by
+    side under its name, and a colour bar for f(A)."""
     n = min(len(e.images) for e in explanations)
-    columns = [(e, c) for e in explanations for c in e.columns]
-    canvas = Image.new("RGB", grid_size(n, len(columns)), "white")
-    pen = ImageDraw.Draw(canvas)
-    x = PAD
-    for e in explanations:
-        pen.text((x, 2), e.label, fill="black")
-        for j, title in enumerate(e.columns):
-            pen.text((x + j * (CELL + PAD), 2 + HEADER // 2), title, fill="#444")
-        x += len(e.columns) * (CELL + PAD)
+    width = sum(len(e.columns) for e in explanations)
+    fig = Figure(figsize=(PANEL_INCHES * width + 1.2, PANEL_INCHES * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, width, squeeze=False)
+    gate = None
     for i in range(n):
-        row = [p for e in explanations for p in panels(e, i)]
-        for j, panel in enumerate(row):
-            tile = Image.fromarray(panel).resize((CELL, CELL), Image.NEAREST)
-            canvas.paste(tile, (PAD + j * (CELL + PAD), HEADER + PAD + i * (CELL + PAD)))
-    return canvas
+        j = 0
+        for e in explanations:
+            axes[i, j].set_ylabel(f"true {int(e.labels[i])}\npredicted {int(e.predicted[i])}", fontsize=8)
+            for title, panel in zip(e.columns, panels(e, i)):
+                ax = axes[i, j]
+                if panel.ndim == 2:
+                    gate = ax.imshow(panel, cmap=GATE_COLOURS, vmin=0, vmax=1)
+                else:
+                    ax.imshow(panel)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"{e.label}\n{title}" if title == e.columns[0] else f"\n{title}", fontsize=8)
+                j += 1
+    if gate is not None:
+        fig.colorbar(gate, ax=axes.ravel().tolist(), shrink=0.5, label="f(A): 1 = gate fully open")
+    return fig
+
+
+def draw(explanations: list[Explanation]) -> bytes:
+    """The grid as PNG bytes."""
+    return png(figure(explanations))
 
 
 def write_explanations(tracking_uri: str, run_ids: list[str], n_images: int = 8, out: str | Path | None = None,
@@ -228,7 +245,7 @@ def write_explanations(tracking_uri: str, run_ids: list[str], n_images: int = 8,
     folder.mkdir(parents=True, exist_ok=True)
     name = "explain-" + "-vs-".join(r[:8] for r in run_ids) + ".png"
     path = folder / name
-    draw(explanations).save(path)
+    path.write_bytes(draw(explanations))
     if log:
         client = MlflowClient(tracking_uri)
         for run_id in run_ids:

@@ -18,15 +18,26 @@ def png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def learning_curves(title: str, curves: dict[str, dict[str, dict[int, float]]]) -> bytes:
-    """Validation top-1 and training loss per epoch of each variant's best trial, side by side."""
+def learning_curves(title: str, curves: dict[str, dict[str, dict[int, float]]],
+                    others: dict[str, list[dict[int, float]]] | None = None) -> bytes:
+    """Validation top-1 and training loss per epoch of each variant's best trial, side by side.
+
+    ``others``: every other trial's validation top-1 per variant, drawn faint in the variant's
+    colour, so trials that stalled or diverged are seen beside the best one.
+    """
     fig = Figure(figsize=(9, 3.2))
     top1, loss = fig.subplots(1, 2)
     for variant, metrics in curves.items():
+        colour = None
         for ax, key in ((top1, "val_top1"), (loss, "train_loss")):
             points = sorted(metrics.get(key, {}).items())
             if points:
-                ax.plot(*zip(*points), marker=".", label=variant)
+                colour = ax.plot(*zip(*points), marker=".", linewidth=2, label=f"{variant} (best trial)",
+                                 color=colour)[0].get_color()
+        for history in (others or {}).get(variant, []):
+            points = sorted(history.items())
+            if points:
+                top1.plot(*zip(*points), color=colour, alpha=0.25, linewidth=0.8)
     for ax in (top1, loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     top1.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{title}: validation top-1")

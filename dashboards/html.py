@@ -7,6 +7,7 @@ an artifact store, and shows the same thing everywhere.
 from __future__ import annotations
 
 import base64
+import re
 from html import escape
 
 from tune_jobs.layout import experiment_name
@@ -39,6 +40,13 @@ def table(rows: list[dict], id: str | None = None) -> str:
     return f"<div class='scroll'><table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
+def markdown_code(text: str) -> str:
+    """Escaped text with the Markdown the report's sentences use: `code` and **bold**."""
+    html = escape(text)
+    html = re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", html)
+
+
 def image(caption: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (f"<figure><img alt='{escape(caption)}' src='data:image/png;base64,{data}'>"
@@ -54,16 +62,23 @@ def page(report) -> str:
     sweep = report.sweep
     parts = [f"<h1>AttZoom sweep report: {escape(sweep.name)}</h1>",
              f"<p class='note'>Tracking store <code>{escape(sweep.tracking_uri)}</code>, experiment "
-             f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}. "
-             "Test top-1 / top-5 "
-             "(%) of each study's best trial, chosen by validation top-1 (ties by top-5) over every epoch of every "
-             "finished trial; Δ is the difference from the same backbone's baseline.</p>"]
+             f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}.</p>"]
+    if report.verdict:
+        from .report import verdict_intro
+
+        parts += ["<h2>Verdict: does AttZoom help?</h2>", f"<p>{markdown_code(verdict_intro(report))}</p>",
+                  table(report.verdict, id="verdict")]
+    parts += [f"<div class='warn gate'><strong>Warning:</strong> {escape(w)}</div>" for w in report.warnings]
     if report.unfinished:
         parts += [f"<div class='warn' id='unfinished'><strong>Unfinished studies ({len(report.unfinished)}):"
                   "</strong> partial results below.", table(report.unfinished), "</div>"]
-    parts.append("<h2>Comparison</h2>")
+    from .report import BEST_OF_N, GATES
+
+    parts += ["<h2>Best of N single-seed trials</h2>", f"<p class='note'>{escape(BEST_OF_N)}</p>"]
     for dataset, rows in report.tables.items():
         parts += [f"<h3>{escape(dataset)}</h3>", table(rows, id=f"comparison-{dataset}")]
+    if report.gates:
+        parts += ["<h2>AttZoom's gate</h2>", f"<p class='note'>{escape(GATES)}</p>", table(report.gates, id="gates")]
     parts += ["<h2>Best trial per study</h2>", table(report.best_rows, id="best-trials"),
               "<h2>Learning curves of the best trials</h2>", figures(report.images, "curves"),
               "<h2>Optimisation history</h2>", figures(report.images, "history"),
@@ -78,9 +93,9 @@ def page(report) -> str:
                   "for best trials: Grad-CAM, AttZoom's f(A) and the attention-guided zoom view.</p>",
                   figures(report.images, "explain")]
     if report.confirm:
-        from .confirm import NOISE_RULE
+        from .verdict import RULE
 
-        parts += ["<h2>Seed confirmation</h2>", f"<p class='note'>{escape(NOISE_RULE)}</p>",
+        parts += ["<h2>Seed confirmation</h2>", f"<p class='note'>{escape(RULE)}</p>",
                   table(report.confirm, id="confirm")]
     if report.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]

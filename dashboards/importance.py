@@ -87,11 +87,15 @@ def distribution(name: str, values: list):
     return FloatDistribution(low, high, log=log)
 
 
+MIN_TRIALS = 20  # below this, fANOVA's ranking of 5-8 hyperparameters is mostly noise
+
+
 def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     """({param: importance}, None), or ({}, why not) when the study cannot support an estimate."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if len(complete) < 2:
-        return {}, f"needs at least 2 finished trials (has {len(complete)})"
+    if len(complete) < MIN_TRIALS:
+        return {}, (f"not shown: {len(complete)} finished trials; a ranking of the hyperparameters needs "
+                    f"{MIN_TRIALS} or more")
     if not any(len(t.params) for t in complete):
         return {}, "no searched hyperparameter"
     try:

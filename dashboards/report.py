@@ -19,10 +19,12 @@ import pandas as pd
 from tune_jobs.layout import experiment_name
 
 from . import figures, importance
-from .confirm import NOISE_RULE, confirm_rows
+from .confirm import confirm_rows, seed_scores
+from .gates import gate_rows
 from .published import published_config
 from .runs import Study, Sweep, curves, load_sweep
 from .table import best_trials, comparison, markdown, pair
+from .verdict import RULE, headline, unconfirmed_note
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Report:
     images: list[tuple[str, str, bytes]] = field(default_factory=list)  # (section, caption, png)
     importance: list[dict] = field(default_factory=list)  # per study: its top hyperparameters
     confirm: list[dict] = field(default_factory=list)  # per study: seed re-runs' mean +- std (attzoom confirm)
+    verdict: list[dict] = field(default_factory=list)  # the headline: AttZoom vs baseline and controls (verdict.py)
+    confirmed: bool = False  # every headline row stands on seed re-runs
+    gates: list[dict] = field(default_factory=list)  # per gated study: threshold and how open the gate was
+    warnings: list[str] = field(default_factory=list)  # said before anything else (gates that stayed open)
     generated: str = ""
 
 
@@ -47,8 +53,11 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
     report = Report(sweep, best, comparison(best) if not best.empty else {}, best_rows(best),
                     config_rows(sweep, best), compute_rows(sweep), unfinished_rows(sweep), notes,
                     generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    report.confirm, confirm_notes = confirm_rows(sweep, data_root)
-    report.notes += confirm_notes
+    scores, confirm_notes = seed_scores(sweep, data_root)
+    report.confirm, report.notes = confirm_rows(sweep, scores), report.notes + confirm_notes
+    best_top1 = {} if best.empty else dict(zip(best.study, best.test_top1))
+    report.verdict, report.confirmed = headline(sweep, scores, best_top1)
+    report.gates, report.warnings = gate_rows(sweep)
     if with_figures:
         report.images, report.importance = draw(sweep)
         report.images += explain_images(sweep)
@@ -90,25 +99,28 @@ def config_rows(sweep: Sweep, best: pd.DataFrame) -> list[dict]:
 
 
 def compute_rows(sweep: Sweep) -> list[dict]:
-    """Trials, epochs and hours per study from the logged epoch_time; GPU hours where the GPU share is known."""
-    rows, total = [], {"trials": 0, "epochs": 0, "hours": 0.0, "gpu": 0.0, "gpu_known": True}
+    """Runs, epochs and hours per study (trials and confirm runs) from the logged epoch_time; GPU hours where the
+    GPU share is known, "n/a (CPU)" where every run trained on the CPU."""
+    rows, everything = [], []
     for study in sweep.studies:
-        hours = sum(t.hours for t in study.trials)
-        shares = [t.gpus for t in study.trials]
-        known = all(s is not None for s in shares)
-        gpu = sum(t.hours * t.gpus for t in study.trials) if known else None
-        epochs = sum(t.epochs for t in study.trials)
-        rows.append({"study": study.name, "trials": len(study.trials), "epochs": epochs, "hours": f"{hours:.3f}",
-                     "GPU hours": f"{gpu:.3f}" if known else "unknown"})
-        total["trials"] += len(study.trials)
-        total["epochs"] += epochs
-        total["hours"] += hours
-        total["gpu_known"] &= known
-        total["gpu"] += gpu or 0.0
-    rows.append({"study": "total", "trials": total["trials"], "epochs": total["epochs"],
-                 "hours": f"{total['hours']:.3f}", "GPU hours": f"{total['gpu']:.3f}" if total["gpu_known"]
-                 else "unknown"})
+        runs = [*study.trials, *study.confirms]
+        everything += runs
+        rows.append({"study": study.name, "trials": len(study.trials), "confirm runs": len(study.confirms),
+                     **_spent(runs)})
+    rows.append({"study": "total", "trials": sum(len(s.trials) for s in sweep.studies),
+                 "confirm runs": sum(len(s.confirms) for s in sweep.studies), **_spent(everything)})
     return rows
+
+
+def _spent(runs: list) -> dict:
+    shares = [t.gpus for t in runs]
+    if shares and all(share == 0 for share in shares):
+        gpu = "n/a (CPU)"
+    elif all(share is not None for share in shares):
+        gpu = f"{sum(t.hours * t.gpus for t in runs):.3f}"
+    else:
+        gpu = "unknown"
+    return {"epochs": sum(t.epochs for t in runs), "hours": f"{sum(t.hours for t in runs):.3f}", "GPU hours": gpu}
 
 
 def unfinished_rows(sweep: Sweep) -> list[dict]:
@@ -127,9 +139,10 @@ def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
     for (dataset, backbone), studies in groups.items():
         title = f"{backbone} on {dataset}"
         best_curves = {s.variant: curves(sweep.tracking_uri, s.best.run_id) for s in studies if s.best}
+        others = {s.variant: [t.history["val_top1"] for t in s.trials if t is not s.best] for s in studies}
         if best_curves:
-            images.append(("curves", f"{title}: best trial of each variant",
-                           figures.learning_curves(title, best_curves)))
+            images.append(("curves", f"{title}: best trial of each variant (bold), every other trial (faint)",
+                           figures.learning_curves(title, best_curves, others)))
         rebuilt = {s.variant: importance.optuna_study(s) for s in studies}
         histories = {variant: importance.history(study) for variant, study in rebuilt.items()}
         if any(histories.values()):
@@ -152,18 +165,33 @@ def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
             for name, png in logged_pngs(sweep.tracking_uri, study.best.run_id)]
 
 
+BEST_OF_N = ("Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
+             "every epoch of every finished trial; Δ is the difference from the same backbone's baseline. One seed "
+             "per trial: a best of N favours whichever study drew a lucky seed (see the verdict above).")
+GATES = ("Share of validation positions where AttZoom's gate was fully open (f(A) = 1: no gradient reaches the "
+         "attention there) and the mean of σ(A), for each gated study's best trial and its seed re-runs.")
+
+
+def verdict_intro(report: Report) -> str:
+    return RULE if report.confirmed else unconfirmed_note(report.sweep, report.sweep.tracking_uri)
+
+
 def to_markdown(report: Report) -> str:
     sweep = report.sweep
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
              f"Tracking store `{sweep.tracking_uri}`, experiment `{experiment_name(sweep.name)}`, "
-             f"generated {report.generated}. "
-             "Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
-             "every epoch of every finished trial; Δ is the difference from the same backbone's baseline."]
+             f"generated {report.generated}."]
+    if report.verdict:
+        parts += ["", "## Verdict: does AttZoom help?", "", verdict_intro(report), "", markdown(report.verdict)]
+    parts += [f"\n> **Warning:** {warning}" for warning in report.warnings]
     if report.unfinished:
         parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
                   markdown(report.unfinished)]
+    parts += ["", "## Best of N single-seed trials", "", BEST_OF_N]
     for dataset, rows in report.tables.items():
-        parts += ["", f"## {dataset}", "", markdown(rows)]
+        parts += ["", f"### {dataset}", "", markdown(rows)]
+    if report.gates:
+        parts += ["", "## AttZoom's gate", "", GATES, "", markdown(report.gates)]
     parts += ["", "## Best trial per study", "", markdown(report.best_rows),
               "", "## Chosen configs", "", markdown(report.configs),
               "", "## Hyperparameter importance", "", markdown(report.importance) if report.importance else "(not computed)",
@@ -171,7 +199,7 @@ def to_markdown(report: Report) -> str:
               "weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.", "",
               markdown(report.compute)]
     if report.confirm:
-        parts += ["", "## Seed confirmation", "", NOISE_RULE, "", markdown(report.confirm)]
+        parts += ["", "## Seed confirmation", "", RULE, "", markdown(report.confirm)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(parts) + "\n"
@@ -197,6 +225,10 @@ def write_report(tracking_uri: str, sweep: str, out: str | Path | None = None,
 
 
 def comparison_markdown(tracking_uri: str, sweep: str, data_root: str | None = None) -> str:
-    """Only the comparison tables (what the demo prints at its end)."""
+    """The verdict, gate warnings and best-of-N tables (what the demo prints at its end)."""
     report = build(tracking_uri, sweep, data_root, with_figures=False)
-    return "\n".join(f"{dataset}:\n{markdown(rows)}\n" for dataset, rows in report.tables.items())
+    parts = [f"Verdict: {verdict_intro(report)}", markdown(report.verdict), ""] if report.verdict else []
+    parts += [f"Warning: {warning}" for warning in report.warnings]
+    parts += [f"Best of N single-seed trials, {dataset} (test top-1 / top-5 %):\n{markdown(rows)}\n"
+              for dataset, rows in report.tables.items()]
+    return "\n".join(parts)

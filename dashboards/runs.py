@@ -69,6 +69,7 @@ class Study:
     variant: str
     parent: Run | None
     trials: list[Trial] = field(default_factory=list)
+    confirms: list[Trial] = field(default_factory=list)  # seed re-runs of its best config (attzoom confirm)
 
     @property
     def finished(self) -> bool:
@@ -109,11 +110,14 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
         studies[run.data.tags[STUDY]] = _study(run.data.tags, run)
     trials = client.search_runs([eid], layout.runs_filter(layout.TRIAL_ROLE), max_results=MAX_RUNS,
                                 order_by=["attributes.start_time ASC"])
-    for run in trials:
+    confirms = client.search_runs([eid], layout.runs_filter(layout.CONFIRM_ROLE), max_results=MAX_RUNS,
+                                  order_by=["attributes.start_time ASC"])
+    for run in [*trials, *confirms]:
         name = run.data.tags[STUDY]
         study = studies.setdefault(name, _study(run.data.tags, None))
         history = {key: _history(client, run.info.run_id, key) for key in ("val_top1", "val_top5", "epoch_time")}
-        study.trials.append(Trial(run, history, best_epoch(history["val_top1"], history["val_top5"])))
+        trial = Trial(run, history, best_epoch(history["val_top1"], history["val_top5"]))
+        (study.confirms if run.data.tags.get(layout.ROLE) == layout.CONFIRM_ROLE else study.trials).append(trial)
     ordered = sorted(studies.values(), key=lambda s: (s.dataset, s.backbone, s.variant != "baseline", s.variant))
     return Sweep(sweep, tracking_uri, eid, ordered)
 

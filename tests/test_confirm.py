@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dashboards.confirm import verdict
 from dashboards.report import build, to_markdown
+from dashboards.verdict import Seeds, difference, noise_verdict
 from tune_jobs.layout import (CHECKPOINT, CHECKPOINT_DIR, CONFIRM_ROLE, PARENT, SEED, STUDY, STUDY_ROLE, TRIAL_ROLE,
                               experiment_name, runs_filter)
 
@@ -25,7 +25,7 @@ def cli(*args: str, cwd: Path) -> str:
     result = subprocess.run([sys.executable, "-m", "tune_jobs.cli", *args], cwd=cwd, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path):
@@ -56,6 +56,8 @@ lr = [1e-3, 1e-2]
     shutil.rmtree(tmp_path / "ray_results" / "c")  # confirm reads the spec and the best configs from MLflow alone
     out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
     assert "trained seeds 1, 2, 3" in out
+    assert "[tiny_resnet.cluttered-digits.attzoom] done 3/3" in out  # live progress, per study
+    assert "Failed to fetch metrics" not in out
 
     client = MlflowClient(uri)
     eid = client.get_experiment_by_name(experiment_name("c")).experiment_id
@@ -94,14 +96,21 @@ lr = [1e-3, 1e-2]
         assert rows[study]["seeds"] == "1, 2, 3"
     base, att = stats["tiny_resnet.cluttered-digits.baseline"], stats["tiny_resnet.cluttered-digits.attzoom"]
     row = rows["tiny_resnet.cluttered-digits.attzoom"]
-    assert row["Δ vs baseline"] == f"{att[0] - base[0]:+.2f}"
-    assert row["seed noise"] == verdict(att[0] - base[0], base[1], att[1])
-    assert "## Seed confirmation" in to_markdown(report) and "test top-1 mean ± std" in to_markdown(report)
+    assert row["Δ vs baseline [95 % CI]"].startswith(f"{att[0] - base[0]:+.2f} [")
+    # the headline, first in the report, is the same comparison from the same seeds
+    assert report.confirmed
+    [headline] = report.verdict
+    assert headline["AttZoom vs"] == "baseline" and headline["verdict"] in ("within noise", "beyond noise")
+    assert headline["verdict"] == row["seed noise"] and headline["Δ [95 % CI]"] == row["Δ vs baseline [95 % CI]"]
+    text = to_markdown(report)
+    assert text.index("## Verdict") < text.index("## Best of N") < text.index("## Seed confirmation")
+    assert "test top-1 mean ± std" in text
 
 
-def test_noise_rule():
-    assert verdict(5.0, 1.0, 1.0) == "beyond"
-    assert verdict(1.9, 1.0, 1.0) == "within"
-    assert verdict(2.5, 0.0, 2.0) == "within"  # pooled std sqrt(2): 2.5 < 2.83
-    assert verdict(3.0, 0.0, 2.0) == "beyond"
-    assert verdict(1.0, float("nan"), 1.0) == "unknown"
+def test_welch_interval_and_the_noise_words():
+    diff, low, high = difference(Seeds((1.0, 2.0, 3.0)), Seeds((4.0, 5.0, 6.0)))
+    # se = sqrt(1/3 + 1/3), 4 degrees of freedom, t(0.975, 4) = 2.7764
+    assert (diff, low, high) == pytest.approx((-3.0, -3.0 - 2.7764 * 0.8165, -3.0 + 2.7764 * 0.8165), abs=1e-3)
+    assert noise_verdict(low, high) == "beyond noise"
+    assert noise_verdict(*difference(Seeds((1.0, 2.0, 3.0)), Seeds((1.5, 2.5, 3.5)))[1:]) == "within noise"
+    assert noise_verdict(*difference(Seeds((1.0,)), Seeds((1.5, 2.5)))[1:]) == "unknown (fewer than 2 seeds)"

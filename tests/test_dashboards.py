@@ -14,6 +14,7 @@ orders by the *last* logged value instead, so the expected answer here lists the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,8 +29,8 @@ from mlflow.tracking import MlflowClient
 
 from dashboards.published import CONFIGS, RESULTS, published
 from dashboards.report import build, to_markdown, write
-from tune_jobs.layout import (ERROR, GPU_IDS, PARENT, ROLE, STUDY, SWEEP, TRIAL, TRIAL_ROLE, experiment_name,
-                              runs_filter, tag_filter)
+from tune_jobs.layout import (CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, ROLE, SEED, STUDY, SWEEP, TRIAL, TRIAL_ROLE,
+                              experiment_name, runs_filter, tag_filter)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000_000
@@ -65,10 +66,13 @@ class SweepWriter:
 
     def trial(self, study: str, trial_id: str, epochs: list[tuple[float, float]], params: dict,
               status: str = "FINISHED", test: tuple[float, float] | None = None, gpu_ids: str | None = "",
-              checkpoint: Path | None = None) -> str:
+              checkpoint: Path | None = None, gate_open: float | None = None, role: str = "trial",
+              seed: int | None = None) -> str:
         backbone, dataset, variant = study.split(".")
-        tags = {SWEEP: self.sweep, STUDY: study, ROLE: "trial", TRIAL: trial_id, "backbone": backbone,
+        tags = {SWEEP: self.sweep, STUDY: study, ROLE: role, TRIAL: trial_id, "backbone": backbone,
                 "dataset": dataset, "variant": variant, PARENT: self.parents[study]}
+        if seed is not None:
+            tags[SEED] = str(seed)
         if gpu_ids is not None:
             tags[GPU_IDS] = gpu_ids
         run_id = self.client.create_run(self.eid, start_time=self.tick(), tags=tags, run_name=trial_id).info.run_id
@@ -78,6 +82,8 @@ class SweepWriter:
         for step, (top1, top5) in enumerate(epochs, start=1):
             values = {"train_loss": 2.5 / step, "val_loss": 2.0 / step, "val_top1": top1, "val_top5": top5,
                       "lr": params.get("lr", 1e-3), "epoch_time": 90.0, "images_per_s": 500.0}
+            if gate_open is not None:
+                values.update(gate_open=gate_open, gate_sigma=0.5 + gate_open / 200)
             self.client.log_batch(run_id, metrics=[Metric(k, v, self.tick(), step) for k, v in values.items()])
         if test:
             self.client.log_metric(run_id, "test_top1", test[0])
@@ -145,7 +151,32 @@ def store(tmp_path_factory):
     partial.trial(going, "q1", [(55, 84)], ADAM, test=(54.0, 83.0))
     partial.trial(going, "q2", [(20, 60)], SGD, status="RUNNING")
     partial.study("resnet50", "cifar100", "resize2x")  # started, no trial yet
+
+    many = SweepWriter(uri, "many", tmp / "artifacts" / "many")  # enough finished trials to rank hyperparameters
+    study = many.study("tiny_resnet", "cluttered-digits", "baseline")
+    for i in range(20):
+        lr = 10 ** (-4 + 3 * i / 19)
+        many.trial(study, f"m{i}", [(80 - 10 * abs(math.log10(lr) + 2.5), 95.0)],
+                   {**(ADAM if i % 2 else SGD), "lr": lr, "batch_size": (32, 64, 128)[i % 3]}, test=(70.0, 90.0))
+    many.finish_study(study, 20, 0)
+
+    controls = SweepWriter(uri, "controls", tmp / "artifacts" / "controls")  # all five variants, seed-confirmed
+    for variant, tests in CONTROL_SEEDS.items():
+        study = controls.study("tiny_resnet", "cluttered-digits", variant)
+        gate = {"attzoom": 100.0, "attention-only": 42.0}.get(variant)
+        controls.trial(study, f"{variant}-t", [(tests[0] - 1, 90.0)], {**ADAM, "threshold": 0.4}, test=(tests[0], 95.0),
+                       gate_open=gate)
+        for seed, top1 in enumerate(tests, start=1):
+            controls.trial(study, f"{variant}-s{seed}", [(top1 - 1, 90.0)], ADAM, test=(top1, 95.0), role=CONFIRM_ROLE,
+                           seed=seed, gate_open=None if gate is None else gate - 0.1 * seed)
+        controls.finish_study(study, 1, 0)
     return {"uri": uri, "tmp": tmp, "data_root": data_root}
+
+
+# test top-1 of each study's best config over seeds 1-3 (attzoom confirm): clearly above the baseline, level with the
+# zoom-only and resize2x controls, far above attention-only
+CONTROL_SEEDS = {"baseline": (70.0, 71.0, 72.0), "attzoom": (75.0, 76.0, 77.5), "zoom-only": (74.0, 77.0, 76.0),
+                 "attention-only": (40.0, 60.0, 50.0), "resize2x": (78.0, 75.0, 79.0)}
 
 
 def expected_best(uri: str, sweep: str) -> dict[str, str]:
@@ -222,15 +253,66 @@ def test_markdown_configs_compute_and_importance(small_report):
     assert configs["resnet50.cifar100.baseline"]["paper's config"] == "128, 0.001, 0.0003, adam, onecycle"
     compute = {row["study"]: row for row in report.compute}
     assert compute["tiny_resnet.cluttered-digits.attzoom"]["epochs"] == 3 + 2 + 1 + 1
-    assert compute["tiny_resnet.cluttered-digits.attzoom"]["GPU hours"] == "0.000"  # CPU trials
+    assert compute["tiny_resnet.cluttered-digits.attzoom"]["GPU hours"] == "n/a (CPU)"  # CPU trials
     assert compute["resnet50.cifar100.baseline"]["GPU hours"] == f"{2 * 90 * 0.25 / 3600:.3f}"  # 0.25 GPU each
     ranked = {row["study"]: row["importance (fANOVA)"] for row in report.importance}
-    assert "lr" in ranked["tiny_resnet.cluttered-digits.baseline"]
-    # two finished trials are enough for an estimate; it ranks what differs between them (momentum exists for one)
-    names = {part.split()[0] for part in ranked["resnet50.cifar100.baseline"].split(", ")}
-    assert names == {"lr", "batch_size", "weight_decay", "optimizer", "scheduler"}
+    # 2-4 finished trials rank 5-8 hyperparameters by noise: not shown, and the reason said
+    assert ranked["tiny_resnet.cluttered-digits.baseline"] == ("not shown: 3 finished trials; a ranking of the "
+                                                                "hyperparameters needs 20 or more")
     kinds = {kind for kind, _, png in report.images if png}
-    assert kinds == {"curves", "history", "importance"}
+    assert kinds == {"curves", "history"}
+
+
+def test_importance_from_twenty_finished_trials_up_and_confirm_runs_counted_as_compute(store):
+    report = build(store["uri"], "many")
+    [ranked] = report.importance
+    names = {part.split()[0] for part in ranked["importance (fANOVA)"].split(", ")}
+    assert ranked["finished trials"] == 20 and {"lr", "batch_size"} <= names
+    assert [kind for kind, _, png in report.images if kind == "importance" and png]
+    controls = {row["study"]: row for row in build(store["uri"], "controls", with_figures=False).compute}
+    assert controls["tiny_resnet.cluttered-digits.attzoom"]["confirm runs"] == 3
+    assert controls["tiny_resnet.cluttered-digits.attzoom"]["epochs"] == 1 + 3
+    assert controls["total"]["confirm runs"] == 15 and controls["total"]["GPU hours"] == "n/a (CPU)"
+
+
+def test_the_headline_is_attzoom_against_baseline_and_every_control_from_seed_means(store):
+    from scipy import stats
+
+    report = build(store["uri"], "controls", with_figures=False)
+    assert report.confirmed
+    rows = {row["AttZoom vs"]: row for row in report.verdict}
+    assert list(rows) == ["baseline", "zoom-only", "attention-only", "resize2x"]
+    ours = CONTROL_SEEDS["attzoom"]
+    for other, row in rows.items():
+        theirs = CONTROL_SEEDS[other]
+        welch = stats.ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+        diff = sum(ours) / 3 - sum(theirs) / 3
+        assert row["Δ [95 % CI]"] == f"{diff:+.2f} [{welch.low:+.2f}, {welch.high:+.2f}]"
+        assert row["verdict"] == ("within noise" if welch.low <= 0 <= welch.high else "beyond noise")
+        assert row["other"].endswith("(n=3)") and row["AttZoom"] == "76.17 ± 1.26 (n=3)"
+    assert rows["baseline"]["verdict"] == "beyond noise" and rows["zoom-only"]["verdict"] == "within noise"
+    text = to_markdown(report)
+    assert text.index("## Verdict") < text.index("## Best of N single-seed trials") < text.index("## Seed confirm")
+    assert "Welch" in text and "Unconfirmed" not in text
+    # the best AttZoom trial's gate never closed: said in words, before the tables of numbers
+    assert text.index("AttZoom acted as zoom-only here") < text.index("## Best of N")
+    gates = {row["study"]: row for row in report.gates}
+    assert gates["tiny_resnet.cluttered-digits.attzoom"]["threshold"] == "0.4"
+    assert gates["tiny_resnet.cluttered-digits.attzoom"]["open at best epoch (%)"] == "100.0"
+    assert gates["tiny_resnet.cluttered-digits.attzoom"]["seeds 1.., open at last epoch (%)"] == "99.9, 99.8, 99.7"
+    assert gates["tiny_resnet.cluttered-digits.attention-only"]["open at last epoch (%)"] == "42.0"
+    assert len(report.warnings) == 1  # attention-only's gate, open at 42 %, did its job
+
+
+def test_without_seed_reruns_the_headline_says_unconfirmed_and_gives_the_command(small_report):
+    report, paths = small_report
+    assert not report.confirmed
+    assert {row["verdict"] for row in report.verdict} == {"not confirmed"}
+    resnet = [row for row in report.verdict if row["backbone"] == "resnet50"][0]
+    assert resnet["Δ [95 % CI]"] == "+6.00 (best of N, 1 seed)" and resnet["paper Δ"] == "+9.16"
+    for text in (paths["md"].read_text(), paths["html"].read_text()):
+        assert "Unconfirmed" in text and "attzoom confirm small --tracking-uri" in text
+    assert {row["open at best epoch (%)"] for row in report.gates} == {"not logged"}  # runs from before gate metrics
 
 
 def test_partial_sweep_lists_unfinished_studies(store, tmp_path):

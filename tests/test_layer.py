@@ -223,3 +223,27 @@ def test_state_dict_is_shared_between_modes():
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         AttZoom(3, **kwargs)
+
+
+@pytest.mark.parametrize("bias, open_share", [(30.0, 100.0), (-30.0, 0.0)])
+def test_gate_stats_count_positions_where_the_gate_is_fully_open(bias, open_share):
+    from attzoom.layer import GateStats
+
+    layer = AttZoom(4, threshold=0.5).eval()
+    with torch.no_grad():
+        layer.attention.weight.zero_()
+        layer.attention.bias.fill_(bias)
+    layer.stats = GateStats()
+    layer(torch.randn(2, 4, 6, 6))
+    seen = layer.stats.metrics()
+    assert seen["gate_open"] == open_share
+    assert seen["gate_sigma"] == pytest.approx(open_share / 100, abs=1e-6)
+
+
+def test_gate_stats_split_open_and_scaled_positions_at_the_threshold():
+    from attzoom.layer import GateStats
+
+    stats = GateStats()
+    stats.add(torch.tensor([0.2, 0.5, 0.7, 0.9]), threshold=0.6)
+    assert stats.metrics() == pytest.approx({"gate_open": 50.0, "gate_sigma": 0.575})
+    assert GateStats().metrics() == {}  # a model without a gate reports nothing

@@ -136,7 +136,8 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
         [folder] = (spec_dir / "ray_results" / "t").glob(f"*-{run.data.tags[TRIAL]}")
         last = json.loads((folder / "result.json").read_text().splitlines()[-1])
         assert run.data.tags[STATUS] == last["fit_status"] and last["fit_status"] in FIT_STATUSES
-        for key in ("val_top1", "train_loss", "images_per_s"):
+        gated = run.data.tags["variant"] in ("attzoom", "attention-only")  # the gate's share open, every epoch
+        for key in ("val_top1", "train_loss", "images_per_s", *(("gate_open", "gate_sigma") if gated else ())):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies

@@ -7,7 +7,7 @@ import torch
 
 from attzoom.config import ConfigError, TrainConfig
 from attzoom.data import ImageSet, Splits
-from attzoom.names import METRICS
+from attzoom.names import GATE_METRICS, METRICS
 from attzoom.train import EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
 
 TIMING = {"epoch_time", "images_per_s"}
@@ -52,11 +52,18 @@ def test_callback_gets_every_metric_each_epoch_after_the_checkpoint(tmp_path):
     result = fit(config(epochs=3), small_splits(), callback=callback, checkpoint_dir=tmp_path)
     assert [m["epoch"] for m in seen] == [1, 2, 3]
     for m in seen:
-        assert set(METRICS) <= set(m)
+        assert set(METRICS) - set(GATE_METRICS) <= set(m) and not set(GATE_METRICS) & set(m)  # a baseline: no gate
         assert 0 <= m["val_top1"] <= m["val_top5"] <= 100
         assert m["images_per_s"] > 0 and m["epoch_time"] > 0 and m["train_loss"] > 0
     assert result.status == "completed" and result.epochs == 3
     assert result.best["val_top1"] == max(m["val_top1"] for m in seen)
+
+
+@pytest.mark.parametrize("variant", ["attzoom", "attention-only"])
+def test_a_gated_variant_reports_how_open_its_gate_was_each_epoch(variant):
+    result = fit(config(epochs=2, variant=variant, position="stem"), small_splits())
+    for m in result.history:
+        assert 0.0 <= m["gate_open"] <= 100.0 and 0.0 < m["gate_sigma"] < 1.0
 
 
 def test_training_learns_a_learnable_task():

@@ -43,15 +43,21 @@ def run_confirm_command(args) -> int:
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
-    again = f"attzoom confirm {spec.name} --storage {spec.storage} --seeds {args.seeds}"
-    with stops_on_problems(again, spec.tracking_uri), \
-            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
-        trained = run_confirm(spec, args.seeds, args.address)
-    for study, seeds in trained.items():
-        print(f"{study}: trained seeds {', '.join(map(str, seeds))}")
-    print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see mean +- std in "
+    confirm_sweep(spec, args.seeds, args.address)
+    print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see the verdict in "
           f"`attzoom report {spec.name} --tracking-uri {spec.tracking_uri}`")
     return 0
+
+
+def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
+    """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures."""
+    again = f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {spec.tracking_uri} --seeds {seeds}"
+    with stops_on_problems(again, spec.tracking_uri), \
+            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
+        trained = run_confirm(spec, seeds, address)
+    for study, done in trained.items():
+        print(f"{study}: trained seeds {', '.join(map(str, done))}")
+    return trained
 
 
 def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
@@ -86,6 +92,11 @@ def done_pairs(tracking_uri: str, experiment_id: str) -> set[tuple[str, int]]:
     return {(r.data.tags[STUDY], int(r.data.tags[SEED])) for r in runs}
 
 
+def confirm_study(config: dict) -> str:
+    """The study a confirm trial re-trains (for the progress display)."""
+    return config["pair"][STUDY_KEY]
+
+
 def confirm_trial(config: dict, sweep, params: dict):
     """(sweep trial config, context) of one seed of one study: the best params, the seed swapped in."""
     study, seed = config["pair"][STUDY_KEY], int(config["pair"]["seed"])
@@ -105,9 +116,11 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     from functools import partial
 
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .guard import SweepGuard
     from .mlflow_callback import MlflowCallback
+    from .progress import StudyProgress
     from .ray_session import apply_tune_settings, start_ray, stop_ray
     from .tracking import prepare_tracking
     from .trainable import SweepContext
@@ -128,13 +141,15 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
                                                                                    params=params))
+        progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params])
+        callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
         tuner = tune.Tuner(
             trainable,
             param_space={"pair": tune.grid_search([{STUDY_KEY: s, "seed": k} for s, k in todo])},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{spec.name}-confirm-{int(time.time())}", storage_path=spec.storage,
-                                      verbose=0, callbacks=[SweepGuard(), logger],
+                                      verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()

@@ -35,7 +35,7 @@ PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its stu
 BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
 LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
-TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC)
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE)
 
 # Values of the ROLE tag.
 STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"

@@ -95,7 +95,8 @@ class Outbox:
                 if now - down_since > self.deadline_s:
                     return self._give_up(f"tracking store {self.store} unreachable for {self.deadline_s / 60:g} "
                                          f"min ({short_error(error)})")
-                time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
+                left = self.deadline_s - (now - down_since)
+                time.sleep(max(0.1, min(RETRY_S[min(tries, len(RETRY_S) - 1)], left + 0.1)))  # gives up on time
                 tries += 1
                 continue
             if down_since is not None:

@@ -14,9 +14,13 @@ from .trainable import STATUS_KEY
 class StudyProgress(Callback):
     """Prints one line per study whenever its counts or its best change (and at most every few seconds)."""
 
-    def __init__(self, spec, out=None, min_interval_s: float = 2.0):
-        self.studies = [s.name for s in spec.studies]
-        self.trials = spec.trials
+    def __init__(self, spec, trials: int | None = None, study_of=None, studies=None, out=None,
+                 min_interval_s: float = 2.0):
+        """``trials`` per study (default the spec's); ``study_of(config)``: the study a trial belongs to (default
+        its STUDY_KEY; a module-level function, pickled with the run); ``studies``: those shown (default all)."""
+        self.studies = [s.name for s in (studies or spec.studies)]
+        self.trials = trials or spec.trials
+        self.study_of = study_of
         self.min_interval_s = min_interval_s
         self.out = out
         self._last: dict = {}
@@ -43,7 +47,7 @@ class StudyProgress(Callback):
     def rows(self, trials) -> dict:
         rows = {n: {"done": 0, "running": 0, "failed": 0, "best": None} for n in self.studies}
         for trial in trials:
-            row = rows.get(trial.config.get(STUDY_KEY))
+            row = rows.get(self.study_of(trial.config) if self.study_of else trial.config.get(STUDY_KEY))
             if row is None:
                 continue
             # done: the trial reported how fit ended; one stopped with the sweep (an interrupt, a storage

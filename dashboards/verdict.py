@@ -1,0 +1,121 @@
+"""The report's headline: does AttZoom help this CNN on this data set, told from the strongest evidence there is.
+
+With seed re-runs (``attzoom confirm``) of AttZoom's and another study's best configs, each
+comparison is the difference of their seed means with its 95 % confidence interval, Welch's t
+(made for a few seeds per side and unequal spreads): "beyond noise" when the interval excludes
+zero, "within noise" when it does not. AttZoom is compared with the baseline and with every
+control the sweep has (zoom-only, attention-only, resize2x), which tell whether a gain comes
+from the gate or only from the larger resolution. Without seed re-runs the headline says that
+it stands on one lucky-or-not trial per study, and gives the command that settles it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from scipy import stats as scipy_stats
+
+from .published import published
+from .runs import Sweep
+
+AGAINST = ("baseline", "zoom-only", "attention-only", "resize2x")
+LEVEL = 0.95
+RULE = ("Test top-1 (%) of each study's best config re-trained with seeds 1..K (`attzoom confirm`), mean ± sample "
+        "std over n seeds. Δ is AttZoom's seed mean minus the other's, with its 95 % confidence interval (Welch's "
+        "t): beyond noise when the interval excludes 0, within noise when it does not.")
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Test top-1 of one study's best config over its confirm seeds."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else math.nan
+
+    def spread(self) -> str:
+        return f"{self.mean:.2f} ± " + ("–" if math.isnan(self.std) else f"{self.std:.2f}")
+
+    def __str__(self) -> str:
+        return f"{self.spread()} (n={self.n})"
+
+
+def difference(a: Seeds, b: Seeds, level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean a - mean b, low, high) with Welch's t interval; NaN bounds with fewer than two seeds on a side."""
+    diff = a.mean - b.mean
+    if a.n < 2 or b.n < 2:
+        return diff, math.nan, math.nan
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
+    half = scipy_stats.t.ppf(0.5 + level / 2, dof) * se
+    return diff, diff - half, diff + half
+
+
+def noise_verdict(low: float, high: float) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return "unknown (fewer than 2 seeds)"
+    return "within noise" if low <= 0 <= high else "beyond noise"
+
+
+def headline(sweep: Sweep, seeds: dict[str, dict[int, float]], best: dict[str, float]) -> tuple[list[dict], bool]:
+    """One row per (backbone, data set, AttZoom vs another variant); whether every row is seed-confirmed.
+
+    ``seeds``: {study: {seed: test top-1}} of confirm runs; ``best``: {study: test top-1 of its best trial}.
+    """
+    by_key = {(s.backbone, s.dataset, s.variant): s for s in sweep.studies}
+    rows = []
+    for study in sweep.studies:
+        if study.variant == "attzoom":
+            others = (by_key.get((study.backbone, study.dataset, variant)) for variant in AGAINST)
+            rows += [compare(study, other, seeds, best) for other in others if other is not None]
+    return rows, all(row["verdict"] != "not confirmed" for row in rows)
+
+
+def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, float]) -> dict:
+    """AttZoom's study against another: from seed means when both have 2+ seeds, else from best trials, said so."""
+    row = {"backbone": study.backbone, "data set": study.dataset, "AttZoom vs": other.variant}
+    ours, theirs = seeds.get(study.name, {}), seeds.get(other.name, {})
+    if len(ours) >= 2 and len(theirs) >= 2:
+        a, b = Seeds(tuple(ours.values())), Seeds(tuple(theirs.values()))
+        diff, low, high = difference(a, b)
+        row.update({"AttZoom": str(a), "other": str(b), "Δ [95 % CI]": f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]",
+                    "verdict": noise_verdict(low, high)})
+    else:
+        diff = best.get(study.name, math.nan) - best.get(other.name, math.nan)
+        row.update({"AttZoom": _one(best.get(study.name)), "other": _one(best.get(other.name)),
+                    "Δ [95 % CI]": "–" if math.isnan(diff) else f"{diff:+.2f} (best of N, 1 seed)",
+                    "verdict": "not confirmed"})
+    row["paper Δ"] = _paper_delta(study.backbone, study.dataset, other.variant)
+    return row
+
+
+def unconfirmed_note(sweep: Sweep, tracking_uri: str) -> str:
+    trials = max((len(s.trials) for s in sweep.studies), default=0)
+    return (f"**Unconfirmed.** These differences compare each study's best of {trials} single-seed trials, which "
+            "favours whichever study drew a lucky seed; they are no evidence that AttZoom helps. For a verdict, "
+            f"re-train the best configs with 3 seeds: `attzoom confirm {sweep.name} --tracking-uri {tracking_uri} "
+            "--seeds 3`, then report again.")
+
+
+def _one(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.2f} (best trial)"
+
+
+def _paper_delta(backbone: str, dataset: str, variant: str) -> str:
+    ours, theirs = published(backbone, dataset, "attzoom"), published(backbone, dataset, variant)
+    return f"{ours[0] - theirs[0]:+.2f}" if ours and theirs else "–"
