@@ -29,8 +29,9 @@ def gate_rows(sweep: Sweep) -> tuple[list[dict], list[str]]:
                                   max_results=layout.MAX_RUNS)
     by_seed: dict[str, dict[int, float]] = {}
     for run in confirms:
-        if "gate_open" in run.data.metrics:  # the last epoch's value
-            by_seed.setdefault(run.data.tags[STUDY], {})[int(run.data.tags.get(SEED, 0))] = run.data.metrics["gate_open"]
+        last = run.data.metrics.get("gate_open")  # the last epoch's value
+        if last is not None:
+            by_seed.setdefault(run.data.tags[STUDY], {})[int(run.data.tags.get(SEED, 0))] = last
     seeds = {study: [values[k] for k in sorted(values)] for study, values in by_seed.items()}
     rows, warnings = [], []
     for study in sweep.studies:
