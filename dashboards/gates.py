@@ -25,37 +25,54 @@ OPEN_LIMIT = 99.0  # % of positions: above it, the gate did (almost) nothing
 def gate_rows(sweep: Sweep) -> tuple[list[dict], list[str]]:
     """One row per gated study with a finished trial; warnings for gates that stayed open."""
     client = MlflowClient(sweep.tracking_uri)
-    confirms = client.search_runs([sweep.experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True),
+    seeds = seed_gates(client, sweep.experiment_id)
+    rows, warnings = [], []
+    for study in sweep.studies:
+        if study.variant in GATED and study.best is not None:
+            row, warning = gate_row(client, study, seeds.get(study.name, []))
+            rows.append(row)
+            warnings += [warning] if warning else []
+    return rows, warnings
+
+
+def seed_gates(client: MlflowClient, experiment_id: str) -> dict[str, list[float]]:
+    """{study: the last epoch's gate_open of each seed re-run, by seed}."""
+    confirms = client.search_runs([experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True),
                                   max_results=layout.MAX_RUNS)
     by_seed: dict[str, dict[int, float]] = {}
     for run in confirms:
-        last = run.data.metrics.get("gate_open")  # the last epoch's value
+        last = run.data.metrics.get("gate_open")  # a run's metrics hold each key's last value
         if last is not None:
             by_seed.setdefault(run.data.tags[STUDY], {})[int(run.data.tags.get(SEED, 0))] = last
-    seeds = {study: [values[k] for k in sorted(values)] for study, values in by_seed.items()}
-    rows, warnings = [], []
-    for study in sweep.studies:
-        best = study.best
-        if study.variant not in GATED or best is None:
-            continue
-        opened = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_open")}
-        sigma = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_sigma")}
-        row = {"study": study.name, "threshold": best.params.get("threshold", "–")}
-        if not opened:
-            rows.append({**row, "open at best epoch (%)": "not logged"})
-            continue
-        epoch, last = best.best["epoch"], max(opened)
-        row.update({"open at best epoch (%)": _pct(opened.get(epoch)), "open at last epoch (%)": _pct(opened[last]),
-                    "mean σ(A) at best epoch": _num(sigma.get(epoch)),
-                    "seeds 1.., open at last epoch (%)": ", ".join(f"{v:.1f}" for v in seeds.get(study.name, []))
-                    or "–"})
-        rows.append(row)
-        ends = [opened[last], *seeds.get(study.name, [])]
-        if statistics.mean(ends) > OPEN_LIMIT:
-            warnings.append(f"{study.name}: the gate ended fully open (f(A) = 1) at {statistics.mean(ends):.1f} % of "
-                            f"validation positions (threshold {row['threshold']}); AttZoom acted as zoom-only here, "
-                            "so compare it with the zoom-only control, not only with the baseline.")
-    return rows, warnings
+    return {study: [values[k] for k in sorted(values)] for study, values in by_seed.items()}
+
+
+def gate_row(client: MlflowClient, study, seeds: list[float]) -> tuple[dict, str | None]:
+    """The study's row (its best trial's gate at its best and last epoch, its seed re-runs'), and a warning."""
+    best = study.best
+    opened = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_open")}
+    sigma = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_sigma")}
+    row = {"study": study.name, "threshold": _threshold(best.params.get("threshold"))}
+    if not opened:
+        return {**row, "open at best epoch (%)": "not logged"}, None
+    epoch, last = best.best["epoch"], opened[max(opened)]
+    row.update({"open at best epoch (%)": _pct(opened.get(epoch)), "open at last epoch (%)": _pct(last),
+                "mean σ(A) at best epoch": _num(sigma.get(epoch)),
+                "seeds 1.., open at last epoch (%)": ", ".join(f"{v:.1f}" for v in seeds) or "–"})
+    if last <= OPEN_LIMIT and not (seeds and statistics.mean(seeds) > OPEN_LIMIT):
+        return row, None
+    again = f" ({', '.join(f'{v:.1f}' for v in seeds)} % in its seed re-runs)" if seeds else ""
+    return row, (f"{study.name}: AttZoom's gate ended fully open (f(A) = 1) at {last:.1f} % of validation positions "
+                 f"in the best trial{again}, threshold {row['threshold']}. Where it is open the attention gets no "
+                 "gradient: AttZoom acted as zoom-only here, so compare it with the zoom-only control, not only with "
+                 "the baseline.")
+
+
+def _threshold(value: str | None) -> str:
+    try:
+        return f"{float(value):.2f}"
+    except (TypeError, ValueError):
+        return "–"
 
 
 def _pct(value: float | None) -> str:

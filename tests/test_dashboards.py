@@ -297,7 +297,7 @@ def test_the_headline_is_attzoom_against_baseline_and_every_control_from_seed_me
     # the best AttZoom trial's gate never closed: said in words, before the tables of numbers
     assert text.index("AttZoom acted as zoom-only here") < text.index("## Best of N")
     gates = {row["study"]: row for row in report.gates}
-    assert gates["tiny_resnet.cluttered-digits.attzoom"]["threshold"] == "0.4"
+    assert gates["tiny_resnet.cluttered-digits.attzoom"]["threshold"] == "0.40"
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["open at best epoch (%)"] == "100.0"
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["seeds 1.., open at last epoch (%)"] == "99.9, 99.8, 99.7"
     assert gates["tiny_resnet.cluttered-digits.attention-only"]["open at last epoch (%)"] == "42.0"
