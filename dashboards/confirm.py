@@ -31,7 +31,9 @@ def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, d
         result, note = test_metrics(sweep.tracking_uri, run.info.run_id, data_root)
         if note:
             notes.append(f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}: {note}")
-        elif not math.isnan(result["test_top1"]):
+        elif math.isnan(result["test_top1"]):
+            notes.append(f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}: no test score; left out")
+        else:
             scores.setdefault(run.data.tags[STUDY], {})[int(run.data.tags[SEED])] = result["test_top1"]
     return scores, notes
 

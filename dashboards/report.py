@@ -24,7 +24,7 @@ from .gates import gate_rows
 from .published import published_config
 from .runs import Study, Sweep, curves, load_sweep
 from .table import best_trials, comparison, markdown, pair
-from .verdict import RULE, headline, unconfirmed_note
+from .verdict import RULE, headline, intro
 
 
 @dataclass
@@ -173,7 +173,7 @@ GATES = ("Share of validation positions where AttZoom's gate was fully open (f(A
 
 
 def verdict_intro(report: Report) -> str:
-    return RULE if report.confirmed else unconfirmed_note(report.sweep, report.sweep.tracking_uri)
+    return intro(report.sweep, report.verdict)
 
 
 def to_markdown(report: Report) -> str:
@@ -194,9 +194,11 @@ def to_markdown(report: Report) -> str:
         parts += ["", "## AttZoom's gate", "", GATES, "", markdown(report.gates)]
     parts += ["", "## Best trial per study", "", markdown(report.best_rows),
               "", "## Chosen configs", "", markdown(report.configs),
-              "", "## Hyperparameter importance", "", markdown(report.importance) if report.importance else "(not computed)",
-              "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation); GPU hours "
-              "weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks both.", "",
+              "", "## Hyperparameter importance", "",
+              markdown(report.importance) if report.importance else "(not computed)",
+              "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation); GPU "
+              "hours weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks "
+              "both.", "",
               markdown(report.compute)]
     if report.confirm:
         parts += ["", "## Seed confirmation", "", RULE, "", markdown(report.confirm)]

@@ -59,8 +59,8 @@ def difference(a: Seeds, b: Seeds, level: float = LEVEL) -> tuple[float, float, 
         return diff, math.nan, math.nan
     va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
     se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
+    if se == 0:  # identical scores on both sides: no estimate of the noise at all
+        return diff, math.nan, math.nan
     dof = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
     half = scipy_stats.t.ppf(0.5 + level / 2, dof) * se
     return diff, diff - half, diff + half
@@ -68,7 +68,7 @@ def difference(a: Seeds, b: Seeds, level: float = LEVEL) -> tuple[float, float, 
 
 def noise_verdict(low: float, high: float) -> str:
     if math.isnan(low) or math.isnan(high):
-        return "unknown (fewer than 2 seeds)"
+        return "unknown (too few seeds, or no spread)"
     return "within noise" if low <= 0 <= high else "beyond noise"
 
 
@@ -104,12 +104,19 @@ def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, fl
     return row
 
 
-def unconfirmed_note(sweep: Sweep, tracking_uri: str) -> str:
+def intro(sweep: Sweep, rows: list[dict]) -> str:
+    """What the verdict table stands on, in words; the command that confirms what is not confirmed yet."""
+    unconfirmed = [row for row in rows if row["verdict"] == "not confirmed"]
+    if not unconfirmed:
+        return RULE
     trials = max((len(s.trials) for s in sweep.studies), default=0)
+    command = (f"`attzoom confirm {sweep.name} --tracking-uri {sweep.tracking_uri} --seeds 3`, then report again.")
+    if len(unconfirmed) < len(rows):
+        return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare best-of-{trials} "
+                f"single-seed trials instead, which is no evidence; to confirm them: {command}")
     return (f"**Unconfirmed.** These differences compare each study's best of {trials} single-seed trials, which "
             "favours whichever study drew a lucky seed; they are no evidence that AttZoom helps. For a verdict, "
-            f"re-train the best configs with 3 seeds: `attzoom confirm {sweep.name} --tracking-uri {tracking_uri} "
-            "--seeds 3`, then report again.")
+            f"re-train the best configs with 3 seeds: {command}")
 
 
 def _one(value: float | None) -> str:

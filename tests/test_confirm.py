@@ -113,4 +113,7 @@ def test_welch_interval_and_the_noise_words():
     assert (diff, low, high) == pytest.approx((-3.0, -3.0 - 2.7764 * 0.8165, -3.0 + 2.7764 * 0.8165), abs=1e-3)
     assert noise_verdict(low, high) == "beyond noise"
     assert noise_verdict(*difference(Seeds((1.0, 2.0, 3.0)), Seeds((1.5, 2.5, 3.5)))[1:]) == "within noise"
-    assert noise_verdict(*difference(Seeds((1.0,)), Seeds((1.5, 2.5)))[1:]) == "unknown (fewer than 2 seeds)"
+    unknown = "unknown (too few seeds, or no spread)"
+    assert noise_verdict(*difference(Seeds((1.0,)), Seeds((1.5, 2.5)))[1:]) == unknown
+    # two seeds each, identical scores: no estimate of the noise, not "beyond noise"
+    assert noise_verdict(*difference(Seeds((3.0, 3.0)), Seeds((2.0, 2.0)))[1:]) == unknown

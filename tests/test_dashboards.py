@@ -295,7 +295,7 @@ def test_the_headline_is_attzoom_against_baseline_and_every_control_from_seed_me
     assert text.index("## Verdict") < text.index("## Best of N single-seed trials") < text.index("## Seed confirm")
     assert "Welch" in text and "Unconfirmed" not in text
     # the best AttZoom trial's gate never closed: said in words, before the tables of numbers
-    assert text.index("AttZoom acted as zoom-only here") < text.index("## Best of N")
+    assert text.index("attzoom acted as the zoom-only control here") < text.index("## Best of N")
     gates = {row["study"]: row for row in report.gates}
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["threshold"] == "0.40"
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["open at best epoch (%)"] == "100.0"

@@ -237,3 +237,70 @@ def test_the_logger_keeps_writes_for_a_server_that_is_down_and_the_next_driver_m
     [run] = client.search_runs([experiment], tag_filter(TRIAL, "t1"))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2, 3]
     assert journal_path(up).read_text() == ""
+
+
+def test_a_line_cut_short_by_a_kill_is_cut_off_and_the_next_write_starts_on_its_own_line(tmp_path, quick_retries):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"ste')  # the driver died in the middle of its last append
+    store = Store()
+    box = outbox_for(path, store)
+    box.put({"step": 2})
+    box.drain()
+    assert store.made == [{"step": 0}, {"step": 1}, {"step": 2}]
+
+
+def test_a_write_whose_run_is_gone_is_skipped_not_a_sweep_that_can_never_resume(tmp_path, capsys):
+    from dataclasses import replace
+
+    from tune_jobs.mlflow_callback import MlflowCallback, journal_path
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import prepare_tracking
+    from tune_jobs.trainable import SweepContext
+
+    spec = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml", storage=str(tmp_path / "r"),
+                     tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    ids = prepare_tracking(spec)
+    journal_path(spec).parent.mkdir(parents=True)
+    journal_path(spec).write_text('{"op": "epoch", "trial": "ghost", "step": 1, "metrics": {}, "tags": {}}\n')
+    logger = MlflowCallback(SweepContext(replace(spec)), lambda: ids)
+    logger.setup()
+    logger.on_experiment_end([])
+    assert infra.problem() is None and journal_path(spec).read_text() == ""
+    assert "skipping a kept MLflow write for trial ghost (epoch)" in capsys.readouterr().err
+
+
+def test_a_stopped_run_does_not_wait_out_an_outage_at_its_end(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from tune_jobs.mlflow_callback import MlflowCallback, journal_path
+    from tune_jobs.spec import load_spec
+    from tune_jobs.trainable import SweepContext
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spec = replace(load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml",
+                             storage=str(tmp_path / "r")), tracking_uri="http://127.0.0.1:9")
+    logger = MlflowCallback(SweepContext(spec), None)
+    trial = SimpleNamespace(trial_id="t1", config={"study": spec.studies[0].name}, num_failures=0, status="RUNNING",
+                            last_result={"epoch": 1})
+    logger.on_trial_result(0, [], trial, {"epoch": 1, "val_top1": 10.0})
+    started = time.monotonic()
+    logger.on_experiment_end([trial])  # Ctrl-C or a storage failure: the trial is not finished
+    assert time.monotonic() - started < 2 and len(journal_path(spec).read_text().splitlines()) == 2
+
+
+def test_a_driver_whose_lease_was_taken_over_is_told_to_stop(tmp_path, monkeypatch):
+    import json
+
+    from tune_jobs import lease
+
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    told = []
+    with lease.sweep_lease(str(tmp_path), "s", on_error=told.append):
+        path = lease.lease_path(str(tmp_path), "s")
+        path.write_text(json.dumps({"host": "node-7", "pid": 1, "started": time.time(), "heartbeat": time.time(),
+                                    "token": "theirs"}))
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert told and "taken over by another driver (pid 1 on node-7" in told[0]
+    assert json.loads(path.read_text())["token"] == "theirs"  # the new holder's lease is left alone

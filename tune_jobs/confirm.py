@@ -119,7 +119,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .guard import SweepGuard
-    from .mlflow_callback import MlflowCallback
+    from .mlflow_callback import MlflowCallback, make_kept_writes
     from .progress import StudyProgress
     from .ray_session import apply_tune_settings, start_ray, stop_ray
     from .tracking import prepare_tracking
@@ -127,6 +127,8 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
 
     apply_tune_settings(spec)
     experiment_id, parents = prepare_tracking(spec)
+    make_kept_writes(SweepContext(spec), lambda: (experiment_id, parents))  # a stopped sweep's last writes first
+    raise_if_problem()
     params = best_params(spec.tracking_uri, experiment_id)
     if not params:
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")

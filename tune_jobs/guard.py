@@ -8,7 +8,8 @@ from .infra import STORAGE_KEY, InfrastructureError, problem, report_problem
 
 
 class SweepGuard(tune.Callback):
-    """Raises before any other hook sees the result, so the searcher's and the logger's state stay as saved."""
+    """Raises before any other callback sees the result, so the logger's and the progress display's state stay as
+    saved (Tune hands the result to its searcher first; that state is not saved again before the run ends)."""
 
     def on_step_begin(self, iteration, trials, **info):
         if (message := problem()) is not None:

@@ -69,7 +69,8 @@ def storage_problem(error: BaseException, folder: Path, storage: Path) -> str | 
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        return os_problem(e, folder, name=False)  # the folder, not the probe's file name
+        if e.errno in STORAGE_ERRNOS:  # not, say, EMFILE: a trial leaking files is the trial's own failure
+            return os_problem(e, folder, name=False)  # the folder, not the probe's file name
     finally:
         with suppress(OSError):
             probe.unlink(missing_ok=True)

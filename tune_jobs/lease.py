@@ -109,7 +109,11 @@ class StoreLease:
             return {}
 
     def write(self, record: dict) -> None:
-        self.client.set_experiment_tag(self._experiment().experiment_id, layout.LEASE, json.dumps(record))
+        experiment = self._experiment()
+        if experiment is None:  # released meanwhile by its holder: create it instead
+            self.create(record)
+            return
+        self.client.set_experiment_tag(experiment.experiment_id, layout.LEASE, json.dumps(record))
 
     def age_s(self) -> float:
         experiment = self._experiment()
@@ -217,8 +221,12 @@ def _record() -> dict:
 def _heartbeat(lease, mine: dict, stop: threading.Event, on_error) -> None:
     while not stop.wait(HEARTBEAT_S):
         try:
-            if lease.read().get("token") != mine["token"]:
-                return  # taken over (this driver was thought dead): stop claiming it
+            holder = lease.read()
+            if holder.get("token") != mine["token"]:  # taken over while this driver was thought dead: it stops
+                if on_error:
+                    on_error(f"sweep lease taken over by another driver ({describe(holder)}) after this one missed "
+                             f"its heartbeats for {STALE_S:.0f} s")
+                return
             lease.write({**mine, "heartbeat": time.time()})
         except OSError as e:
             if on_error:

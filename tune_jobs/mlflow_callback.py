@@ -18,6 +18,7 @@ them and they are logged then; an epoch already logged is skipped (TrialRuns log
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from typing import Callable
 from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
+from .infra import problem
 from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, UNKNOWN_STATUS
 from .outbox import Outbox
 from .trainable import GPU_IDS_KEY, RESTART_KEY, STATUS_KEY, SweepContext, trial_config
@@ -38,10 +40,19 @@ JOURNAL = "mlflow-outbox.jsonl"
 
 
 def journal_path(spec) -> Path:
-    """The outbox's journal: in the sweep's Tune folder, or, for cloud storage, in a local folder of the driver."""
+    """The outbox's journal: in the sweep's Tune folder, or, for cloud storage, in a local folder of the driver
+    named after the sweep, its storage and its store (two sweeps of one name elsewhere keep apart)."""
     if "://" in spec.storage and not spec.storage.startswith("file://"):
-        return Path.home() / ".cache" / "attzoom" / spec.name / JOURNAL
+        where = hashlib.sha256(f"{spec.storage}\n{spec.tracking_uri}".encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "attzoom" / f"{spec.name}-{where}" / JOURNAL
     return Path(spec.storage.removeprefix("file://")) / spec.name / JOURNAL
+
+
+def make_kept_writes(sweep: SweepContext, store: Store) -> None:
+    """Make the writes an earlier driver left in the journal before reading the store (confirm does)."""
+    path = journal_path(sweep.spec)
+    if path.is_file() and path.stat().st_size:
+        MlflowCallback(sweep, store).outbox.drain()
 
 
 class MlflowCallback(tune.Callback):
@@ -57,6 +68,10 @@ class MlflowCallback(tune.Callback):
         # Tune pickles the run config. The store connection, the outbox and the pending preparation stay in this
         # process; a logger restored from that pickle (a resumed sweep) finds the experiment and parent runs again.
         return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set()}
+
+    def __setstate__(self, state: dict) -> None:
+        # a logger pickled by an older version (before the outbox) lacks the newer fields
+        self.__dict__.update({"_outbox": None, "_opened": set(), **state})
 
     @property
     def runs(self) -> TrialRuns:
@@ -85,7 +100,12 @@ class MlflowCallback(tune.Callback):
         return None
 
     def on_experiment_end(self, trials, **info):
-        self.outbox.drain()
+        """At the end of the sweep, wait for every write (a summary follows); when the run is stopped (a failure,
+        Ctrl-C) the journal is only made durable: the next driver makes it, and nobody waits out an outage now."""
+        if problem() is None and all(finished(t) for t in trials):
+            self.outbox.drain()
+        else:
+            self.outbox.sync()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._open(trial)
@@ -144,6 +164,13 @@ class MlflowCallback(tune.Callback):
     # --- the writes, made by the outbox's thread in the order the hooks ran -----------------------------
 
     def _make(self, write: dict) -> None:
+        try:
+            self._apply(write)
+        except LookupError as e:  # its run is gone (deleted in the UI) or of another store: it can never be made
+            print(f"skipping a kept MLflow write for trial {write.get('trial')} ({write.get('op')}): {e}",
+                  file=sys.stderr, flush=True)
+
+    def _apply(self, write: dict) -> None:
         trial, op = write["trial"], write["op"]
         if op == "open":
             self.runs.open(trial, write["study"], write["tags"], write["params"], write["role"])
@@ -158,6 +185,11 @@ class MlflowCallback(tune.Callback):
         else:
             with tune.Checkpoint(write["checkpoint"]).as_directory() as folder:  # downloaded if remote
                 self.runs.finish(trial, write["status"], Path(folder) / "best.pt")
+
+
+def finished(trial) -> bool:
+    """Ended for good: failed, or reported how fit ended (one stopped with the sweep is TERMINATED too)."""
+    return trial.status == "ERROR" or (trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {}))
 
 
 def checkpoint_uri(checkpoint) -> str | None:

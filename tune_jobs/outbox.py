@@ -129,17 +129,22 @@ class Outbox:
         return self._file
 
     def _load(self) -> list[dict]:
-        """The writes a killed driver left; a last line cut short by the kill was never acknowledged: skipped."""
+        """The writes a killed driver left. A last line cut short by the kill (never synced, so never counted on)
+        is cut off the file, so the next write starts on a line of its own."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
+        complete = text[:text.rfind("\n") + 1]
+        if complete != text:
+            with open(self.path, "r+", encoding="utf-8") as f:
+                f.truncate(len(complete.encode("utf-8")))
         writes = []
-        for line in lines:
+        for number, line in enumerate(complete.splitlines(), 1):
             try:
                 writes.append(json.loads(line))
             except ValueError:
-                continue
+                self._say(f"{self.path}:{number}: skipping a damaged MLflow write")
         return writes
 
     def _say(self, message: str) -> None:

@@ -52,8 +52,8 @@ class StudyProgress(Callback):
                 continue
             # done: the trial reported how fit ended; one stopped with the sweep (an interrupt, a storage
             # failure) is TERMINATED too, but not done: resume runs it on
-            finished = trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
-            row["done" if finished else "failed" if trial.status == "ERROR" else "running"] += 1
+            done = trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
+            row["done" if done else "failed" if trial.status == "ERROR" else "running"] += 1
             best = trial.metric_analysis.get("val_top1", {}).get("max")
             if best is not None and (row["best"] is None or best > row["best"]):
                 row["best"] = best

@@ -141,9 +141,13 @@ class TrialRuns:
         if step in self.logged[trial_id]:
             return
         now = int(time.time() * 1000)
-        _retry(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step)
-                                                                     for k, v in metrics.items()],
-               tags=[RunTag(k, v) for k, v in tags.items()])
+        try:
+            _retry(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step)
+                                                           for k, v in metrics.items()],
+                   tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception:
+            self.runs.pop(trial_id, None)  # the store may have taken it before the reply was lost: ask it again
+            raise
         self.logged[trial_id].add(step)
 
     def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:

@@ -43,13 +43,18 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
     try:
         train_trial(config, sweep)
-    except Exception as error:
-        problem = storage_problem(error, *trial_folders()) if trial_folders() else None
-        if problem is None:
-            raise
-        tune.report({sweep.spec.metric: 0.0, STORAGE_KEY: problem})
-        time.sleep(STOP_WAIT_S)  # the driver stops every trial now; one that does not (an older driver) fails it
+    except Exception as error:  # working_folder checked errors of the training itself; this, of making work/
+        stop_if_storage_failed(error, sweep.spec.metric)
         raise
+
+
+def stop_if_storage_failed(error: BaseException, metric: str) -> None:
+    """If ``error`` comes from the storage, tell the driver and wait to be stopped (guard.py); else return."""
+    folders = trial_folders()
+    problem = storage_problem(error, *folders) if folders else None
+    if problem is not None:
+        tune.report({metric: 0.0, STORAGE_KEY: problem})
+        time.sleep(STOP_WAIT_S)  # the driver stops every trial now; one that does not (an older driver) fails it
 
 
 def train_trial(config: dict, sweep: SweepContext) -> None:
@@ -59,7 +64,7 @@ def train_trial(config: dict, sweep: SweepContext) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     study, _, train_config = trial_config(config, sweep)
     extra = {STUDY_KEY: study.name, GPU_IDS_KEY: ",".join(map(str, ray.get_gpu_ids()))}
-    with working_folder() as work:
+    with working_folder(sweep.spec.metric) as work:
         checkpoint = tune.get_checkpoint()
         if checkpoint:
             checkpoint.to_directory(work)
@@ -85,13 +90,14 @@ def train_trial(config: dict, sweep: SweepContext) -> None:
 
 
 @contextmanager
-def working_folder():
+def working_folder(metric: str):
     """Where this try of the trial writes last.pt and best.pt: an empty ``work/`` in the trial's own folder.
 
     That is the trial's folder under the Tune storage when the storage is a local or shared path,
     else Ray's working folder of the trial on this node. A try that was killed leaves it there, not
     in the system's temp folder for good; the next try empties it before restoring the checkpoint,
-    and a try that ends removes it (the Tune checkpoint holds the same files).
+    and a try that ends removes it (the Tune checkpoint holds the same files). A try that fails is
+    checked for a storage failure first, while its files still take up the space they took.
     """
     folders = trial_folders()
     folder = (folders[0] if folders else Path(tune.get_context().get_trial_dir())) / "work"
@@ -100,6 +106,9 @@ def working_folder():
     folder.mkdir(parents=True)
     try:
         yield folder
+    except Exception as error:
+        stop_if_storage_failed(error, metric)
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
