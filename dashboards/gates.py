@@ -62,11 +62,11 @@ def gate_row(client: MlflowClient, study, seeds: list[float]) -> tuple[dict, str
     seed_mean = statistics.mean(seeds) if seeds else None
     if last <= OPEN_LIMIT and (seed_mean is None or seed_mean <= OPEN_LIMIT):
         return row, None
-    where = f"{last:.1f} % in the best trial"
+    where = f"{last:.1f} % of validation positions in the best trial"
     if seeds:
-        where += f" and {seed_mean:.1f} % on average in its seed re-runs"
+        where += f" and at {seed_mean:.1f} % on average in its seed re-runs"
     acted = "the zoom-only control" if study.variant == "attzoom" else "the baseline (no zoom, no attention)"
-    return row, (f"{study.name}: the gate ended fully open (f(A) = 1) at {where} of validation positions "
+    return row, (f"{study.name}: the gate ended fully open (f(A) = 1) at {where} "
                  f"(threshold {row['threshold']}). Where it is open the attention gets no gradient: {study.variant} "
                  f"acted as {acted} here, so compare it with that, not only with the baseline.")
 
