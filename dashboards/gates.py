@@ -13,8 +13,7 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from tune_jobs import layout
-from tune_jobs.layout import SEED, STUDY
+from tune_jobs.layout import SEED
 
 from .runs import Sweep
 
@@ -25,26 +24,20 @@ OPEN_LIMIT = 99.0  # % of positions: above it, the gate did (almost) nothing
 def gate_rows(sweep: Sweep) -> tuple[list[dict], list[str]]:
     """One row per gated study with a finished trial; warnings for gates that stayed open."""
     client = MlflowClient(sweep.tracking_uri)
-    seeds = seed_gates(client, sweep.experiment_id)
     rows, warnings = [], []
     for study in sweep.studies:
         if study.variant in GATED and study.best is not None:
-            row, warning = gate_row(client, study, seeds.get(study.name, []))
+            row, warning = gate_row(client, study, seed_gates(study))
             rows.append(row)
             warnings += [warning] if warning else []
     return rows, warnings
 
 
-def seed_gates(client: MlflowClient, experiment_id: str) -> dict[str, list[float]]:
-    """{study: the last epoch's gate_open of each seed re-run, by seed}."""
-    confirms = client.search_runs([experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True),
-                                  max_results=layout.MAX_RUNS)
-    by_seed: dict[str, dict[int, float]] = {}
-    for run in confirms:
-        last = run.data.metrics.get("gate_open")  # a run's metrics hold each key's last value
-        if last is not None:
-            by_seed.setdefault(run.data.tags[STUDY], {})[int(run.data.tags.get(SEED, 0))] = last
-    return {study: [values[k] for k in sorted(values)] for study, values in by_seed.items()}
+def seed_gates(study) -> list[float]:
+    """The last epoch's gate_open of each finished seed re-run of the study (load_sweep read them), by seed."""
+    by_seed = {int(t.run.data.tags.get(SEED, 0)): t.run.data.metrics["gate_open"] for t in study.confirms
+               if t.status == "FINISHED" and "gate_open" in t.run.data.metrics}  # metrics: each key's last value
+    return [by_seed[k] for k in sorted(by_seed)]
 
 
 def gate_row(client: MlflowClient, study, seeds: list[float]) -> tuple[dict, str | None]:

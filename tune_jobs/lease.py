@@ -28,7 +28,7 @@ from typing import Callable
 
 from . import layout
 from .infra import os_problem
-from .spec import SpecError
+from .spec import SpecError, local_path
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0  # a holder on another host that has not renewed for this long is taken to be dead
@@ -36,9 +36,8 @@ STALE_S = 60.0  # a holder on another host that has not renewed for this long is
 
 def lease_path(storage: str, sweep: str) -> Path | None:
     """Where a sweep's lease file lives; None for cloud storage (the lease is then kept in the MLflow store)."""
-    if "://" in storage and not storage.startswith("file://"):
-        return None
-    return Path(storage.removeprefix("file://")) / f"{sweep}.lease"
+    folder = local_path(storage)
+    return None if folder is None else folder / f"{sweep}.lease"
 
 
 class FileLease:

@@ -29,7 +29,8 @@ from ray.exceptions import RayTaskError
 from .infra import problem
 from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, UNKNOWN_STATUS
 from .outbox import Outbox
-from .trainable import GPU_IDS_KEY, RESTART_KEY, STATUS_KEY, SweepContext, trial_config
+from .spec import local_path
+from .trainable import GPU_IDS_KEY, RESTART_KEY, STATUS_KEY, SweepContext, reported_end, trial_config
 from .tracking import TrialRuns, prepare_tracking, study_tags, unreachable
 
 # (experiment id, {study: parent run id}); the sweep prepares the store while Ray and the first trial start
@@ -42,10 +43,11 @@ JOURNAL = "mlflow-outbox.jsonl"
 def journal_path(spec) -> Path:
     """The outbox's journal: in the sweep's Tune folder, or, for cloud storage, in a local folder of the driver
     named after the sweep, its storage and its store (two sweeps of one name elsewhere keep apart)."""
-    if "://" in spec.storage and not spec.storage.startswith("file://"):
+    folder = local_path(spec.storage)
+    if folder is None:
         where = hashlib.sha256(f"{spec.storage}\n{spec.tracking_uri}".encode()).hexdigest()[:12]
         return Path.home() / ".cache" / "attzoom" / f"{spec.name}-{where}" / JOURNAL
-    return Path(spec.storage.removeprefix("file://")) / spec.name / JOURNAL
+    return folder / spec.name / JOURNAL
 
 
 def make_kept_writes(sweep: SweepContext, store: Store) -> None:
@@ -102,7 +104,7 @@ class MlflowCallback(tune.Callback):
     def on_experiment_end(self, trials, **info):
         """At the end of the sweep, wait for every write (a summary follows); when the run is stopped (a failure,
         Ctrl-C) the journal is only made durable: the next driver makes it, and nobody waits out an outage now."""
-        if problem() is None and all(finished(t) for t in trials):
+        if problem() is None and all(t.status == "ERROR" or reported_end(t) for t in trials):
             self.outbox.drain()
         else:
             self.outbox.sync()
@@ -185,11 +187,6 @@ class MlflowCallback(tune.Callback):
         else:
             with tune.Checkpoint(write["checkpoint"]).as_directory() as folder:  # downloaded if remote
                 self.runs.finish(trial, write["status"], Path(folder) / "best.pt")
-
-
-def finished(trial) -> bool:
-    """Ended for good: failed, or reported how fit ended (one stopped with the sweep is TERMINATED too)."""
-    return trial.status == "ERROR" or (trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {}))
 
 
 def checkpoint_uri(checkpoint) -> str | None:

@@ -8,7 +8,7 @@ import time
 from ray.tune import Callback
 
 from .space import STUDY_KEY
-from .trainable import STATUS_KEY
+from .trainable import reported_end
 
 
 class StudyProgress(Callback):
@@ -50,10 +50,8 @@ class StudyProgress(Callback):
             row = rows.get(self.study_of(trial.config) if self.study_of else trial.config.get(STUDY_KEY))
             if row is None:
                 continue
-            # done: the trial reported how fit ended; one stopped with the sweep (an interrupt, a storage
-            # failure) is TERMINATED too, but not done: resume runs it on
-            done = trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
-            row["done" if done else "failed" if trial.status == "ERROR" else "running"] += 1
+            # one stopped with the sweep (an interrupt, a storage failure) is not done: resume runs it on
+            row["done" if reported_end(trial) else "failed" if trial.status == "ERROR" else "running"] += 1
             best = trial.metric_analysis.get("val_top1", {}).get("max")
             if best is not None and (row["best"] is None or best > row["best"]):
                 row["best"] = best

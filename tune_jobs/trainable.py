@@ -39,15 +39,6 @@ class SweepContext:
     role: str = TRIAL_ROLE  # CONFIRM_ROLE: a seed re-run of a study's best config (tune_jobs/confirm.py)
 
 
-def run_trial(config: dict, sweep: SweepContext) -> None:
-    """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
-    try:
-        train_trial(config, sweep)
-    except Exception as error:  # working_folder checked errors of the training itself; this, of making work/
-        stop_if_storage_failed(error, sweep.spec.metric)
-        raise
-
-
 def stop_if_storage_failed(error: BaseException, metric: str) -> None:
     """If ``error`` comes from the storage, tell the driver and wait to be stopped (guard.py); else return."""
     folders = trial_folders()
@@ -57,7 +48,8 @@ def stop_if_storage_failed(error: BaseException, metric: str) -> None:
         time.sleep(STOP_WAIT_S)  # the driver stops every trial now; one that does not (an older driver) fails it
 
 
-def train_trial(config: dict, sweep: SweepContext) -> None:
+def run_trial(config: dict, sweep: SweepContext) -> None:
+    """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
     from attzoom.config import CheckpointError
     from attzoom.train import fit  # in the trial process only: the driver never loads torch
 
@@ -101,16 +93,21 @@ def working_folder(metric: str):
     """
     folders = trial_folders()
     folder = (folders[0] if folders else Path(tune.get_context().get_trial_dir())) / "work"
-    if folder.exists():
-        shutil.rmtree(folder)  # a storage that refuses this is a storage failure, reported as such
-    folder.mkdir(parents=True)
     try:
+        if folder.exists():
+            shutil.rmtree(folder)  # a storage that refuses this is a storage failure, reported as such
+        folder.mkdir(parents=True)
         yield folder
     except Exception as error:
         stop_if_storage_failed(error, metric)
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def reported_end(trial) -> bool:
+    """The trial reported how fit ended (STATUS_KEY); one stopped with the sweep is TERMINATED too, but did not."""
+    return trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
 
 
 def trial_folders() -> tuple[Path, Path] | None:
