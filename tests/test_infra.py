@@ -304,3 +304,22 @@ def test_a_driver_whose_lease_was_taken_over_is_told_to_stop(tmp_path, monkeypat
             time.sleep(0.05)
     assert told and "taken over by another driver (pid 1 on node-7" in told[0]
     assert json.loads(path.read_text())["token"] == "theirs"  # the new holder's lease is left alone
+
+
+def test_the_drivers_own_failed_upload_to_the_storage_is_a_storage_failure_not_a_traceback(caplog):
+    import logging
+
+    from tune_jobs.guard import SYNC_LOGGERS, SweepGuard
+
+    SweepGuard().setup()
+    logger = logging.getLogger(SYNC_LOGGERS[0])
+    try:
+        raise PermissionError(13, "Failed to open local file '/s/t/experiment_state.json'")
+    except PermissionError:
+        logger.warning("Last sync command failed with the following error:\nTraceback ...")
+    try:
+        raise ValueError("something else")
+    except ValueError:
+        logger.warning("Last sync command failed with the following error:\nTraceback ... ValueError")
+    assert "Failed to open local file '/s/t/experiment_state.json' (EACCES)" in infra.problem()
+    assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["Traceback ... ValueError"]
