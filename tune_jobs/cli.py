@@ -98,6 +98,8 @@ def add_overrides(p, address: bool = True) -> None:
         p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray on 127.0.0.1)")
     p.add_argument("--storage", default=None, help="Tune storage: a folder, shared file system path or cloud URI")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--optuna-storage", default=None,
+                   help="SQLAlchemy URL of the Optuna studies (default: sqlite:///optuna.db beside the MLflow store)")
     p.add_argument("--trials", type=int, default=None, help="trials per study")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-concurrent", type=int, default=None, help="global cap on concurrent trials")
@@ -110,7 +112,7 @@ def spec_from_args(args):
 
     return load_spec(args.spec, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials,
                      epochs=args.epochs, max_concurrent=args.max_concurrent, local_gpus=args.local_gpus,
-                     data_root=args.data_root)
+                     data_root=args.data_root, optuna_storage=args.optuna_storage)
 
 
 def run_sweep_command(args) -> int:
@@ -231,6 +233,8 @@ def run_submit_command(args) -> int:
     spec = absolute(spec_from_args(args))
     options = {"storage": spec.storage, "tracking-uri": spec.tracking_uri, "data-root": spec.data_root,
                "trials": spec.trials, "epochs": spec.epochs, "max-concurrent": spec.max_concurrent}
+    if spec.optuna_storage:
+        options["optuna-storage"] = spec.optuna_storage
     command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
     command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",

@@ -72,6 +72,7 @@ class Spec:
     data_root: str = "data"
     storage: str = "ray_results"
     tracking_uri: str = "sqlite:///mlflow.db"
+    optuna_storage: str | None = None  # an SQLAlchemy URL for the Optuna studies (default: optuna_storage_url)
     metric: str = "val_top1"
     max_concurrent: int = 4
     max_retries: int = 2
@@ -94,7 +95,8 @@ class Spec:
 
 
 LIST_KEYS = ("batch_sizes", "optimizers", "schedulers", "positions")  # [search] keys that are lists of choices
-TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storage", "tracking_uri", "metric",
+TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storage", "tracking_uri", "optuna_storage",
+            "metric",
             "max_concurrent", "matrix", "resources", "failure", "train", "search"}
 SECTION_KEYS = {
     "matrix": {"backbones", "datasets", "variants"},
@@ -187,6 +189,9 @@ def validate(spec: Spec, source: str = "spec") -> None:
     for key in ("data_root", "storage", "tracking_uri"):
         if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
             fail(f"{key} must be a non-empty string (a path or URI), got {getattr(spec, key)!r}")
+    if spec.optuna_storage is not None and not re.match(r"^[a-z][a-z0-9+]*://", str(spec.optuna_storage)):
+        fail(f"optuna_storage must be an SQLAlchemy URL such as sqlite:///optuna.db or postgresql://host/db, got "
+             f"{spec.optuna_storage!r}")
     if not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         fail(f"failure.max_retries must be an integer >= 0, got {spec.max_retries!r}")
     if not _number(spec.tracking_outage_minutes) or spec.tracking_outage_minutes <= 0:
@@ -260,6 +265,18 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise SpecError(f"the tracking server {tracking_uri} does not answer ({reason}); start it, or fix "
                             "--tracking-uri") from None
+
+
+def optuna_storage_url(spec: Spec) -> str | None:
+    """Where the sweep's Optuna studies live: the spec's URL, else optuna.db beside a SQLite MLflow store, else
+    in the local storage folder; None (in memory only) when both stores are remote and none is given."""
+    if spec.optuna_storage:
+        return spec.optuna_storage
+    if database := sqlite_file(spec.tracking_uri):
+        return f"sqlite:///{database.expanduser().resolve().parent / 'optuna.db'}"
+    if "://" not in spec.storage:
+        return f"sqlite:///{Path(spec.storage).expanduser().resolve() / 'optuna.db'}"
+    return None
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:

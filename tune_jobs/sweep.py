@@ -32,7 +32,8 @@ def absolute(spec: Spec) -> Spec:
             return location
         return str(Path(location).expanduser().resolve())
 
-    return replace(spec, storage=pin(spec.storage), tracking_uri=pin(spec.tracking_uri),
+    optuna = pin(spec.optuna_storage) if spec.optuna_storage else None
+    return replace(spec, storage=pin(spec.storage), tracking_uri=pin(spec.tracking_uri), optuna_storage=optuna,
                    data_root=str(Path(spec.data_root).expanduser().resolve()))
 
 
