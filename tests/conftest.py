@@ -56,3 +56,14 @@ def fake_cifar100(tmp_path) -> Path:
 def write_cifar100():
     """The fake CIFAR-100 writer: ``write_cifar100(root, n_train, n_test)`` -> written dicts."""
     return _write_cifar100
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server on 127.0.0.1 for the session, installed with apt-get when missing
+    (tests/postgres.py); ``postgres_server.database()`` makes a fresh database and returns its SQLAlchemy URL.
+    Tests that use it skip only where PostgreSQL cannot be installed or started."""
+    from postgres import running_server
+
+    with running_server() as server:
+        yield server
