@@ -265,6 +265,33 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise SpecError(f"the tracking server {tracking_uri} does not answer ({reason}); start it, or fix "
                             "--tracking-uri") from None
+    if tracking_uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
+        _check_database(tracking_uri, timeout_s)
+
+
+def _check_database(tracking_uri: str, timeout_s: float) -> None:
+    """A database store must answer and hold MLflow's tables: MLflow retries a database that does not answer
+    (or does not exist) for minutes, and makes its tables in an empty one."""
+    import sqlalchemy
+
+    shown = f"{tracking_uri.split('://', 1)[0]}://..."  # never a password
+    try:
+        shown = sqlalchemy.engine.make_url(tracking_uri).render_as_string(hide_password=True)
+        engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": max(1, round(timeout_s))})
+        try:
+            with engine.connect() as connection:
+                found = sqlalchemy.inspect(connection).has_table("experiments")
+        finally:
+            engine.dispose()
+    except ImportError as e:
+        raise SpecError(f"no database driver for the tracking store {shown} ({e})") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise SpecError(f"the tracking database {shown} does not answer ({reason}); start it, or fix "
+                        "--tracking-uri") from None
+    if not found:
+        raise SpecError(f"no tracking store in {shown} (the database holds no MLflow tables); pass the "
+                        "--tracking-uri of the sweep's store")
 
 
 def optuna_storage_url(spec: Spec) -> str | None:
