@@ -32,8 +32,9 @@ from tune_jobs.layout import EPOCH_METRICS  # noqa: E402
 from tune_jobs.spec import load_spec  # noqa: E402
 
 
-def fill(tracking_uri: str, name: str, studies: int, trials: int, epochs: int, seed: int = 0) -> int:
-    """Write a finished sweep through the driver's own writer; returns the number of metric points written."""
+def fill(tracking_uri: str, name: str, studies: int, trials: int, epochs: int, seed: int = 0) -> dict:
+    """Write a finished sweep through the driver's own writer; returns what was written: the number of metric
+    points, and per study the best val top-1 and the epochs."""
     from tune_jobs.tracking import TrialRuns, prepare_tracking, study_tags
 
     paper = load_spec(ROOT / "tune_jobs" / "specs" / "paper.toml")
@@ -41,8 +42,9 @@ def fill(tracking_uri: str, name: str, studies: int, trials: int, epochs: int, s
     chosen = spec.studies[:studies]
     experiment_id, parents = prepare_tracking(spec)
     runs = TrialRuns(tracking_uri, experiment_id, parents)
-    rng, points = random.Random(seed), 0
+    rng, points, written = random.Random(seed), 0, {}
     for study in chosen:
+        written[study.name] = {"best_top1": None, "epochs": 0}
         for t in range(trials):
             trial_id = f"{rng.getrandbits(32):08x}"
             runs.open(trial_id, study.name, study_tags(spec, study), {"lr": str(rng.uniform(1e-4, 1e-1))})
@@ -53,8 +55,11 @@ def fill(tracking_uri: str, name: str, studies: int, trials: int, epochs: int, s
                            "val_top5": min(100.0, top1 + 20), "lr": 1e-3, "epoch_time": 30.0, "images_per_s": 900.0}
                 runs.log_epoch(trial_id, epoch, {k: v for k, v in metrics.items() if k in EPOCH_METRICS}, {})
                 points += len(metrics)
+                best = written[study.name]["best_top1"]
+                written[study.name] = {"best_top1": max(top1, best if best is not None else top1),
+                                       "epochs": written[study.name]["epochs"] + 1}
             runs.finish(trial_id, "completed", None)
-    return points
+    return {"metric_points": points, "studies": written}
 
 
 def timed(*args: str, cwd: Path) -> float:
@@ -70,7 +75,7 @@ def measure(studies: int, trials: int, epochs: int) -> dict:
         folder = Path(tmp)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         started = time.perf_counter()
-        points = fill(uri, "bench", studies, trials, epochs)
+        points = fill(uri, "bench", studies, trials, epochs)["metric_points"]
         filled = round(time.perf_counter() - started, 1)
         return {"studies": studies, "trials_per_study": trials, "epochs": epochs, "runs": studies * trials,
                 "metric_points": points, "fill_s": filled,

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import statistics
 
-from mlflow.tracking import MlflowClient
-
 from tune_jobs.layout import SEED
 
-from .runs import Sweep
+from .runs import Sweep, curves
 
 GATED = ("attzoom", "attention-only")
 OPEN_LIMIT = 99.0  # % of positions: above it, the gate did (almost) nothing
@@ -23,13 +21,13 @@ OPEN_LIMIT = 99.0  # % of positions: above it, the gate did (almost) nothing
 
 def gate_rows(sweep: Sweep) -> tuple[list[dict], list[str]]:
     """One row per gated study with a finished trial; warnings for gates that stayed open."""
-    client = MlflowClient(sweep.tracking_uri)
+    gated = [s for s in sweep.studies if s.variant in GATED and s.best is not None]
+    gates = curves(sweep.tracking_uri, [s.best.run_id for s in gated], keys=("gate_open", "gate_sigma"))
     rows, warnings = [], []
-    for study in sweep.studies:
-        if study.variant in GATED and study.best is not None:
-            row, warning = gate_row(client, study, seed_gates(study))
-            rows.append(row)
-            warnings += [warning] if warning else []
+    for study in gated:
+        row, warning = gate_row(gates[study.best.run_id], study, seed_gates(study))
+        rows.append(row)
+        warnings += [warning] if warning else []
     return rows, warnings
 
 
@@ -40,11 +38,10 @@ def seed_gates(study) -> list[float]:
     return [by_seed[k] for k in sorted(by_seed)]
 
 
-def gate_row(client: MlflowClient, study, seeds: list[float]) -> tuple[dict, str | None]:
+def gate_row(gates: dict, study, seeds: list[float]) -> tuple[dict, str | None]:
     """The study's row (its best trial's gate at its best and last epoch, its seed re-runs'), and a warning."""
     best = study.best
-    opened = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_open")}
-    sigma = {m.step: m.value for m in client.get_metric_history(best.run_id, "gate_sigma")}
+    opened, sigma = gates["gate_open"], gates["gate_sigma"]
     row = {"study": study.name, "threshold": _threshold(best.params.get("threshold"))}
     if not opened:
         return {**row, "open at best epoch (%)": "not logged"}, None

@@ -138,7 +138,8 @@ def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
         groups.setdefault((study.dataset, study.backbone), []).append(study)
     for (dataset, backbone), studies in groups.items():
         title = f"{backbone} on {dataset}"
-        best_curves = {s.variant: curves(sweep.tracking_uri, s.best.run_id) for s in studies if s.best}
+        found = curves(sweep.tracking_uri, [s.best.run_id for s in studies if s.best])
+        best_curves = {s.variant: found[s.best.run_id] for s in studies if s.best}
         others = {s.variant: [t.history["val_top1"] for t in s.trials if t is not s.best] for s in studies}
         if best_curves:
             images.append(("curves", f"{title}: best trial of each variant (bold), every other trial (faint)",

@@ -17,6 +17,7 @@ from tune_jobs import layout
 from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, sweep_of
 
 from .errors import ReportError
+from .history import histories
 
 
 @dataclass
@@ -112,11 +113,12 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
                                 order_by=["attributes.start_time ASC"])
     confirms = client.search_runs([eid], layout.runs_filter(layout.CONFIRM_ROLE), max_results=MAX_RUNS,
                                   order_by=["attributes.start_time ASC"])
-    for run in [*trials, *confirms]:
+    runs = [*trials, *confirms]
+    for run, trial_history in zip(runs, _histories(client, runs)):
         name = run.data.tags[STUDY]
         study = studies.setdefault(name, _study(run.data.tags, None))
-        history = {key: _history(client, run.info.run_id, key) for key in ("val_top1", "val_top5", "epoch_time")}
-        trial = Trial(run, history, best_epoch(history["val_top1"], history["val_top5"]))
+        best = layout.summary_of(run.data.metrics) or best_epoch(trial_history["val_top1"], trial_history["val_top5"])
+        trial = Trial(run, trial_history, best)
         (study.confirms if run.data.tags.get(layout.ROLE) == layout.CONFIRM_ROLE else study.trials).append(trial)
     ordered = sorted(studies.values(), key=lambda s: (s.dataset, s.backbone, s.variant != "baseline", s.variant))
     return Sweep(sweep, tracking_uri, eid, ordered)
@@ -127,11 +129,18 @@ def _study(tags: dict, parent: Run | None) -> Study:
                  tags.get(layout.VARIANT, "?"), parent)
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+def _histories(client: MlflowClient, runs: list[Run]) -> list[dict[str, dict[int, float]]]:
+    """Each run's val_top1 and epoch_time by epoch, in one bulk read per metric; val_top5 only for runs
+    without a summary (written by an older version), whose best epoch is found from their history."""
+    ids = [run.info.run_id for run in runs]
+    by_key = {key: histories(client, ids, key) for key in ("val_top1", "epoch_time")}
+    unsummarised = [run.info.run_id for run in runs if layout.summary_of(run.data.metrics) is None]
+    by_key["val_top5"] = histories(client, unsummarised, "val_top5") if unsummarised else {}
+    return [{key: found.get(run_id, {}) for key, found in by_key.items()} for run_id in ids]
 
 
-def curves(tracking_uri: str, run_id: str, keys=("val_top1", "train_loss")) -> dict[str, dict[int, float]]:
-    """Per-epoch histories of a few metrics of one run (the learning curves of a best trial)."""
+def curves(tracking_uri: str, run_ids: list[str], keys=("val_top1", "train_loss")) -> dict[str, dict]:
+    """{run id: {metric: {epoch: value}}} of a few metrics of some runs (the learning curves of best trials)."""
     client = MlflowClient(tracking_uri)
-    return {key: _history(client, run_id, key) for key in keys}
+    by_key = {key: histories(client, run_ids, key) for key in keys}
+    return {run_id: {key: by_key[key][run_id] for key in keys} for run_id in run_ids}

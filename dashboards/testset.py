@@ -30,17 +30,17 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     logged = client.get_run(run_id).data.metrics
     if "test_top1" in logged and "test_top5" in logged:
         return {"test_top1": logged["test_top1"], "test_top5": logged["test_top5"]}, None
-    import torch
-
-    from attzoom.data import DataError, load
-    from attzoom.train import best_test_metrics
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
                 path = Path(client.download_artifacts(run_id, CHECKPOINT, tmp))
         except Exception as e:  # noqa: BLE001 - any store error means: no checkpoint to score
             return dict(UNKNOWN), f"run {run_id} has no {CHECKPOINT} artifact ({type(e).__name__})"
+        import torch  # only now: a report with no checkpoint to score never loads it (650 MB)
+
+        from attzoom.data import DataError, load
+        from attzoom.train import best_test_metrics
+
         config = torch.load(path, map_location="cpu", weights_only=True)["config"]
         try:
             data = load(config["dataset"], data_root or config["data_root"], config["val_fraction"], download=False)

@@ -17,13 +17,14 @@ STUDIES = [Study("tiny_resnet", "cluttered-digits", v) for v in ("baseline", "at
 NAMES = [s.name for s in STUDIES]
 
 
-def make_searcher(search: SearchSpace = SearchSpace(), trials: int = 3, cap: int = 2, seed: int = 0):
+def make_searcher(search: SearchSpace = SearchSpace(), trials: int = 3, cap: int = 2, seed: int = 0,
+                  storage_url: str | None = None):
     return MultiStudySearcher({s.name: study_space(search, s) for s in STUDIES}, trials, cap, "val_top1", "max",
-                              seed)
+                              seed, storage_url=storage_url, sweep="sw")
 
 
 def complete(searcher, trial_id: str, value: float = 50.0) -> None:
-    searcher.on_trial_result(trial_id, {"val_top1": value, "training_iteration": 1})
+    searcher.on_trial_result(trial_id, {"val_top1": value, "epoch": 1, "training_iteration": 1})
     searcher.on_trial_complete(trial_id, {"val_top1": value, "training_iteration": 1})
 
 
@@ -65,12 +66,13 @@ def test_results_go_to_the_owning_study_only():
         searcher.suggest(f"t{i}")
     owner = searcher.owner["t1"]
     searcher.on_trial_result("t1", {"training_iteration": 1, "val_loss": 2.0})  # no metric yet: ignored
-    searcher.on_trial_result("t1", {"val_top1": 40.0, "training_iteration": 1})
-    searcher.on_trial_result("t1", {"val_top1": 61.5, "training_iteration": 2})
-    searcher.on_trial_complete("t1", {"val_top1": 61.5, "training_iteration": 2})
+    for epoch, top1 in ((1, 40.0), (2, 61.5), (3, 55.0)):  # each epoch's result; the last one got worse
+        searcher.on_trial_result("t1", {"val_top1": top1, "epoch": epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("t1", {"val_top1": 55.0, "epoch": 3, "training_iteration": 4})  # its status report
     searcher.on_trial_complete("stranger", {"val_top1": 1.0})  # a trial this searcher never suggested
     [done] = optuna_trials(searcher, owner)
-    assert done.value == 61.5 and done.intermediate_values == {1: 40.0, 2: 61.5}
+    # intermediate values by epoch; the trial's value is its best epoch's, the checkpoint it keeps
+    assert done.value == 61.5 and done.intermediate_values == {1: 40.0, 2: 61.5, 3: 55.0}
     assert all(not optuna_trials(searcher, name) for name in NAMES if name != owner)
     assert searcher.live == {"t0", "t2"}
 
@@ -135,6 +137,31 @@ def test_restore_continues_with_the_same_owners_live_trials_and_counts(tmp_path)
     assert all(len(v) == 3 for v in values.values())
     assert sorted(v for vs in values.values() for v in vs) == [4, 5, 6, 7, 8, 10, 20, 30, 40]  # each trial once
     assert 10.0 in values[owner["t0"]] and 30.0 in values[owner["t2"]] and 40.0 in values[owner["t3"]]
+
+
+def test_studies_live_in_the_optuna_storage_and_a_restore_fails_what_the_killed_driver_asked(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    for i in range(2):
+        searcher.suggest(f"t{i}")
+    complete(searcher, "t0", 10.0)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the last snapshot: t1 live
+    searcher.suggest("t2")  # asked after it, then the driver is killed: Tune and the searcher forget t2
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    loaded = {n: optuna.load_study(study_name=f"sw/{n}", storage=url) for n in NAMES}
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for study in loaded.values() for t in study.trials}
+    assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "FAIL"}  # t1 resumes; t2 is asked afresh
+    complete(restored, "t1", 20.0)
+    n = 2
+    while restored.suggest(f"n{n}") is not Searcher.FINISHED:
+        complete(restored, f"n{n}", float(n))
+        n += 1
+    for name in NAMES:
+        trials = optuna.load_study(study_name=f"sw/{name}", storage=url).trials
+        assert sum(t.state.name == "COMPLETE" for t in trials) == 3
+        assert all(t.state.is_finished() and t.intermediate_values == {1: t.value} for t in trials
+                   if t.state.name == "COMPLETE")
 
 
 def test_the_same_seed_gives_the_same_suggestions():

@@ -142,6 +142,24 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
+    assert_studies_in_optuna(spec_dir, per_study, epochs)
+
+
+def assert_studies_in_optuna(spec_dir: Path, per_study: dict, epochs: int) -> None:
+    """Each study in the default Optuna storage: N complete trials (none left RUNNING by a killed driver), each
+    with its epochs as intermediate values, its MLflow run id, and its best epoch's val top-1 as its value."""
+    import optuna
+
+    for study, runs in per_study.items():
+        loaded = optuna.load_study(study_name=f"t/{study}", storage=f"sqlite:///{spec_dir / 'optuna.db'}")
+        complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == len(runs) and all(t.state.is_finished() for t in loaded.trials)
+        by_run = {t.user_attrs["mlflow_run_id"]: t for t in complete}
+        for run in runs:
+            trial = by_run[run.info.run_id]
+            assert trial.user_attrs["tune_trial_id"] == run.data.tags[TRIAL]
+            assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+            assert trial.value == pytest.approx(run.data.metrics["best_val_top1"])
 
 
 def one_epoch_in(spec_dir: Path) -> Path | None:

@@ -50,3 +50,37 @@ def test_trial_runs_keep_one_run_per_trial_and_each_epoch_once(tmp_path):
     assert [m.step for m in runs.client.get_metric_history(run.info.run_id, "failures")] == [1]
     runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})  # Tune retries it
     assert runs.client.get_run(run.info.run_id).info.status == "RUNNING" and runs.runs["t1"] == run.info.run_id
+
+
+def test_each_trial_run_carries_its_summary_so_a_reader_needs_no_history(tmp_path):
+    from mlflow.entities import Metric
+
+    from tune_jobs import layout
+    from tune_jobs.summary import summarize
+    from tune_jobs.tracking import TrialRuns, prepare_store, run_summary
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = prepare_store(uri, "s")
+    runs = TrialRuns(uri, experiment, {"study": "p"})
+    runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})
+    for step, top1, top5 in ((1, 10.0, 50.0), (2, 20.0, 60.0), (3, 20.0, 55.0), (4, 15.0, 70.0)):
+        runs.log_epoch("t1", step, {"val_top1": top1, "val_top5": top5}, {})
+    run = runs.client.get_run(runs.runs["t1"])
+    assert layout.summary_of(run.data.metrics) == {"epoch": 2, "val_top1": 20.0, "val_top5": 60.0}
+    assert run.data.metrics[layout.EPOCHS_DONE] == 4
+    # the best is logged with the epochs that moved it, the count with every epoch
+    assert [m.step for m in runs.client.get_metric_history(run.info.run_id, layout.BEST_TOP1)] == [1, 2]
+    assert [m.step for m in runs.client.get_metric_history(run.info.run_id, layout.EPOCHS_DONE)] == [1, 2, 3, 4]
+    # a driver that restarts goes on from the summary: the re-run epoch 4 is skipped, epoch 5 moves the best
+    again = TrialRuns(uri, experiment, {"study": "p"})
+    again.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})
+    again.log_epoch("t1", 4, {"val_top1": 99.0, "val_top5": 99.0}, {})
+    again.log_epoch("t1", 5, {"val_top1": 30.0, "val_top5": 80.0}, {})
+    run = runs.client.get_run(run.info.run_id)
+    assert layout.summary_of(run.data.metrics)["epoch"] == 5 and run.data.metrics[layout.EPOCHS_DONE] == 5
+    # a run written before summaries existed is summarised from its history
+    legacy = runs.client.create_run(experiment, tags={STUDY: "study", layout.ROLE: layout.TRIAL_ROLE}).info.run_id
+    runs.client.log_batch(legacy, metrics=[Metric("val_top1", v, 0, s) for s, v in ((1, 40.0), (2, 35.0))])
+    assert run_summary(runs.client, runs.client.get_run(legacy)).best["val_top1"] == 40.0
+    assert summarize(runs.client, experiment)["study"] == {"finished": 0, "running": 2, "failed": 0, "epochs": 7,
+                                                           "best_top1": 40.0}

@@ -68,14 +68,14 @@ def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
     """
     from mlflow.tracking import MlflowClient
 
-    from .tracking import best_epoch
+    from .tracking import run_summary
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE, finished=True),
                               max_results=layout.MAX_RUNS, order_by=["attributes.start_time ASC"])
     by_study: dict[str, list] = {}
     for run in runs:
-        by_study.setdefault(run.data.tags[STUDY], []).append((run, best_epoch(client, run.info.run_id)))
+        by_study.setdefault(run.data.tags[STUDY], []).append((run, run_summary(client, run).best))
     found = {}
     for study, candidates in by_study.items():
         best = layout.best_of(candidates)

@@ -6,26 +6,65 @@ trials so far, results go back to the study that owns the trial, and FINISHED co
 every study has its N trials. The global cap on concurrent trials lives here too (rather
 than in a ConcurrencyLimiter, whose live-trial set is not saved) so that after a restore
 the trials Tune resumes still count against the cap and still report to their study.
+
+With an Optuna storage URL each study lives there as ``<sweep>/<study>`` (tune_jobs/studies.py);
+a restored searcher marks FAIL the trials a killed driver asked after its last snapshot.
 """
 
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections import Counter
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import STUDY_KEY
+from .studies import TUNE_TRIAL_ATTR, fail_forgotten, open_storage, optuna_study_name
+from .trainable import RESTART_KEY
+
+
+class StudySearch(OptunaSearch):
+    """One study's TPE search: each epoch's metric is an intermediate value at that epoch, and a trial's
+    value is its best epoch's (the checkpoint it keeps), as in the MLflow summary and the report."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.best: dict[str, float] = {}  # trial id -> its best epoch's metric so far
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if RESTART_KEY in result:
+            self.best.pop(trial_id, None)  # it starts over from epoch 1 (Optuna keeps the first value per epoch)
+        if "epoch" not in result or trial_id in self._completed_trials:
+            return
+        value = result[self.metric]
+        self.best[trial_id] = max(value, self.best.get(trial_id, value))
+        with warnings.catch_warnings():  # an epoch re-run after a resume: Optuna keeps the first value
+            warnings.simplefilter("ignore", UserWarning)
+            self._ot_trials[trial_id].report(value, int(result["epoch"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        best = self.best.get(trial_id)
+        if result and self.metric in result and best is not None:
+            result = {**result, self.metric: max(result[self.metric], best)}
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class MultiStudySearcher(Searcher):
     def __init__(self, spaces: dict, trials_per_study: int, max_concurrent: int, metric: str, mode: str = "max",
-                 seed: int = 0):
+                 seed: int = 0, storage_url: str | None = None, sweep: str = "sweep"):
         super().__init__(metric=metric, mode=mode)
         self.trials_per_study = trials_per_study
         self.max_concurrent = max_concurrent
-        self.searches = {name: OptunaSearch(space=space, metric=metric, mode=mode, seed=seed + i, study_name=name)
+        storage = open_storage(storage_url) if storage_url else None
+        self.searches = {name: StudySearch(space=space, metric=metric, mode=mode, seed=seed + i, storage=storage,
+                                           study_name=optuna_study_name(sweep, name) if storage else name)
                          for i, (name, space) in enumerate(spaces.items())}
         self.owner: dict[str, str] = {}  # trial id -> study name
         self.live: set[str] = set()
@@ -68,3 +107,6 @@ class MultiStudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        for search in self.searches.values():
+            if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
+                fail_forgotten(search._storage, search._study_name, self.live)  # noqa: SLF001

@@ -15,18 +15,22 @@ from mlflow.tracking import MlflowClient
 from . import layout
 from .layout import STUDY
 from .spec import Spec
-from .tracking import best_epoch
+from .tracking import run_summary
 
 
 def summarize(client: MlflowClient, experiment_id: str) -> dict:
-    """Per study: finished / running / failed trial runs and the best validation top-1 so far."""
-    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "best_top1": None})
+    """Per study: finished / running / failed trial runs, epochs done and the best validation top-1 so far.
+
+    One search_runs: each run's summary metrics are in its latest metrics (tracking.run_summary).
+    """
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "epochs": 0, "best_top1": None})
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         row = rows[run.data.tags[STUDY]]
         row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
-        best = best_epoch(client, run.info.run_id) if "val_top1" in run.data.metrics else None
-        if best is not None and (row["best_top1"] is None or best["val_top1"] > row["best_top1"]):
-            row["best_top1"] = best["val_top1"]
+        summary = run_summary(client, run)
+        row["epochs"] += summary.epochs
+        if summary.best is not None and (row["best_top1"] is None or summary.best["val_top1"] > row["best_top1"]):
+            row["best_top1"] = summary.best["val_top1"]
     return dict(rows)
 
 

@@ -18,7 +18,8 @@ from . import layout
 from .infra import raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import Spec, SpecError, check_cluster_gpus, check_data, check_writable, spec_from_json, spec_json
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, optuna_storage_url, spec_from_json,
+                   spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -128,7 +129,8 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
             callbacks = [SweepGuard(), MlflowCallback(context, tracking.result), StudyProgress(spec),
                          CSVLoggerCallback(), JsonLoggerCallback()]
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
-                                          spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed)
+                                          spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed,
+                                          storage_url=optuna_storage_url(spec), sweep=spec.name)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
