@@ -56,7 +56,7 @@ lr = [1e-3, 1e-2]
     shutil.rmtree(tmp_path / "ray_results" / "c")  # confirm reads the spec and the best configs from MLflow alone
     out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
     assert "trained seeds 1, 2, 3" in out
-    assert "[tiny_resnet.cluttered-digits.attzoom] done 3/3" in out  # live progress, per study
+    assert "final  tiny_resnet.cluttered-digits.attzoom  done 3/3" in out  # progress: the final summary, per study
     assert "Failed to fetch metrics" not in out
 
     client = MlflowClient(uri)

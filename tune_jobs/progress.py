@@ -1,58 +1,284 @@
-"""Live progress per study: done / running / failed and the best validation top-1 so far."""
+"""Sweep progress a person can follow: a live table on a terminal, time-stamped trial events everywhere else.
+
+On a terminal, one rich table is redrawn in place: a row per study (done / running / failed of N,
+best metric so far, epochs per second) and a total with the elapsed time and an estimate of the
+time left. In a log (CI, a Ray job, a file) a table redrawn every few seconds is hundreds of
+identical lines, so there each trial event is one line (started, finished, failed), a summary
+follows at most once a minute when something moved, and one final summary closes the run.
+"""
 
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 
 from ray.tune import Callback
 
 from .space import STUDY_KEY
-from .trainable import reported_end
+from .trainable import RESTART_KEY, STATUS_KEY, reported_end
+
+SUMMARY_EVERY_S = 60.0  # a log gets a summary at most this often
+REDRAW_EVERY_S = 0.5  # a terminal's table is redrawn at most this often
 
 
 class StudyProgress(Callback):
-    """Prints one line per study whenever its counts or its best change (and at most every few seconds)."""
+    """Tune callback showing every study's progress; the sweep's and confirm's one display."""
 
     def __init__(self, spec, trials: int | None = None, study_of=None, studies=None, out=None,
-                 min_interval_s: float = 2.0):
+                 live: bool | None = None, summary_every_s: float = SUMMARY_EVERY_S):
         """``trials`` per study (default the spec's); ``study_of(config)``: the study a trial belongs to (default
-        its STUDY_KEY; a module-level function, pickled with the run); ``studies``: those shown (default all)."""
+        its STUDY_KEY; a module-level function, pickled with the run); ``studies``: those shown (default all);
+        ``out``: the stream (default stderr); ``live``: force the table on or off (default: when ``out`` is a TTY)."""
         self.studies = [s.name for s in (studies or spec.studies)]
         self.trials = trials or spec.trials
+        self.epochs = spec.epochs
+        self.metric = getattr(spec, "metric", "val_top1")
         self.study_of = study_of
-        self.min_interval_s = min_interval_s
         self.out = out
-        self._last: dict = {}
-        self._printed_at = 0.0
+        self.live = live
+        self.summary_every_s = summary_every_s
+        self._start_driver()
+
+    def _start_driver(self) -> None:
+        """What one driver counts: a restored sweep starts its clock, rates and announcements afresh."""
+        self._started = time.monotonic()
+        self._epochs = dict.fromkeys(self.studies, 0)  # epochs reported to this driver, per study
+        self._said: dict[str, str] = {}  # trial id -> its last announced event
+        self._summary_key = None
+        self._summary_at = self._started  # the first summary after a minute: the start is in the event lines
+        self._drawn_at = 0.0
+        self._display = None  # the rich Live, made on first use
+        self._live_now = None  # this driver's choice: a table or lines
+
+    def __getstate__(self):
+        # Tune pickles the callback with the run config (and restores it on resume): no console, no display
+        state = self.__dict__.copy()
+        state["_display"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._start_driver()
+
+    # Tune's hooks
+
+    def setup(self, **info):
+        self._started = self._summary_at = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tries = trial.num_failures
+        self._event(trial, "started" if not tries else f"started again (try {tries + 1})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and STATUS_KEY not in result and RESTART_KEY not in result:  # one finished epoch
+            study = self._study(trial)
+            if study in self._epochs:
+                self._epochs[study] += 1
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune calls this before it sets TERMINATED: the trial is ending, and finished if fit said how it ended
+        if STATUS_KEY in (trial.last_result or {}):
+            best = trial.metric_analysis.get(self.metric, {}).get("max")
+            epochs = (trial.last_result or {}).get("epoch", "?")
+            self._event(trial, f"finished: best {self.metric} {fmt(best)} in {epochs} epochs")
+        else:
+            self._event(trial, "stopped before it ended")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._event(trial, f"failed (try {trial.num_failures}), retrying{error_file(trial)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._event(trial, f"failed{error_file(trial)}")
 
     def on_step_end(self, iteration, trials, **info):
-        self._maybe_print(trials, force=False)
+        if self._is_live():
+            if time.monotonic() - self._drawn_at >= REDRAW_EVERY_S:
+                self._draw(trials)
+        elif time.monotonic() - self._summary_at >= self.summary_every_s:
+            self._summarize(trials)
 
     def on_experiment_end(self, trials, **info):
-        self._maybe_print(trials, force=True)
+        """Called when the run ends, fails or is interrupted (Tune's cleanup): the display stops here."""
+        if self._is_live():
+            self._draw(trials)
+            self.stop()
+        else:
+            self._print("\n".join(self.final_lines(trials)))
 
-    def _maybe_print(self, trials, force: bool) -> None:
-        rows = self.rows(trials)
-        if rows == self._last or (not force and time.monotonic() - self._printed_at < self.min_interval_s):
-            return
-        out = self.out or sys.stderr
-        for name in self.studies:
-            r = rows[name]
-            best = "-" if r["best"] is None else f"{r['best']:.2f}"
-            print(f"[{name}] done {r['done']}/{self.trials}  running {r['running']}  failed {r['failed']}  "
-                  f"best val_top1 {best}", file=out, flush=True)
-        self._last, self._printed_at = rows, time.monotonic()
+    # counting
+
+    def _study(self, trial) -> str | None:
+        return self.study_of(trial.config) if self.study_of else trial.config.get(STUDY_KEY)
 
     def rows(self, trials) -> dict:
-        rows = {n: {"done": 0, "running": 0, "failed": 0, "best": None} for n in self.studies}
+        """{study: done, running, failed, waiting, best} over the trials Tune has; ``waiting``: pending, or
+        stopped with the sweep (an interrupt, a storage failure: not done, resume runs it on)."""
+        rows = {n: {"done": 0, "running": 0, "failed": 0, "waiting": 0, "best": None} for n in self.studies}
         for trial in trials:
-            row = rows.get(self.study_of(trial.config) if self.study_of else trial.config.get(STUDY_KEY))
+            row = rows.get(self._study(trial))
             if row is None:
                 continue
-            # one stopped with the sweep (an interrupt, a storage failure) is not done: resume runs it on
-            row["done" if reported_end(trial) else "failed" if trial.status == "ERROR" else "running"] += 1
-            best = trial.metric_analysis.get("val_top1", {}).get("max")
+            row[state_of(trial)] += 1
+            best = trial.metric_analysis.get(self.metric, {}).get("max")
             if best is not None and (row["best"] is None or best > row["best"]):
                 row["best"] = best
         return rows
+
+    def time_left(self, trials) -> float | None:
+        """Seconds left, from this driver's epoch rate and the epochs the unfinished trials still have to run
+        (a finished trial's mean stands in for one not yet run: early stopping makes it less than ``epochs``)."""
+        done_epochs = sum(self._epochs.values())
+        elapsed = time.monotonic() - self._started
+        if not done_epochs or elapsed <= 0:
+            return None
+        ours = [t for t in trials if self._study(t) in self._epochs]
+        ended = [epoch_of(t) for t in ours if state_of(t) == "done"]
+        per_trial = sum(ended) / len(ended) if ended else self.epochs
+        open_trials = [t for t in ours if state_of(t) in ("running", "waiting")]
+        unseen = len(self.studies) * self.trials - len(ours)
+        left = unseen * per_trial + sum(max(per_trial - epoch_of(t), 0) for t in open_trials)
+        return left / (done_epochs / elapsed)
+
+    # log lines
+
+    def _event(self, trial, what: str) -> None:
+        """One line per trial event; the same event of the same trial is never said twice by one driver."""
+        if self._said.get(trial.trial_id) == what:
+            return
+        self._said[trial.trial_id] = what
+        line = f"{stamp()}  {self._study(trial)}  trial {trial.trial_id}  {what}"
+        if self._is_live():
+            self._console().print(line, highlight=False, soft_wrap=True)  # above the table
+        else:
+            self._print(line)
+
+    def _summarize(self, trials) -> None:
+        """The summary line, when anything it counts has moved since the last one."""
+        rows = self.rows(trials)
+        key = (tuple(tuple(r.values()) for r in rows.values()), sum(self._epochs.values()))
+        if key == self._summary_key:
+            return
+        self._summary_key, self._summary_at = key, time.monotonic()
+        self._print(f"{stamp()}  summary  {self.totals(rows, trials)}")
+
+    def totals(self, rows, trials, final: bool = False) -> str:
+        """One line of totals: counts, epochs and their rate, the best so far and where, elapsed, time left."""
+        count = {k: sum(r[k] for r in rows.values()) for k in ("done", "running", "failed")}
+        elapsed = time.monotonic() - self._started
+        epochs = sum(self._epochs.values())
+        ranked = max(((r["best"], n) for n, r in rows.items() if r["best"] is not None), default=None)
+        best = f"best {self.metric} {fmt(ranked[0])} ({ranked[1]})" if ranked else f"best {self.metric} -"
+        return (f"done {count['done']}/{len(rows) * self.trials}  running {count['running']}  failed "
+                f"{count['failed']}  epochs {epochs} ({epochs / max(elapsed, 1e-9):.2f}/s)  {best}  "
+                f"elapsed {duration(elapsed)}" + ("" if final else f"  left {about(self.time_left(trials))}"))
+
+    def final_lines(self, trials) -> list[str]:
+        """The closing summary: a line per study, then the totals."""
+        rows = self.rows(trials)
+        lines = []
+        for name, r in rows.items():
+            waiting = f"  unfinished {r['waiting']} (resume runs them on)" if r["waiting"] else ""
+            lines.append(f"{stamp()}  final  {name}  done {r['done']}/{self.trials}  failed {r['failed']}"
+                         f"{waiting}  best {self.metric} {fmt(r['best'])}")
+        return lines + [f"{stamp()}  final  {self.totals(rows, trials, final=True)}"]
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out or sys.stderr, flush=True)
+
+    # the live table
+
+    def _is_live(self) -> bool:
+        """Decided per driver: a sweep started on a terminal may be resumed in a log."""
+        if self._live_now is None:
+            stream = self.out or sys.stderr
+            self._live_now = self.live if self.live is not None else bool(getattr(stream, "isatty", bool)())
+        return self._live_now
+
+    def _console(self):
+        return self._live_display().console
+
+    def _live_display(self):
+        """The rich Live, started on first use; stopped at the run's end, or at exit if the run never ended."""
+        if self._display is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console(file=self.out or sys.stderr, force_terminal=True)
+            self._display = Live(console=console, auto_refresh=False)  # redrawn by Tune's loop: no second thread
+            self._display.start()
+            atexit.register(self.stop)
+        return self._display
+
+    def _draw(self, trials) -> None:
+        self._drawn_at = time.monotonic()
+        self._live_display().update(self.table(trials), refresh=True)
+
+    def table(self, trials):
+        """The rich table: a row per study, then the totals; its caption, the elapsed time and the time left."""
+        from rich.table import Table
+
+        rows = self.rows(trials)
+        elapsed = time.monotonic() - self._started
+        table = Table("study", "done", "running", "failed", f"best {self.metric}", "epochs/s",
+                      caption=f"elapsed {duration(elapsed)}, left {about(self.time_left(trials))}")
+        for name, r in rows.items():
+            table.add_row(name, f"{r['done']}/{self.trials}", str(r["running"]), str(r["failed"]), fmt(r["best"]),
+                          rate(self._epochs[name], elapsed), end_section=name == self.studies[-1])
+        bests = [r["best"] for r in rows.values() if r["best"] is not None]
+        table.add_row("total", f"{sum(r['done'] for r in rows.values())}/{len(rows) * self.trials}",
+                      str(sum(r["running"] for r in rows.values())), str(sum(r["failed"] for r in rows.values())),
+                      fmt(max(bests) if bests else None), rate(sum(self._epochs.values()), elapsed), style="bold")
+        return table
+
+    def stop(self) -> None:
+        """Leave the terminal clean (cursor back, table kept) so what is printed next comes below it."""
+        if self._display is not None:
+            self._display.stop()
+            self._display = None
+            atexit.unregister(self.stop)
+
+
+def state_of(trial) -> str:
+    """done / failed / running / waiting. One stopped with the sweep (TERMINATED, but it did not report its end)
+    is not done: resume runs it on."""
+    if reported_end(trial):
+        return "done"
+    if trial.status == "ERROR":
+        return "failed"
+    return "running" if trial.status == "RUNNING" else "waiting"
+
+
+def error_file(trial) -> str:
+    """Where Tune wrote the trial's error: its folder in the storage, where a person finds the rest of it."""
+    name = trial.run_metadata.error_filename
+    return f": see {trial.path}/{name}" if name and trial.storage is not None else ""
+
+
+def epoch_of(trial) -> int:
+    return int((trial.last_result or {}).get("epoch") or 0)
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def rate(epochs: int, elapsed: float) -> str:
+    return f"{epochs / elapsed:.2f}" if epochs and elapsed > 0 else "-"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def about(seconds: float | None) -> str:
+    return "?" if seconds is None else f"~{duration(seconds)}"

@@ -1,0 +1,234 @@
+"""The sweep's progress display (tune_jobs/progress.py) fed real Tune Trials the way Tune's loop feeds its callbacks,
+and the logging set-up behind ``attzoom -v`` (tune_jobs/logs.py)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+from ray.tune.experiment import Trial
+from rich.console import Console
+
+from tune_jobs.logs import configure_logging
+from tune_jobs.progress import StudyProgress
+from tune_jobs.space import STUDY_KEY
+from tune_jobs.spec import Spec
+from tune_jobs.trainable import STATUS_KEY
+
+SPEC = Spec(name="p", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline", "attzoom"),
+            trials=3, epochs=4)
+STUDIES = [s.name for s in SPEC.studies]
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ")
+
+
+class Loop:
+    """Drives a callback as TuneController does: start, results, complete (before TERMINATED), error, steps."""
+
+    def __init__(self, callback):
+        self.callback, self.trials, self.step = callback, [], 0
+
+    def start(self, study: str) -> Trial:
+        trial = Trial("run_trial", config={STUDY_KEY: study}, stub=True)
+        self.trials.append(trial)
+        trial.set_status(Trial.RUNNING)
+        self.callback.on_trial_start(iteration=self.step, trials=self.trials, trial=trial)
+        return trial
+
+    def epoch(self, trial: Trial, epoch: int, top1: float) -> None:
+        result = {"epoch": epoch, "val_top1": top1, "training_iteration": epoch}
+        trial.update_last_result(result)
+        self.callback.on_trial_result(iteration=self.step, trials=self.trials, trial=trial, result=result)
+        self.tick()
+
+    def finish(self, trial: Trial) -> None:
+        result = {**trial.last_result, STATUS_KEY: "early_stopped"}
+        trial.update_last_result(result)
+        self.callback.on_trial_result(iteration=self.step, trials=self.trials, trial=trial, result=result)
+        self.callback.on_trial_complete(iteration=self.step, trials=self.trials, trial=trial)
+        trial.set_status(Trial.TERMINATED)
+        self.tick()
+
+    def fail(self, trial: Trial) -> None:
+        self.callback.on_trial_error(iteration=self.step, trials=self.trials, trial=trial)
+        trial.set_status(Trial.ERROR)
+        self.tick()
+
+    def tick(self) -> None:
+        self.step += 1
+        for _ in range(3):  # Tune steps many times between events: nothing new must be said
+            self.callback.on_step_end(iteration=self.step, trials=self.trials)
+
+    def end(self) -> None:
+        self.callback.on_experiment_end(trials=self.trials)
+
+
+def sweep(loop: Loop, stop_last: bool = False) -> None:
+    """Three trials per study: two finish after 2-3 epochs, one fails (or, ``stop_last``, is stopped with the
+    sweep: TERMINATED without reporting its end)."""
+    for study in STUDIES:
+        for n in range(3):
+            trial = loop.start(study)
+            for epoch in range(1, 3 + (n == 0)):
+                loop.epoch(trial, epoch, 10.0 * epoch + n)
+            if n < 2:
+                loop.finish(trial)
+            elif stop_last:
+                trial.set_status(Trial.TERMINATED)
+            else:
+                loop.fail(trial)
+    loop.end()
+
+
+def log_run(**options) -> tuple[list[str], Loop]:
+    out = io.StringIO()
+    loop = Loop(StudyProgress(SPEC, out=out, **options))
+    sweep(loop)
+    return out.getvalue().splitlines(), loop
+
+
+def test_a_log_gets_one_time_stamped_line_per_trial_event_and_a_final_summary():
+    lines, loop = log_run()
+    assert all(STAMP.match(line) for line in lines)
+    ids = [t.trial_id for t in loop.trials]
+    events = [line for line in lines if " trial " in line]
+    assert len(events) == 2 * len(ids)  # started + finished or failed, once each
+    for trial_id in ids:
+        assert sum(f"trial {trial_id}  started" in line for line in events) == 1
+    finished = [line for line in events if "finished" in line]
+    assert len(finished) == 4 and all("best val_top1" in line and "epochs" in line for line in finished)
+    assert f"{STUDIES[0]}  trial {ids[0]}  finished: best val_top1 30.00 in 3 epochs" in finished[0]
+    assert sum(line.endswith("failed") for line in events) == 2
+    summaries = [line for line in lines if "  summary  " in line]
+    assert len(summaries) <= 1  # at most once a minute
+    final = [line for line in lines if "  final  " in line]
+    assert [STUDIES[0] in final[0], STUDIES[1] in final[1]] == [True, True]
+    assert f"{STUDIES[1]}  done 2/3  failed 1  best val_top1 30.00" in final[1]
+    assert "done 4/6  running 0  failed 2  epochs 14" in final[-1] and "elapsed" in final[-1]
+    assert len(lines) <= 3 * len(ids) + 1 + len(final)
+
+
+def test_no_line_is_repeated_without_a_change_even_with_a_summary_at_every_step():
+    lines, _ = log_run(summary_every_s=0)
+    bodies = [STAMP.sub("", line) for line in lines]
+    counted = [re.sub(r"\(\d+\.\d+/s\).*", "", b) for b in bodies if b.startswith("summary")]
+    assert len(counted) > 5 and len(counted) == len(set(counted))  # a summary only when a count moved
+    assert all(a != b for a, b in zip(bodies, bodies[1:]))
+
+
+def test_a_trial_stopped_with_the_sweep_is_neither_finished_nor_failed():
+    out = io.StringIO()
+    loop = Loop(StudyProgress(SPEC, out=out))
+    sweep(loop, stop_last=True)
+    lines = out.getvalue().splitlines()
+    assert not [line for line in lines if line.endswith("failed")]
+    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (resume runs them on)" in out.getvalue()
+
+
+def test_a_terminal_gets_one_live_table_with_a_row_per_study_and_a_total():
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, out=out, live=True)
+    loop = Loop(progress)
+    sweep(loop)
+    screen = out.getvalue()
+    assert screen.endswith("\x1b[?25h\n") or "\x1b[?25h" in screen[-20:]  # stopped: the cursor is back
+    assert progress._display is None
+    text = io.StringIO()
+    Console(file=text, width=160).print(progress.table(loop.trials))
+    rows = [line for line in text.getvalue().splitlines() if "tiny_resnet" in line or "total" in line]
+    assert len(rows) == len(STUDIES) + 1
+    assert re.search(r"attzoom\s*│\s*2/3\s*│\s*0\s*│\s*1\s*│\s*30\.00\s*│\s*\d", rows[1])
+    assert re.search(r"total\s*│\s*4/6\s*│\s*0\s*│\s*2\s*│\s*30\.00", rows[2])
+    assert "elapsed" in text.getvalue() and "left" in text.getvalue()
+
+
+def test_the_callback_pickles_with_the_run_config_and_a_restored_one_does_not_announce_old_trials():
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, out=out, live=True)
+    loop = Loop(progress)
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 12.0)
+    assert progress._display is not None
+    restored = pickle.loads(pickle.dumps(progress))
+    progress.stop()
+    assert restored._display is None and restored.studies == STUDIES and restored.trials == 3
+    restored.live, restored.out, restored._live_now = False, io.StringIO(), None  # resumed in a log
+    loop.finish(trial)  # the previous driver saw it end; the restored one gets it TERMINATED
+    again = Loop(restored)
+    again.trials = loop.trials
+    again.tick()
+    again.end()
+    said = restored.out.getvalue()
+    assert "finished" not in said and "started" not in said
+    assert f"{STUDIES[0]}  done 1/3" in said
+
+
+def test_time_left_comes_from_the_epoch_rate():
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, out=out)
+    loop = Loop(progress)
+    assert progress.time_left(loop.trials) is None
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 10.0)
+    left = progress.time_left(loop.trials)
+    assert left is not None and left > 0  # 3 epochs of this trial and 5 unseen trials of 4 epochs to go
+
+
+@pytest.fixture
+def logging_state():
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers), {n: logging.getLogger(n).level for n in ("alembic", "mlflow", "optuna")}
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_verbose_flag_brings_the_libraries_info_back(logging_state, monkeypatch):
+    import optuna
+
+    from tune_jobs.cli import build_parser
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    configure_logging(verbose=False)
+    assert optuna.logging.get_verbosity() == logging.WARNING
+    assert not logging.getLogger("mlflow").isEnabledFor(logging.INFO)
+    assert logging.getLogger("mlflow").isEnabledFor(logging.WARNING)
+    for argv in (["-v", "status"], ["status", "--verbose"]):
+        configure_logging(verbose=False)
+        build_parser().parse_args(argv)
+        assert optuna.logging.get_verbosity() == logging.INFO
+        assert logging.getLogger("alembic").isEnabledFor(logging.INFO)
+    configure_logging(verbose=False)
+    build_parser().parse_args(["status"])
+    assert optuna.logging.get_verbosity() == logging.WARNING
+
+
+CHATTER = """
+import logging, sys
+from tune_jobs.logs import configure_logging
+import optuna
+from mlflow.tracking import MlflowClient
+
+for verbose in (False, True):
+    configure_logging(verbose)
+    optuna.create_study(storage=f"sqlite:///{sys.argv[1]}/o{verbose}.db")
+    MlflowClient(f"sqlite:///{sys.argv[1]}/m{verbose}.db").search_experiments()
+    logging.getLogger("some.library").warning("a warning shows")
+    print("-- verbose", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
+    err = subprocess.run([sys.executable, "-c", CHATTER, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         check=True).stderr
+    quiet, verbose = err.split("-- verbose")[:2]
+    for chatter in ("A new study created in RDB", "Creating initial MLflow database tables"):
+        assert chatter not in quiet and chatter in verbose, err
+    assert "Context impl SQLiteImpl" not in quiet
+    assert "a warning shows" in quiet and "a warning shows" in verbose

@@ -1,0 +1,59 @@
+"""Logging of the ``attzoom`` command: every library's warnings and errors; their INFO chatter only with -v.
+
+A sweep's output is its progress (tune_jobs/progress.py). Without this, a run also prints
+Optuna's "A new study created ...", MLflow's and alembic's store migration lines, and
+whatever else logs at INFO: lines that say nothing a user acts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE = "%Y-%m-%d %H:%M:%S"  # the progress lines' time stamps
+HANDLER = "attzoom"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """INFO of every library when ``verbose``, else only warnings and errors."""
+    level = logging.INFO if verbose else logging.WARNING
+    # MLflow sets its own and alembic's levels when imported, from this variable; Ray's workers inherit it
+    os.environ["MLFLOW_LOGGING_LEVEL"] = logging.getLevelName(level)
+    root = logging.getLogger()
+    if not root.handlers:
+        # a root handler also stops Optuna's alembic env.py from calling logging.config.fileConfig, which would
+        # switch off every logger made so far and print "Context impl SQLiteImpl" at INFO
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(FORMAT, DATE))
+        handler.set_name(HANDLER)
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if handler.get_name() == HANDLER:
+            handler.setLevel(level)  # a library's logger set to INFO that propagates still shows warnings only
+    root.setLevel(level)
+    for name in ("alembic", "mlflow"):  # not sqlalchemy: at INFO it echoes every statement
+        logging.getLogger(name).setLevel(level)
+    import optuna.logging  # Optuna sets its logger to INFO on import: its own setter is the way to quiet it
+
+    optuna.logging.set_verbosity(level)
+
+
+class VerboseFlag(argparse.Action):
+    """``-v/--verbose``: the libraries' INFO lines back, from the moment it is parsed (before any command runs)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        configure_logging(verbose=True)
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose_flag(*parsers) -> None:
+    """The same flag on the command and each subcommand, so ``attzoom -v sweep ...`` and ``attzoom sweep ... -v``
+    both work (a subcommand's default does not undo the command's)."""
+    for parser in parsers:
+        parser.add_argument("-v", "--verbose", action=VerboseFlag, default=argparse.SUPPRESS,
+                            help="show other libraries' INFO logs (Optuna, MLflow, alembic); warnings always show")
