@@ -7,11 +7,12 @@ Plain data and pure functions: no torch, Ray or MLflow import, so a laptop with 
 tracking URI, and the CLI before it loads anything heavy, can use it.
 
     experiment  attzoom-<sweep>
-    parent run  one per study, named after it:   role=study,   sweep, study, backbone, dataset, variant
-    child run   one per trial, named by its id:  role=trial,   + trial_id, mlflow.parentRunId, gpu_ids
-                one per confirm seed:            role=confirm, + seed
-    metrics     per epoch (step = epoch): EPOCH_METRICS; on the best trials: TEST_METRICS;
-                on a parent when the sweep ends: STUDY_METRICS
+    parent run  one per study:      role=study,   sweep, study, backbone, dataset, variant
+    child run   one per trial:      role=trial,   + trial_id, trial_number, mlflow.parentRunId, gpu_ids
+                one per confirm seed: role=confirm, + seed
+    (run names, descriptions and the git source: tune_jobs/naming.py)
+    metrics     per epoch (step = epoch): EPOCH_METRICS, and on trial runs the SUMMARY_METRICS that epoch
+                changed; on the best trials: TEST_METRICS; on a parent when the sweep ends: STUDY_METRICS
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its stu
 BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
 LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
-TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE)
+TRIAL_NUMBER = "attzoom.trial_number"  # a trial's number within its study (1-based, creation order); names its run
+# MLflow's own tags (mlflow/utils/mlflow_tags.py) that the sweep sets, for the MLflow UI.
+NOTE = "mlflow.note.content"  # a run's (or the experiment's) description, shown above its details
+GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE = "mlflow.source.git.commit", "mlflow.source.name", "mlflow.source.type"
+# On the experiment: which of the UI's two workflows it belongs to. MLflow 3.17's UI opens an experiment on its
+# GenAI overview unless told otherwise; custom_model_development is its "Machine learning" kind (the runs table).
+EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
+# On the experiment: a view of the runs table (columns, order) that the printed address opens by its share key
+# (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
+SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, TRIAL_NUMBER, NOTE, GIT_COMMIT,
+        SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
 # Values of the ROLE tag.
 STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
@@ -47,6 +59,11 @@ UNKNOWN_STATUS = "unknown"  # a trial that completed without reporting one (none
 
 TEST_METRICS = ("test_top1", "test_top5")  # the best checkpoint on the official test split, logged once
 STUDY_METRICS = ("trials_finished", "trials_failed", "best_val_top1")
+# On a trial or confirm run, logged with the epoch that changed them (step = epoch): the best epoch so far and
+# how many epochs are done. Their latest values summarise the run, so a reader needs one search_runs per sweep
+# instead of one metric history per run, and the MLflow UI's column shows the best epoch, not the last.
+BEST_TOP1, BEST_TOP5, BEST_EPOCH, EPOCHS_DONE = "best_val_top1", "best_val_top5", "best_epoch", "epochs_done"
+SUMMARY_METRICS = (BEST_TOP1, BEST_TOP5, BEST_EPOCH, EPOCHS_DONE)
 FAILURES = "failures"  # on a trial run: its failed attempts so far (step = attempt)
 CHECKPOINT_DIR = "checkpoint"  # a trial's best.pt is logged into this artifact folder
 CHECKPOINT = f"{CHECKPOINT_DIR}/best.pt"
@@ -100,6 +117,19 @@ def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
         return None
     step = max(top1, key=lambda s: (top1[s], top5.get(s, 0.0)))
     return {"epoch": step, "val_top1": top1[step], "val_top5": top5.get(step, 0.0)}
+
+
+def summary_of(metrics: dict[str, float]) -> dict | None:
+    """A run's best epoch ({"epoch", "val_top1", "val_top5"}) from its latest metrics, or None when the run has
+    no summary: it has no epoch yet, or an older version wrote it (read its history then: best_epoch)."""
+    if BEST_TOP1 not in metrics:
+        return None
+    return {"epoch": int(metrics[BEST_EPOCH]), "val_top1": metrics[BEST_TOP1], "val_top5": metrics[BEST_TOP5]}
+
+
+def improves(epoch: dict, best: dict | None) -> bool:
+    """Whether an epoch beats the best so far by best_epoch's rule (top-1, ties by top-5; the earlier stays)."""
+    return best is None or (epoch["val_top1"], epoch["val_top5"]) > (best["val_top1"], best["val_top5"])
 
 
 def best_of(candidates: Iterable[tuple[T, dict | None]]) -> T | None:

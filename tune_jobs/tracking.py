@@ -12,12 +12,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from . import layout
-from .layout import ERROR, FAILURES, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
+from . import layout, naming
+from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
 from .spec import Spec, Study, local_path, spec_json, sqlite_file
 
 
@@ -29,7 +30,8 @@ def prepare_store(tracking_uri: str, sweep: str) -> str:
         return found.experiment_id
     folder = local_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
     artifacts = (folder / "mlartifacts" / sweep).resolve().as_uri() if folder else None
-    return client.create_experiment(experiment_name(sweep), artifact_location=artifacts)
+    return client.create_experiment(experiment_name(sweep), artifact_location=artifacts,
+                                    tags=naming.experiment_tags(sweep))  # opens on its runs table (naming.py)
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -56,7 +58,10 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
 def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
     experiment_id = prepare_store(spec.tracking_uri, spec.name)
-    MlflowClient(spec.tracking_uri).set_experiment_tag(experiment_id, layout.SPEC, spec_json(spec))
+    client = MlflowClient(spec.tracking_uri)
+    tags = {layout.SPEC: spec_json(spec), **naming.experiment_tags(spec.name)}  # also on an older sweep's experiment
+    for key, value in tags.items():
+        client.set_experiment_tag(experiment_id, key, value)
     return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
 
 
@@ -75,23 +80,61 @@ def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, s
     runs = {}
     for study in spec.studies:
         role = {ROLE: layout.STUDY_ROLE}
-        runs[study.name] = find_or_create(client, experiment_id, {**study_tags(spec, study), **role},
-                                          {**role, STUDY: study.name}, run_name=study.name)
+        note = naming.study_note(spec.name, study.backbone, study.dataset, study.variant, spec.trials)
+        runs[study.name] = find_or_create(client, experiment_id, {**study_tags(spec, study), **role, NOTE: note},
+                                          {**role, STUDY: study.name},
+                                          naming.study_run_name(study.backbone, study.dataset, study.variant))
     return runs
 
 
-def find_or_create(client: MlflowClient, experiment_id: str, tags: dict, keys: dict, run_name: str) -> str:
+def find_or_create(client: MlflowClient, experiment_id: str, tags: dict, keys: dict,
+                   run_name: str | Callable[[], tuple[str, dict]]) -> str:
+    """The run whose tags match ``keys``, else a new one with ``tags`` and the driver's source (naming.source_tags).
+
+    ``run_name`` names a new run; a function gives (name, more tags) and is called only when the run is created: a
+    run found again (a resumed or retried trial) keeps its name.
+    """
     filters = " and ".join(layout.tag_filter(k, v) for k, v in keys.items())
     found = client.search_runs([experiment_id], filters, max_results=1)
     if found:
         return found[0].info.run_id
-    return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    name, more = run_name() if callable(run_name) else (run_name, {})
+    return client.create_run(experiment_id, tags={**naming.source_tags(), **tags, **more}, run_name=name).info.run_id
 
 
-def best_epoch(client: MlflowClient, run_id: str) -> dict | None:
-    """A run's best epoch by the layout's rule (layout.best_epoch), from its metric history."""
-    top1, top5 = ({m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("val_top1", "val_top5"))
-    return layout.best_epoch(top1, top5)
+@dataclass(frozen=True)
+class RunSummary:
+    """What a trial run's summary metrics say (layout.SUMMARY_METRICS): epochs logged and the best so far."""
+
+    epochs: int = 0
+    best: dict | None = None  # {"epoch", "val_top1", "val_top5"}
+
+    def after(self, step: int, metrics: dict) -> RunSummary:
+        epoch = {"epoch": step, "val_top1": metrics.get("val_top1"), "val_top5": metrics.get("val_top5", 0.0)}
+        better = epoch["val_top1"] is not None and layout.improves(epoch, self.best)
+        return RunSummary(step, epoch if better else self.best)
+
+    def changes(self, before: RunSummary) -> dict[str, float]:
+        """The summary metrics to log with this epoch: the count always, the best only when it moved."""
+        metrics = {layout.EPOCHS_DONE: self.epochs}
+        if self.best is not before.best and self.best is not None:
+            metrics.update({layout.BEST_TOP1: self.best["val_top1"], layout.BEST_TOP5: self.best["val_top5"],
+                            layout.BEST_EPOCH: self.best["epoch"]})
+        return metrics
+
+
+def run_summary(client: MlflowClient, run) -> RunSummary:
+    """A run's summary from its latest metrics; a run written before summaries existed is read from its history."""
+    metrics = run.data.metrics
+    if layout.EPOCHS_DONE in metrics or "val_top1" not in metrics:
+        return RunSummary(int(metrics.get(layout.EPOCHS_DONE, 0)), layout.summary_of(metrics))
+    top1, top5 = (history(client, run.info.run_id, key) for key in ("val_top1", "val_top5"))
+    return RunSummary(max(top1), layout.best_epoch(top1, top5))
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """One metric of one run by epoch (step)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 @dataclass
@@ -107,23 +150,43 @@ class TrialRuns:
     experiment_id: str
     parent_runs: dict
     runs: dict = field(default_factory=dict)  # trial id -> run id
-    logged: dict = field(default_factory=dict)  # trial id -> epochs the run has
+    summaries: dict = field(default_factory=dict)  # trial id -> RunSummary of its run
 
     def __post_init__(self):
         self.client = open_store(self.tracking_uri)
 
     def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = layout.TRIAL_ROLE) -> None:
         run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
-        run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id}, run_name=trial_id)
+        run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id},
+                                lambda: self._name(trial_id, study, run_tags, params))
         existing = self.client.get_run(run_id).data.params
         new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
         _retry(self.client.log_batch, run_id, params=new)
         self.client.update_run(run_id, status="RUNNING")
         self._known(trial_id, run_id)
 
+    def _name(self, trial_id: str, study: str, tags: dict, params: dict) -> tuple[str, dict]:
+        """A new run's (name, more tags): a trial is numbered within its study in creation order, counting deleted
+        runs too (a trial that starts over keeps its number, and no later trial takes one that was used)."""
+        sweep, variant = tags.get(layout.SWEEP, "?"), tags.get(layout.VARIANT) or study.rsplit(".", 1)[-1]
+        if tags[ROLE] == layout.CONFIRM_ROLE:
+            seed = tags.get(layout.SEED, "?")
+            return naming.confirm_run_name(variant, seed, trial_id), {NOTE: naming.confirm_note(sweep, study, seed)}
+        from mlflow.entities import ViewType
+
+        runs = self.client.search_runs([self.experiment_id], f"{layout.tag_filter(STUDY, study)} and "
+                                       f"{layout.tag_filter(ROLE, tags[ROLE])}", run_view_type=ViewType.ALL,
+                                       max_results=layout.MAX_RUNS)
+        numbers = {r.data.tags.get(TRIAL): int(r.data.tags[layout.TRIAL_NUMBER]) for r in runs
+                   if r.data.tags.get(layout.TRIAL_NUMBER, "").isdigit()}
+        others = {r.data.tags.get(TRIAL) for r in runs} - {trial_id}  # runs of an older version have no number
+        number = numbers.get(trial_id) or max(len(others), *numbers.values(), 0) + 1
+        return naming.trial_run_name(variant, number, trial_id), {
+            layout.TRIAL_NUMBER: str(number), NOTE: naming.trial_note(sweep, study, number, params)}
+
     def _known(self, trial_id: str, run_id: str) -> str:
         self.runs[trial_id] = run_id
-        self.logged[trial_id] = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
+        self.summaries[trial_id] = run_summary(self.client, self.client.get_run(run_id))
         return run_id
 
     def run_of(self, trial_id: str) -> str:
@@ -138,17 +201,19 @@ class TrialRuns:
     def log_epoch(self, trial_id: str, step: int, metrics: dict, tags: dict) -> None:
         """All of an epoch's metrics in one call (SQLite serialises writers), once per step."""
         run_id = self.run_of(trial_id)
-        if step in self.logged[trial_id]:
+        summary = self.summaries[trial_id]
+        if step <= summary.epochs:  # epochs arrive in order: a resumed trial re-runs those after its checkpoint
             return
+        new = summary.after(step, metrics)
         now = int(time.time() * 1000)
         try:
             _retry(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step)
-                                                           for k, v in metrics.items()],
+                                                           for k, v in {**metrics, **new.changes(summary)}.items()],
                    tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception:
             self.runs.pop(trial_id, None)  # the store may have taken it before the reply was lost: ask it again
             raise
-        self.logged[trial_id].add(step)
+        self.summaries[trial_id] = new
 
     def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:
         """FINISHED with how fit ended (the status the trial reported) and its best checkpoint."""
@@ -164,7 +229,7 @@ class TrialRuns:
         for run in found:
             self.client.delete_run(run.info.run_id)
         self.runs.pop(trial_id, None)
-        self.logged.pop(trial_id, None)
+        self.summaries.pop(trial_id, None)
 
     def fail(self, trial_id: str, message: str, attempt: int) -> None:
         """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial), each once."""
