@@ -12,6 +12,7 @@
 Every error a user can cause is one line on stderr and exit code 2, before any work. A
 storage or tracking store that fails under a running sweep stops it with one line and exit
 code 3 (tune_jobs/infra.py); an interrupt exits 130. Both are continued with ``resume``.
+Other libraries' INFO logs (Optuna, MLflow, alembic) are off; ``-v`` brings them back (tune_jobs/logs.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
 from .infra import INFRA_EXIT, InfrastructureError
+from .logs import add_verbose_flag, configure_logging
 from .spec import SpecError
 
 SPECS = Path(__file__).parent / "specs"
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow 3 sends usage telemetry from every process that opens a store and, at exit, waits up to a
     # second for it; clusters often have no egress. Opt in with MLFLOW_DISABLE_TELEMETRY=false.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    configure_logging(verbose=False)  # -v, once parsed, turns the libraries' INFO lines back on
     return run(build_parser(), argv, (SpecError, ConfigError, DataError),
                on_interrupt="interrupted; continue with `attzoom resume`", stops=(InfrastructureError, INFRA_EXIT))
 
@@ -90,6 +93,7 @@ def build_parser() -> Parser:
     from .confirm import add_confirm_command
 
     add_confirm_command(sub)
+    add_verbose_flag(parser, *sub.choices.values())
     return parser
 
 
