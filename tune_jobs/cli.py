@@ -5,7 +5,7 @@
     attzoom submit SPEC     submit a sweep to a cluster as a Ray job
     attzoom status [SWEEP]  progress of local sweeps (MLflow) or of a submitted job
     attzoom logs JOB_ID     follow a submitted job's output
-    attzoom ui              the MLflow UI on 127.0.0.1
+    attzoom ui [SWEEP]      the MLflow UI and optuna-dashboard on 127.0.0.1; prints each sweep's addresses
     attzoom demo            the embedded demo sweep, then the comparison table
     attzoom report SWEEP    comparison report (CSV, Markdown, HTML) from MLflow alone (dashboards/)
 
@@ -80,9 +80,14 @@ def build_parser() -> Parser:
     logs.add_argument("--address", required=True)
     logs.set_defaults(run=run_logs_command)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a tracking store")
+    ui = sub.add_parser("ui", help="the MLflow UI and optuna-dashboard on 127.0.0.1; prints the addresses to open")
+    ui.add_argument("sweep", nargs="?", help="a sweep name: print its runs table's address (default: every sweep's)")
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="the MLflow UI's port (default 5000)")
+    ui.add_argument("--optuna-storage", default=None,
+                    help="SQLAlchemy URL of the sweep's Optuna studies (default: sqlite:///optuna.db beside a "
+                         "sqlite:/// MLflow store; none there: only the MLflow UI starts)")
+    ui.add_argument("--optuna-port", type=int, default=8080, help="optuna-dashboard's port (default 8080)")
     ui.set_defaults(run=run_ui_command)
 
     # The CLI is the one place allowed to reach up a layer: dashboards sits above tune_jobs.
@@ -130,8 +135,8 @@ def run_sweep_command(args) -> int:
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)
-    print(f"\nsweep {spec.name} done in {time.time() - started:.0f} s; see it with `attzoom ui "
-          f"--tracking-uri {spec.tracking_uri}` (MLflow UI on http://127.0.0.1:5000)")
+    print(f"\nsweep {spec.name} done in {time.time() - started:.0f} s; see its runs (MLflow UI) and studies "
+          f"(optuna-dashboard) with `{ui_command(spec)}`, which prints the addresses to open")
     return 0
 
 
@@ -161,7 +166,7 @@ def run_demo_command(args) -> int:
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
     print(f"\ndemo done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
-          f"    .venv/bin/attzoom ui --tracking-uri {spec.tracking_uri}    # then open http://127.0.0.1:5000\n"
+          f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
           f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
           f"Full report (CSV, Markdown, HTML with curves): .venv/bin/attzoom report {spec.name} "
           f"--tracking-uri {spec.tracking_uri}")
@@ -194,7 +199,7 @@ def run_status_command(args) -> int:
         for study, row in sorted(summarize(client, experiment.experiment_id).items()):
             best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
             print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}, "
-                  f"best val_top1 {best}")
+                  f"epochs {row['epochs']}, best val_top1 {best}")
     return 0
 
 
@@ -277,16 +282,21 @@ def run_logs_command(args) -> int:
 
 
 def run_ui_command(args) -> int:
-    import subprocess
+    from .ui import run_ui
 
-    from .spec import check_store_exists
-    from .tracking import open_store
+    return run_ui(args.tracking_uri, args.sweep, args.port, args.optuna_storage, args.optuna_port)
 
-    check_store_exists(args.tracking_uri)
-    open_store(args.tracking_uri)  # a store a sweep has just created is migrated under the lock, not by the server
-    mlflow = Path(sys.executable).with_name("mlflow")
-    return subprocess.call([str(mlflow), "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
-                            "--port", str(args.port)])
+
+def ui_command(spec) -> str:
+    """The `attzoom ui` line that shows a sweep: its store, and its Optuna storage when not the default one."""
+    from .spec import optuna_storage_url
+    from .ui import default_optuna_storage
+
+    command = f".venv/bin/attzoom ui {spec.name} --tracking-uri {spec.tracking_uri}"
+    storage = optuna_storage_url(spec)
+    if storage and storage != default_optuna_storage(spec.tracking_uri):  # a server URL may hold a password
+        command += f" --optuna-storage {storage if storage.startswith('sqlite:') else 'URL'}"
+    return command
 
 
 if __name__ == "__main__":

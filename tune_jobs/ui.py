@@ -1,0 +1,175 @@
+"""``attzoom ui``: the MLflow UI and optuna-dashboard side by side on 127.0.0.1, started and stopped together.
+
+The MLflow UI shows the runs (one parent per study, one child per trial); optuna-dashboard shows
+the same studies as Optuna sees them (``<sweep>/<study>`` in the sweep's Optuna storage: the
+search's history, parameter importances, intermediate values). What is printed are the
+addresses to open: each sweep's runs table in MLflow's machine-learning view (MLflow 3.17
+opens an experiment on its GenAI overview otherwise; tune_jobs/naming.py) and the dashboard.
+
+Both servers run in their own process groups, so stopping one stops every process it started;
+Ctrl-C (or SIGTERM) stops both, and when one of them ends the other is stopped and the command
+exits non-zero. A reader: no store, database or folder is created (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import layout, naming
+from .spec import SpecError, check_store_exists, sqlite_file
+
+HOST = "127.0.0.1"
+START_S = 180  # how long a server may take to answer (MLflow imports a lot: a minute on a busy small machine)
+STOP_S = 10  # how long a server may take to stop after SIGTERM before it is killed
+
+
+def default_optuna_storage(tracking_uri: str) -> str | None:
+    """optuna.db beside a sqlite:/// MLflow store (where a sweep keeps its studies by default: spec.optuna_storage_url),
+    or None for any other store."""
+    database = sqlite_file(tracking_uri)
+    return f"sqlite:///{database.expanduser().resolve().parent / 'optuna.db'}" if database else None
+
+
+def sweep_addresses(tracking_uri: str, sweep: str | None, base: str) -> dict[str, str]:
+    """{sweep: the address of its runs table} for one sweep, or every sweep in the store."""
+    from .tracking import open_store
+
+    experiments = [e for e in open_store(tracking_uri).search_experiments() if layout.sweep_of(e.name) is not None]
+    if sweep:
+        experiments = [e for e in experiments if layout.sweep_of(e.name) == sweep]
+        if not experiments:
+            raise SpecError(f"no sweep named {sweep!r} in {tracking_uri}; check the name or pass --tracking-uri")
+    # an experiment an older version made has no saved view until a sweep, resume or confirm prepares it again
+    return {layout.sweep_of(e.name): naming.runs_address(base, e.experiment_id,
+                                                         view=layout.SHARED_VIEW + layout.RUNS_VIEW in e.tags)
+            for e in sorted(experiments, key=lambda e: e.name)}
+
+
+def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str | None, optuna_port: int) -> int:
+    check_store_exists(tracking_uri)
+    storage = optuna_storage or default_optuna_storage(tracking_uri)
+    database = sqlite_file(storage) if storage else None
+    if database is not None and not database.is_file():
+        if optuna_storage:
+            raise SpecError(f"no Optuna storage at {database}; pass --optuna-storage with the sweep's storage URL")
+        print(f"no Optuna storage at {database} (a sweep keeps its studies there); starting only the MLflow UI",
+              flush=True)
+        storage = None
+    elif storage is None:
+        print("no Optuna storage beside a store that is not a sqlite:/// file: pass --optuna-storage URL to see the "
+              "studies in optuna-dashboard; starting only the MLflow UI", flush=True)
+    ports = {"MLflow UI": port, **({"optuna-dashboard": optuna_port} if storage else {})}
+    if len(set(ports.values())) < len(ports):
+        raise SpecError(f"--port and --optuna-port are both {port}; give optuna-dashboard another")
+    for name, number in ports.items():
+        if not free(number):
+            option = "--port" if name == "MLflow UI" else "--optuna-port"
+            raise SpecError(f"port {number} on {HOST} is in use (another `attzoom ui`?); pass {option} with a free one")
+    base = f"http://{HOST}:{port}"
+    addresses = sweep_addresses(tracking_uri, sweep, base)  # migrates a store a sweep has just made, under its lock
+
+    bin_dir = Path(sys.executable).parent
+    servers = {"MLflow UI": [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", HOST,
+                             "--port", str(port)]}
+    if storage:
+        servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), storage, "--host", HOST,
+                                       "--port", str(optuna_port)]
+    return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port))
+
+
+def print_addresses(base: str, addresses: dict[str, str], storage: str | None, optuna_port: int) -> None:
+    print(f"MLflow UI: {base}")
+    width = max(map(len, addresses), default=0)
+    for sweep, address in addresses.items():
+        print(f"  {sweep:<{width}}  runs table: {address}")
+    if not addresses:
+        print("  (no sweep in this store yet)")
+    if storage:
+        print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in {storage})")
+    print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
+
+
+def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready) -> int:
+    """Run the servers until Ctrl-C (0) or until one ends (the others are stopped; 1); ``ready`` once all answer."""
+    # Ctrl-C, `kill` or a closed terminal stop the servers (a shell starts a background job with SIGINT ignored)
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _interrupt, signal.SIGHUP: _interrupt}
+    handlers = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in servers.items():
+            processes[name] = subprocess.Popen(command, start_new_session=True)
+        waiting = dict.fromkeys(processes)
+        deadline = time.monotonic() + START_S
+        while True:
+            ended = next((name for name, p in processes.items() if p.poll() is not None), None)
+            if ended:
+                others = [name for name in processes if name != ended]
+                print(f"attzoom ui: {ended} stopped (exit code {processes[ended].returncode})"
+                      + (f"; stopping {', '.join(others)}" if others else ""), file=sys.stderr, flush=True)
+                return 1
+            if waiting:
+                waiting = {name: None for name in waiting if not answers(ports[name])}
+                if not waiting:
+                    ready()
+                elif time.monotonic() > deadline:
+                    print(f"attzoom ui: {', '.join(waiting)} did not answer within {START_S} s; stopping",
+                          file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print(f"stopping {' and '.join(processes)}", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        for process in processes.values():
+            end(process)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def end(process: subprocess.Popen) -> None:
+    """Stop a server and everything it started (its process group): SIGTERM, then SIGKILL if any of it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # the whole group is gone
+            break
+        deadline = time.monotonic() + STOP_S
+        while time.monotonic() < deadline and not group_gone(process):
+            time.sleep(0.1)
+        if group_gone(process):
+            break
+
+
+def group_gone(process: subprocess.Popen) -> bool:
+    process.poll()  # reaps the leader: a zombie still counts as a member of its group
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a closed port's TIME_WAIT is free
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
