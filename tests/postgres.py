@@ -76,21 +76,16 @@ class Server:
         self._names = itertools.count(1)
 
     def url(self, database: str) -> str:
-        # SQLAlchemy 2.1 takes a bare postgresql:// to mean psycopg 3; the project pins psycopg2
-        return f"postgresql+psycopg2://{USER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"  # the URL users write (psycopg 3)
 
     def database(self, prefix: str = "db") -> str:
-        import psycopg2
+        import psycopg
 
         name = f"{prefix}_{next(self._names)}"
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres",
-                                      connect_timeout=10)
-        try:
-            connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+        # autocommit: CREATE DATABASE cannot run in a transaction
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres", connect_timeout=10,
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
 

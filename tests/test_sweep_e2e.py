@@ -122,7 +122,8 @@ def statuses(spec_dir):
     return [r.info.status for r in runs]
 
 
-def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, studies: int) -> None:
+def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, studies: int,
+                        optuna_storage: str | None = None) -> None:
     client, runs = trial_runs(spec_dir)
     tune_trials = {d.name.rsplit("-", 1)[1] for d in (spec_dir / "ray_results" / "t").iterdir() if d.is_dir()}
     trial_ids = [r.data.tags[TRIAL] for r in runs]
@@ -142,16 +143,16 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
-    assert_studies_in_optuna(spec_dir, per_study, epochs)
+    assert_studies_in_optuna(optuna_storage or f"sqlite:///{spec_dir / 'optuna.db'}", per_study, epochs)
 
 
-def assert_studies_in_optuna(spec_dir: Path, per_study: dict, epochs: int) -> None:
-    """Each study in the default Optuna storage: N complete trials (none left RUNNING by a killed driver), each
-    with its epochs as intermediate values, its MLflow run id, and its best epoch's val top-1 as its value."""
+def assert_studies_in_optuna(storage: str, per_study: dict, epochs: int) -> None:
+    """Each study in the Optuna storage (default: beside the MLflow store): N complete trials (none left RUNNING by a
+    killed driver), each with its epochs as intermediate values, its MLflow run id and its best epoch's val top-1."""
     import optuna
 
     for study, runs in per_study.items():
-        loaded = optuna.load_study(study_name=f"t/{study}", storage=f"sqlite:///{spec_dir / 'optuna.db'}")
+        loaded = optuna.load_study(study_name=f"t/{study}", storage=storage)
         complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(complete) == len(runs) and all(t.state.is_finished() for t in loaded.trials)
         by_run = {t.user_attrs["mlflow_run_id"]: t for t in complete}

@@ -26,10 +26,11 @@ from typing import Callable
 from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
-from .infra import problem
-from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, UNKNOWN_STATUS
+from .infra import problem, short_error
+from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, TRIAL_ROLE, UNKNOWN_STATUS
 from .outbox import Outbox
-from .spec import local_path
+from .spec import local_path, optuna_storage_url
+from .studies import attach_run, optuna_study_name
 from .trainable import GPU_IDS_KEY, RESTART_KEY, STATUS_KEY, SweepContext, reported_end, trial_config
 from .tracking import TrialRuns, prepare_tracking, study_tags, unreachable
 
@@ -176,6 +177,8 @@ class MlflowCallback(tune.Callback):
         trial, op = write["trial"], write["op"]
         if op == "open":
             self.runs.open(trial, write["study"], write["tags"], write["params"], write["role"])
+            if write["role"] == TRIAL_ROLE:
+                self._attach(trial, write["study"])
         elif op == "epoch":
             self.runs.log_epoch(trial, write["step"], write["metrics"], write["tags"])
         elif op == "fail":
@@ -187,6 +190,18 @@ class MlflowCallback(tune.Callback):
         else:
             with tune.Checkpoint(write["checkpoint"]).as_directory() as folder:  # downloaded if remote
                 self.runs.finish(trial, write["status"], Path(folder) / "best.pt")
+
+
+    def _attach(self, trial: str, study: str) -> None:
+        """The trial's Optuna trial records its MLflow run id; a storage that fails here is said, not fatal (the
+        searcher, which needs that storage, stops the sweep if it is really gone)."""
+        spec = self.sweep.spec
+        if url := optuna_storage_url(spec):
+            try:
+                attach_run(url, optuna_study_name(spec.name, study), trial, self.runs.runs[trial])
+            except Exception as e:  # noqa: BLE001
+                print(f"trial {trial}: its MLflow run id was not recorded in the Optuna storage ({short_error(e)})",
+                      file=sys.stderr, flush=True)
 
 
 def checkpoint_uri(checkpoint) -> str | None:

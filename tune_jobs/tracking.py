@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,20 +36,40 @@ def prepare_store(tracking_uri: str, sweep: str) -> str:
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
-    """A client on a ready store; a new SQLite store is created by one process at a time.
+    """A client on a ready store; a new database store is created by one process at a time.
 
-    Two processes migrating one fresh SQLite file (a sweep and `attzoom status` or `attzoom ui`)
-    collide on its tables, and the loser leaves alembic's temporary tables behind, which breaks
-    every later migration of that file: the store is lost. A lock file beside it serialises
-    the first open; MLflow then keeps the store for the rest of the process.
+    Two processes migrating one fresh database (a sweep and `attzoom status` or `attzoom ui`)
+    collide on its tables; on SQLite the loser leaves alembic's temporary tables behind, which
+    breaks every later migration of that file: the store is lost. A lock (a file beside a SQLite
+    store, an advisory lock on PostgreSQL) serialises the first open; MLflow then keeps the store
+    for the rest of the process.
     """
-    database = sqlite_file(tracking_uri)
-    if database is None:
-        return MlflowClient(tracking_uri)
-    from filelock import FileLock
-
-    with FileLock(f"{database}.lock"):
+    with _first_open_lock(tracking_uri):
         return MlflowClient(tracking_uri)  # builds the store, migrating it if it is new
+
+
+@contextmanager
+def _first_open_lock(tracking_uri: str):
+    if (database := sqlite_file(tracking_uri)) is not None:
+        from filelock import FileLock
+
+        with FileLock(f"{database}.lock"):
+            yield
+    elif tracking_uri.split("://", 1)[0].split("+", 1)[0] == "postgresql":
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(tracking_uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": PG_LOCK_KEY})
+        finally:
+            engine.dispose()
+    else:
+        yield
 
 
 def study_tags(spec: Spec, study: Study) -> dict[str, str]:
@@ -242,6 +263,12 @@ class TrialRuns:
         del self.runs[trial_id]  # a retry opens it again, RUNNING
 
 
+PG_LOCK_KEY = 0x617474_7a6f6f6d  # "attzoom": the advisory lock that serialises a new PostgreSQL store's creation
+DATABASE_DOWN = re.compile(r"OperationalError\b.*(connection refused|could not connect|connection to server|"
+                           r"server closed the connection|the database system is (starting up|shutting down))",
+                           re.IGNORECASE | re.DOTALL)
+
+
 def unreachable(error: BaseException) -> bool:
     """Whether an MLflow call failed because the tracking server did not answer (worth waiting out)."""
     import requests
@@ -249,6 +276,8 @@ def unreachable(error: BaseException) -> bool:
     if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
     text = str(error)
+    if DATABASE_DOWN.search(text):  # a database store (PostgreSQL) that is down or restarting
+        return True
     return text.startswith("API request to ") and bool(
         re.search(r"failed with (timeout )?exception|error code 50[234]", text))
 
