@@ -19,7 +19,7 @@ from .space import STUDY_KEY
 from .trainable import RESTART_KEY, STATUS_KEY, reported_end
 
 SUMMARY_EVERY_S = 60.0  # a log gets a summary at most this often
-REDRAW_EVERY_S = 0.5  # a terminal's table is redrawn at most this often
+REDRAW_EVERY_S = 1.0  # a terminal's table is redrawn at most this often
 
 
 class StudyProgress(Callback):
@@ -101,7 +101,7 @@ class StudyProgress(Callback):
     def on_experiment_end(self, trials, **info):
         """Called when the run ends, fails or is interrupted (Tune's cleanup): the display stops here."""
         if self._is_live():
-            self._draw(trials)
+            self._draw(trials, final=True)
             self.stop()
         else:
             self._print("\n".join(self.final_lines(trials)))
@@ -210,18 +210,20 @@ class StudyProgress(Callback):
             atexit.register(self.stop)
         return self._display
 
-    def _draw(self, trials) -> None:
+    def _draw(self, trials, final: bool = False) -> None:
         self._drawn_at = time.monotonic()
-        self._live_display().update(self.table(trials), refresh=True)
+        self._live_display().update(self.table(trials, final), refresh=True)
 
-    def table(self, trials):
+    def table(self, trials, final: bool = False):
         """The rich table: a row per study, then the totals; its caption, the elapsed time and the time left."""
-        from rich.table import Table
+        from rich.table import Column, Table
 
         rows = self.rows(trials)
         elapsed = time.monotonic() - self._started
-        table = Table("study", "done", "running", "failed", f"best {self.metric}", "epochs/s",
-                      caption=f"elapsed {duration(elapsed)}, left {about(self.time_left(trials))}")
+        left = "" if final else f", left {about(self.time_left(trials))}"
+        numbers = [Column(name, justify="right") for name in ("done", "running", "failed", f"best {self.metric}",
+                                                               "epochs/s")]
+        table = Table(Column("study", overflow="fold"), *numbers, caption=f"elapsed {duration(elapsed)}{left}")
         for name, r in rows.items():
             table.add_row(name, f"{r['done']}/{self.trials}", str(r["running"]), str(r["failed"]), fmt(r["best"]),
                           rate(self._epochs[name], elapsed), end_section=name == self.studies[-1])
