@@ -14,7 +14,7 @@ import pytest
 from ray.tune.experiment import Trial
 from rich.console import Console
 
-from tune_jobs.logs import configure_logging
+from tune_jobs.logs import StderrHandler, configure_logging
 from tune_jobs.progress import StudyProgress
 from tune_jobs.space import STUDY_KEY
 from tune_jobs.spec import Spec
@@ -144,6 +144,21 @@ def test_a_terminal_gets_one_live_table_with_a_row_per_study_and_a_total():
     assert re.search(r"attzoom\s*│\s*2/3\s*│\s*0\s*│\s*1\s*│\s*30\.00\s*│\s*\d", rows[1])
     assert re.search(r"total\s*│\s*4/6\s*│\s*0\s*│\s*2\s*│\s*30\.00", rows[2])
     assert "elapsed" in text.getvalue() and "left" in text.getvalue()
+
+
+def test_a_warning_logged_under_the_live_table_comes_above_it_not_through_it():
+    handler = StderrHandler()  # made before the table, as the command's own is
+    logger = logging.getLogger("tests.progress.library")
+    logger.addHandler(handler)
+    try:
+        out = io.StringIO()
+        loop = Loop(StudyProgress(SPEC, out=out, live=True))
+        loop.epoch(loop.start(STUDIES[0]), 1, 10.0)
+        logger.warning("disk almost full")
+        loop.end()
+    finally:
+        logger.removeHandler(handler)
+    assert "disk almost full" in out.getvalue()
 
 
 def test_the_callback_pickles_with_the_run_config_and_a_restored_one_does_not_announce_old_trials():

@@ -10,10 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE = "%Y-%m-%d %H:%M:%S"  # the progress lines' time stamps
 HANDLER = "attzoom"
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes: under the live progress table, which redirects it, a
+    warning is printed above the table instead of through it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -25,7 +39,7 @@ def configure_logging(verbose: bool = False) -> None:
     if not root.handlers:
         # a root handler also stops Optuna's alembic env.py from calling logging.config.fileConfig, which would
         # switch off every logger made so far and print "Context impl SQLiteImpl" at INFO
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter(FORMAT, DATE))
         handler.set_name(HANDLER)
         root.addHandler(handler)
