@@ -94,11 +94,16 @@ def experiment_tags(sweep: str) -> dict[str, str]:
             layout.SHARED_VIEW + layout.RUNS_VIEW: runs_view()}
 
 
-def runs_address(base: str, experiment_id: str) -> str:
+def runs_address(base: str, experiment_id: str, view: bool = True) -> str:
     """The experiment's runs table in the MLflow UI at ``base`` (e.g. http://127.0.0.1:5000), in the machine-learning
-    workflow (MLflow 3.17 otherwise opens the GenAI one) with the sweep's view (experiment_tags)."""
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={layout.RUNS_VIEW}")
+    workflow, with the sweep's view (experiment_tags) when the experiment has it.
+
+    MLflow 3.17's UI takes an experiment's kind from the workflow the browser last chose (the sidebar's GenAI / Model
+    training switch, remembered in the browser, GenAI at first), not from its experimentKind tag; only the address's
+    workflowType decides it for every browser.
+    """
+    address = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{address}&viewStateShareKey={layout.RUNS_VIEW}" if view else address
 
 
 @functools.cache
