@@ -120,6 +120,23 @@ def test_no_line_is_repeated_without_a_change_even_with_a_summary_at_every_step(
     assert all(a != b for a, b in zip(bodies, bodies[1:]))
 
 
+def test_a_summary_comes_at_most_once_a_minute_and_only_when_something_moved():
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, out=out)
+    loop = Loop(progress)
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 10.0)
+    summaries = []
+    for step in ("first minute", "a minute on", "an epoch, same minute", "a minute on", "a minute, nothing new"):
+        if step.startswith("a minute"):
+            progress._summary_at -= 60
+        if step.startswith("an epoch"):
+            loop.epoch(trial, 2, 12.0)
+        loop.tick()
+        summaries.append(out.getvalue().count("  summary  "))
+    assert summaries == [0, 1, 1, 2, 2]
+
+
 def test_a_trial_stopped_with_the_sweep_is_neither_finished_nor_failed():
     out = io.StringIO()
     loop = Loop(StudyProgress(SPEC, out=out))
