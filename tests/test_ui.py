@@ -68,7 +68,9 @@ def sweep(tmp_path_factory):
     attzoom = spec.studies[1]
     runs.open("c0ffee01", attzoom.name, {**study_tags(spec, attzoom), layout.SEED: "2"}, STUDY_PARAMS,
               role=layout.CONFIRM_ROLE)
-    prepare_tracking(spec)  # a resumed sweep finds its experiment and parent runs again
+    runs.client.update_run(parents[baseline.name], name=baseline.name)  # as an older version named a study's run
+    runs.client.delete_tag(parents[baseline.name], layout.NOTE)
+    assert prepare_tracking(spec) == (experiment_id, parents)  # a resumed sweep finds them again, renamed
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")

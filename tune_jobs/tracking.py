@@ -104,21 +104,29 @@ def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, s
         note = naming.study_note(spec.name, study.backbone, study.dataset, study.variant, spec.trials)
         runs[study.name] = find_or_create(client, experiment_id, {**study_tags(spec, study), **role, NOTE: note},
                                           {**role, STUDY: study.name},
-                                          naming.study_run_name(study.backbone, study.dataset, study.variant))
+                                          naming.study_run_name(study.backbone, study.dataset, study.variant),
+                                          update=True)  # a study run named by an older version is renamed
     return runs
 
 
 def find_or_create(client: MlflowClient, experiment_id: str, tags: dict, keys: dict,
-                   run_name: str | Callable[[], tuple[str, dict]]) -> str:
+                   run_name: str | Callable[[], tuple[str, dict]], update: bool = False) -> str:
     """The run whose tags match ``keys``, else a new one with ``tags`` and the driver's source (naming.source_tags).
 
     ``run_name`` names a new run; a function gives (name, more tags) and is called only when the run is created: a
-    run found again (a resumed or retried trial) keeps its name.
+    run found again (a resumed or retried trial) keeps its name. With ``update`` a found run takes the name and
+    ``tags`` where they differ.
     """
     filters = " and ".join(layout.tag_filter(k, v) for k, v in keys.items())
     found = client.search_runs([experiment_id], filters, max_results=1)
     if found:
-        return found[0].info.run_id
+        run = found[0]
+        if update and isinstance(run_name, str) and run.info.run_name != run_name:
+            client.update_run(run.info.run_id, name=run_name)
+        changed = [RunTag(k, v) for k, v in tags.items() if update and run.data.tags.get(k) != v]
+        if changed:
+            _retry(client.log_batch, run.info.run_id, tags=changed)
+        return run.info.run_id
     name, more = run_name() if callable(run_name) else (run_name, {})
     return client.create_run(experiment_id, tags={**naming.source_tags(), **tags, **more}, run_name=name).info.run_id
 

@@ -106,7 +106,7 @@ def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready) -> in
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in servers.items():
-            processes[name] = subprocess.Popen(command, start_new_session=True)
+            processes[name] = subprocess.Popen(command, process_group=0)  # its own group, in this session
         waiting = dict.fromkeys(processes)
         deadline = time.monotonic() + START_S
         while True:
