@@ -14,6 +14,7 @@ exits non-zero. A reader: no store, database or folder is created (DESIGN.md).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,7 +95,8 @@ def print_addresses(base: str, addresses: dict[str, str], storage: str | None, o
     if not addresses:
         print("  (no sweep in this store yet)")
     if storage:
-        print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in {storage})")
+        shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)  # a database server's password stays off screen
+        print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in {shown})")
     print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
 
 
