@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,31 +133,45 @@ def unfinished_rows(sweep: Sweep) -> list[dict]:
 
 
 def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
-    """Learning curves and optimisation history per (data set, backbone); importance per study."""
-    logging.getLogger("optuna").setLevel(logging.WARNING)
-    images, ranked = [], []
+    """Learning curves and optimisation history per (data set, backbone); importance per study.
+
+    The groups are drawn side by side in forked processes, one per core: at paper scale the figures and
+    fANOVA are most of the report's time, and each group needs nothing of the others.
+    """
     groups: dict[tuple[str, str], list[Study]] = {}
     for study in sweep.studies:
         groups.setdefault((study.dataset, study.backbone), []).append(study)
-    for (dataset, backbone), studies in groups.items():
-        title = f"{backbone} on {dataset}"
-        found = curves(sweep.tracking_uri, [s.best.run_id for s in studies if s.best])
-        best_curves = {s.variant: found[s.best.run_id] for s in studies if s.best}
-        others = {s.variant: [t.history["val_top1"] for t in s.trials if t is not s.best] for s in studies}
-        if best_curves:
-            images.append(("curves", f"{title}: best trial of each variant (bold), every other trial (faint)",
-                           figures.learning_curves(title, best_curves, others)))
-        rebuilt = {s.variant: importance.optuna_study(s) for s in studies}
-        histories = {variant: importance.history(study) for variant, study in rebuilt.items()}
-        if any(histories.values()):
-            images.append(("history", f"{title}: optimisation history", figures.optimisation_history(title, histories)))
-        for study in studies:
-            scores, why = importance.importances(rebuilt[study.variant])
-            if scores:
-                images.append(("importance", study.name, figures.importance_bars(study.name, scores)))
-            finished = sum(t.state.name == "COMPLETE" for t in rebuilt[study.variant].trials)
-            ranked.append({"study": study.name, "finished trials": finished, "importance (fANOVA)": ", ".join(
-                f"{name} {score:.2f}" for name, score in scores.items()) if scores else why})
+    found = curves(sweep.tracking_uri, [s.best.run_id for s in sweep.studies if s.best])  # one read, before forking
+    tasks = [(f"{backbone} on {dataset}", studies, {s.variant: found[s.best.run_id] for s in studies if s.best})
+             for (dataset, backbone), studies in groups.items()]
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            drawn = list(pool.map(draw_group, *zip(*tasks)))
+    else:
+        drawn = [draw_group(*task) for task in tasks]
+    return [image for images, _ in drawn for image in images], [row for _, rows in drawn for row in rows]
+
+
+def draw_group(title: str, studies: list[Study], best_curves: dict) -> tuple[list, list[dict]]:
+    """One (data set, backbone): its figures, and its studies' importance rows."""
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    images, ranked = [], []
+    others = {s.variant: [t.history["val_top1"] for t in s.trials if t is not s.best] for s in studies}
+    if best_curves:
+        images.append(("curves", f"{title}: best trial of each variant (bold), every other trial (faint)",
+                       figures.learning_curves(title, best_curves, others)))
+    rebuilt = {s.variant: importance.optuna_study(s) for s in studies}
+    histories = {variant: importance.history(study) for variant, study in rebuilt.items()}
+    if any(histories.values()):
+        images.append(("history", f"{title}: optimisation history", figures.optimisation_history(title, histories)))
+    for study in studies:
+        scores, why = importance.importances(rebuilt[study.variant])
+        if scores:
+            images.append(("importance", study.name, figures.importance_bars(study.name, scores)))
+        finished = sum(t.state.name == "COMPLETE" for t in rebuilt[study.variant].trials)
+        ranked.append({"study": study.name, "finished trials": finished, "importance (fANOVA)": ", ".join(
+            f"{name} {score:.2f}" for name, score in scores.items()) if scores else why})
     return images, ranked
 
 
