@@ -46,8 +46,8 @@ def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt
     except stop_error as e:
         print(f"attzoom {args.command}: stopped: {e}", file=sys.stderr)
         return stop_code
-    except KeyboardInterrupt:
-        print(on_interrupt, file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) or on_interrupt, file=sys.stderr)  # an interrupt the command caught says how to go on
         return 130
     finally:
         gc.freeze()  # the interpreter's last collection would walk every object Tune and MLflow made: a second

@@ -206,6 +206,20 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
 
 
+def test_ctrl_c_stops_without_done_says_how_to_continue_and_resume_ends_it_exactly(tmp_path, digits_root):
+    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=2, variants=("baseline",),
+                      max_concurrent=1)
+    first = start("sweep", str(spec), cwd=tmp_path)
+    wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
+    first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 130 and "sweep t done" not in out, out[-3000:]
+    assert out.rstrip().splitlines()[-1] == (f"interrupted: 1 of 2 trials ended; continue with: attzoom resume t "
+                                             f"--storage {tmp_path / 'ray_results'}"), out[-3000:]
+    finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
+    assert_exactly_once(tmp_path, trials_per_study=2, epochs=2, studies=1)
+
+
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
 
     data = tmp_path / "data"

@@ -20,7 +20,7 @@ from attzoom.config import TrainConfig
 
 from . import layout
 from .layout import SEED, STUDY
-from .infra import raise_if_problem, report_problem, stops_on_problems
+from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .space import SEARCHABLE, STUDY_KEY
 from .spec import Spec, SpecError
@@ -49,10 +49,14 @@ def run_confirm_command(args) -> int:
     return 0
 
 
+def confirm_command(spec: Spec, seeds: int) -> str:
+    """The command that runs the seed re-runs still missing (after a stop or an interrupt)."""
+    return f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {spec.tracking_uri} --seeds {seeds}"
+
+
 def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
     """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures."""
-    again = f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {spec.tracking_uri} --seeds {seeds}"
-    with stops_on_problems(again, spec.tracking_uri), \
+    with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         trained = run_confirm(spec, seeds, address)
     for study, done in trained.items():
@@ -123,7 +127,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     from .progress import StudyProgress
     from .ray_session import apply_tune_settings, start_ray, stop_ray
     from .tracking import prepare_tracking
-    from .trainable import SweepContext
+    from .trainable import SweepContext, ended
 
     apply_tune_settings(spec)
     experiment_id, parents = prepare_tracking(spec)
@@ -154,10 +158,11 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
                                       verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        tuner.fit()
+        results = tuner.fit()
     finally:
         stop_ray()
     raise_if_problem()
+    raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds))
     trained: dict[str, list[int]] = {}
     for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id) - done):
         trained.setdefault(study, []).append(seed)

@@ -29,6 +29,15 @@ _problem: list[str] = []
 _lock = threading.Lock()
 
 
+class Interrupted(KeyboardInterrupt):
+    """Tune stopped the run before its trials ended (Ctrl-C, SIGTERM): no "done"; str() says how to go on."""
+
+
+def raise_if_interrupted(ended: int, expected: int, resume: str) -> None:
+    if ended < expected:
+        raise Interrupted(f"interrupted: {ended} of {expected} trials ended; continue with: {resume}")
+
+
 class InfrastructureError(Exception):
     """Storage or tracking store failed: the sweep stops, to be resumed once the cause is fixed."""
 

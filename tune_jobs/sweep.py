@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
-from .infra import raise_if_problem, report_problem, stops_on_problems
+from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
 from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, optuna_storage_url, spec_from_json,
@@ -112,7 +112,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     from .searcher import MultiStudySearcher
     from .space import study_space
     from .summary import finish_studies
-    from .trainable import SweepContext, run_trial
+    from .trainable import SweepContext, ended, run_trial
 
     save_spec(spec)
     try:
@@ -148,7 +148,9 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     experiment_id, parents = _tracking_ids(tracking, spec)
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     drop_orphan_folders(spec, {Path(r.path).name for r in results})
-    return finish_studies(spec, experiment_id, parents)
+    summary = finish_studies(spec, experiment_id, parents)  # an interrupted sweep's unfinished studies: KILLED
+    raise_if_interrupted(ended(results), spec.trials * len(spec.studies), resume_command(spec))
+    return summary
 
 
 def _prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:

@@ -105,6 +105,11 @@ def working_folder(metric: str):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def ended(results) -> int:
+    """Trials of a finished ``tuner.fit()`` that reported how fit ended or failed for good (the rest Tune stopped)."""
+    return sum(1 for r in results if r.error is not None or STATUS_KEY in (r.metrics or {}))
+
+
 def reported_end(trial) -> bool:
     """The trial reported how fit ended (STATUS_KEY); one stopped with the sweep is TERMINATED too, but did not."""
     return trial.status == "TERMINATED" and STATUS_KEY in (trial.last_result or {})
