@@ -364,3 +364,23 @@ def test_project_image_installs_the_project_from_its_sources():
         assert package.rstrip("*") in copied, f"package {package} is not copied into the image"
     assert any(i["instruction"] == "RUN" and "pip install ." in i["value"] for i in parser.structure)
     assert "ray:2.60.0-py311" in parser.baseimage  # the Ray and Python versions pyproject.toml pins
+
+
+def test_the_optuna_studies_live_in_the_clusters_postgres_with_credentials_from_its_secret():
+    """paper.toml names a database, not a password: the head's driver gets PGUSER/PGPASSWORD from the Secret,
+    and a new PostgreSQL creates that database beside MLflow's."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PAPER["optuna_storage"])
+    assert url.get_backend_name() == "postgresql" and url.password is None and url.username is None
+    assert (url.host, url.database) == (_one("Service", "postgres")["metadata"]["name"], "optuna")
+    head = _one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for name, key in (("PGUSER", "username"), ("PGPASSWORD", "password")):
+        source = _env(head)[name]["valueFrom"]["secretKeyRef"]
+        assert (source["name"], source["key"]) == ("mlflow-postgres", key)
+    init = _one("ConfigMap", "postgres-init")["data"]["optuna.sql"]
+    assert f"CREATE DATABASE {url.database};" in init
+    postgres = _one("StatefulSet", "postgres")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in postgres["containers"][0]["volumeMounts"]}
+    assert mounts["init"] == "/docker-entrypoint-initdb.d"
+    assert {"name": "init", "configMap": {"name": "postgres-init"}} in postgres["volumes"]
