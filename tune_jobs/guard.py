@@ -11,6 +11,7 @@ from .infra import STORAGE_ERRNOS, STORAGE_KEY, InfrastructureError, os_problem,
 
 # Ray's loggers that tell of a failed upload of the experiment state (with a traceback) and then go on
 SYNC_LOGGERS = ("ray.train._internal.syncer", "ray.tune.execution.experiment_state")
+TUNE_LOGGER = "ray.tune.tune"  # says "Resume experiment with: Tuner.restore(...)" after a Ctrl-C
 
 
 class SweepGuard(tune.Callback):
@@ -19,9 +20,8 @@ class SweepGuard(tune.Callback):
 
     def setup(self, **info):
         for name in SYNC_LOGGERS:
-            logger = logging.getLogger(name)
-            if not any(isinstance(f, StorageSyncFailures) for f in logger.filters):
-                logger.addFilter(StorageSyncFailures())
+            _add_filter(name, StorageSyncFailures)
+        _add_filter(TUNE_LOGGER, TunesOwnResumeHint)
 
     def on_step_begin(self, iteration, trials, **info):
         if (message := problem()) is not None:
@@ -43,3 +43,17 @@ class StorageSyncFailures(logging.Filter):
             report_problem(os_problem(error))
             return False
         return True
+
+
+class TunesOwnResumeHint(logging.Filter):
+    """After an interrupt Tune advises a Python call; the command says which ``attzoom`` command continues
+    (infra.raise_if_interrupted), so Tune's advice is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with:" not in record.getMessage()
+
+
+def _add_filter(name: str, kind: type[logging.Filter]) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
