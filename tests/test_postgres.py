@@ -101,6 +101,9 @@ def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_ea
         # the Optuna studies too: N complete trials each, none left RUNNING, with intermediate values and run ids
         e2e.assert_exactly_once(tmp_path, trials_per_study=2, epochs=2, studies=2, optuna_storage=optuna_storage)
         assert not (storage / "t.lease").exists()
+        # the best checkpoints went under the sweep's storage, not ./mlruns of the folder the driver ran in
+        assert list((storage / "mlartifacts" / "t").glob("*/artifacts/checkpoint/best.pt"))
+        assert not (tmp_path / "mlruns").exists()
     finally:
         engine.dispose()
 

@@ -5,6 +5,7 @@ Slow by nature (each test starts Ray and trains small models); marked ``slow`` a
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pytest
 from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, STATUS, STUDY, TRIAL, TRIAL_ROLE, experiment_name,
                               runs_filter)
 from tune_jobs.tracking import open_store
+from tune_jobs.spec import load_spec, optuna_storage_url
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +145,8 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
-    assert_studies_in_optuna(optuna_storage or f"sqlite:///{spec_dir / 'optuna.db'}", per_study, epochs)
+    default = optuna_storage_url(load_spec(spec_dir / "spec.toml"))  # beside a SQLite store, else in the storage
+    assert_studies_in_optuna(optuna_storage or default, per_study, epochs)
 
 
 def assert_studies_in_optuna(storage: str, per_study: dict, epochs: int) -> None:
@@ -204,20 +207,6 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
-
-
-def test_ctrl_c_stops_without_done_says_how_to_continue_and_resume_ends_it_exactly(tmp_path, digits_root):
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=2, variants=("baseline",),
-                      max_concurrent=1)
-    first = start("sweep", str(spec), cwd=tmp_path)
-    wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
-    first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
-    out, _ = first.communicate(timeout=300)
-    assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
-    assert out.rstrip().splitlines()[-1] == (f"interrupted: 1 of 2 trials ended; continue with: attzoom resume t "
-                                             f"--storage {tmp_path / 'ray_results'}"), out[-3000:]
-    finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
-    assert_exactly_once(tmp_path, trials_per_study=2, epochs=2, studies=1)
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
@@ -349,9 +338,17 @@ def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs), "the four did not overlap"
 
 
-def test_studies_share_the_global_cap_and_fill_it_until_the_end(tmp_path, digits_root):
+def test_studies_share_the_global_cap_fill_it_until_the_end_and_a_ctrl_c_is_no_done(tmp_path, digits_root):
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=1, max_concurrent=2)
-    finish(start("sweep", str(spec), cwd=tmp_path))
+    first = start("sweep", str(spec), cwd=tmp_path)
+    wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
+    first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
+    assert re.fullmatch(rf"interrupted: [1-5] of 6 trials ended; continue with: attzoom resume t --storage "
+                        rf"{re.escape(str(tmp_path / 'ray_results'))}", out.rstrip().splitlines()[-1]), out[-3000:]
+    finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
+    assert_exactly_once(tmp_path, trials_per_study=3, epochs=1, studies=2)
     _, runs = trial_runs(tmp_path)
     runs = sorted(runs, key=lambda r: r.info.start_time)
     assert len(runs) == 6

@@ -23,16 +23,29 @@ from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, e
 from .spec import Spec, Study, local_path, spec_json, sqlite_file
 
 
-def prepare_store(tracking_uri: str, sweep: str) -> str:
-    """The sweep's experiment id; the store (migrated if new) and the experiment are created if missing."""
+def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
+    """The sweep's experiment id; the store (migrated if new) and the experiment are created if missing.
+
+    Artifacts (the best checkpoints) go beside a SQLite store; with a database URL (PostgreSQL), under the
+    sweep's ``storage`` (MLflow's default would be ./mlruns of whatever folder the driver ran in); a
+    tracking server keeps its own.
+    """
     client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment_name(sweep))
     if found:
         return found.experiment_id
-    folder = local_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
-    artifacts = (folder / "mlartifacts" / sweep).resolve().as_uri() if folder else None
-    return client.create_experiment(experiment_name(sweep), artifact_location=artifacts,
-                                    tags=naming.experiment_tags(sweep))  # opens on its runs table (naming.py)
+    return client.create_experiment(experiment_name(sweep), tags=naming.experiment_tags(sweep),  # naming.py: the UI
+                                    artifact_location=artifact_location(tracking_uri, sweep, storage))
+
+
+def artifact_location(tracking_uri: str, sweep: str, storage: str | None) -> str | None:
+    if tracking_uri.startswith("sqlite:///"):
+        return (local_path(tracking_uri) / "mlartifacts" / sweep).resolve().as_uri()
+    if tracking_uri.startswith(("http://", "https://")) or not storage:
+        return None
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/mlartifacts/{sweep}"
+    return (Path(storage).expanduser() / "mlartifacts" / sweep).resolve().as_uri()
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -78,7 +91,7 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
 
 def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
-    experiment_id = prepare_store(spec.tracking_uri, spec.name)
+    experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage)
     client = MlflowClient(spec.tracking_uri)
     tags = {layout.SPEC: spec_json(spec), **naming.experiment_tags(spec.name)}  # also on an older sweep's experiment
     for key, value in tags.items():
