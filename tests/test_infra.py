@@ -278,7 +278,8 @@ def test_a_stopped_run_does_not_wait_out_an_outage_at_its_end(tmp_path, monkeypa
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     spec = replace(load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml",
-                             storage=str(tmp_path / "r")), tracking_uri="http://127.0.0.1:9")
+                             storage=str(tmp_path / "r")), tracking_uri="http://127.0.0.1:9",
+                   tracking_outage_minutes=0.02)  # its writer gives up soon after the test, not in 30 min
     logger = MlflowCallback(SweepContext(spec), None)
     trial = SimpleNamespace(trial_id="t1", config={"study": spec.studies[0].name}, num_failures=0, status="RUNNING",
                             last_result={"epoch": 1})
@@ -286,6 +287,11 @@ def test_a_stopped_run_does_not_wait_out_an_outage_at_its_end(tmp_path, monkeypa
     started = time.monotonic()
     logger.on_experiment_end([trial])  # Ctrl-C or a storage failure: the trial is not finished
     assert time.monotonic() - started < 2 and len(journal_path(spec).read_text().splitlines()) == 2
+    deadline = time.monotonic() + 30
+    while infra.problem() is None and time.monotonic() < deadline:  # no writer left retrying in later tests
+        time.sleep(0.1)
+    assert "unreachable" in (infra.problem() or "")
+    infra.clear()
 
 
 def test_a_driver_whose_lease_was_taken_over_is_told_to_stop(tmp_path, monkeypatch):
