@@ -62,7 +62,13 @@ def test_a_killed_drivers_lease_is_taken_over_at_once_and_released_at_the_end(tm
 def test_ctrl_c_releases_the_lease(tmp_path):
     proc = holder(tmp_path)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # seen twice in full CI runs, never alone: say how the holder took the signal
+        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        proc.kill()
+        raise AssertionError("the holder outlived Ctrl-C: " + "; ".join(
+            line for line in status if line.startswith(("State", "Sig", "Shd", "Threads"))))
     assert not lease_path(str(tmp_path), "s").exists()
 
 

@@ -23,7 +23,8 @@ import pytest
 from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, STATUS, STUDY, TRIAL, TRIAL_ROLE, experiment_name,
                               runs_filter)
 from tune_jobs.tracking import open_store
-from tune_jobs.spec import load_spec, optuna_storage_url
+from tune_jobs.spec import optuna_storage_url
+from tune_jobs.sweep import load_saved_spec
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +146,8 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
-    default = optuna_storage_url(load_spec(spec_dir / "spec.toml"))  # beside a SQLite store, else in the storage
+    ran = load_saved_spec("t", str(spec_dir / "ray_results"))  # the spec as the sweep saved it, overrides applied
+    default = optuna_storage_url(ran)  # beside a SQLite store, else in the Tune storage
     assert_studies_in_optuna(optuna_storage or default, per_study, epochs)
 
 
