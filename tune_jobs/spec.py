@@ -265,8 +265,23 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise SpecError(f"the tracking server {tracking_uri} does not answer ({reason}); start it, or fix "
                             "--tracking-uri") from None
-    if tracking_uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql"):
+    if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
+
+
+def database_backend(url: str) -> str:
+    """The database an SQLAlchemy URL names, without its driver: postgresql+psycopg://... -> postgresql."""
+    return url.split("://", 1)[0].split("+", 1)[0]
+
+
+def hide_password(url: str) -> str:
+    """A URL as it may be printed: a database password becomes ***."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return f"{url.split('://', 1)[0]}://..."  # never a password
 
 
 def _check_database(tracking_uri: str, timeout_s: float) -> None:
@@ -274,9 +289,8 @@ def _check_database(tracking_uri: str, timeout_s: float) -> None:
     (or does not exist) for minutes, and makes its tables in an empty one."""
     import sqlalchemy
 
-    shown = f"{tracking_uri.split('://', 1)[0]}://..."  # never a password
+    shown = hide_password(tracking_uri)
     try:
-        shown = sqlalchemy.engine.make_url(tracking_uri).render_as_string(hide_password=True)
         engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": max(1, round(timeout_s))})
         try:
             with engine.connect() as connection:

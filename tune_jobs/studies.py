@@ -29,9 +29,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
-def trial_of(storage, study_name: str, tune_trial_id: str):
+def trial_of(storage, study_id: int, tune_trial_id: str):
     """The Optuna trial (a FrozenTrial) that Tune trial ``tune_trial_id`` was asked as, or None."""
-    study_id = storage.get_study_id_from_name(study_name)
     for trial in storage.get_all_trials(study_id, deepcopy=False):
         if trial.user_attrs.get(TUNE_TRIAL_ATTR) == tune_trial_id:
             return trial
@@ -41,9 +40,10 @@ def trial_of(storage, study_name: str, tune_trial_id: str):
 def attach_run(url: str, study_name: str, tune_trial_id: str, run_id: str) -> None:
     """Record the trial's MLflow run id on its Optuna trial (while it runs: a finished trial is read-only)."""
     storage = open_storage(url)
-    trial = trial_of(storage, study_name, tune_trial_id)
+    study_id = storage.get_study_id_from_name(study_name)
+    trial = trial_of(storage, study_id, tune_trial_id)
     if trial is not None and not trial.state.is_finished():
-        storage.set_trial_user_attr(_storage_id(storage, study_name, trial), MLFLOW_RUN_ATTR, run_id)
+        storage.set_trial_user_attr(_storage_id(storage, study_id, trial), MLFLOW_RUN_ATTR, run_id)
 
 
 def fail_forgotten(storage, study_name: str, live: set[str]) -> int:
@@ -53,9 +53,9 @@ def fail_forgotten(storage, study_name: str, live: set[str]) -> int:
     forgotten = [t for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                  if t.user_attrs.get(TUNE_TRIAL_ATTR) not in live]
     for trial in forgotten:
-        storage.set_trial_state_values(_storage_id(storage, study_name, trial), optuna.trial.TrialState.FAIL)
+        storage.set_trial_state_values(_storage_id(storage, study_id, trial), optuna.trial.TrialState.FAIL)
     return len(forgotten)
 
 
-def _storage_id(storage, study_name: str, trial) -> int:
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), trial.number)
+def _storage_id(storage, study_id: int, trial) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from . import layout, naming
 from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
-from .spec import Spec, Study, local_path, spec_json, sqlite_file
+from .spec import Spec, Study, database_backend, local_path, spec_json, sqlite_file
 
 
 def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
@@ -68,7 +68,7 @@ def _first_open_lock(tracking_uri: str):
 
         with FileLock(f"{database}.lock"):
             yield
-    elif tracking_uri.split("://", 1)[0].split("+", 1)[0] == "postgresql":
+    elif database_backend(tracking_uri) == "postgresql":
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(tracking_uri, poolclass=sqlalchemy.pool.NullPool)
@@ -159,7 +159,7 @@ class RunSummary:
     def changes(self, before: RunSummary) -> dict[str, float]:
         """The summary metrics to log with this epoch: the count always, the best only when it moved."""
         metrics = {layout.EPOCHS_DONE: self.epochs}
-        if self.best is not before.best and self.best is not None:
+        if self.best != before.best:
             metrics.update({layout.BEST_TOP1: self.best["val_top1"], layout.BEST_TOP5: self.best["val_top5"],
                             layout.BEST_EPOCH: self.best["epoch"]})
         return metrics

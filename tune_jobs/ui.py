@@ -14,7 +14,6 @@ exits non-zero. A reader: no store, database or folder is created (DESIGN.md).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import layout, naming
-from .spec import SpecError, check_store_exists, sqlite_file
+from .spec import SpecError, check_store_exists, hide_password, sqlite_file
 
 HOST = "127.0.0.1"
 START_S = 180  # how long a server may take to answer (MLflow imports a lot: a minute on a busy small machine)
@@ -95,8 +94,8 @@ def print_addresses(base: str, addresses: dict[str, str], storage: str | None, o
     if not addresses:
         print("  (no sweep in this store yet)")
     if storage:
-        shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)  # a database server's password stays off screen
-        print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in {shown})")
+        print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in "
+              f"{hide_password(storage)})")
     print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
 
 
