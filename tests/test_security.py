@@ -185,6 +185,11 @@ def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_i
                                 env=user, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert status.returncode == 0 and f"job {job_id}:" in status.stdout, status.stderr
         assert token not in status.stdout + status.stderr
+        without = {k: v for k, v in user.items() if k != "RAY_AUTH_TOKEN"}  # no token anywhere: refused, told how
+        refused = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "status", "--job", job_id, "--address",
+                                  address], env=without, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "needs its token" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     finally:
         client.stop_job(job_id)
 
