@@ -16,6 +16,7 @@ from rich.console import Console
 
 from tune_jobs.logs import StderrHandler, configure_logging
 from tune_jobs.progress import StudyProgress
+from tune_jobs.scheduler import PrunedTrials, StudyASHA
 from tune_jobs.space import STUDY_KEY
 from tune_jobs.spec import Spec
 from tune_jobs.trainable import STATUS_KEY
@@ -110,6 +111,29 @@ def test_a_log_gets_one_time_stamped_line_per_trial_event_and_a_final_summary():
     assert f"{STUDIES[1]}  done 2/3  failed 1  best val_top1 30.00" in final[1]
     assert "done 4/6  running 0  failed 2  epochs 14" in final[-1] and "elapsed" in final[-1]
     assert len(lines) <= 3 * len(ids) + 1 + len(final)
+
+
+def test_a_trial_the_scheduler_stopped_is_done_and_said_to_be_pruned():
+    out = io.StringIO()
+    loop = Loop(StudyProgress(SPEC, out=out))
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 12.5)
+    result = {**trial.last_result, "done": True}  # the epoch the scheduler stopped it on ...
+    PrunedTrials(marked_stop(trial)).on_trial_result(0, loop.trials, trial, result)  # ... marked ended
+    trial.update_last_result(result)
+    loop.callback.on_trial_complete(iteration=loop.step, trials=loop.trials, trial=trial)
+    trial.set_status(Trial.TERMINATED)
+    loop.end()
+    lines = out.getvalue().splitlines()
+    assert any(f"trial {trial.trial_id}  pruned (trailing its study): best val_top1 12.50 in 1 epochs" in line
+               for line in lines), lines
+    assert f"{STUDIES[0]}  done 1/3  failed 0" in "\n".join(lines)
+
+
+def marked_stop(trial: Trial) -> StudyASHA:
+    scheduler = StudyASHA("val_top1", "max", 4, 1, 2)
+    scheduler.pruned[trial.trial_id] = 1
+    return scheduler
 
 
 def test_no_line_is_repeated_without_a_change_even_with_a_summary_at_every_step():

@@ -164,6 +164,21 @@ def test_studies_live_in_the_optuna_storage_and_a_restore_fails_what_the_killed_
                    if t.state.name == "COMPLETE")
 
 
+def test_a_trial_told_by_a_killed_driver_after_its_last_snapshot_is_not_told_again(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    searcher.suggest("t0")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the last snapshot: t0 running
+    complete(searcher, "t0", 10.0)  # t0 ends and is told, then the driver is killed
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    complete(restored, "t0", 10.0)  # Tune runs t0 on from its checkpoint; it ends again
+    assert "Cannot tell" not in caplog.text  # Optuna refuses to tell a finished trial twice (a warning line)
+    [trial] = optuna.load_study(study_name=f"sw/{NAMES[0]}", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 10.0
+    assert restored.suggest("t1")[STUDY_KEY] == NAMES[1]  # and it counts once
+
+
 def test_the_same_seed_gives_the_same_suggestions():
     def first(seed):
         searcher = make_searcher(cap=3, seed=seed)

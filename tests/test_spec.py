@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tune_jobs import cli
-from tune_jobs.spec import SearchSpace, SpecError, load_spec, parse_spec, validate
+from tune_jobs.spec import (EarlyStopping, SearchSpace, SpecError, load_spec, parse_spec, spec_from_json,
+                            spec_json, validate)
 from tune_jobs.sweep import preflight
 
 SPECS = Path(cli.__file__).parent / "specs"
@@ -92,6 +93,11 @@ BAD = {
     "outage deadline 0": ("failure.tracking_outage_minutes", 0, "failure.tracking_outage_minutes"),
     "outage deadline text": ("failure.tracking_outage_minutes", "30m", "failure.tracking_outage_minutes"),
     "unknown metric": ("metric", "val_loss", "metric"),
+    "unknown [scheduler] key": ("scheduler.brackets", 2, "scheduler.brackets"),
+    "unknown scheduler kind": ("scheduler.kind", "hyperband", "scheduler.kind"),
+    "grace period past the epochs": ("scheduler.grace_period", 2, "scheduler.grace_period"),  # epochs = 1
+    "grace period 0": ("scheduler.grace_period", 0, "scheduler.grace_period"),
+    "reduction factor 1": ("scheduler.reduction_factor", 1, "scheduler.reduction_factor"),
     "lr reversed": ("search.lr", [0.1, 1e-5], "search.lr"),
     "lr low 0 on a log scale": ("search.lr", [0.0, 0.1], "search.lr"),
     "weight_decay negative": ("search.weight_decay", [-1e-4, 1e-2], "search.weight_decay"),
@@ -322,6 +328,30 @@ def test_shipped_specs_search_attzooms_threshold_and_controls_is_the_demo_with_e
     assert demo.search.threshold and paper.search.threshold  # the paper does not fix it: it is part of the question
     assert controls.variants == ("baseline", "attzoom", "zoom-only", "attention-only", "resize2x")
     assert replace(controls, name="demo", variants=demo.variants) == demo
+
+
+def test_an_unknown_scheduler_on_the_command_line_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys,
+                                                                         no_side_effects):
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["sweep", str(spec_file), "--scheduler", "pbt"])
+    assert exit.value.code == 2 and tree(tmp_path) == before
+    assert_one_line(capsys.readouterr().err, "argument --scheduler: invalid choice: 'pbt' (choose from 'none', 'asha')")
+
+
+def test_early_stopping_is_off_unless_asked_and_travels_with_the_saved_spec(tmp_path):
+    spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)))
+    assert spec.scheduler == EarlyStopping() and spec.scheduler.kind == "none"  # the paper's protocol
+    asked = load_spec(write_spec(tmp_path, {**base_spec(tmp_path), "epochs": 8,
+                                            "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 4}}))
+    assert asked.scheduler == EarlyStopping("asha", 2, 4)
+    assert spec_from_json(spec_json(asked), "saved") == asked  # resume and confirm read it back
+    assert load_spec(write_spec(tmp_path, base_spec(tmp_path)), scheduler="asha").scheduler.kind == "asha"
+    older = json.loads(spec_json(spec))
+    del older["scheduler"]  # saved before [scheduler] existed
+    assert spec_from_json(json.dumps(older), "saved").scheduler == EarlyStopping()
 
 
 def test_overrides_win_over_the_file(tmp_path):

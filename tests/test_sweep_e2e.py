@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, STATUS, STUDY, TRIAL, TRIAL_ROLE, experiment_name,
-                              runs_filter)
+from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY, TRIAL,
+                              TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.lease import lease_path
 from tune_jobs.tracking import open_store
 from tune_jobs.spec import optuna_storage_url
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 def write_spec(path: Path, data_root: Path, *, name="t", trials=2, epochs=2, datasets=("cluttered-digits",),
                variants=("baseline", "attzoom"), max_concurrent=2, cpus=1, gpus=0, local_gpus=None,
-               max_retries=1, patience=5, tracking_uri=None, outage_minutes=30) -> Path:
+               max_retries=1, patience=5, tracking_uri=None, outage_minutes=30, scheduler="") -> Path:
     local = f"local_gpus = {local_gpus}\n" if local_gpus is not None else ""
     path.write_text(f"""
 name = "{name}"
@@ -58,6 +58,7 @@ lr = [1e-3, 1e-2]
 [failure]
 max_retries = {max_retries}
 tracking_outage_minutes = {outage_minutes}
+{scheduler}
 """.replace("'", '"'))
     return path
 
@@ -139,11 +140,11 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
         # how fit ended is what the trial itself reported last (trainable.py), not guessed from the epochs
         [folder] = (spec_dir / "ray_results" / "t").glob(f"*-{run.data.tags[TRIAL]}")
         last = json.loads((folder / "result.json").read_text().splitlines()[-1])
-        assert run.data.tags[STATUS] == last["fit_status"] and last["fit_status"] in FIT_STATUSES
+        assert run.data.tags[STATUS] == last["fit_status"] and last["fit_status"] in (*FIT_STATUSES, PRUNED_STATUS)
         gated = run.data.tags["variant"] in ("attzoom", "attention-only")  # the gate's share open, every epoch
         for key in ("val_top1", "train_loss", "images_per_s", *(("gate_open", "gate_sigma") if gated else ())):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-            assert sorted(steps) == list(range(1, epochs + 1)), f"{key} steps {steps}"
+            assert sorted(steps) == list(range(1, epochs_of(run, epochs) + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
     ran = load_saved_spec("t", str(spec_dir / "ray_results"))  # the spec as the sweep saved it, overrides applied
@@ -151,21 +152,37 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
     assert_studies_in_optuna(optuna_storage or default, per_study, epochs)
 
 
+def epochs_of(run, epochs: int) -> int:
+    """The epochs a finished run trained: all of them, or those before the scheduler pruned it."""
+    if run.data.tags[STATUS] != PRUNED_STATUS:
+        return epochs
+    pruned_at = int(run.data.tags[PRUNED_AT])
+    assert 1 <= pruned_at < epochs and run.data.metrics["epochs_done"] == pruned_at
+    return pruned_at
+
+
 def assert_studies_in_optuna(storage: str, per_study: dict, epochs: int) -> None:
-    """Each study in the Optuna storage (default: beside the MLflow store): N complete trials (none left RUNNING by a
-    killed driver), each with its epochs as intermediate values, its MLflow run id and its best epoch's val top-1."""
+    """Each study in the Optuna storage (default: beside the MLflow store): N finished trials (none left RUNNING by
+    a killed driver), complete or, when the scheduler stopped them, pruned; each with its epochs as intermediate
+    values and its MLflow run id; a complete one valued at its best epoch's val top-1, a pruned one at its last."""
     import optuna
 
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for study, runs in per_study.items():
         loaded = optuna.load_study(study_name=f"t/{study}", storage=storage)
-        complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert len(complete) == len(runs) and all(t.state.is_finished() for t in loaded.trials)
-        by_run = {t.user_attrs["mlflow_run_id"]: t for t in complete}
+        ended = [t for t in loaded.trials if t.state in finished]
+        assert len(ended) == len(runs) and all(t.state.is_finished() for t in loaded.trials)
+        by_run = {t.user_attrs["mlflow_run_id"]: t for t in ended}
         for run in runs:
-            trial = by_run[run.info.run_id]
+            trial, trained = by_run[run.info.run_id], epochs_of(run, epochs)
             assert trial.user_attrs["tune_trial_id"] == run.data.tags[TRIAL]
-            assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
-            assert trial.value == pytest.approx(run.data.metrics["best_val_top1"])
+            assert sorted(trial.intermediate_values) == list(range(1, trained + 1))
+            if run.data.tags[STATUS] == PRUNED_STATUS:
+                assert trial.state == optuna.trial.TrialState.PRUNED
+                assert trial.value == pytest.approx(trial.intermediate_values[trained])
+            else:
+                assert trial.state == optuna.trial.TrialState.COMPLETE
+                assert trial.value == pytest.approx(run.data.metrics["best_val_top1"])
 
 
 def lease_holder(storage: Path) -> int | None:
@@ -218,6 +235,15 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
+
+
+def load_rungs(spec_dir: Path) -> dict:
+    """The scheduler's state in the sweep's newest experiment snapshot (Tune's callback state file)."""
+    import pickle
+
+    # one file per driver, named by its start time (Tune copies them all again at the end: no use in mtimes)
+    newest = max((spec_dir / "ray_results" / "t").glob("callback-states-*.pkl"), key=lambda p: p.name)
+    return next(state for state in pickle.loads(newest.read_bytes()).values() if state and "pruned" in state)
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
@@ -361,20 +387,23 @@ def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):
     assert seen["gpus"] == {"0"}
 
 
-def test_studies_share_the_global_cap_fill_it_until_the_end_and_a_ctrl_c_is_no_done(tmp_path, digits_root):
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=1, max_concurrent=2)
+def test_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c_is_no_done(tmp_path, digits_root):
+    # one ASHA rung, at epoch 1: a trial below the best quarter of its own study's trials there is pruned
+    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=4, epochs=2, max_concurrent=2,
+                      scheduler="[scheduler]\nkind = 'asha'\ngrace_period = 1\nreduction_factor = 4")
     first = start("sweep", str(spec), cwd=tmp_path)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
     first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
-    assert re.fullmatch(rf"interrupted: [1-5] of 6 trials ended; continue with: attzoom resume t --storage "
+    assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
                         rf"{re.escape(str(tmp_path / 'ray_results'))}", out.rstrip().splitlines()[-1]), out[-3000:]
-    finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
-    assert_exactly_once(tmp_path, trials_per_study=3, epochs=1, studies=2)
+    out = finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
+    assert "Cannot tell" not in out  # no trial is told to Optuna twice
+    assert_exactly_once(tmp_path, trials_per_study=4, epochs=2, studies=2)  # a pruned run: epochs 1..its last
     _, runs = trial_runs(tmp_path)
     runs = sorted(runs, key=lambda r: r.info.start_time)
-    assert len(runs) == 6
+    assert len(runs) == 8
     events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
     running, peak = 0, 0
     for _, change in events:
@@ -385,6 +414,15 @@ def test_studies_share_the_global_cap_fill_it_until_the_end_and_a_ctrl_c_is_no_d
     assert studies[:2] != [studies[0]] * 2  # ... both studies start at once, fewest trials first
     last_start = runs[-1].info.start_time
     assert any(r.info.start_time < last_start < r.info.end_time for r in runs[:-1]), "cluster idled at the end"
+
+    # ASHA: some trials pruned, each study's rung holding its own trials only, the first driver's included
+    pruned = {r.data.tags[TRIAL] for r in runs if r.data.tags[STATUS] == PRUNED_STATUS}
+    assert pruned and len(pruned) < 8, [r.data.tags[STATUS] for r in runs]
+    state = load_rungs(tmp_path)
+    assert set(state["pruned"]) == pruned
+    for study in set(studies):
+        [(milestone, recorded)] = state["studies"][study]._brackets[0]._rungs  # noqa: SLF001 - Tune's ASHA
+        assert milestone == 1 and set(recorded) == {r.data.tags[TRIAL] for r in runs if r.data.tags[STUDY] == study}
 
 
 # Ports every Ray node binds whatever ports it is given: GCS, dashboard, client, the dashboard's metrics server and

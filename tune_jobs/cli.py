@@ -27,7 +27,7 @@ from attzoom.config import ConfigError, DataError
 
 from .infra import INFRA_EXIT, InfrastructureError
 from .logs import add_verbose_flag, configure_logging
-from .spec import SpecError
+from .spec import SCHEDULER_KINDS, SpecError
 
 SPECS = Path(__file__).parent / "specs"
 DEMO_SEEDS = 3  # the demo ends with seed re-runs of each study's best config (attzoom confirm)
@@ -114,6 +114,8 @@ def add_overrides(p, address: bool = True) -> None:
     p.add_argument("--max-concurrent", type=int, default=None, help="global cap on concurrent trials")
     p.add_argument("--data-root", default=None)
     p.add_argument("--local-gpus", type=int, default=None, help="logical GPUs for a local Ray instance")
+    p.add_argument("--scheduler", choices=SCHEDULER_KINDS, default=None,
+                   help="early stopping of hopeless trials, rungs per study (default: [scheduler] kind, else none)")
 
 
 def spec_from_args(args):
@@ -121,7 +123,7 @@ def spec_from_args(args):
 
     return load_spec(args.spec, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials,
                      epochs=args.epochs, max_concurrent=args.max_concurrent, local_gpus=args.local_gpus,
-                     data_root=args.data_root, optuna_storage=args.optuna_storage)
+                     data_root=args.data_root, optuna_storage=args.optuna_storage, scheduler=args.scheduler)
 
 
 def run_sweep_command(args) -> int:
@@ -244,6 +246,8 @@ def run_submit_command(args) -> int:
                "trials": spec.trials, "epochs": spec.epochs, "max-concurrent": spec.max_concurrent}
     if spec.optuna_storage:
         options["optuna-storage"] = spec.optuna_storage
+    if args.scheduler:
+        options["scheduler"] = args.scheduler
     command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
     command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",

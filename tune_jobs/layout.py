@@ -36,6 +36,7 @@ PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its stu
 BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
 LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
+PRUNED_AT = "attzoom.pruned_at_epoch"  # a pruned trial's last epoch
 TRIAL_NUMBER = "attzoom.trial_number"  # a trial's number within its study (1-based, creation order); names its run
 # MLflow's own tags (mlflow/utils/mlflow_tags.py) that the sweep sets, for the MLflow UI.
 NOTE = "mlflow.note.content"  # a run's (or the experiment's) description, shown above its details
@@ -46,8 +47,8 @@ EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 # On the experiment: a view of the runs table (columns, order) that the printed address opens by its share key
 # (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
 SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
-TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, TRIAL_NUMBER, NOTE, GIT_COMMIT,
-        SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER, NOTE,
+        GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
 # Values of the ROLE tag.
 STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
@@ -55,6 +56,7 @@ STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
 # Values of the STATUS tag; the first three are what attzoom.train.fit returns.
 FIT_STATUSES = ("completed", "early_stopped", "diverged")
 ERROR_STATUS = "error"
+PRUNED_STATUS = "pruned"  # stopped by the sweep's scheduler ([scheduler]): it trailed its study at a rung
 UNKNOWN_STATUS = "unknown"  # a trial that completed without reporting one (none should)
 
 TEST_METRICS = ("test_top1", "test_top5")  # the best checkpoint on the official test split, logged once

@@ -27,7 +27,8 @@ from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
 from .infra import problem, short_error
-from .layout import CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, SEED, TRIAL_ROLE, UNKNOWN_STATUS
+from .layout import (CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, PRUNED_AT, PRUNED_STATUS, SEED, TRIAL_ROLE,
+                     UNKNOWN_STATUS)
 from .outbox import Outbox
 from .spec import local_path, optuna_storage_url
 from .studies import attach_run, optuna_study_name
@@ -134,8 +135,10 @@ class MlflowCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._open(trial)
-        status = (trial.last_result or {}).get(STATUS_KEY, UNKNOWN_STATUS)  # every trial reports it last (trainable.py)
-        self.outbox.put({"op": "finish", "trial": trial.trial_id, "status": status,
+        last = trial.last_result or {}
+        status = last.get(STATUS_KEY, UNKNOWN_STATUS)  # every trial reports it last (trainable.py), or is pruned
+        tags = {PRUNED_AT: str(last.get("epoch"))} if status == PRUNED_STATUS else {}  # (tune_jobs/scheduler.py)
+        self.outbox.put({"op": "finish", "trial": trial.trial_id, "status": status, "tags": tags,
                          "checkpoint": checkpoint_uri(trial.checkpoint)})
 
     def _open(self, trial) -> None:
@@ -186,10 +189,10 @@ class MlflowCallback(tune.Callback):
         elif op == "restart":
             self.runs.drop(trial)
         elif write["checkpoint"] is None:
-            self.runs.finish(trial, write["status"], None)
+            self.runs.finish(trial, write["status"], None, write.get("tags"))
         else:
             with tune.Checkpoint(write["checkpoint"]).as_directory() as folder:  # downloaded if remote
-                self.runs.finish(trial, write["status"], Path(folder) / "best.pt")
+                self.runs.finish(trial, write["status"], Path(folder) / "best.pt", write.get("tags"))
 
 
     def _attach(self, trial: str, study: str) -> None:

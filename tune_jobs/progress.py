@@ -15,6 +15,7 @@ import time
 
 from ray.tune import Callback
 
+from .layout import PRUNED_STATUS
 from .space import STUDY_KEY
 from .trainable import RESTART_KEY, STATUS_KEY, reported_end
 
@@ -78,10 +79,11 @@ class StudyProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Tune calls this before it sets TERMINATED: the trial is ending, and finished if fit said how it ended
-        if STATUS_KEY in (trial.last_result or {}):
+        last = trial.last_result or {}
+        if STATUS_KEY in last:
             best = trial.metric_analysis.get(self.metric, {}).get("max")
-            epochs = (trial.last_result or {}).get("epoch", "?")
-            self._event(trial, f"finished: best {self.metric} {fmt(best)} in {epochs} epochs")
+            ended = "pruned (trailing its study)" if last[STATUS_KEY] == PRUNED_STATUS else "finished"
+            self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {last.get('epoch', '?')} epochs")
         else:
             self._event(trial, "stopped before it ended")
 

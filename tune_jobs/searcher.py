@@ -21,8 +21,9 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import STUDY_KEY
-from .studies import TUNE_TRIAL_ATTR, fail_forgotten, open_storage, optuna_study_name
-from .trainable import RESTART_KEY
+from .studies import TUNE_TRIAL_ATTR, fail_forgotten, open_storage, optuna_study_name, told_before
+from .layout import PRUNED_STATUS
+from .trainable import RESTART_KEY, STATUS_KEY
 
 
 class StudySearch(OptunaSearch):
@@ -32,6 +33,7 @@ class StudySearch(OptunaSearch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.best: dict[str, float] = {}  # trial id -> its best epoch's metric so far
+        self.told: set[str] = set()  # trials a killed driver told after its last snapshot (set on restore)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -41,7 +43,7 @@ class StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if RESTART_KEY in result:
             self.best.pop(trial_id, None)  # it starts over from epoch 1 (Optuna keeps the first value per epoch)
-        if "epoch" not in result or trial_id in self._completed_trials:
+        if "epoch" not in result or trial_id in self._completed_trials or trial_id in self.told:
             return
         value = result[self.metric]
         self.best[trial_id] = max(value, self.best.get(trial_id, value))
@@ -50,6 +52,13 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id].report(value, int(result["epoch"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.told:
+            self._completed_trials.add(trial_id)  # noqa: SLF001 - OptunaSearch's own record of told trials
+            return
+        if result and result.get(STATUS_KEY) == PRUNED_STATUS:  # stopped early (tune_jobs/scheduler.py)
+            self.on_trial_result(trial_id, result)  # Tune gives a searcher no result it stops a trial on
+            super().on_trial_complete(trial_id, result=None)  # PRUNED, valued at its last epoch (Optuna's rule)
+            return
         best = self.best.get(trial_id)
         if result and self.metric in result and best is not None:
             result = {**result, self.metric: max(result[self.metric], best)}
@@ -110,3 +119,4 @@ class MultiStudySearcher(Searcher):
         for search in self.searches.values():
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
                 fail_forgotten(search._storage, search._study_name, self.live)  # noqa: SLF001
+                search.told = told_before(search._storage, search._study_name, self.live)  # noqa: SLF001

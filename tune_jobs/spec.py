@@ -59,6 +59,23 @@ class SearchSpace:
     positions: tuple[str, ...] | None = None  # tuned for non-baseline variants when given
 
 
+SCHEDULER_KINDS = ("none", "asha")
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """[scheduler]: stop hopeless trials early, with rungs kept per study (tune_jobs/scheduler.py).
+
+    ``none`` is the paper's protocol: every trial trains until its epochs or its patience end.
+    ``asha``: at epochs grace_period * reduction_factor**k a trial below the best 1/reduction_factor
+    of its own study's trials at that epoch is stopped.
+    """
+
+    kind: str = "none"
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str
@@ -82,6 +99,7 @@ class Spec:
     local_gpus: int | None = None  # logical GPUs for a local Ray instance (default: those detected)
     train: dict = field(default_factory=dict)
     search: SearchSpace = SearchSpace()
+    scheduler: EarlyStopping = EarlyStopping()
 
     @property
     def studies(self) -> list[Study]:
@@ -97,18 +115,20 @@ class Spec:
 LIST_KEYS = ("batch_sizes", "optimizers", "schedulers", "positions")  # [search] keys that are lists of choices
 TOP_KEYS = {"name", "trials", "epochs", "patience", "seed", "data_root", "storage", "tracking_uri", "optuna_storage",
             "metric",
-            "max_concurrent", "matrix", "resources", "failure", "train", "search"}
+            "max_concurrent", "matrix", "resources", "failure", "train", "search", "scheduler"}
 SECTION_KEYS = {
     "matrix": {"backbones", "datasets", "variants"},
     "resources": {"cpus", "gpus", "local_gpus"},
     "failure": {"max_retries", "tracking_outage_minutes"},
     "search": {f.name for f in fields(SearchSpace)},
     "train": set(TRAIN_KEYS),
+    "scheduler": {f.name for f in fields(EarlyStopping)},
 }
 
 
-def load_spec(path: str | Path, **overrides) -> Spec:
-    """Parse and validate a spec file; ``overrides`` (from the CLI) win over the file."""
+def load_spec(path: str | Path, scheduler: str | None = None, **overrides) -> Spec:
+    """Parse and validate a spec file; ``overrides`` (from the CLI) win over the file, ``scheduler`` over
+    [scheduler] kind."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -120,6 +140,8 @@ def load_spec(path: str | Path, **overrides) -> Spec:
         raise SpecError(f"spec file {path} is not valid TOML: {e}") from None
     spec = parse_spec(raw, source=str(path))
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    if scheduler is not None:
+        spec = replace(spec, scheduler=replace(spec.scheduler, kind=scheduler))
     validate(spec, source=str(path))
     return spec
 
@@ -148,7 +170,8 @@ def parse_spec(raw: dict, source: str = "spec") -> Spec:
         return Spec(name=raw["name"], **top,
                     backbones=tuple(matrix["backbones"]), datasets=tuple(matrix["datasets"]),
                     variants=tuple(matrix["variants"]), train=dict(raw.get("train", {})),
-                    search=SearchSpace(**search), **resources, **failure)
+                    search=SearchSpace(**search), scheduler=EarlyStopping(**raw.get("scheduler", {})),
+                    **resources, **failure)
     except TypeError as e:
         raise SpecError(f"{source}: {e}") from None
 
@@ -162,7 +185,9 @@ def spec_from_json(text: str, source: str) -> Spec:
     """A spec saved by spec_json, validated again (it may have been edited or come from an older version)."""
     raw = json.loads(text)
     search = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("search").items()})
-    spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, search=search)
+    scheduler = EarlyStopping(**raw.pop("scheduler", {}))  # absent from a spec saved before [scheduler] existed
+    spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, search=search,
+                scheduler=scheduler)
     validate(spec, source=source)
     return spec
 
@@ -210,6 +235,21 @@ def validate(spec: Spec, source: str = "spec") -> None:
         fail(f"resources.local_gpus must be an integer >= 0, got {spec.local_gpus!r}")
     _validate_search(spec.search, fail)
     _validate_train(spec, fail)
+    _validate_scheduler(spec, fail)
+
+
+def _validate_scheduler(spec: Spec, fail) -> None:
+    early = spec.scheduler
+    if early.kind not in SCHEDULER_KINDS:
+        fail(f"scheduler.kind {early.kind!r} is not supported; use one of {', '.join(SCHEDULER_KINDS)} "
+             "(none: every trial trains to its end, the paper's protocol)")
+    if not isinstance(early.grace_period, int) or isinstance(early.grace_period, bool) or \
+            not 1 <= early.grace_period <= spec.epochs:
+        fail(f"scheduler.grace_period must be a whole number of epochs from 1 to epochs ({spec.epochs}), got "
+             f"{early.grace_period!r}")
+    if not _number(early.reduction_factor) or early.reduction_factor <= 1:
+        fail(f"scheduler.reduction_factor must be a number > 1 (3 keeps the best third at each rung), got "
+             f"{early.reduction_factor!r}")
 
 
 def check_cluster_gpus(spec: Spec, available: float, where: str) -> None:

@@ -57,5 +57,14 @@ def fail_forgotten(storage, study_name: str, live: set[str]) -> int:
     return len(forgotten)
 
 
+def told_before(storage, study_name: str, live: set[str]) -> set[str]:
+    """The live Tune trials whose Optuna trial has already finished: a killed driver told it after its last
+    snapshot, and Tune runs the trial on from its checkpoint (Optuna refuses a second report or tell)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    finished = tuple(state for state in optuna.trial.TrialState if state.is_finished())
+    return {t.user_attrs.get(TUNE_TRIAL_ATTR) for t in storage.get_all_trials(study_id, deepcopy=False, states=finished)
+            } & live
+
+
 def _storage_id(storage, study_id: int, trial) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)

@@ -109,6 +109,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     from .guard import SweepGuard
     from .mlflow_callback import MlflowCallback
     from .progress import StudyProgress
+    from .scheduler import early_stopping
     from .searcher import MultiStudySearcher
     from .space import study_space
     from .summary import finish_studies
@@ -126,15 +127,17 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
             tracking.result()
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
-            callbacks = [SweepGuard(), MlflowCallback(context, tracking.result), StudyProgress(spec),
+            scheduler, marks = early_stopping(spec)  # marks pruned trials after the logger saw their last epoch
+            callbacks = [SweepGuard(), MlflowCallback(context, tracking.result), StudyProgress(spec), *marks,
                          CSVLoggerCallback(), JsonLoggerCallback()]
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
                                           spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed,
                                           storage_url=optuna_storage_url(spec), sweep=spec.name)
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, metric=spec.metric, mode="max",
-                                            reuse_actors=True, trial_dirname_creator=trial_dirname),
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                                            metric=spec.metric, mode="max", reuse_actors=True,
+                                            trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=spec.storage, verbose=0,
                     callbacks=callbacks,

@@ -257,12 +257,12 @@ class TrialRuns:
             raise
         self.summaries[trial_id] = new
 
-    def finish(self, trial_id: str, status: str, best_checkpoint: Path | None) -> None:
-        """FINISHED with how fit ended (the status the trial reported) and its best checkpoint."""
+    def finish(self, trial_id: str, status: str, best_checkpoint: Path | None, tags: dict | None = None) -> None:
+        """FINISHED with how fit ended (the status the trial reported, or pruned) and its best checkpoint."""
         run_id = self.run_of(trial_id)
         if best_checkpoint and best_checkpoint.exists():
             _retry(self.client.log_artifact, run_id, str(best_checkpoint), layout.CHECKPOINT_DIR)
-        _retry(self.client.log_batch, run_id, tags=[RunTag(STATUS, status)])
+        _retry(self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in {**(tags or {}), STATUS: status}.items()])
         self.client.set_terminated(run_id, "FINISHED")
 
     def drop(self, trial_id: str) -> None:
