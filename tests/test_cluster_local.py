@@ -141,7 +141,7 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     workers = {int((state / f"worker-{i}.pid").read_text()) for i in (1, 2)}
     storage = tmp_path / "ray_results"
     spec = write_spec(ROOT / "tune_jobs" / "specs" / f".test-{tmp_path.name}.toml", digits_root, trials=2,
-                      epochs=EPOCHS, max_concurrent=2, cpus=1, max_retries=2)
+                      epochs=EPOCHS, variants=("attzoom",), max_concurrent=2, cpus=1, max_retries=2)
     try:
         submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address", address,
                                     "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
@@ -181,7 +181,7 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     assert "| tiny_resnet.cluttered-digits.attzoom | 2 | 0 | 0 |" in logs.stdout
 
     # exactly N trials per study, one FINISHED MLflow run per trial, epochs 1..E once each
-    assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=2)
+    assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=1)
 
     # the killed trial went on from its checkpoint in another process on the surviving node
     rows = trial_results(storage)[victim["trial"]]
