@@ -17,6 +17,7 @@ Three parts, each one JSON section (``--parts`` picks):
   the four over the one. Their running intervals are reported to show they overlapped.
 
     python benchmarks/gpu.py > gpu.json          # on a machine with a GPU, about 5 minutes on an H100
+                                                 # (--early-stop early_stop.json: ASHA's savings in the projection)
     python benchmarks/gpu.py --quick --device cpu  # a smoke run of the script itself
 """
 
@@ -39,6 +40,7 @@ from attzoom.config import TrainConfig  # noqa: E402
 from attzoom.data import ImageSet, Splits  # noqa: E402
 from attzoom.train import fit, make_model, make_optimizer, make_runtime  # noqa: E402
 from benchmarks.common import log, sync  # noqa: E402
+from benchmarks.cost import project  # noqa: E402
 
 PAPER_BACKBONES = ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50")
 EPOCH_IMAGES = {32: 45_000, 64: 90_000}  # CIFAR-100 / Tiny-ImageNet training images after the validation split
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--out", help="also write the JSON here after each part")
+    parser.add_argument("--early-stop", type=Path, help="an early_stop.py JSON: its epoch savings join the projection")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,6 +187,9 @@ def main() -> None:
         report["wall_s"] = round(time.perf_counter() - started, 1)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
+    if {"fit", "steps", "packed"} <= report.keys() and not args.quick:  # the paper protocol's GPU-hours (cost.py)
+        early_stop = json.loads(args.early_stop.read_text()) if args.early_stop else None
+        report["paper_projection"] = project(report, early_stop)
     print(json.dumps(report, indent=2))
 
 

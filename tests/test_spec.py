@@ -289,7 +289,7 @@ def test_paper_spec_is_the_papers_protocol():
                                    "resnext50"}
     assert spec.datasets == ("cifar100", "tinyimagenet") and spec.variants == ("baseline", "attzoom")
     assert (spec.trials, spec.epochs, spec.patience, spec.metric) == (30, 50, 5, "val_top1")
-    assert spec.gpus == 0.25
+    assert spec.gpus == 0.25 and spec.scheduler.kind == "none"  # every trial to its end, as in the paper
     # the shipped space is the default one plus AttZoom's threshold, which the paper does not fix ...
     assert spec.search == replace(SearchSpace(), threshold=(0.3, 0.9))
     s = spec.search  # ... which is the paper's (Sec. 5.3)

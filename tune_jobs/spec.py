@@ -73,7 +73,7 @@ class EarlyStopping:
 
     kind: str = "none"
     grace_period: int = 1
-    reduction_factor: float = 3.0
+    reduction_factor: float = 4.0  # Ray Tune's and Optuna's default
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def _validate_scheduler(spec: Spec, fail) -> None:
         fail(f"scheduler.grace_period must be a whole number of epochs from 1 to epochs ({spec.epochs}), got "
              f"{early.grace_period!r}")
     if not _number(early.reduction_factor) or early.reduction_factor <= 1:
-        fail(f"scheduler.reduction_factor must be a number > 1 (3 keeps the best third at each rung), got "
+        fail(f"scheduler.reduction_factor must be a number > 1 (4 keeps the best quarter at each rung), got "
              f"{early.reduction_factor!r}")
 
 

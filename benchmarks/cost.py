@@ -1,0 +1,61 @@
+"""The paper protocol's GPU-hours, projected from measurements: gpu.py's throughput, early_stop.py's savings.
+
+    GPU-hours = sum over the 24 studies of  trials x epochs per trial x seconds per epoch / 3600
+
+- seconds per epoch: gpu.py's ``steps`` part (training steps alone, per backbone, variant and
+  image size: CIFAR-100 at 32 px, Tiny-ImageNet at 64 px) times the cost of a whole ``fit`` epoch
+  over its steps (augmentation, validation, checkpoints), measured by its ``fit`` part on ResNet-50
+  for each variant and applied to every backbone;
+- epochs per trial: 50 epochs with patience 5 stop about half-way (an assumption, not a
+  measurement); with ASHA, that divided by early_stop.py's measured ratio of epochs;
+- packing: four 0.25-GPU trials on one GPU divide the hours by gpu.py's ``packed`` ratio.
+
+    .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json \\
+        [--early-stop benchmarks/results/early_stop-cpu-2026-11-30.json]
+
+gpu.py runs the same projection at the end of a full run (``--early-stop`` there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PAPER = {"backbones": ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50"),
+         "sides": (32, 64), "variants": ("baseline", "attzoom"), "trials": 30, "epochs": 50}
+EPOCHS_RUN_SHARE = 0.5  # patience 5 stops a 50-epoch trial about half-way (assumed)
+
+
+def project(gpu: dict, early_stop: dict | None = None) -> dict:
+    """GPU-hours of the paper protocol from a gpu.py report (and an early_stop.py report), with what they rest on."""
+    fit_factor = {variant: gpu["steps"]["resnet50@32"][variant]["images_per_s"] / gpu["fit"]["runs"][variant][
+        "images_per_s"] for variant in PAPER["variants"]}
+    epoch_s = sum(gpu["steps"][f"{backbone}@{side}"][variant]["epoch_s"] * fit_factor[variant]
+                  for backbone in PAPER["backbones"] for side in PAPER["sides"] for variant in PAPER["variants"])
+    epochs_run = PAPER["epochs"] * EPOCHS_RUN_SHARE
+    hours = PAPER["trials"] * epochs_run * epoch_s / 3600
+    packing = gpu["packed"]["aggregate_ratio"] if "packed" in gpu else None
+    projected = {"device": gpu["device"], "fit_over_steps": {k: round(v, 2) for k, v in fit_factor.items()},
+                 "epochs_per_trial": epochs_run, "gpu_hours": round(hours)}
+    if packing:
+        projected.update(packing_ratio=packing, gpu_hours_packed=round(hours / packing))
+    if early_stop:
+        ratio = early_stop["epochs_ratio"]
+        projected.update(asha_epochs_ratio=ratio, gpu_hours_asha=round(hours / ratio))
+        if packing:
+            projected["gpu_hours_asha_packed"] = round(hours / ratio / packing)
+    return projected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gpu", type=Path, help="a gpu.py JSON report with its fit, steps and packed parts")
+    parser.add_argument("--early-stop", type=Path, help="an early_stop.py JSON report")
+    args = parser.parse_args()
+    early_stop = json.loads(args.early_stop.read_text()) if args.early_stop else None
+    print(json.dumps(project(json.loads(args.gpu.read_text()), early_stop), indent=2))
+
+
+if __name__ == "__main__":
+    main()
