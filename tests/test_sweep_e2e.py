@@ -286,7 +286,7 @@ def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resum
     assert time.monotonic() - turned < 60
     last = err.strip().splitlines()[-1]
     assert last.startswith("attzoom sweep: stopped: ") and "Permission denied" in last, err[-3000:]
-    assert f"attzoom resume t --storage {storage}" in last and "Traceback" not in err, err[-3000:]
+    assert f"attzoom resume t --storage {storage}" in last and "Traceback" not in drivers_own(err), err[-3000:]
     assert "sweep t done" not in out
     no_failure_recorded(tmp_path)
     _, runs = trial_runs(tmp_path)
@@ -296,6 +296,12 @@ def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resum
     assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out
     assert_exactly_once(tmp_path, trials_per_study=2, epochs=4, studies=1)
     no_failure_recorded(tmp_path)
+
+
+def drivers_own(stderr: str) -> str:
+    """The driver's own lines, without those Ray forwards from trial processes (``(run_trial pid=N) ...``): a
+    trial process that Ray stops at the end may print Python's "Exception ignored" notice with a traceback."""
+    return "\n".join(line for line in stderr.splitlines() if "(run_trial pid=" not in line)
 
 
 def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
@@ -351,7 +357,8 @@ def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_
     assert sweep.returncode == 3, out[-2000:] + err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("attzoom sweep: stopped: tracking store http://") and "unreachable for 0.4 min" in last
-    assert "attzoom resume t --storage" in last and "Traceback" not in err and "sweep t done" not in out, err[-3000:]
+    assert "attzoom resume t --storage" in last and "Traceback" not in drivers_own(err), err[-3000:]
+    assert "sweep t done" not in out
 
     server = start_tracking_server(tmp_path, port)
     try:
