@@ -21,7 +21,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import STUDY_KEY
-from .studies import TUNE_TRIAL_ATTR, fail_forgotten, open_storage, optuna_study_name, told_before
+from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored
 from .layout import PRUNED_STATUS
 from .trainable import RESTART_KEY, STATUS_KEY
 
@@ -118,5 +118,4 @@ class MultiStudySearcher(Searcher):
             self.__dict__.update(pickle.load(f))
         for search in self.searches.values():
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
-                fail_forgotten(search._storage, search._study_name, self.live)  # noqa: SLF001
-                search.told = told_before(search._storage, search._study_name, self.live)  # noqa: SLF001
+                search.told = settle_restored(search._storage, search._study_name, self.live)  # noqa: SLF001

@@ -46,24 +46,22 @@ def attach_run(url: str, study_name: str, tune_trial_id: str, run_id: str) -> No
         storage.set_trial_user_attr(_storage_id(storage, study_id, trial), MLFLOW_RUN_ATTR, run_id)
 
 
-def fail_forgotten(storage, study_name: str, live: set[str]) -> int:
-    """Mark FAIL the trials left RUNNING that no live Tune trial owns: a killed driver asked them after its
-    last snapshot, and the restored searcher asks afresh in their place. Returns how many."""
-    study_id = storage.get_study_id_from_name(study_name)
-    forgotten = [t for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                 if t.user_attrs.get(TUNE_TRIAL_ATTR) not in live]
-    for trial in forgotten:
-        storage.set_trial_state_values(_storage_id(storage, study_id, trial), optuna.trial.TrialState.FAIL)
-    return len(forgotten)
+def settle_restored(storage, study_name: str, live: set[str]) -> set[str]:
+    """A restored searcher's study made to agree with the Tune trials it resumes, in one read of the study.
 
-
-def told_before(storage, study_name: str, live: set[str]) -> set[str]:
-    """The live Tune trials whose Optuna trial has already finished: a killed driver told it after its last
-    snapshot, and Tune runs the trial on from its checkpoint (Optuna refuses a second report or tell)."""
+    RUNNING trials that no live Tune trial owns were asked by a killed driver after its last snapshot: they are
+    marked FAIL, and the restored searcher asks afresh in their place. Returned: the live Tune trials whose Optuna
+    trial has already finished (that driver told it after its last snapshot; Tune runs the trial on from its
+    checkpoint, and Optuna refuses a second report or tell)."""
     study_id = storage.get_study_id_from_name(study_name)
-    finished = tuple(state for state in optuna.trial.TrialState if state.is_finished())
-    return {t.user_attrs.get(TUNE_TRIAL_ATTR) for t in storage.get_all_trials(study_id, deepcopy=False, states=finished)
-            } & live
+    told = set()
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        owner = trial.user_attrs.get(TUNE_TRIAL_ATTR)
+        if trial.state == optuna.trial.TrialState.RUNNING and owner not in live:
+            storage.set_trial_state_values(_storage_id(storage, study_id, trial), optuna.trial.TrialState.FAIL)
+        elif trial.state.is_finished() and owner in live:
+            told.add(owner)
+    return told
 
 
 def _storage_id(storage, study_id: int, trial) -> int:
