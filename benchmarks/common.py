@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def log(*args) -> None:
@@ -14,4 +16,6 @@ def log(*args) -> None:
 def sync(device: torch.device) -> None:
     """Wait for queued CUDA work, so that a clock read after it measures it."""
     if device.type == "cuda":
+        import torch  # here, not at the top: scripts that run no model import log() without torch
+
         torch.cuda.synchronize(device)

@@ -1,8 +1,9 @@
 """What per-study ASHA saves: the same sweep with and without early stopping, one run, real CLI.
 
 Both sweeps are the demo spec (cluttered digits, no download) with the same seed and trials per
-study, each run by ``attzoom sweep`` in a fresh folder: one with ``--scheduler none`` (the paper's
-protocol: every trial until its epochs or its patience end), one with ``--scheduler asha``. From
+study, each run by ``attzoom sweep`` in a fresh folder with a ``[scheduler]`` table added: one with
+``kind = "none"`` (the paper's protocol: every trial until its epochs or its patience end), one with
+``kind = "asha"`` (the grace period and reduction factor given here, by default the spec's). From
 their MLflow stores: the epochs trained (the trial runs' epochs_done) and each study's best val
 top-1. Issue 16's target: at least 2.5x fewer epochs, and the best val top-1 within seed noise.
 
@@ -11,7 +12,7 @@ of each study with seeds 1..K, and a study's best is judged within noise when th
 bests differ by at most two standard deviations of those seeds' best val top-1 (the spread one
 config shows from its seed alone). Prints one JSON object; progress goes to stderr.
 
-    .venv/bin/python benchmarks/early_stop.py [--trials 12] [--seeds 3] [--grace-period 1] [--reduction-factor 3]
+    .venv/bin/python benchmarks/early_stop.py [--trials 12] [--seeds 3] [--grace-period 1] [--reduction-factor 4]
 """
 
 from __future__ import annotations
@@ -30,13 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from tune_jobs.layout import BEST_TOP1, CONFIRM_ROLE, EPOCHS_DONE, PRUNED_STATUS, STATUS, STUDY, TRIAL_ROLE  # noqa: E402
 from tune_jobs.layout import experiment_name, runs_filter  # noqa: E402
+from benchmarks.common import log  # noqa: E402
 from tune_jobs.spec import EarlyStopping  # noqa: E402
 
 DEMO = ROOT / "tune_jobs" / "specs" / "demo.toml"
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def cli(*args: str, cwd: Path) -> float:

@@ -40,9 +40,8 @@ from attzoom.config import TrainConfig  # noqa: E402
 from attzoom.data import ImageSet, Splits  # noqa: E402
 from attzoom.train import fit, make_model, make_optimizer, make_runtime  # noqa: E402
 from benchmarks.common import log, sync  # noqa: E402
-from benchmarks.cost import project  # noqa: E402
+from benchmarks.cost import PAPER, project  # noqa: E402
 
-PAPER_BACKBONES = ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50")
 EPOCH_IMAGES = {32: 45_000, 64: 90_000}  # CIFAR-100 / Tiny-ImageNet training images after the validation split
 
 
@@ -168,7 +167,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.backbones = PAPER_BACKBONES
+    args.backbones = PAPER["backbones"]
     if args.quick:
         args.backbone, args.backbones, args.epochs, args.batch = "tiny_resnet", ("tiny_resnet",), 2, 16
         args.train_images, args.val_images, args.steps, args.warmup_steps = 64, 32, 2, 1
