@@ -50,6 +50,7 @@ class TrainConfig:
     amp: bool | None = None  # None: on when training on CUDA
     channels_last: bool | None = None  # None: on when training on CUDA
     compile: bool = False
+    cuda_graphs: bool = True  # with compile on CUDA: steps replay as CUDA graphs (mode "reduce-overhead")
     gpu_memory_fraction: float | None = None  # cap this process's CUDA memory (shared GPUs)
 
     @classmethod

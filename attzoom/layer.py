@@ -35,6 +35,7 @@ class GateStats:
     def __init__(self):
         self.open = self.sigma = self.count = 0
 
+    @torch.compiler.disable  # a compiled model breaks its graph here: counts stay out of CUDA graphs' memory
     def add(self, a: torch.Tensor, threshold: float) -> None:
         a = a.detach().float()
         self.open = self.open + (a >= threshold).sum()

@@ -5,10 +5,12 @@ each batch is augmented there, and the loop knows nothing of Tune or MLflow. Aft
 every epoch it writes ``last.pt`` (everything needed to continue exactly: model,
 optimizer, scheduler, early-stopping state and RNG states) and, when validation
 top-1 improved, ``best.pt``; then it calls ``callback(metrics, checkpoint_dir)``.
+Both happen in the background (writer.py) while the next epoch trains.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -26,6 +28,7 @@ from .config import CheckpointError, TrainConfig
 from .data import ImageSet, Splits, load
 from .layer import AttZoom, GateStats
 from .models import build_model
+from .writer import EpochWriter
 Callback = Callable[[dict, Path | None], None]
 
 
@@ -79,39 +82,38 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     last = ckpt_dir / "last.pt" if ckpt_dir else None
     if resume and last is not None and last.exists():
         history = resume_training_state(last, model, optimizer, scheduler, scaler, generator, stop)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = compile_model(model, cfg, rt) if cfg.compile else model
     train_set, val_set = data.train.to(rt.device), data.val.to(rt.device)
     augment = PaperAugment(data.image_size, autoaugment=True) if cfg.augment else None
     status = "early_stopped" if stop.should_stop else "completed"
 
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        if stop.should_stop:
-            break
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, seen = train_one_epoch(train_model, train_set, cfg, rt, optimizer, scheduler, scaler,
-                                           augment, generator)
-        if not math.isfinite(train_loss):
-            status = "diverged"
-            break
-        with watch_gates(model) as gates:
-            val = evaluate(model, val_set, rt)
-        if cfg.scheduler == "plateau":
-            scheduler.step(val["loss"])
-        elif cfg.scheduler != "onecycle":
-            scheduler.step()
-        elapsed = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
-                   "val_top5": val["top5"], "lr": lr, "epoch_time": elapsed, "images_per_s": seen / elapsed,
-                   **gates.metrics()}
-        history.append(metrics)
-        improved = stop.update(epoch, metrics["val_top1"])
-        status = "early_stopped" if stop.should_stop else "completed"
-        if ckpt_dir:
-            save_checkpoints(ckpt_dir, cfg, data, model, optimizer, scheduler, scaler, generator, stop, history,
-                             improved)
-        if callback:
-            callback(metrics, ckpt_dir)
+    with EpochWriter() as writer:
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            if stop.should_stop:
+                break
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, seen = train_one_epoch(train_model, train_set, cfg, rt, optimizer, scheduler, scaler,
+                                               augment, generator, writer.raise_if_failed)
+            if not math.isfinite(train_loss):
+                status = "diverged"
+                break
+            with watch_gates(model) as gates:
+                val = evaluate(train_model, val_set, rt)
+            if cfg.scheduler == "plateau":
+                scheduler.step(val["loss"])
+            elif cfg.scheduler != "onecycle":
+                scheduler.step()
+            elapsed = time.perf_counter() - started
+            metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
+                       "val_top5": val["top5"], "lr": lr, "epoch_time": elapsed, "images_per_s": seen / elapsed,
+                       **gates.metrics()}
+            history.append(metrics)
+            improved = stop.update(epoch, metrics["val_top1"])
+            status = "early_stopped" if stop.should_stop else "completed"
+            state = training_state(cfg, data, model, optimizer, scheduler, scaler, generator, stop, history) \
+                if ckpt_dir else None
+            writer.submit(functools.partial(end_epoch, ckpt_dir, state, improved, callback, metrics))
     best = next((m for m in history if m["epoch"] == stop.best_epoch), {})
     return FitResult(status, best, history, ckpt_dir)
 
@@ -150,9 +152,12 @@ def make_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """On CUDA the fused kernels: one launch for all parameters instead of several per tensor."""
+    fused = True if next(model.parameters()).is_cuda else None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -167,9 +172,19 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
 
 
+def compile_model(model: nn.Module, cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    """torch.compile with static shapes; on CUDA as CUDA graphs (mode "reduce-overhead") unless
+    ``cuda_graphs`` is off: a small-image step is bound by kernel launches, which a replayed graph
+    does away with. Training drops its last partial batch; validation's is one more graph."""
+    graphs = rt.device.type == "cuda" and cfg.cuda_graphs
+    return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
+
+
 def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimizer, scheduler, scaler,
-                    augment, generator) -> tuple[float, int]:
-    """One pass in shuffled full batches; returns (mean loss, images seen), NaN as soon as the loss is."""
+                    augment, generator, between_steps: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    """One pass in shuffled full batches; returns (mean loss, images seen), NaN as soon as the loss is.
+
+    ``between_steps`` runs before each step (fit: raise what the last epoch's background write raised)."""
     model.train()
     n = len(data)
     usable = n if n < cfg.batch_size else n - n % cfg.batch_size
@@ -177,9 +192,11 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
     total = torch.zeros((), device=rt.device)
     batches = order.split(cfg.batch_size)
     for step, index in enumerate(batches, 1):
+        between_steps()
         images = data.images[index]
         if augment:
             images = augment(images, generator)
+        mark_step(model)
         with rt.autocast():
             loss = F.cross_entropy(model(rt.prepare(images)), data.labels[index])
         optimizer.zero_grad(set_to_none=True)
@@ -192,6 +209,12 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
         if step % 25 == 0 and not torch.isfinite(total):
             return math.nan, step * cfg.batch_size
     return total.item() / usable, usable
+
+
+def mark_step(model: nn.Module) -> None:
+    """Tell CUDA graphs (compiled models) that a new step begins: the last step's outputs are used up."""
+    if hasattr(model, "_orig_mod"):  # what torch.compile returns
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 @contextmanager
@@ -210,21 +233,20 @@ def watch_gates(model: nn.Module):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, rt: Runtime, batch_size: int = 500) -> dict:
-    """Loss, top-1 and top-5 accuracy (in %) on a data set, no augmentation."""
+    """Loss, top-1 and top-5 accuracy (in %) on a data set, no augmentation; one device sync at the end."""
     model.eval()
-    loss = top1 = top5 = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, top-1 hits, top-5 hits
     for start in range(0, len(data), batch_size):
         images = data.images[start:start + batch_size].to(rt.device)
         labels = data.labels[start:start + batch_size].to(rt.device)
+        mark_step(model)
         with rt.autocast():
             logits = model(rt.prepare(images)).float()
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(dim=1).sum().item()
-    n = len(data)
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
+                             hits.any(dim=1).sum()]).double()
+    loss, top1, top5 = (sums / len(data)).tolist()
+    return {"loss": loss, "top1": 100 * top1, "top5": 100 * top5}
 
 
 class EarlyStopping:
@@ -253,25 +275,48 @@ class EarlyStopping:
 
 # --- checkpoints ----------------------------------------------------------------------
 
-def save_checkpoints(ckpt_dir: Path, cfg, data: Splits, model, optimizer, scheduler, scaler, generator, stop,
-                     history, improved: bool) -> None:
-    """``last.pt`` to continue exactly; ``best.pt`` (weights + config + metrics) when top-1 improved."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    model_info = {"config": cfg.to_dict(), "model": weights, "num_classes": data.num_classes,
-                  "mean": list(data.mean), "std": list(data.std)}
-    if improved:
-        _atomic_save({**model_info, "metrics": history[-1]}, ckpt_dir / "best.pt")
-    _atomic_save({
-        **model_info,
+def training_state(cfg, data: Splits, model, optimizer, scheduler, scaler, generator, stop, history) -> dict:
+    """Everything ``last.pt`` holds, copied to the CPU now: the next epoch trains while it is written."""
+    return _copy_to_cpu({
+        "config": cfg.to_dict(), "model": model.state_dict(), "num_classes": data.num_classes,
+        "mean": list(data.mean), "std": list(data.std),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "early_stopping": stop.state_dict(),
-        "history": history,
+        "history": list(history),
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }, ckpt_dir / "last.pt")
+    })
+
+
+def end_epoch(ckpt_dir: Path | None, state: dict | None, improved: bool, callback: Callback | None,
+              metrics: dict) -> None:
+    """In the EpochWriter's thread: the checkpoints first, then the report that may point at them."""
+    if ckpt_dir is not None:
+        save_checkpoints(ckpt_dir, state, improved)
+    if callback:
+        callback(metrics, ckpt_dir)
+
+
+def save_checkpoints(ckpt_dir: Path, state: dict, improved: bool) -> None:
+    """``last.pt`` to continue exactly; ``best.pt`` (weights + config + metrics) when top-1 improved."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if improved:
+        model_info = {key: state[key] for key in ("config", "model", "num_classes", "mean", "std")}
+        _atomic_save({**model_info, "metrics": state["history"][-1]}, ckpt_dir / "best.pt")
+    _atomic_save(state, ckpt_dir / "last.pt")
+
+
+def _copy_to_cpu(value):
+    """A copy of nested dicts, lists and tuples whose tensors are new CPU tensors (the live ones change)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _copy_to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_to_cpu(item) for item in value)
+    return value
 
 
 def resume_training_state(path: Path, *state) -> list[dict]:

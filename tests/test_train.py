@@ -1,6 +1,7 @@
 """The training loop: metrics, checkpoints, exact resume, early stopping, divergence."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from attzoom.config import ConfigError, TrainConfig
 from attzoom.data import ImageSet, Splits
 from attzoom.names import GATE_METRICS, METRICS
+from attzoom import train
 from attzoom.train import EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
 
 TIMING = {"epoch_time", "images_per_s"}
@@ -177,3 +179,68 @@ def test_bf16_autocast_and_channels_last_paths_run_on_cpu():
     """The CUDA defaults (mixed precision, channels_last) are code paths of their own; run them here."""
     result = fit(config(epochs=1, amp=True, channels_last=True, variant="attzoom"), small_splits())
     assert result.status == "completed" and math.isfinite(result.history[0]["val_loss"])
+
+
+def test_the_next_epoch_trains_while_the_last_one_is_reported(tmp_path, monkeypatch):
+    """A report that waits (Tune waits for its driver) no longer holds up training: epoch 2 validates while
+    epoch 1's report is still waiting, and the reports still come in order, each after its checkpoint."""
+    validated, reported = threading.Semaphore(0), []
+    real_evaluate = train.evaluate
+
+    def evaluate(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        validated.release()
+        return result
+
+    def report(metrics, ckpt_dir):
+        if metrics["epoch"] == 1:
+            validated.acquire(timeout=60)  # epoch 1's own validation
+            assert validated.acquire(timeout=60), "epoch 2 did not train while epoch 1 was being reported"
+        assert torch.load(ckpt_dir / "last.pt", weights_only=True)["history"][-1]["epoch"] == metrics["epoch"]
+        reported.append(metrics["epoch"])
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    result = fit(config(epochs=3), small_splits(), callback=report, checkpoint_dir=tmp_path)
+    assert reported == [1, 2, 3] and result.epochs == 3
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("disk full"), SystemExit(0)])  # SystemExit: how Tune stops a trial
+def test_a_failed_report_stops_training_within_the_next_epoch_and_saves_nothing_after_it(tmp_path, stop,
+                                                                                          monkeypatch):
+    validations = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: validations.append(1) or real_evaluate(*a, **k))
+
+    def report(metrics, _):
+        raise stop
+
+    with pytest.raises(type(stop)):
+        fit(config(epochs=4), small_splits(n_train=1600), callback=report, checkpoint_dir=tmp_path)
+    assert len(validations) == 1  # epoch 2 stopped between steps, before its validation
+    assert [m["epoch"] for m in torch.load(tmp_path / "last.pt", weights_only=True)["history"]] == [1]
+
+
+def test_the_compiled_path_trains_like_eager_and_resumes_exactly(tmp_path):
+    """torch.compile (inductor on the CPU; on CUDA its steps also replay as CUDA graphs: test_cuda.py),
+    the gates' counts taken through the compiled validation too."""
+    cfg, data = dict(epochs=3, variant="attzoom", augment=False, lr=1e-3), small_splits()
+    eager = fit(config(**cfg), data)
+    compiled = fit(config(compile=True, **cfg), data, checkpoint_dir=tmp_path / "straight")
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        for key in ("train_loss", "val_loss", "gate_sigma"):
+            assert b[key] == pytest.approx(a[key], rel=0.05), key
+        assert b["gate_open"] == pytest.approx(a["gate_open"], abs=2)
+        assert b["val_top1"] == pytest.approx(a["val_top1"], abs=100 * 2 / len(data.val))  # two images of 32
+    assert compiled.best["val_top1"] > 50  # chance is 25 %
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_one(metrics, _):
+        if metrics["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(config(compile=True, **cfg), data, callback=kill_after_one, checkpoint_dir=tmp_path / "resumed")
+    resumed = fit(config(compile=True, **cfg), data, checkpoint_dir=tmp_path / "resumed")
+    assert without_timing(resumed.history) == without_timing(compiled.history)
