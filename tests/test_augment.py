@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import chi2_contingency
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import AutoAugmentPolicy
 
@@ -164,3 +165,47 @@ def test_fused_crop_flip_equals_crop_then_flip():
     fused = random_crop_flip(images, 3, torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
     assert torch.equal(fused, random_flip(random_crop(images, 3, gen), gen))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_each_operation_gives_torchvisions_pixels_with_a_magnitude_per_image(size):
+    """Every AutoAugment operation, batched with its own magnitude per image (every bin, both signs),
+    equals torchvision's operation on that image alone, to the pixel."""
+    from attzoom.augment import GEOMETRIC, PIXEL_OPERATIONS, affine, affine_matrix
+
+    reference = v2.AutoAugment(AutoAugmentPolicy.CIFAR10)
+    for name, (magnitudes_fn, signed) in reference._AUGMENTATION_SPACE.items():
+        magnitudes = magnitudes_fn(10, size, size)
+        values = [0.0] if magnitudes is None else [float(m) for m in magnitudes]
+        values += [-v for v in values] if signed else []
+        x = images(len(values), size=size, seed=len(name), low=0)
+        theirs = torch.stack([reference._apply_image_or_video_transform(
+            image, name, value, interpolation=reference.interpolation, fill=reference._fill)
+            for image, value in zip(x, values)])
+        if name in GEOMETRIC:
+            ours = affine(x, torch.tensor([affine_matrix(name, v, size, size) for v in values]).view(-1, 2, 3))
+        else:
+            ours = PIXEL_OPERATIONS[name](x, torch.tensor(values, dtype=torch.float64))
+        assert torch.equal(ours, theirs), name
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_autoaugment_is_a_few_batched_calls_whatever_the_batch():
+    """One call per kind of operation and step (all geometric ones in one grid sample), not one per
+    (sub-policy, operation, sign) group: on a GPU each op is a kernel launch."""
+    counts = []
+    for n in (64, 512):
+        with _CountOps() as ops:
+            BatchAutoAugment()(images(n), gen())
+        counts.append(ops.count)
+    assert max(counts) < 800  # about 580; one call per group made 1,500-1,800
+    assert counts[1] < 1.2 * counts[0]
