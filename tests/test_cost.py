@@ -29,3 +29,20 @@ def test_the_projection_is_the_readmes_and_asha_and_packing_divide_it_by_what_wa
     for run in faster["fit"]["runs"].values():
         run["images_per_s"] *= 2
     assert project(faster)["gpu_hours"] == pytest.approx(plain["gpu_hours"] / 2, abs=1)
+
+
+def test_a_report_with_compiled_steps_projects_the_compiled_mode():
+    """gpu.py now measures eager and compiled (CUDA graphs) in one run and compiles only some backbones'
+    steps: the others scale as ResNet-50 did at the same image size."""
+    eager = H200["steps"]
+    graphs = {key: {variant: {**row[variant], "epoch_s": row[variant]["epoch_s"] / 3,
+                              "images_per_s": row[variant]["images_per_s"] * 3} for variant in ("baseline", "attzoom")}
+              for key, row in eager.items() if key.startswith("resnet50@")}
+    fit = {"eager": H200["fit"], "graphs": {"runs": {variant: {**run, "images_per_s": run["images_per_s"] * 3}
+                                                     for variant, run in H200["fit"]["runs"].items()}}}
+    report = {**H200, "fit": fit, "steps": {"eager": eager, "graphs": graphs}}
+    projected = project(report)
+    assert projected["mode"] == "graphs" and projected["fit_over_steps"] == {"baseline": 2.01, "attzoom": 2.26}
+    assert projected["gpu_hours"] == pytest.approx(project(H200)["gpu_hours"] / 3, abs=1)
+    graphs["mobilenetv1@32"] = {variant: {**eager["mobilenetv1@32"][variant]} for variant in ("baseline", "attzoom")}
+    assert project(report)["gpu_hours"] > projected["gpu_hours"]  # measured, not scaled: no faster compiled
