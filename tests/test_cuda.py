@@ -12,7 +12,7 @@ import torch
 from attzoom.layer import AttZoom
 from attzoom.train import fit, load_checkpoint_model, make_runtime
 
-from test_train import config, small_splits, without_timing
+from test_train import Killed, config, kill_after, small_splits, without_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -91,16 +91,8 @@ def test_cuda_graphs_train_like_eager_and_no_graph_is_skipped():
 def test_cuda_graph_training_resumes_from_its_checkpoint(tmp_path):
     cfg, data = dict(epochs=3, compile=True, augment=True), small_splits()
     straight = fit(config(**cfg), data)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_one(metrics, _):
-        if metrics["epoch"] == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        fit(config(**cfg), data, callback=kill_after_one, checkpoint_dir=tmp_path)
+        fit(config(**cfg), data, callback=kill_after(1), checkpoint_dir=tmp_path)
     resumed = fit(config(**cfg), data, checkpoint_dir=tmp_path)
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     for a, b in zip(without_timing(straight.history), without_timing(resumed.history)):

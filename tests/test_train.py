@@ -42,6 +42,18 @@ def without_timing(history):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
 
 
+class Killed(Exception):
+    """What kill_after raises: the process stopping after an epoch's report."""
+
+
+def kill_after(epoch: int):
+    """A callback that stops training once ``epoch`` is reported (its checkpoint is on disk by then)."""
+    def callback(metrics, _):
+        if metrics["epoch"] == epoch:
+            raise Killed
+    return callback
+
+
 def test_callback_gets_every_metric_each_epoch_after_the_checkpoint(tmp_path):
     seen = []
 
@@ -81,15 +93,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, optimizer
     data = small_splits()
     straight = fit(cfg, data, checkpoint_dir=tmp_path / "straight")
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(metrics, _):
-        if metrics["epoch"] == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        fit(cfg, data, callback=kill_after_two, checkpoint_dir=tmp_path / "resumed")
+        fit(cfg, data, callback=kill_after(2), checkpoint_dir=tmp_path / "resumed")
     torch.manual_seed(12345)  # a different global RNG state must not matter: it is restored from the checkpoint
     resumed = fit(cfg, data, checkpoint_dir=tmp_path / "resumed")
 
@@ -233,14 +238,7 @@ def test_the_compiled_path_trains_like_eager_and_resumes_exactly(tmp_path):
         assert b["val_top1"] == pytest.approx(a["val_top1"], abs=100 * 2 / len(data.val))  # two images of 32
     assert compiled.best["val_top1"] > 50  # chance is 25 %
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_one(metrics, _):
-        if metrics["epoch"] == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        fit(config(compile=True, **cfg), data, callback=kill_after_one, checkpoint_dir=tmp_path / "resumed")
+        fit(config(compile=True, **cfg), data, callback=kill_after(1), checkpoint_dir=tmp_path / "resumed")
     resumed = fit(config(compile=True, **cfg), data, checkpoint_dir=tmp_path / "resumed")
     assert without_timing(resumed.history) == without_timing(compiled.history)
