@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--parts", default="fit,steps,packed")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--backbone", default="resnet50", help="for the fit and packed parts")
+    parser.add_argument("--backbones", default=",".join(PAPER["backbones"]), help="the steps part's (comma-separated)")
     parser.add_argument("--graph-backbones", default="resnet50", help="steps compiled for these (comma-separated)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
@@ -228,7 +229,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.backbones, args.graph_backbones = PAPER["backbones"], tuple(args.graph_backbones.split(","))
+    args.backbones, args.graph_backbones = tuple(args.backbones.split(",")), tuple(args.graph_backbones.split(","))
     args.packs = [int(count) for count in args.packs.split(",")]
     if args.quick:
         args.backbone, args.backbones, args.graph_backbones = "tiny_resnet", ("tiny_resnet",), ("tiny_resnet",)
