@@ -20,11 +20,17 @@ from torchvision.transforms.v2.functional._color import _rgb_to_grayscale_image
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (random draws, indices) to the images' device without waiting for it: a blocking
+    copy would drain the GPU's queue every time, leaving it idle while the host launches what follows."""
+    return values.to(device, non_blocking=True)
+
+
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``padding`` and cut each image at its own random offset (RandomCrop(size, padding))."""
     n, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    dy, dx = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), images.device)
     rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, H)
     cols = dx[:, None] + torch.arange(w, device=images.device)  # (N, W)
     batch = torch.arange(n, device=images.device)[:, None, None, None]
@@ -34,7 +40,7 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    flip = to_device(torch.rand(len(images), generator=generator) < 0.5, images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -44,8 +50,8 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     dev = images.device
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     width = padded.shape[-1]
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+    dy, dx = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), dev)
+    flip = to_device(torch.rand(n, generator=generator) < 0.5, dev)
     across = torch.arange(w, device=dev)
     rows = dy[:, None] + torch.arange(h, device=dev)  # (N, H)
     cols = dx[:, None] + torch.where(flip[:, None], across.flip(0), across)  # (N, W), mirrored where flipped
@@ -108,12 +114,12 @@ class BatchAutoAugment:
                 members = moved.nonzero().squeeze(1)
                 matrices = [affine_matrix(self.kinds[i], m, *images.shape[-2:])
                             for i, m in zip(k[members].tolist(), v[members].tolist())]
-                index = members.to(out.device)
-                out[index] = affine(out[index], torch.tensor(matrices, device=out.device).view(-1, 2, 3))
+                index = to_device(members, out.device)
+                out[index] = affine(out[index], to_device(torch.tensor(matrices).view(-1, 2, 3), out.device))
             for i in k[~moved & (k >= 0)].unique().tolist():
                 members = (k == i).nonzero().squeeze(1)
-                index = members.to(out.device)
-                out[index] = PIXEL_OPERATIONS[self.kinds[i]](out[index], v[members].to(out.device))
+                index = to_device(members, out.device)
+                out[index] = PIXEL_OPERATIONS[self.kinds[i]](out[index], to_device(v[members], out.device))
         return out
 
 
@@ -143,7 +149,7 @@ def affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=images.device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=images.device)[:, None])
     base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=images.device)
+    scaled = theta.transpose(1, 2) / to_device(torch.tensor([0.5 * w, 0.5 * h]), images.device)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
     out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(images.dtype)
@@ -172,7 +178,7 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
 
 def _sharpness(images: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(3, 1, 3, 3)
+    kernel = to_device(torch.tensor([[a, a, a], [a, b, a], [a, a, a]]), images.device).expand(3, 1, 3, 3)
     out = images.float()
     blurred = F.conv2d(out, kernel, groups=3).round_()
     inner = out[..., 1:-1, 1:-1]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import PaperAugment
+from .augment import PaperAugment, to_device
 from .config import CheckpointError, TrainConfig
 from .data import ImageSet, Splits, load
 from .layer import AttZoom, GateStats
@@ -188,7 +188,7 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
     model.train()
     n = len(data)
     usable = n if n < cfg.batch_size else n - n % cfg.batch_size
-    order = torch.randperm(n, generator=generator)[:usable].to(rt.device)
+    order = to_device(torch.randperm(n, generator=generator)[:usable], rt.device)
     total = torch.zeros((), device=rt.device)
     batches = order.split(cfg.batch_size)
     for step, index in enumerate(batches, 1):

@@ -106,3 +106,17 @@ def test_eager_cuda_optimizers_are_fused():
     cfg = config()
     optimizer = make_optimizer(cfg, make_model(cfg, 4, make_runtime(cfg, small_splits())))
     assert optimizer.defaults["fused"] is True
+
+
+def test_augmentation_never_waits_for_the_gpu():
+    """Random draws and indices go to the GPU without a blocking copy: each one would drain the queue
+    and leave the GPU idle while the host launches the next kernels (about 20 per batch)."""
+    from attzoom.augment import PaperAugment
+
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = PaperAugment(32)(images, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == images.shape and out.dtype == torch.uint8
