@@ -97,7 +97,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=d.data_root)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (on CUDA: as CUDA graphs)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="with --compile on CUDA: compiled kernels without CUDA graphs")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

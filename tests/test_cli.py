@@ -101,3 +101,14 @@ def test_readers_on_a_tracking_server_that_does_not_answer_say_so_in_one_line(tm
         lines = err.strip().splitlines()
         assert len(lines) == 1 and f"tracking server {uri} does not answer" in lines[0], (reader.args, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_options_reach_the_config_compile_with_or_without_cuda_graphs():
+    from attzoom.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    assert not config_from_args(parser.parse_args(["train"])).compile
+    graphs = config_from_args(parser.parse_args(["train", "--compile"]))
+    assert graphs.compile and graphs.cuda_graphs
+    plain = config_from_args(parser.parse_args(["train", "--compile", "--no-cuda-graphs"]))
+    assert plain.compile and not plain.cuda_graphs
