@@ -13,6 +13,7 @@ bests differ by at most two standard deviations of those seeds' best val top-1 (
 config shows from its seed alone). Prints one JSON object; progress goes to stderr.
 
     .venv/bin/python benchmarks/early_stop.py [--trials 12] [--seeds 3] [--grace-period 1] [--reduction-factor 4]
+        [--epochs 8] [--patience 3]   # the trial length: the demo's by default, the paper's is 50 and 5
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import json
 import statistics
 import subprocess
 import sys
+import re
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +60,15 @@ def runs_of(tracking_uri: str, role: str) -> list:
 def sweep(folder: Path, scheduler: str, args) -> dict:
     """One sweep of the demo spec; what its trials trained and found, per study."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    spec = folder / "spec.toml"  # the spec with a [scheduler] table (the demo has none)
-    spec.write_text(f"{args.spec.read_text()}\n[scheduler]\nkind = \"{scheduler}\"\n"
+    spec = folder / "spec.toml"  # the spec with a [scheduler] table (the demo has none) and the trial length
+    text, found = re.subn(r"(?m)^patience\s*=.*$", f"patience = {args.patience}", args.spec.read_text(), count=1)
+    if not found:
+        raise SystemExit(f"{args.spec} has no top-level patience line to set")
+    spec.write_text(f"{text}\n[scheduler]\nkind = \"{scheduler}\"\n"
                     f"grace_period = {args.grace_period}\nreduction_factor = {args.reduction_factor}\n")
     log(f"sweep with [scheduler] kind = {scheduler} ...")
-    wall = cli("sweep", str(spec), "--trials", str(args.trials), "--storage", str(folder / "ray_results"),
-               "--tracking-uri", uri, "--data-root", str(args.data_root), cwd=folder)
+    wall = cli("sweep", str(spec), "--trials", str(args.trials), "--epochs", str(args.epochs), "--storage",
+               str(folder / "ray_results"), "--tracking-uri", uri, "--data-root", str(args.data_root), cwd=folder)
     studies: dict[str, dict] = {}
     for run in runs_of(uri, TRIAL_ROLE):
         study = studies.setdefault(run.data.tags[STUDY], {"trials": 0, "pruned": 0, "epochs": 0, "best_val_top1": 0.0})
@@ -94,7 +100,11 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT / "data")
     parser.add_argument("--grace-period", type=int, default=EarlyStopping.grace_period)
     parser.add_argument("--reduction-factor", type=float, default=EarlyStopping.reduction_factor)
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the spec's)")
+    parser.add_argument("--patience", type=int, help="early-stopping patience (default: the spec's)")
     args = parser.parse_args()
+    spec = tomllib.loads(args.spec.read_text())
+    args.epochs, args.patience = args.epochs or spec["epochs"], args.patience or spec["patience"]
     with tempfile.TemporaryDirectory() as tmp:
         plain_dir, asha_dir = Path(tmp, "none"), Path(tmp, "asha")
         plain_dir.mkdir()
@@ -114,7 +124,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "the demo sweep with and without per-study ASHA, same seed and trials",
         "spec": str(args.spec.relative_to(ROOT) if args.spec.is_relative_to(ROOT) else args.spec),
-        "trials_per_study": args.trials, "grace_period": args.grace_period,
+        "trials_per_study": args.trials, "epochs": args.epochs, "patience": args.patience,
+        "grace_period": args.grace_period,
         "reduction_factor": args.reduction_factor, "none": plain, "asha": asha,
         "epochs_ratio": round(plain["epochs"] / asha["epochs"], 2),
         "studies": studies,
