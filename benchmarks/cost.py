@@ -14,6 +14,7 @@
 
     .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json \\
         [--early-stop benchmarks/results/early_stop-cpu-2026-11-30.json]
+    .venv/bin/python benchmarks/cost.py gpu-fit-steps.json gpu-packed.json   # parts from two runs
 
 gpu.py runs the same projection at the end of a full run (``--early-stop`` there too).
 """
@@ -67,11 +68,15 @@ def step_epoch_s(eager: dict, steps: dict, key: str, reference: str, variant: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("gpu", type=Path, help="a gpu.py JSON report with its fit, steps and packed parts")
+    parser.add_argument("gpu", type=Path, nargs="+",
+                        help="gpu.py JSON reports that hold its fit, steps and packed parts between them")
     parser.add_argument("--early-stop", type=Path, help="an early_stop.py JSON report")
     args = parser.parse_args()
     early_stop = json.loads(args.early_stop.read_text()) if args.early_stop else None
-    print(json.dumps(project(json.loads(args.gpu.read_text()), early_stop), indent=2))
+    report: dict = {}
+    for path in args.gpu:  # parts measured in separate runs (benchmarks/gpu_session.sh) join into one report
+        report.update(json.loads(path.read_text()))
+    print(json.dumps(project(report, early_stop), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The paper protocol's projected GPU-hours (benchmarks/cost.py) from the stored H200 measurements."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,14 @@ def test_a_report_with_compiled_steps_projects_the_compiled_mode():
     assert projected["gpu_hours"] == pytest.approx(project(H200)["gpu_hours"] / 3, abs=1)
     graphs["mobilenetv1@32"] = {variant: {**eager["mobilenetv1@32"][variant]} for variant in ("baseline", "attzoom")}
     assert project(report)["gpu_hours"] > projected["gpu_hours"]  # measured, not scaled: no faster compiled
+
+
+def test_parts_measured_in_separate_runs_join_into_one_projection(tmp_path):
+    """benchmarks/gpu_session.sh measures fit and steps in one command and packing in another."""
+    first = tmp_path / "fit-steps.json"
+    first.write_text(json.dumps({key: H200[key] for key in ("device", "fit", "steps")}))
+    second = tmp_path / "packed.json"
+    second.write_text(json.dumps({"device": H200["device"], "packed": H200["packed"]}))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost.py"), str(first), str(second)],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["gpu_hours_packed"] == project(H200)["gpu_hours_packed"]
