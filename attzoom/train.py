@@ -245,8 +245,8 @@ def evaluate(model: nn.Module, data: ImageSet, rt: Runtime, batch_size: int = 50
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
                              hits.any(dim=1).sum()]).double()
-    loss, top1, top5 = (sums / len(data)).tolist()
-    return {"loss": loss, "top1": 100 * top1, "top5": 100 * top5}
+    (loss, top1, top5), n = sums.tolist(), len(data)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
 
 class EarlyStopping:
