@@ -14,7 +14,8 @@ out=${OUT:-.}
 python=${PYTHON:-python}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}  # compiled kernels reused by part 2
 case "${1:-}" in
-  1) "$python" -m pytest -q -x tests/test_cuda.py -p no:cacheprovider 2>&1 | tail -15
+  1) "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tail -15 \
+       || echo "tests/test_cuda.py failed (above); measuring anyway" >&2
      "$python" benchmarks/gpu.py --parts fit,steps --train-images 20000 --out "$out/gpu-fit-steps.json" > /dev/null ;;
   2) "$python" benchmarks/gpu.py --parts packed --train-images 20000 --packs 4,8 --mps \
        --out "$out/gpu-packed.json" > /dev/null ;;
