@@ -76,6 +76,7 @@ class BatchAutoAugment:
         self.kinds = sorted({name for sub_policy in policies for name, _, _ in sub_policy})
         self._kind = torch.tensor([[self.kinds.index(name) for name, _, _ in p] for p in policies])
         self._probability = torch.tensor([[probability for _, probability, _ in p] for p in policies])
+        self._geometric = torch.tensor([name in GEOMETRIC for name in self.kinds])  # by kind
         self._tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by image size
 
     def plan(self, n: int, generator: torch.Generator, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +107,9 @@ class BatchAutoAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         kind, value = self.plan(len(images), generator, *images.shape[-2:])
-        geometric = torch.tensor([name in GEOMETRIC for name in self.kinds])
         out = images.clone()
         for k, v in zip(kind.T, value.T):  # the sub-policies' first operations, then their second ones
-            moved = geometric[k.clamp(min=0)] & (k >= 0)
+            moved = self._geometric[k.clamp(min=0)] & (k >= 0)
             if moved.any():
                 members = moved.nonzero().squeeze(1)
                 matrices = [affine_matrix(self.kinds[i], m, *images.shape[-2:])
@@ -155,20 +155,20 @@ def affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return out.round_().to(images.dtype)
 
 
-def _factor(values: torch.Tensor) -> torch.Tensor:
-    return (1.0 + values).float()[:, None, None, None]
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    """One float32 value per image, shaped to broadcast over (N, C, H, W)."""
+    return values.float()[:, None, None, None]
 
 
 def _fused_add(out: torch.Tensor, other: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``out + alpha * other`` rounded once, as torch's ``add(other, alpha=...)`` computes it (a fused
     multiply-add): exact in float64 for these 8-bit images, then rounded to float32."""
-    alpha = alpha.float().double()[:, None, None, None]
-    return out.double().add_(other.double() * alpha).float()
+    return out.double().add_(other.double() * _per_image(alpha).double()).float()
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """torchvision's _blend with one ratio per image: images * r + other * (1 - r), clamped, truncated."""
-    out = images.float().mul_(ratio.float()[:, None, None, None])
+    out = images.float().mul_(_per_image(ratio))
     return _fused_add(out, other, 1.0 - ratio).clamp_(0, 255).to(images.dtype)
 
 
@@ -182,6 +182,7 @@ def _sharpness(images: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     out = images.float()
     blurred = F.conv2d(out, kernel, groups=3).round_()
     inner = out[..., 1:-1, 1:-1]
+    # alpha = 1 - factor with factor = 1 + magnitude, in float64 as torchvision computes it (not -magnitude)
     inner.copy_(_fused_add(inner, blurred.sub_(inner), 1.0 - (1.0 + values)))
     return out.clamp_(0, 255).to(images.dtype)
 
@@ -193,12 +194,12 @@ def _posterize(images: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _solarize(images: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    threshold = (255.0 * values).float()[:, None, None, None]
+    threshold = _per_image(255.0 * values)
     return torch.where(images >= threshold, 255 - images, images)
 
 
 PIXEL_OPERATIONS = {
-    "Brightness": lambda x, v: x.float().mul_(_factor(v)).clamp_(0, 255).to(x.dtype),
+    "Brightness": lambda x, v: x.float().mul_(_per_image(1.0 + v)).clamp_(0, 255).to(x.dtype),
     "Color": lambda x, v: _blend(x, _gray(x), 1.0 + v),
     "Contrast": lambda x, v: _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), 1.0 + v),
     "Sharpness": _sharpness,
