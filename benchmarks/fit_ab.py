@@ -21,9 +21,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import images_per_s_between, log  # noqa: E402
 
 WORKER = """
-import json, statistics, sys, tempfile, time
+import json, sys, tempfile, time
 import torch
 from attzoom.data import ImageSet, Splits
 from attzoom.train import fit
@@ -36,9 +39,8 @@ data = Splits(images(args["train"]), images(args["val"]), images(args["val"]), 1
 reports = []
 with tempfile.TemporaryDirectory() as folder:
     fit(args["config"], data, checkpoint_dir=folder, callback=lambda metrics, _: reports.append(time.perf_counter()))
-used = args["train"] - args["train"] % args["config"]["batch_size"]
-print(json.dumps(statistics.median(used / (b - a) for a, b in zip(reports, reports[1:]))))
-"""
+print(json.dumps(reports))
+"""  # runs against the side's own attzoom only, so it prints its report times and the rates are computed here
 
 
 def measure(source: Path, args) -> float:
@@ -47,7 +49,7 @@ def measure(source: Path, args) -> float:
     payload = json.dumps({"config": config, "train": args.train_images, "val": args.val_images})
     done = subprocess.run([sys.executable, "-c", WORKER, payload], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(source)})
-    return json.loads(done.stdout)
+    return statistics.median(images_per_s_between(json.loads(done.stdout), args.train_images, args.batch))
 
 
 def main() -> None:
@@ -78,7 +80,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for side in rates:
                     rates[side].append(round(measure(sources[side], args), 1))
-                    print(f"{side}: {rates[side][-1]} images/s", file=sys.stderr, flush=True)
+                    log(f"{side}: {rates[side][-1]} images/s")
         finally:
             for side, source in sources.items():
                 if source != ROOT:

@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from attzoom.config import TrainConfig  # noqa: E402
 from attzoom.data import ImageSet, Splits  # noqa: E402
 from attzoom.train import compile_model, fit, make_model, make_optimizer, make_runtime, mark_step  # noqa: E402
-from benchmarks.common import log, sync  # noqa: E402
+from benchmarks.common import images_per_s_between, log, sync  # noqa: E402
 from benchmarks.cost import PAPER, project  # noqa: E402
 
 EPOCH_IMAGES = {32: 45_000, 64: 90_000}  # CIFAR-100 / Tiny-ImageNet training images after the validation split
@@ -72,8 +72,7 @@ def fit_throughput(backbone: str, variant: str, compiled: bool, args, memory_fra
     started = time.time()
     with tempfile.TemporaryDirectory() as checkpoints:
         result = fit(config, data, checkpoint_dir=checkpoints, callback=lambda metrics, _: reports.append(time.time()))
-    used = args.train_images - args.train_images % args.batch
-    rates = [used / (later - earlier) for earlier, later in zip(reports, reports[1:])]
+    rates = images_per_s_between(reports, args.train_images, args.batch)
     return {"backbone": backbone, "variant": variant, "compiled": compiled,
             "images_per_s": round(statistics.median(rates or [m["images_per_s"] for m in result.history]), 1),
             "images_per_s_between_reports": [round(r, 1) for r in rates],
