@@ -190,6 +190,7 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
     usable = n if n < cfg.batch_size else n - n % cfg.batch_size
     order = to_device(torch.randperm(n, generator=generator)[:usable], rt.device)
     total = torch.zeros((), device=rt.device)
+    finite = FiniteCheck(rt.device)
     batches = order.split(cfg.batch_size)
     for step, index in enumerate(batches, 1):
         between_steps()
@@ -206,9 +207,34 @@ def train_one_epoch(model, data: ImageSet, cfg: TrainConfig, rt: Runtime, optimi
         if cfg.scheduler == "onecycle":
             scheduler.step()
         total += loss.detach() * len(index)
-        if step % 25 == 0 and not torch.isfinite(total):
+        if step % 25 == 0 and not finite(total):
             return math.nan, step * cfg.batch_size
     return total.item() / usable, usable
+
+
+class FiniteCheck:
+    """Whether a running loss sum is still finite, for stopping a diverged epoch early.
+
+    On CUDA the answer is one check late: the flag goes to pinned host memory without a sync and is
+    read at the next check, long after the copy landed, so the GPU's queue never drains mid-epoch
+    (a launch-bound step would idle while the host refills it). The epoch's closing ``.item()``
+    still sees a NaN from the last steps. On the CPU there is nothing to overlap: it reads at once."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self.flag = torch.ones((), dtype=torch.bool, pin_memory=self.lagged)
+        self.copied = None  # the CUDA event after the last flag copy
+
+    def __call__(self, total: torch.Tensor) -> bool:
+        if not self.lagged:
+            return bool(torch.isfinite(total))
+        if self.copied is not None:
+            self.copied.synchronize()  # recorded a check (25 steps) ago: done already
+        seen = bool(self.flag)
+        self.flag.copy_(torch.isfinite(total), non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return seen
 
 
 def mark_step(model: nn.Module) -> None:

@@ -120,3 +120,32 @@ def test_augmentation_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("variant", ["baseline", "attzoom"])
+def test_a_training_epoch_waits_for_the_gpu_once(variant):
+    """Only the epoch's closing loss read syncs: the divergence check every 25 steps reads a flag copied
+    one check earlier, the optimizers are fused and the augmentation copies without blocking."""
+    import warnings
+
+    from attzoom.augment import PaperAugment
+    from attzoom.train import make_model, make_optimizer, make_scheduler, train_one_epoch
+
+    cfg, data = config(batch_size=8, variant=variant), small_splits(n_train=8 * 60)
+    rt = make_runtime(cfg, data)
+    model = make_model(cfg, data.num_classes, rt)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, 60)
+    scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
+    train_set, augment = data.train.to(rt.device), PaperAugment(data.image_size)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, seen = train_one_epoch(model, train_set, cfg, rt, optimizer, scheduler, scaler, augment,
+                                         torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert math.isfinite(loss) and seen == 8 * 60
+    assert len(syncs) == 1, syncs
