@@ -302,8 +302,9 @@ class EarlyStopping:
 # --- checkpoints ----------------------------------------------------------------------
 
 def training_state(cfg, data: Splits, model, optimizer, scheduler, scaler, generator, stop, history) -> dict:
-    """Everything ``last.pt`` holds, copied to the CPU now: the next epoch trains while it is written."""
-    return _copy_to_cpu({
+    """Everything ``last.pt`` holds, copied to the CPU now: the next epoch trains while it is written.
+    The copies from the GPU go without waiting, one each (~900 for ResNet-50 + Adam), then one sync."""
+    state = _copy_to_cpu({
         "config": cfg.to_dict(), "model": model.state_dict(), "num_classes": data.num_classes,
         "mean": list(data.mean), "std": list(data.std),
         "optimizer": optimizer.state_dict(),
@@ -314,6 +315,9 @@ def training_state(cfg, data: Splits, model, optimizer, scheduler, scaler, gener
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     })
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the writer thread reads the copies next
+    return state
 
 
 def end_epoch(ckpt_dir: Path | None, state: dict | None, improved: bool, callback: Callback | None,
@@ -337,7 +341,7 @@ def save_checkpoints(ckpt_dir: Path, state: dict, improved: bool) -> None:
 def _copy_to_cpu(value):
     """A copy of nested dicts, lists and tuples whose tensors are new CPU tensors (the live ones change)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=True, non_blocking=True)  # into pinned memory from a GPU
     if isinstance(value, dict):
         return {key: _copy_to_cpu(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

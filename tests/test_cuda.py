@@ -149,3 +149,30 @@ def test_a_training_epoch_waits_for_the_gpu_once(variant):
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert math.isfinite(loss) and seen == 8 * 60
     assert len(syncs) == 1, syncs
+
+
+def test_the_epochs_training_state_is_copied_with_one_sync():
+    """last.pt's state leaves the GPU in copies that do not wait, then one sync, not one per tensor."""
+    import warnings
+
+    from attzoom.train import EarlyStopping, make_model, make_optimizer, make_scheduler, training_state
+
+    cfg, data = config(variant="attzoom"), small_splits()
+    rt = make_runtime(cfg, data)
+    model = make_model(cfg, data.num_classes, rt)
+    optimizer = make_optimizer(cfg, model)
+    model(rt.prepare(data.train.images[:4].to(rt.device))).sum().backward()
+    optimizer.step()  # Adam's moments exist now
+    scheduler, scaler = make_scheduler(cfg, optimizer, 1), torch.amp.GradScaler(enabled=False)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = training_state(cfg, data, model, optimizer, scheduler, scaler, torch.Generator(),
+                                   EarlyStopping(3), [])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+    weights = dict(model.state_dict())
+    assert all(torch.equal(state["model"][k], weights[k].cpu()) for k in weights)
+    assert all(t.device.type == "cpu" for t in state["model"].values())
