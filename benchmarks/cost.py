@@ -10,11 +10,15 @@
   measurement); with ASHA, that divided by early_stop.py's measured ratio of epochs;
 - packing: n 1/n-GPU trials on one GPU divide the hours by gpu.py's best ``packed`` ratio;
 - compiled steps (CUDA graphs): measured per backbone where gpu.py compiled it (``--graph-backbones``),
-  else the eager steps scaled by what compiling did for ResNet-50 at the same image size.
+  else the eager steps scaled by what compiling did for ResNet-50 at the same image size, else (no
+  compiled ResNet-50 at that size) the eager steps: no gain is assumed where none was measured.
+
+Reports given together are joined, later over earlier: a short GPU session that measured ResNet-50
+alone takes the other backbones' eager steps from an earlier report of the same device.
 
     .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json \\
         [--early-stop benchmarks/results/early_stop-cpu-2026-11-30.json]
-    .venv/bin/python benchmarks/cost.py gpu-fit-steps.json gpu-packed.json   # parts from two runs
+    .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json gpu.json   # joined
 
 gpu.py runs the same projection at the end of a full run (``--early-stop`` there too).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 PAPER = {"backbones": ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50"),
@@ -33,21 +38,25 @@ EPOCHS_RUN_SHARE = 0.5  # patience 5 stops a 50-epoch trial about half-way (assu
 def project(gpu: dict, early_stop: dict | None = None) -> dict:
     """GPU-hours of the paper protocol from a gpu.py report (and an early_stop.py report), with what they rest on.
 
-    A report with an eager and a compiled ("graphs") mode projects the compiled one; one from before
-    that split (2026-11-26) has a single mode."""
-    mode = "graphs" if "graphs" in gpu["fit"] else None
-    fit_runs = gpu["fit"][mode]["runs"] if mode else gpu["fit"]["runs"]
-    eager, steps = (gpu["steps"]["eager"], gpu["steps"][mode]) if mode else (gpu["steps"], gpu["steps"])
+    A report with a compiled ("graphs") fit projects the compiled mode, else the eager one."""
+    gpu = normalized(gpu)
+    mode = "graphs" if "graphs" in gpu["fit"] else "eager"
+    fit_runs, eager, steps = gpu["fit"][mode]["runs"], gpu["steps"]["eager"], gpu["steps"].get(mode, {})
     fit_factor = {variant: steps["resnet50@32"][variant]["images_per_s"] / fit_runs[variant]["images_per_s"]
                   for variant in PAPER["variants"]}
-    epoch_s = sum(step_epoch_s(eager, steps, f"{backbone}@{side}", f"resnet50@{side}", variant) * fit_factor[variant]
-                  for backbone in PAPER["backbones"] for side in PAPER["sides"] for variant in PAPER["variants"])
+    keys = [f"{backbone}@{side}" for backbone in PAPER["backbones"] for side in PAPER["sides"]]
+    epoch_s = sum(step_epoch_s(eager, steps, key, "resnet50@" + key.split("@")[1], variant) * fit_factor[variant]
+                  for key in keys for variant in PAPER["variants"])
     epochs_run = PAPER["epochs"] * EPOCHS_RUN_SHARE
     hours = PAPER["trials"] * epochs_run * epoch_s / 3600
     packing = gpu["packed"]["aggregate_ratio"] if "packed" in gpu else None
-    projected = {"device": gpu["device"], "mode": mode or "eager",
+    projected = {"device": gpu["device"], "mode": mode,
                  "fit_over_steps": {k: round(v, 2) for k, v in fit_factor.items()},
                  "epochs_per_trial": epochs_run, "gpu_hours": round(hours)}
+    if mode != "eager":
+        projected["steps_not_measured_compiled"] = {
+            "scaled_as_resnet50": [k for k in keys if k not in steps and "resnet50@" + k.split("@")[1] in steps],
+            "taken_as_eager": [k for k in keys if "resnet50@" + k.split("@")[1] not in steps]}
     if packing:
         projected.update(packing_ratio=packing, gpu_hours_packed=round(hours / packing))
     if early_stop:
@@ -63,7 +72,33 @@ def step_epoch_s(eager: dict, steps: dict, key: str, reference: str, variant: st
     mode did for the reference backbone (ResNet-50) at the same image size."""
     if key in steps:
         return steps[key][variant]["epoch_s"]
+    if reference not in steps:
+        return eager[key][variant]["epoch_s"]
     return eager[key][variant]["epoch_s"] * steps[reference][variant]["epoch_s"] / eager[reference][variant]["epoch_s"]
+
+
+def normalized(report: dict) -> dict:
+    """A report from before gpu.py measured eager and compiled apart (2026-11-26) as one of its eager mode."""
+    fit, steps = report.get("fit", {}), report.get("steps", {})
+    old_steps = steps and not {"eager", "graphs"} & steps.keys()
+    return {**report, "fit": {"eager": fit} if "runs" in fit else fit,
+            "steps": {"eager": steps} if old_steps else steps}
+
+
+def joined(reports: list[dict]) -> dict:
+    """Reports of separate runs as one, a later one's measurements over an earlier one's."""
+    into: dict = {}
+    for report in reports:
+        _merge(into, normalized(report))
+    return into
+
+
+def _merge(into: dict, report: dict) -> None:
+    for key, value in report.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def main() -> None:
@@ -73,10 +108,14 @@ def main() -> None:
     parser.add_argument("--early-stop", type=Path, help="an early_stop.py JSON report")
     args = parser.parse_args()
     early_stop = json.loads(args.early_stop.read_text()) if args.early_stop else None
-    report: dict = {}
-    for path in args.gpu:  # parts measured in separate runs (benchmarks/gpu_session.sh) join into one report
-        report.update(json.loads(path.read_text()))
-    print(json.dumps(project(report, early_stop), indent=2))
+    report = joined([json.loads(path.read_text()) for path in args.gpu])
+    try:
+        projected = project(report, early_stop)
+    except KeyError as missing:
+        print(f"cost.py: no report given has {missing} (gpu.py's steps or fit for it); add one that measured "
+              "it, such as benchmarks/results/gpu-h200-2026-11-26.json", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({**projected, "reports": [str(path) for path in args.gpu]}, indent=2))
 
 
 if __name__ == "__main__":

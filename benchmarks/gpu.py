@@ -80,18 +80,20 @@ def fit_throughput(backbone: str, variant: str, compiled: bool, args, memory_fra
             "started": started, "steady_from": reports[0] if reports else started, "ended": time.time()}
 
 
-def part_fit(args) -> dict:
-    section = {}
+def part_fit(args, report: dict, save) -> None:
+    section = report["fit"] = {}
     for mode, compiled in MODES.items():
-        runs = {variant: fit_throughput(args.backbone, variant, compiled, args) for variant in PAPER["variants"]}
-        for run in runs.values():
-            log(f"fit {mode} {run['backbone']} {run['variant']}: {run['images_per_s']} images/s")
-        section[mode] = {"runs": runs, "attzoom_over_baseline_time": round(
-            runs["baseline"]["images_per_s"] / runs["attzoom"]["images_per_s"], 3)}
+        section[mode] = {"runs": {}}
+        runs = section[mode]["runs"]
+        for variant in PAPER["variants"]:
+            runs[variant] = fit_throughput(args.backbone, variant, compiled, args)
+            log(f"fit {mode} {args.backbone} {variant}: {runs[variant]['images_per_s']} images/s")
+            save()
+        section[mode]["attzoom_over_baseline_time"] = round(
+            runs["baseline"]["images_per_s"] / runs["attzoom"]["images_per_s"], 3)
     section["graphs_over_eager"] = {variant: round(section["graphs"]["runs"][variant]["images_per_s"]
                                                    / section["eager"]["runs"][variant]["images_per_s"], 3)
                                     for variant in PAPER["variants"]}
-    return section
 
 
 def step_throughput(backbone: str, variant: str, side: int, compiled: bool, args) -> dict:
@@ -129,43 +131,48 @@ def step_throughput(backbone: str, variant: str, side: int, compiled: bool, args
             "peak_gib": None if peak is None else round(peak, 2)}
 
 
-def steps_table(backbones, compiled: bool, args) -> dict:
-    table = {}
+def steps_table(backbones, compiled: bool, args, table: dict, save) -> None:
     for backbone in backbones:
-        for side in PAPER["sides"]:
+        for side in args.sides:
             row = {variant: step_throughput(backbone, variant, side, compiled, args) for variant in PAPER["variants"]}
             row["attzoom_over_baseline_time"] = round(
                 row["baseline"]["images_per_s"] / row["attzoom"]["images_per_s"], 3)
             table[f"{backbone}@{side}"] = row
             log(f"steps {'graphs' if compiled else 'eager'} {backbone} {side}px: baseline "
                 f"{row['baseline']['images_per_s']} vs attzoom {row['attzoom']['images_per_s']} images/s")
-    return table
+            save()
 
 
-def part_steps(args) -> dict:
-    return {"eager": steps_table(args.backbones, False, args),
-            "graphs": steps_table(args.graph_backbones, True, args)}
+def part_steps(args, report: dict, save) -> None:
+    section = report["steps"] = {"eager": {}, "graphs": {}}
+    steps_table(args.backbones, False, args, section["eager"], save)
+    steps_table(args.graph_backbones, True, args, section["graphs"], save)
 
 
 def fit_share_of_steps(report: dict, backbone: str) -> dict:
-    """fit's images/s over bare steps' at 32 px, per mode and variant (issue 16: >= 0.9 with graphs)."""
-    return {mode: {variant: round(report["fit"][mode]["runs"][variant]["images_per_s"]
-                                  / report["steps"][mode][f"{backbone}@32"][variant]["images_per_s"], 3)
-                   for variant in PAPER["variants"]}
-            for mode in MODES if f"{backbone}@32" in report["steps"][mode]}
+    """fit's images/s over bare steps' at 32 px, per mode and variant (issue 16: >= 0.9 with graphs), for
+    what both parts have measured so far."""
+    shares = {}
+    for mode in MODES:
+        runs, row = report["fit"].get(mode, {}).get("runs", {}), report["steps"].get(mode, {}).get(f"{backbone}@32")
+        if row:
+            shares[mode] = {variant: round(runs[variant]["images_per_s"] / row[variant]["images_per_s"], 3)
+                            for variant in runs}
+    return shares
 
 
-def part_packed(args) -> dict:
-    """The compiled attzoom trial alone, then 4 and 8 at once, each in its own process as Ray would run them."""
-    alone = launch_workers(args, 1, None)[0]
-    section = {"alone_images_per_s": alone["images_per_s"], "by_count": {}}
+def part_packed(args, report: dict, save) -> None:
+    """The compiled attzoom trial alone, then 4 and 8 at once, each in its own process as Ray would run them.
+    Alone is the fit part's compiled attzoom run when this run has one (the same trial; a minute saved)."""
+    alone = report.get("fit", {}).get("graphs", {}).get("runs", {}).get("attzoom") or launch_workers(args, 1, None)[0]
+    section = report["packed"] = {"alone_images_per_s": alone["images_per_s"], "by_count": {}}
     for count in args.packs:
         section["by_count"][str(count)] = packing(args, count, 1 / count, alone)
+        section["aggregate_ratio"] = max(p["aggregate_ratio"] for p in section["by_count"].values())
+        save()
     if args.mps:
         count = args.packs[0]
         section[f"mps_{count}"] = with_mps(lambda env: packing(args, count, 1 / count, alone, env))
-    section["aggregate_ratio"] = max(p["aggregate_ratio"] for p in section["by_count"].values())
-    return section
 
 
 def packing(args, count: int, fraction: float, alone: dict, env: dict | None = None) -> dict:
@@ -215,6 +222,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50", help="for the fit and packed parts")
     parser.add_argument("--backbones", default=",".join(PAPER["backbones"]), help="the steps part's (comma-separated)")
     parser.add_argument("--graph-backbones", default="resnet50", help="steps compiled for these (comma-separated)")
+    parser.add_argument("--sides", default="32,64", help="the steps part's image sizes (comma-separated)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-images", type=int, default=45_000)
@@ -230,6 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     args.backbones, args.graph_backbones = tuple(args.backbones.split(",")), tuple(args.graph_backbones.split(","))
     args.packs = [int(count) for count in args.packs.split(",")]
+    args.sides = tuple(int(side) for side in args.sides.split(","))
     if args.quick:
         args.backbone, args.backbones, args.graph_backbones = "tiny_resnet", ("tiny_resnet",), ("tiny_resnet",)
         args.packs = [2]
@@ -243,17 +252,27 @@ def main() -> None:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "batch": args.batch, "epochs": args.epochs, "quick": args.quick}
     started = time.perf_counter()
-    parts = {"fit": part_fit, "steps": part_steps, "packed": part_packed}
-    for name in args.parts.split(","):
-        report[name] = parts[name](args)
+
+    def save() -> None:
+        """After each measurement: a run cut short by its time limit still leaves what it measured."""
         report["wall_s"] = round(time.perf_counter() - started, 1)
         if {"fit", "steps"} <= report.keys():
             report["fit_share_of_steps"] = fit_share_of_steps(report, args.backbone)
         if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2))
+            partial = Path(f"{args.out}.part")
+            partial.write_text(json.dumps(report, indent=2))
+            partial.replace(args.out)
+
+    parts = {"fit": part_fit, "steps": part_steps, "packed": part_packed}
+    for name in args.parts.split(","):
+        parts[name](args, report, save)
+        save()
     if {"fit", "steps", "packed"} <= report.keys() and not args.quick:  # the paper protocol's GPU-hours (cost.py)
         early_stop = json.loads(args.early_stop.read_text()) if args.early_stop else None
-        report["paper_projection"] = project(report, early_stop)
+        try:
+            report["paper_projection"] = project(report, early_stop)
+        except KeyError as missing:
+            log(f"no projection: this run did not measure {missing}; cost.py joins it with an earlier report")
     print(json.dumps(report, indent=2))
 
 

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cost import project  # noqa: E402
+from benchmarks.cost import PAPER, project  # noqa: E402
 
 H200 = json.loads((ROOT / "benchmarks" / "results" / "gpu-h200-2026-11-26.json").read_text())
 
@@ -58,3 +58,28 @@ def test_parts_measured_in_separate_runs_join_into_one_projection(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost.py"), str(first), str(second)],
                           capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["gpu_hours_packed"] == project(H200)["gpu_hours_packed"]
+
+
+def test_a_short_session_joins_an_earlier_report_and_says_what_it_did_not_compile(tmp_path):
+    """A GPU session that measured ResNet-50 at 32 px only (gpu_session.sh) takes the other backbones'
+    eager steps from the 2026-11-26 report; sizes with no compiled ResNet-50 are assumed to gain nothing."""
+    row = H200["steps"]["resnet50@32"]
+    faster = {variant: {**row[variant], "epoch_s": row[variant]["epoch_s"] / 2,
+                        "images_per_s": row[variant]["images_per_s"] * 2} for variant in ("baseline", "attzoom")}
+    fit = {mode: {"runs": {variant: {**run, "images_per_s": run["images_per_s"] * factor}
+                           for variant, run in H200["fit"]["runs"].items()}} for mode, factor in (("eager", 1),
+                                                                                                   ("graphs", 2))}
+    session = {"device": "NVIDIA H200", "fit": fit, "steps": {"eager": {"resnet50@32": row},
+                                                              "graphs": {"resnet50@32": faster}}}
+    (tmp_path / "session.json").write_text(json.dumps(session))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost.py"),
+                           str(ROOT / "benchmarks" / "results" / "gpu-h200-2026-11-26.json"),
+                           str(tmp_path / "session.json")], capture_output=True, text=True, check=True)
+    projected = json.loads(done.stdout)
+    assert projected["mode"] == "graphs" and projected["packing_ratio"] == H200["packed"]["aggregate_ratio"]
+    skipped = projected["steps_not_measured_compiled"]
+    assert "densenet121@32" in skipped["scaled_as_resnet50"] and "resnet50@64" in skipped["taken_as_eager"]
+    at_32 = sum(H200["steps"][f"{b}@32"][v]["epoch_s"] for b in PAPER["backbones"] for v in ("baseline", "attzoom"))
+    at_64 = sum(H200["steps"][f"{b}@64"][v]["epoch_s"] for b in PAPER["backbones"] for v in ("baseline", "attzoom"))
+    share = (at_32 / 2 + at_64) / (at_32 + at_64)  # 32 px twice as fast, 64 px as eager
+    assert projected["gpu_hours"] == pytest.approx(project(H200)["gpu_hours"] * share, rel=0.03)
