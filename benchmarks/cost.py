@@ -6,8 +6,9 @@
   image size: CIFAR-100 at 32 px, Tiny-ImageNet at 64 px) times the cost of a whole ``fit`` epoch
   over its steps (augmentation, validation, checkpoints), measured by its ``fit`` part on ResNet-50
   for each variant and applied to every backbone;
-- epochs per trial: 50 epochs with patience 5 stop about half-way (an assumption, not a
-  measurement); with ASHA, that divided by early_stop.py's measured ratio of epochs;
+- epochs per trial: what the plain sweep of an early_stop.py report trained per trial when that
+  report ran the paper's trial length (50 epochs, patience 5; measured on the demo data), else
+  assumed half of 50; with ASHA, that divided by the report's measured ratio of epochs;
 - packing: n 1/n-GPU trials on one GPU divide the hours by gpu.py's best ``packed`` ratio;
 - compiled steps (CUDA graphs): measured per backbone where gpu.py compiled it (``--graph-backbones``),
   else the eager steps scaled by what compiling did for ResNet-50 at the same image size, else (no
@@ -17,7 +18,7 @@ Reports given together are joined, later over earlier: a short GPU session that 
 alone takes the other backbones' eager steps from an earlier report of the same device.
 
     .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json \\
-        [--early-stop benchmarks/results/early_stop-cpu-2026-11-30.json]
+        [--early-stop benchmarks/results/early_stop-cpu-2026-11-30-50epochs.json]
     .venv/bin/python benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json gpu.json   # joined
 
 gpu.py runs the same projection at the end of a full run (``--early-stop`` there too).
@@ -31,8 +32,8 @@ import sys
 from pathlib import Path
 
 PAPER = {"backbones": ("resnet50", "densenet121", "mobilenetv1", "seresnet50", "cbam_resnet50", "resnext50"),
-         "sides": (32, 64), "variants": ("baseline", "attzoom"), "trials": 30, "epochs": 50}
-EPOCHS_RUN_SHARE = 0.5  # patience 5 stops a 50-epoch trial about half-way (assumed)
+         "sides": (32, 64), "variants": ("baseline", "attzoom"), "trials": 30, "epochs": 50, "patience": 5}
+EPOCHS_RUN_SHARE = 0.5  # patience 5 stops a 50-epoch trial about half-way (assumed where not measured)
 
 
 def project(gpu: dict, early_stop: dict | None = None) -> dict:
@@ -47,12 +48,13 @@ def project(gpu: dict, early_stop: dict | None = None) -> dict:
     keys = [f"{backbone}@{side}" for backbone in PAPER["backbones"] for side in PAPER["sides"]]
     epoch_s = sum(step_epoch_s(eager, steps, key, "resnet50@" + key.split("@")[1], variant) * fit_factor[variant]
                   for key in keys for variant in PAPER["variants"])
-    epochs_run = PAPER["epochs"] * EPOCHS_RUN_SHARE
+    epochs_run, epochs_from = trial_epochs(early_stop)
     hours = PAPER["trials"] * epochs_run * epoch_s / 3600
     packing = gpu["packed"]["aggregate_ratio"] if "packed" in gpu else None
     projected = {"device": gpu["device"], "mode": mode,
                  "fit_over_steps": {k: round(v, 2) for k, v in fit_factor.items()},
-                 "epochs_per_trial": epochs_run, "gpu_hours": round(hours)}
+                 "epochs_per_trial": round(epochs_run, 1), "epochs_per_trial_from": epochs_from,
+                 "gpu_hours": round(hours)}
     if mode != "eager":
         projected["steps_not_measured_compiled"] = {
             "scaled_as_resnet50": [k for k in keys if k not in steps and "resnet50@" + k.split("@")[1] in steps],
@@ -65,6 +67,15 @@ def project(gpu: dict, early_stop: dict | None = None) -> dict:
         if packing:
             projected["gpu_hours_asha_packed"] = round(hours / ratio / packing)
     return projected
+
+
+def trial_epochs(early_stop: dict | None) -> tuple[float, str]:
+    """Epochs one trial of the plain protocol trains, and where that number comes from."""
+    if early_stop and (early_stop.get("epochs"), early_stop.get("patience")) == (PAPER["epochs"], PAPER["patience"]):
+        plain = early_stop["none"]
+        trials = sum(study["trials"] for study in plain["studies"].values())
+        return plain["epochs"] / trials, "measured: early_stop.py's plain sweep at 50 epochs, patience 5 (demo data)"
+    return PAPER["epochs"] * EPOCHS_RUN_SHARE, "assumed: patience 5 stops a trial about half-way"
 
 
 def step_epoch_s(eager: dict, steps: dict, key: str, reference: str, variant: str) -> float:

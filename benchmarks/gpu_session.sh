@@ -6,7 +6,7 @@
 #   DEADLINE=520 bash benchmarks/gpu_session.sh targets tests   # $OUT/gpu.json, then tests/test_cuda.py
 #   DEADLINE=200 bash benchmarks/gpu_session.sh tests steps     # what the first did not reach
 #   python3 benchmarks/cost.py benchmarks/results/gpu-h200-2026-11-26.json "$OUT"/gpu.json [...steps.json] \
-#       --early-stop benchmarks/results/early_stop-cpu-2026-11-30-30trials.json
+#       --early-stop benchmarks/results/early_stop-cpu-2026-11-30-50epochs.json
 #
 # Stages:
 #   targets  ResNet-50 at 32 px: bare steps eager vs CUDA graphs (target 3x of 5,377 images/s), fit eager vs

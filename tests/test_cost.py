@@ -83,3 +83,18 @@ def test_a_short_session_joins_an_earlier_report_and_says_what_it_did_not_compil
     at_64 = sum(H200["steps"][f"{b}@64"][v]["epoch_s"] for b in PAPER["backbones"] for v in ("baseline", "attzoom"))
     share = (at_32 / 2 + at_64) / (at_32 + at_64)  # 32 px twice as fast, 64 px as eager
     assert projected["gpu_hours"] == pytest.approx(project(H200)["gpu_hours"] * share, rel=0.03)
+
+
+def test_an_early_stop_run_at_the_papers_trial_length_replaces_the_assumed_epochs_per_trial():
+    """early_stop.py at 50 epochs and patience 5 measured how long plain trials run: that, not the assumed
+    half, is what the projection multiplies; a shorter run's ratio still applies on the assumption."""
+    measured = json.loads((ROOT / "benchmarks" / "results" / "early_stop-cpu-2026-11-30-50epochs.json").read_text())
+    plain = project(H200)
+    at_length = project(H200, measured)
+    per_trial = measured["none"]["epochs"] / (2 * measured["trials_per_study"])
+    assert at_length["epochs_per_trial"] == round(per_trial, 1)
+    assert at_length["epochs_per_trial_from"].startswith("measured")
+    assert at_length["gpu_hours"] == pytest.approx(plain["gpu_hours"] * per_trial / 25, abs=1)
+    assert at_length["gpu_hours_asha"] == pytest.approx(at_length["gpu_hours"] / measured["epochs_ratio"], abs=1)
+    shorter = project(H200, {**measured, "epochs": 8, "patience": 3})
+    assert shorter["epochs_per_trial"] == 25 and shorter["epochs_per_trial_from"].startswith("assumed")
