@@ -14,6 +14,7 @@ config shows from its seed alone). Prints one JSON object; progress goes to stde
 
     .venv/bin/python benchmarks/early_stop.py [--trials 12] [--seeds 3] [--grace-period 1] [--reduction-factor 4]
         [--epochs 8] [--patience 3]   # the trial length: the demo's by default, the paper's is 50 and 5
+        [--seed 0]                    # the sweep's seed (the demo spec's by default)
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def sweep(folder: Path, scheduler: str, args) -> dict:
     """One sweep of the demo spec; what its trials trained and found, per study."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     spec = folder / "spec.toml"  # the spec with a [scheduler] table (the demo has none) and the trial length
-    text, found = re.subn(r"(?m)^patience\s*=.*$", f"patience = {args.patience}", args.spec.read_text(), count=1)
-    if not found:
-        raise SystemExit(f"{args.spec} has no top-level patience line to set")
+    text = args.spec.read_text()
+    for key in ("patience", "seed"):
+        text, found = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {getattr(args, key)}", text, count=1)
+        if not found:
+            raise SystemExit(f"{args.spec} has no top-level {key} line to set")
     spec.write_text(f"{text}\n[scheduler]\nkind = \"{scheduler}\"\n"
                     f"grace_period = {args.grace_period}\nreduction_factor = {args.reduction_factor}\n")
     log(f"sweep with [scheduler] kind = {scheduler} ...")
@@ -102,9 +105,11 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=float, default=EarlyStopping.reduction_factor)
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: the spec's)")
     parser.add_argument("--patience", type=int, help="early-stopping patience (default: the spec's)")
+    parser.add_argument("--seed", type=int, help="the sweep's seed, its sampler's and trials' (default: the spec's)")
     args = parser.parse_args()
     spec = tomllib.loads(args.spec.read_text())
     args.epochs, args.patience = args.epochs or spec["epochs"], args.patience or spec["patience"]
+    args.seed = spec["seed"] if args.seed is None else args.seed
     with tempfile.TemporaryDirectory() as tmp:
         plain_dir, asha_dir = Path(tmp, "none"), Path(tmp, "asha")
         plain_dir.mkdir()
@@ -124,7 +129,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "the demo sweep with and without per-study ASHA, same seed and trials",
         "spec": str(args.spec.relative_to(ROOT) if args.spec.is_relative_to(ROOT) else args.spec),
-        "trials_per_study": args.trials, "epochs": args.epochs, "patience": args.patience,
+        "trials_per_study": args.trials, "epochs": args.epochs, "patience": args.patience, "seed": args.seed,
         "grace_period": args.grace_period,
         "reduction_factor": args.reduction_factor, "none": plain, "asha": asha,
         "epochs_ratio": round(plain["epochs"] / asha["epochs"], 2),
