@@ -46,7 +46,7 @@ def project(gpu: dict, early_stop: dict | None = None) -> dict:
     fit_factor = {variant: steps["resnet50@32"][variant]["images_per_s"] / fit_runs[variant]["images_per_s"]
                   for variant in PAPER["variants"]}
     keys = [f"{backbone}@{side}" for backbone in PAPER["backbones"] for side in PAPER["sides"]]
-    epoch_s = sum(step_epoch_s(eager, steps, key, "resnet50@" + key.split("@")[1], variant) * fit_factor[variant]
+    epoch_s = sum(step_epoch_s(eager, steps, key, variant) * fit_factor[variant]
                   for key in keys for variant in PAPER["variants"])
     epochs_run, epochs_from = trial_epochs(early_stop)
     hours = PAPER["trials"] * epochs_run * epoch_s / 3600
@@ -57,8 +57,8 @@ def project(gpu: dict, early_stop: dict | None = None) -> dict:
                  "gpu_hours": round(hours)}
     if mode != "eager":
         projected["steps_not_measured_compiled"] = {
-            "scaled_as_resnet50": [k for k in keys if k not in steps and "resnet50@" + k.split("@")[1] in steps],
-            "taken_as_eager": [k for k in keys if "resnet50@" + k.split("@")[1] not in steps]}
+            "scaled_as_resnet50": [k for k in keys if k not in steps and reference(k) in steps],
+            "taken_as_eager": [k for k in keys if reference(k) not in steps]}
     if packing:
         projected.update(packing_ratio=packing, gpu_hours_packed=round(hours / packing))
     if early_stop:
@@ -78,14 +78,20 @@ def trial_epochs(early_stop: dict | None) -> tuple[float, str]:
     return PAPER["epochs"] * EPOCHS_RUN_SHARE, "assumed: patience 5 stops a trial about half-way"
 
 
-def step_epoch_s(eager: dict, steps: dict, key: str, reference: str, variant: str) -> float:
+def reference(key: str) -> str:
+    """ResNet-50 at the same image size as ``key`` ("backbone@side"): what compiling did there scales the rest."""
+    return "resnet50@" + key.split("@")[1]
+
+
+def step_epoch_s(eager: dict, steps: dict, key: str, variant: str) -> float:
     """Seconds per epoch of bare steps: measured in this mode, or else the eager time scaled by what the
-    mode did for the reference backbone (ResNet-50) at the same image size."""
+    mode did for ResNet-50 at the same image size (``reference``), or else (none compiled there) eager."""
+    ref = reference(key)
     if key in steps:
         return steps[key][variant]["epoch_s"]
-    if reference not in steps:
+    if ref not in steps:
         return eager[key][variant]["epoch_s"]
-    return eager[key][variant]["epoch_s"] * steps[reference][variant]["epoch_s"] / eager[reference][variant]["epoch_s"]
+    return eager[key][variant]["epoch_s"] * steps[ref][variant]["epoch_s"] / eager[ref][variant]["epoch_s"]
 
 
 def normalized(report: dict) -> dict:
