@@ -5,6 +5,8 @@ The same paths' CPU variants are covered in test_layer.py and test_train.py.
 """
 
 import math
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +17,20 @@ from attzoom.train import fit, load_checkpoint_model, make_runtime
 from test_train import Killed, config, kill_after, small_splits, without_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@contextmanager
+def sync_warnings():
+    """The messages of every host-device sync inside the block (torch's sync debug mode, warning level)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            syncs: list[str] = []
+            yield syncs
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
 
 
 @pytest.mark.parametrize("zoom", [1, 2, 3])
@@ -126,8 +142,6 @@ def test_augmentation_never_waits_for_the_gpu():
 def test_a_training_epoch_waits_for_the_gpu_once(variant):
     """Only the epoch's closing loss read syncs: the divergence check every 25 steps reads a flag copied
     one check earlier, the optimizers are fused and the augmentation copies without blocking."""
-    import warnings
-
     from attzoom.augment import PaperAugment
     from attzoom.train import make_model, make_optimizer, make_scheduler, train_one_epoch
 
@@ -138,23 +152,15 @@ def test_a_training_epoch_waits_for_the_gpu_once(variant):
     scheduler = make_scheduler(cfg, optimizer, 60)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
     train_set, augment = data.train.to(rt.device), PaperAugment(data.image_size)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            loss, seen = train_one_epoch(model, train_set, cfg, rt, optimizer, scheduler, scaler, augment,
-                                         torch.Generator().manual_seed(0))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    with sync_warnings() as syncs:
+        loss, seen = train_one_epoch(model, train_set, cfg, rt, optimizer, scheduler, scaler, augment,
+                                     torch.Generator().manual_seed(0))
     assert math.isfinite(loss) and seen == 8 * 60
     assert len(syncs) == 1, syncs
 
 
 def test_the_epochs_training_state_is_copied_with_one_sync():
     """last.pt's state leaves the GPU in copies that do not wait, then one sync, not one per tensor."""
-    import warnings
-
     from attzoom.train import EarlyStopping, make_model, make_optimizer, make_scheduler, training_state
 
     cfg, data = config(variant="attzoom"), small_splits()
@@ -164,15 +170,10 @@ def test_the_epochs_training_state_is_copied_with_one_sync():
     model(rt.prepare(data.train.images[:4].to(rt.device))).sum().backward()
     optimizer.step()  # Adam's moments exist now
     scheduler, scaler = make_scheduler(cfg, optimizer, 1), torch.amp.GradScaler(enabled=False)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            state = training_state(cfg, data, model, optimizer, scheduler, scaler, torch.Generator(),
-                                   EarlyStopping(3), [])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+    with sync_warnings() as syncs:
+        state = training_state(cfg, data, model, optimizer, scheduler, scaler, torch.Generator(),
+                               EarlyStopping(3), [])
+    assert len(syncs) <= 1, syncs
     weights = dict(model.state_dict())
     assert all(torch.equal(state["model"][k], weights[k].cpu()) for k in weights)
     assert all(t.device.type == "cpu" for t in state["model"].values())
