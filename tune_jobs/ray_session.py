@@ -5,6 +5,7 @@ Used by ``sweep``, ``resume`` and ``confirm``; the trials' own processes start i
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -46,11 +47,22 @@ def start_ray(spec: Spec, address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         where = f"the cluster at {address}"
     else:
+        quiet_token_auth_notice()
         with loopback_only():
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
     check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+
+
+def quiet_token_auth_notice() -> None:
+    """Drop Ray's start-up warning that token auth is on and how to opt out: auth stays on (Ray's default for a
+    new local instance), and a sweep should not open by telling users how to turn it off."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_an_opt_out_hint)
+
+
+def _not_an_opt_out_hint(record: logging.LogRecord) -> bool:
+    return "RAY_AUTH_MODE=disabled" not in record.getMessage()
 
 
 def stop_ray() -> None:
