@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 
-from mlflow.tracking import MlflowClient
-
-from tune_jobs import layout
 from tune_jobs.layout import SEED, STUDY
 
 from .runs import Sweep
@@ -21,11 +18,23 @@ from .verdict import Seeds, difference, noise_verdict
 
 
 def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, dict[int, float]], list[str]]:
-    """{study: {seed: test top-1}} over finished confirm runs; notes for runs that could not be scored."""
-    client = MlflowClient(sweep.tracking_uri)
-    runs = client.search_runs([sweep.experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True),
-                              max_results=layout.MAX_RUNS)
+    """{study: {seed: test top-1}} over finished confirm runs of each study's best config; notes for runs that could
+    not be scored or re-trained an earlier best."""
     scores: dict[str, dict[int, float]] = {}
+    notes = []
+    for study in sweep.studies:
+        current = study.best_confirms
+        stale = sum(t.status == "FINISHED" for t in study.confirms) - len(current)
+        if stale:
+            runs = "runs" if stale > 1 else "run"
+            notes.append(f"{study.name}: {stale} confirm {runs} re-trained an earlier best config, left out; "
+                         "`attzoom confirm` trains the current one's seeds")
+        notes += _score(sweep, [t.run for t in current], scores, data_root)
+    return scores, notes
+
+
+def _score(sweep: Sweep, runs: list, scores: dict[str, dict[int, float]], data_root: str | None) -> list[str]:
+    """Adds each confirm run's test top-1 to ``scores``; notes for those without one."""
     notes = []
     for run in runs:
         result, note = test_metrics(sweep.tracking_uri, run.info.run_id, data_root)
@@ -35,7 +44,7 @@ def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, d
             notes.append(f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}: no test score; left out")
         else:
             scores.setdefault(run.data.tags[STUDY], {})[int(run.data.tags[SEED])] = result["test_top1"]
-    return scores, notes
+    return notes
 
 
 def confirm_rows(sweep: Sweep, scores: dict[str, dict[int, float]]) -> list[dict]:

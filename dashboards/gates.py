@@ -32,9 +32,9 @@ def gate_rows(sweep: Sweep) -> tuple[list[dict], list[str]]:
 
 
 def seed_gates(study) -> list[float]:
-    """The last epoch's gate_open of each finished seed re-run of the study (load_sweep read them), by seed."""
-    by_seed = {int(t.run.data.tags.get(SEED, 0)): t.run.data.metrics["gate_open"] for t in study.confirms
-               if t.status == "FINISHED" and "gate_open" in t.run.data.metrics}  # metrics: each key's last value
+    """The last epoch's gate_open of each finished seed re-run of the study's best config, by seed."""
+    by_seed = {int(t.run.data.tags.get(SEED, 0)): t.run.data.metrics["gate_open"] for t in study.best_confirms
+               if "gate_open" in t.run.data.metrics}  # metrics: each key's last value
     return [by_seed[k] for k in sorted(by_seed)]
 
 

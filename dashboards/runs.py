@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tune_jobs import layout
 from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, sweep_of
+from tune_jobs.space import same_config, searched_values
 
 from .errors import ReportError
 from .history import histories
@@ -83,6 +84,15 @@ class Study:
     def best(self) -> Trial | None:
         """The finished trial whose best epoch ranks highest (layout.best_of; trials are in start order)."""
         return layout.best_of((t, t.best) for t in self.trials if t.status == "FINISHED")
+
+    @property
+    def best_confirms(self) -> list[Trial]:
+        """Its finished seed re-runs of its best trial's config: not those of an earlier best that a resume beat."""
+        best = self.best
+        if best is None:
+            return []
+        config = searched_values(best.params)
+        return [t for t in self.confirms if t.status == "FINISHED" and same_config(t.params, config)]
 
 
 @dataclass

@@ -167,7 +167,8 @@ def store(tmp_path_factory):
         controls.trial(study, f"{variant}-t", [(tests[0] - 1, 90.0)], {**ADAM, "threshold": 0.4}, test=(tests[0], 95.0),
                        gate_open=gate)
         for seed, top1 in enumerate(tests, start=1):
-            controls.trial(study, f"{variant}-s{seed}", [(top1 - 1, 90.0)], ADAM, test=(top1, 95.0), role=CONFIRM_ROLE,
+            controls.trial(study, f"{variant}-s{seed}", [(top1 - 1, 90.0)], {**ADAM, "threshold": 0.4},
+                           test=(top1, 95.0), role=CONFIRM_ROLE,
                            seed=seed, gate_open=None if gate is None else gate - 0.1 * seed)
         controls.finish_study(study, 1, 0)
     return {"uri": uri, "tmp": tmp, "data_root": data_root}
@@ -302,6 +303,39 @@ def test_the_headline_is_attzoom_against_baseline_and_every_control_from_seed_me
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["seeds 1.., open at last epoch (%)"] == "99.9, 99.8, 99.7"
     assert gates["tiny_resnet.cluttered-digits.attention-only"]["open at last epoch (%)"] == "42.0"
     assert len(report.warnings) == 1  # attention-only's gate, open at 42 %, did its job
+
+
+def test_confirm_runs_of_an_earlier_best_config_are_neither_skipped_nor_counted(store):
+    """`attzoom confirm` ran while the sweep was unfinished; its resume then found a better config. The old best's
+    seed re-runs must not stand for the new best: confirm trains the new one's seeds, the report leaves the old out."""
+    from tune_jobs.confirm import best_params, done_pairs
+
+    moved = SweepWriter(store["uri"], "moved", store["tmp"] / "artifacts" / "moved")
+    base = moved.study("tiny_resnet", "cluttered-digits", "baseline")
+    moved.trial(base, "b1", [(70, 90)], ADAM, test=(69.0, 90.0))
+    att = moved.study("tiny_resnet", "cluttered-digits", "attzoom")
+    moved.trial(att, "a1", [(60, 90)], ADAM, test=(59.0, 90.0))
+    for seed, (b, a) in enumerate(((70.0, 60.0), (71.0, 61.0), (72.0, 62.0)), start=1):  # confirm, first time
+        moved.trial(base, f"b-s{seed}", [(b - 1, 90.0)], ADAM, test=(b, 95.0), role=CONFIRM_ROLE, seed=seed)
+        moved.trial(att, f"a-s{seed}", [(a - 1, 90.0)], ADAM, test=(a, 95.0), role=CONFIRM_ROLE, seed=seed)
+    moved.trial(att, "a2", [(80, 95)], SGD, test=(79.0, 95.0))  # the resumed sweep's new best
+    moved.trial(att, "a-new-s1", [(77.0, 95.0)], SGD, test=(78.0, 95.0), role=CONFIRM_ROLE, seed=1)
+    moved.finish_study(base, 1, 0)
+    moved.finish_study(att, 2, 0)
+
+    eid = MlflowClient(store["uri"]).get_experiment_by_name(experiment_name("moved")).experiment_id
+    params = best_params(store["uri"], eid)
+    assert params[att]["optimizer"] == "sgd" and params[base]["optimizer"] == "adam"
+    assert done_pairs(store["uri"], eid, params) == {(base, 1), (base, 2), (base, 3), (att, 1)}
+
+    report = build(store["uri"], "moved", with_figures=False)
+    rows = {row["study"]: row for row in report.confirm}
+    assert rows[att]["seeds"] == "1" and rows[att]["test top-1 mean ± std"] == "78.00 ± –"
+    assert rows[base]["seeds"] == "1, 2, 3"
+    [verdict] = report.verdict
+    assert verdict["verdict"] == "not confirmed"  # one seed of the new best, not three of the old
+    assert any(f"{att}: 3 confirm runs re-trained an earlier best config" in note for note in report.notes)
+    assert {row["study"]: row for row in report.compute}[att]["confirm runs"] == 4  # still counted as compute
 
 
 def test_without_seed_reruns_the_headline_says_unconfirmed_and_gives_the_command(small_report):

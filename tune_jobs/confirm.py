@@ -7,8 +7,9 @@ The best configs are read from the trials' MLflow runs, so confirm needs no Tune
 Each re-run is a Tune trial logged by the same driver-side callback (tune_jobs/mlflow_callback.py)
 as a child run of the study's parent run, with the confirm role and its seed as tags;
 ``attzoom report`` then adds the seeds' mean and standard deviation of test top-1. Pairs
-(study, seed) that already have a finished confirm run are skipped, so running confirm again
-only fills in what is missing.
+(study, seed) that already have a finished confirm run of the study's best config are skipped, so
+running confirm again only fills in what is missing, and after a resume found a better config it
+trains that one's seeds.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from attzoom.config import TrainConfig
-
 from . import layout
 from .layout import SEED, STUDY
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
-from .space import SEARCHABLE, STUDY_KEY
+from .space import STUDY_KEY, same_config, searched_values
 from .spec import Spec, SpecError
 
 
@@ -84,16 +83,19 @@ def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
     for study, candidates in by_study.items():
         best = layout.best_of(candidates)
         if best is not None:
-            found[study] = TrainConfig.parse_params({k: v for k, v in best.data.params.items() if k in SEARCHABLE})
+            found[study] = searched_values(best.data.params)
     return found
 
 
-def done_pairs(tracking_uri: str, experiment_id: str) -> set[tuple[str, int]]:
+def done_pairs(tracking_uri: str, experiment_id: str, params: dict[str, dict]) -> set[tuple[str, int]]:
+    """(study, seed) with a finished confirm run of the study's best config now (``params``): a run that re-trained
+    an earlier best, before a resume found a better one, does not count."""
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient(tracking_uri).search_runs(
         [experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True), max_results=layout.MAX_RUNS)
-    return {(r.data.tags[STUDY], int(r.data.tags[SEED])) for r in runs}
+    return {(r.data.tags[STUDY], int(r.data.tags[SEED])) for r in runs
+            if r.data.tags[STUDY] in params and same_config(r.data.params, params[r.data.tags[STUDY]])}
 
 
 def confirm_study(config: dict) -> str:
@@ -136,7 +138,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     params = best_params(spec.tracking_uri, experiment_id)
     if not params:
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")
-    done = done_pairs(spec.tracking_uri, experiment_id)
+    done = done_pairs(spec.tracking_uri, experiment_id, params)
     todo = [(study, seed) for study in params for seed in range(1, seeds + 1) if (study, seed) not in done]
     if not todo:
         return {}
@@ -164,6 +166,6 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     raise_if_problem()
     raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds))
     trained: dict[str, list[int]] = {}
-    for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id) - done):
+    for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id, params) - done):
         trained.setdefault(study, []).append(seed)
     return trained

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attzoom.config import TrainConfig
+
 from .spec import SearchSpace, Study
 
 GATED = ("attzoom", "attention-only")
@@ -17,6 +19,19 @@ STUDY_KEY = "study"  # the key of a trial's Tune config that names its study (th
 SEARCHABLE = {"batch_size": None, "lr": None, "weight_decay": None, "optimizer": None,
               "momentum": ("optimizer", "sgd"), "scheduler": None, "step_size": ("scheduler", "step"),
               "threshold": None, "position": None}
+
+
+def searched_values(params: dict[str, str]) -> dict:
+    """The searchable part of a run's logged TrainConfig, typed back from MLflow's strings: what makes a confirm
+    run a re-run of a trial's config, whatever their seeds."""
+    return TrainConfig.parse_params({k: v for k, v in params.items() if k in SEARCHABLE})
+
+
+def same_config(params: dict[str, str], config: dict) -> bool:
+    """Whether a run's logged params hold ``config`` (searched values), on the keys both know: a run logged before
+    a parameter became searchable is not told apart by it."""
+    values = searched_values(params)
+    return all(values[k] == v for k, v in config.items() if k in values)
 
 
 @dataclass(frozen=True)
