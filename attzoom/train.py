@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import PaperAugment, to_device
-from .config import CheckpointError, TrainConfig
+from .config import CheckpointError, ConfigError, TrainConfig
 from .data import ImageSet, Splits, load
 from .layer import AttZoom, GateStats
 from .models import build_model
@@ -350,10 +350,13 @@ def _copy_to_cpu(value):
 
 
 def resume_training_state(path: Path, *state) -> list[dict]:
-    """load_training_state, any failure told as one CheckpointError line (checkpoint_error)."""
+    """load_training_state; a damaged file told as one CheckpointError line (checkpoint_error), an I/O error or lack
+    of memory raised as it is (unreadable_now)."""
     try:
         return load_training_state(path, *state)
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the user's choice is the same
+        if unreadable_now(e):
+            raise  # the file may be intact: a retry resumes from it, where starting over would lose the trial
         raise checkpoint_error(path, e) from e
 
 
@@ -362,15 +365,27 @@ def check_resumable(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - as in resume_training_state
+        if unreadable_now(e):
+            raise ConfigError(f"cannot read {path} now ({type(e).__name__}: {first_line(e)}); the file itself may be "
+                              "intact: check its disk or mount and run again") from e
         raise checkpoint_error(path, e) from e
+
+
+def unreadable_now(error: Exception) -> bool:
+    """An I/O error (a network mount's EIO) or no memory while loading: it says nothing about the file."""
+    out_of_memory = isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+    return out_of_memory or isinstance(error, OSError)
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:160]
 
 
 def checkpoint_error(path: Path, error: Exception) -> CheckpointError:
     """One line naming the file and the way out, for a truncated file, another config's weights, or a file
     carrying pickled code (which weights_only refuses without running it)."""
-    reason = (str(error).strip().splitlines() or [""])[0][:160]
-    return CheckpointError(f"cannot resume from {path} ({type(error).__name__}: {reason}); it is truncated, corrupt "
-                           "or from another config: start over with --restart (resume=False in fit)")
+    return CheckpointError(f"cannot resume from {path} ({type(error).__name__}: {first_line(error)}); it is truncated, "
+                           "corrupt or from another config: start over with --restart (resume=False in fit)")
 
 
 def load_training_state(path: Path, model, optimizer, scheduler, scaler, generator, stop) -> list[dict]:

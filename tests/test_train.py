@@ -1,6 +1,10 @@
 """The training loop: metrics, checkpoints, exact resume, early stopping, divergence."""
 
+import errno
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -116,6 +120,42 @@ def test_finished_run_resumes_to_nothing(tmp_path):
     first = fit(config(epochs=2), data, checkpoint_dir=tmp_path)
     second = fit(config(epochs=2), data, checkpoint_dir=tmp_path, callback=lambda m, c: calls.append(m))
     assert calls == [] and without_timing(second.history) == without_timing(first.history)
+
+
+def test_an_io_error_while_resuming_is_raised_as_it_is_not_called_a_damaged_checkpoint(tmp_path):
+    """An EIO from a sick network mount says nothing about last.pt: raised as it is, the sweep retries the trial from
+    the same checkpoint, where a CheckpointError starts it over from epoch 1; the CLI says run again, not --restart."""
+    from attzoom.config import CheckpointError
+
+    last = tmp_path / "last.pt"
+    last.symlink_to("/proc/self/mem")  # reading its offset 0 fails with EIO, as a mount that lost its server does
+    with pytest.raises(OSError) as raised:
+        fit(config(epochs=1), small_splits(), checkpoint_dir=tmp_path, resume=True)
+    assert raised.value.errno == errno.EIO
+    with pytest.raises(ConfigError, match="run again") as refused:
+        train.check_resumable(last)
+    assert not isinstance(refused.value, CheckpointError) and "--restart" not in str(refused.value)
+
+
+def test_no_memory_while_resuming_is_raised_as_it_is_not_called_a_damaged_checkpoint(tmp_path):
+    """The same for a checkpoint that does not fit in memory now (a GPU or host full of packed trials)."""
+    path = tmp_path / "last.pt"
+    torch.save({"model": torch.zeros(50_000_000)}, path)  # 200 MB
+    script = textwrap.dedent(f"""
+        import re, resource
+        from attzoom.config import CheckpointError
+        from attzoom.train import resume_training_state
+        used = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (used + 50 * 2**20, resource.RLIM_INFINITY))
+        try:
+            resume_training_state({str(path)!r}, *[None] * 6)
+        except CheckpointError:
+            print("damaged")
+        except (RuntimeError, MemoryError):
+            print("no memory")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "no memory", done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "step", "plateau", "onecycle"])
