@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from tune_jobs.layout import CHECKPOINT
+from tune_jobs.spec import hide_password
 
 from .errors import ReportError
 from .figures import png
@@ -159,7 +160,7 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     try:
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
-        raise ReportError(f"no run {run_id!r} in {tracking_uri}; copy the run id from `attzoom report` "
+        raise ReportError(f"no run {run_id!r} in {hide_password(tracking_uri)}; copy the run id from `attzoom report` "
                           "(best trial per study) or the MLflow UI, or pass --tracking-uri") from None
     with tempfile.TemporaryDirectory() as tmp:
         try:

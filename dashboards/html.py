@@ -11,6 +11,7 @@ import re
 from html import escape
 
 from tune_jobs.layout import experiment_name
+from tune_jobs.spec import hide_password
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -61,7 +62,7 @@ def figures(images, section: str) -> str:
 def page(report) -> str:
     sweep = report.sweep
     parts = [f"<h1>AttZoom sweep report: {escape(sweep.name)}</h1>",
-             f"<p class='note'>Tracking store <code>{escape(sweep.tracking_uri)}</code>, experiment "
+             f"<p class='note'>Tracking store <code>{escape(hide_password(sweep.tracking_uri))}</code>, experiment "
              f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}.</p>"]
     if report.verdict:
         from .report import verdict_intro

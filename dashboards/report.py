@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from tune_jobs.layout import experiment_name
+from tune_jobs.spec import hide_password
 
 from . import figures, importance
 from .confirm import confirm_rows, seed_scores
@@ -197,7 +198,7 @@ def verdict_intro(report: Report) -> str:
 def to_markdown(report: Report) -> str:
     sweep = report.sweep
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
-             f"Tracking store `{sweep.tracking_uri}`, experiment `{experiment_name(sweep.name)}`, "
+             f"Tracking store `{hide_password(sweep.tracking_uri)}`, experiment `{experiment_name(sweep.name)}`, "
              f"generated {report.generated}."]
     if report.verdict:
         parts += ["", "## Verdict: does AttZoom help?", "", verdict_intro(report), "", markdown(report.verdict)]

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from tune_jobs import layout
 from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, sweep_of
 from tune_jobs.space import same_config, searched_values
+from tune_jobs.spec import hide_password
 
 from .errors import ReportError
 from .history import histories
@@ -113,7 +114,7 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     experiment = client.get_experiment_by_name(experiment_name(sweep))
     if experiment is None:
         known = sorted(filter(None, (sweep_of(e.name) for e in client.search_experiments())))
-        raise ReportError(f"no sweep named {sweep!r} in {tracking_uri} (sweeps there: "
+        raise ReportError(f"no sweep named {sweep!r} in {hide_password(tracking_uri)} (sweeps there: "
                           f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
     eid = experiment.experiment_id
     studies: dict[str, Study] = {}

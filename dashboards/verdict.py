@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
+from tune_jobs.spec import hide_password
+
 from .published import published
 from .runs import Sweep
 
@@ -110,7 +112,8 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
     if not unconfirmed:
         return RULE
     trials = max((len(s.trials) for s in sweep.studies), default=0)
-    command = (f"`attzoom confirm {sweep.name} --tracking-uri {sweep.tracking_uri} --seeds 3`, then report again.")
+    command = (f"`attzoom confirm {sweep.name} --tracking-uri {hide_password(sweep.tracking_uri)} --seeds 3`, then "
+               "report again.")
     if len(unconfirmed) < len(rows):
         return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare best-of-{trials} "
                 f"single-seed trials instead, which is no evidence; to confirm them: {command}")

@@ -16,6 +16,8 @@ from tune_jobs.layout import TRIAL_ROLE, experiment_name, runs_filter
 from tune_jobs.spec import SpecError, check_store_exists
 from tune_jobs.tracking import open_store
 
+SECRET = "pw-s3cret"
+
 
 def test_readers_refuse_at_once_a_database_that_is_no_store_and_create_nothing_in_it(postgres_server):
     empty = postgres_server.database("empty")
@@ -84,7 +86,9 @@ def trial_runs_in(tracking_uri: str):
 @pytest.mark.slow
 def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_each_epoch_once(
         tmp_path, digits_root, postgres_server, monkeypatch):
-    tracking, optuna_storage = postgres_server.database("mlflow"), postgres_server.database("optuna")
+    # passwords in both URLs (the server trusts loopback, so it ignores them): never printed, never in MLflow
+    tracking, optuna_storage = (postgres_server.database(name).replace("attzoom@", f"attzoom:{SECRET}@")
+                                for name in ("mlflow", "optuna"))
     trial_runs, engine = trial_runs_in(tracking)
     monkeypatch.setattr(e2e, "trial_runs", trial_runs)  # the e2e helpers below read this store, not SQLite
     spec = e2e.write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=2, tracking_uri=tracking)
@@ -94,8 +98,10 @@ def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_ea
         e2e.wait_for(lambda: "FINISHED" in e2e.statuses(tmp_path) and "RUNNING" in e2e.statuses(tmp_path),
                      timeout=300, every=0.5)
         e2e.crash(first)
+        assert SECRET not in first.stdout.read()
 
         out = e2e.finish(e2e.start("resume", "t", "--storage", str(storage), cwd=tmp_path), timeout=300)
+        assert SECRET not in out
         for variant in ("baseline", "attzoom"):
             assert f"| tiny_resnet.cluttered-digits.{variant} | 2 | 0 | 0 |" in out, out[-3000:]
         # the Optuna studies too: N complete trials each, none left RUNNING, with intermediate values and run ids
@@ -110,6 +116,8 @@ def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_ea
     status = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "status", "--tracking-uri", tracking],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert status.returncode == 0, status.stderr[-3000:]
+    assert SECRET not in status.stdout + status.stderr
+    assert_no_password_stored_or_reported(tracking, tmp_path)
     assert status.stdout.startswith("t:\n") and status.stdout.count(": finished 2, running 0, failed 0,") == 2, \
         status.stdout
 
@@ -119,3 +127,18 @@ def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_ea
     assert not list(tmp_path.rglob("optuna.db")), "the studies went to the default SQLite storage"
     assert sorted(s.study_name for s in optuna.get_all_study_summaries(optuna_storage)) == [
         "t/tiny_resnet.cluttered-digits.attzoom", "t/tiny_resnet.cluttered-digits.baseline"]
+
+
+def assert_no_password_stored_or_reported(tracking: str, tmp_path) -> None:
+    """The spec kept in the experiment (readable by every MLflow user) and the report hide the password; confirm,
+    which reads that spec when the sweep's folder is out of reach, connects with the URI it was given."""
+    from dashboards.report import build, write
+    from tune_jobs.layout import SPEC
+    from tune_jobs.sweep import load_saved_spec
+
+    tag = open_store(tracking).get_experiment_by_name(experiment_name("t")).tags[SPEC]
+    assert SECRET not in tag and "attzoom:***@" in tag
+    paths = write(build(tracking, "t", with_figures=False), tmp_path / "report")
+    for path in paths.values():
+        assert SECRET not in path.read_text(errors="replace")
+    assert load_saved_spec("t", str(tmp_path / "elsewhere"), tracking).tracking_uri == tracking

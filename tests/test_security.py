@@ -157,6 +157,23 @@ def test_no_command_takes_a_token_on_the_command_line():
         assert not [o for o in options if "token" in o or "secret" in o or "password" in o], (name, options)
 
 
+@pytest.mark.parametrize("option,key", [("--tracking-uri", "tracking_uri"), ("--optuna-storage", "optuna_storage")])
+def test_submit_refuses_a_database_password_that_would_ride_on_the_jobs_command_line(tmp_path, option, key):
+    spec = ROOT / "tune_jobs" / "specs" / f".test-pw-{tmp_path.name}.toml"
+    write_spec_file(spec.parent, {**base_spec(tmp_path), "name": "pw"}, spec.name)
+    url = "postgresql+psycopg://attzoom:pw-s3cret@127.0.0.1:1/mlflow"
+    try:
+        out = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address",
+                              "http://127.0.0.1:1", option, url], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        spec.unlink()
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "PGPASSWORD" in lines[0], out.stderr
+    assert "pw-s3cret" not in out.stdout + out.stderr
+
+
 @slow
 def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_it(head, tmp_path):
     env, address, state = head

@@ -27,7 +27,7 @@ from attzoom.config import ConfigError, DataError
 
 from .infra import INFRA_EXIT, InfrastructureError
 from .logs import add_verbose_flag, configure_logging
-from .spec import SCHEDULER_KINDS, SpecError
+from .spec import SCHEDULER_KINDS, SpecError, has_password, hide_password
 
 SPECS = Path(__file__).parent / "specs"
 DEMO_SEEDS = 3  # the demo ends with seed re-runs of each study's best config (attzoom confirm)
@@ -171,7 +171,7 @@ def run_demo_command(args) -> int:
           f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
           f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
           f"Full report (CSV, Markdown, HTML with curves): .venv/bin/attzoom report {spec.name} "
-          f"--tracking-uri {spec.tracking_uri}")
+          f"--tracking-uri {hide_password(spec.tracking_uri)}")
     return 0
 
 
@@ -194,7 +194,7 @@ def run_status_command(args) -> int:
     if args.sweep:
         experiments = [e for e in experiments if sweep_of(e.name) == args.sweep]
         if not experiments:
-            raise SpecError(f"no sweep named {args.sweep!r} in {args.tracking_uri}; "
+            raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
                             "check the name or pass --tracking-uri")
     for experiment in experiments:
         print(f"{sweep_of(experiment.name)}:")
@@ -242,6 +242,7 @@ def run_submit_command(args) -> int:
         raise SpecError(f"{args.spec}: a submitted spec must live inside {root}, which is shipped as the job's "
                         "working dir; copy it into tune_jobs/specs/")
     spec = absolute(spec_from_args(args))
+    refuse_passwords(spec)
     options = {"storage": spec.storage, "tracking-uri": spec.tracking_uri, "data-root": spec.data_root,
                "trials": spec.trials, "epochs": spec.epochs, "max-concurrent": spec.max_concurrent}
     if spec.optuna_storage:
@@ -257,6 +258,15 @@ def run_submit_command(args) -> int:
     print(job_id)
     print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
     return 0
+
+
+def refuse_passwords(spec) -> None:
+    """A URL's password would ride on the job's command line, which anyone who can list the cluster's jobs reads."""
+    for key, url in (("tracking_uri", spec.tracking_uri), ("optuna_storage", spec.optuna_storage)):
+        if has_password(url):
+            raise SpecError(f"{key} {hide_password(url)} holds a password, which would travel on the job's command "
+                            "line: leave it out and give it to the cluster as PGPASSWORD or in ~/.pgpass (a tracking "
+                            "server's as MLFLOW_TRACKING_PASSWORD)")
 
 
 def submit_when_ready(client, wait_s: float = 120, **job) -> str:
@@ -296,7 +306,7 @@ def ui_command(spec) -> str:
     from .spec import optuna_storage_url
     from .ui import default_optuna_storage
 
-    command = f".venv/bin/attzoom ui {spec.name} --tracking-uri {spec.tracking_uri}"
+    command = f".venv/bin/attzoom ui {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}"
     storage = optuna_storage_url(spec)
     if storage and storage != default_optuna_storage(spec.tracking_uri):  # a server URL may hold a password
         command += f" --optuna-storage {storage if storage.startswith('sqlite:') else 'URL'}"

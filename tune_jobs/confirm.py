@@ -22,7 +22,7 @@ from .layout import SEED, STUDY
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .space import STUDY_KEY, same_config, searched_values
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, hide_password
 
 
 def add_confirm_command(sub) -> None:
@@ -44,13 +44,14 @@ def run_confirm_command(args) -> int:
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
     confirm_sweep(spec, args.seeds, args.address)
     print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see the verdict in "
-          f"`attzoom report {spec.name} --tracking-uri {spec.tracking_uri}`")
+          f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`")
     return 0
 
 
 def confirm_command(spec: Spec, seeds: int) -> str:
     """The command that runs the seed re-runs still missing (after a stop or an interrupt)."""
-    return f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {spec.tracking_uri} --seeds {seeds}"
+    return (f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {hide_password(spec.tracking_uri)} "
+            f"--seeds {seeds}")
 
 
 def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:

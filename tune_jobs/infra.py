@@ -21,6 +21,8 @@ from pathlib import Path
 
 from contextlib import contextmanager, suppress
 
+from .spec import hide_password
+
 INFRA_EXIT = 3  # bad input is 2 (attzoom.cli.EXIT_USAGE), an interrupt 130
 STORAGE_KEY = "storage_error"  # in a trial's report: the storage failure it hit, instead of raising
 STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -145,5 +147,5 @@ def _infrastructure(error: BaseException, tracking_uri: str) -> str | None:
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
             return os_problem(cause)
         if unreachable(cause):
-            return f"tracking store {tracking_uri} unreachable ({short_error(cause)})"
+            return f"tracking store {hide_password(tracking_uri)} unreachable ({short_error(cause)})"
     return None

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import tomllib
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -181,6 +182,12 @@ def spec_json(spec: Spec) -> str:
     return json.dumps(asdict(spec), indent=2)
 
 
+def shared_spec_json(spec: Spec) -> str:
+    """spec_json for the sweep's MLflow experiment, which every user of the store reads: passwords hidden."""
+    storage = spec.optuna_storage and hide_password(spec.optuna_storage)
+    return spec_json(replace(spec, tracking_uri=hide_password(spec.tracking_uri), optuna_storage=storage))
+
+
 def spec_from_json(text: str, source: str) -> Spec:
     """A spec saved by spec_json, validated again (it may have been edited or come from an older version)."""
     raw = json.loads(text)
@@ -303,8 +310,8 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
             pass  # it answered
         except (OSError, ValueError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
-            raise SpecError(f"the tracking server {tracking_uri} does not answer ({reason}); start it, or fix "
-                            "--tracking-uri") from None
+            raise SpecError(f"the tracking server {hide_password(tracking_uri)} does not answer ({reason}); start it, "
+                            "or fix --tracking-uri") from None
     if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
 
@@ -315,13 +322,22 @@ def database_backend(url: str) -> str:
 
 
 def hide_password(url: str) -> str:
-    """A URL as it may be printed: a database password becomes ***."""
-    import sqlalchemy
-
+    """A URL as it may be printed or stored where others read it: a database's or server's password becomes ***."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
         return f"{url.split('://', 1)[0]}://..."  # never a password
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def has_password(url: str | None) -> bool:
+    try:
+        return bool(url) and urllib.parse.urlsplit(url).password is not None
+    except ValueError:
+        return False
 
 
 def _check_database(tracking_uri: str, timeout_s: float) -> None:

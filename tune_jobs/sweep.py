@@ -18,8 +18,8 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, optuna_storage_url, spec_from_json,
-                   spec_json)
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, hide_password, optuna_storage_url,
+                   spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -76,9 +76,11 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
     if tracking_uri:
         from .tracking import stored_spec
 
-        if (text := stored_spec(tracking_uri, name_or_dir)) is not None:
-            return spec_from_json(text, source=f"the spec stored with sweep {name_or_dir!r} in {tracking_uri}")
-    where = " and ".join(str(c) for c in candidates) + (f" and in {tracking_uri}" if tracking_uri else "")
+        if (text := stored_spec(tracking_uri, name_or_dir)) is not None:  # its URIs' passwords hidden: the one given
+            source = f"the spec stored with sweep {name_or_dir!r} in {hide_password(tracking_uri)}"
+            return replace(spec_from_json(text, source=source), tracking_uri=tracking_uri)
+    where = " and ".join(str(c) for c in candidates)
+    where += f" and in {hide_password(tracking_uri)}" if tracking_uri else ""
     raise SpecError(f"no sweep found at {name_or_dir!r} (looked for {SPEC_FILE} in {where}); pass the sweep's "
                     "folder, or its name with --storage")
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from . import layout, naming
 from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
-from .spec import Spec, Study, database_backend, local_path, spec_json, sqlite_file
+from .spec import Spec, Study, database_backend, local_path, shared_spec_json, sqlite_file
 
 
 def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
@@ -93,7 +93,8 @@ def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
     experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage)
     client = MlflowClient(spec.tracking_uri)
-    tags = {layout.SPEC: spec_json(spec), **naming.experiment_tags(spec.name)}  # also on an older sweep's experiment
+    # also on an older sweep's experiment
+    tags = {layout.SPEC: shared_spec_json(spec), **naming.experiment_tags(spec.name)}
     for key, value in tags.items():
         client.set_experiment_tag(experiment_id, key, value)
     return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)

@@ -44,7 +44,8 @@ def sweep_addresses(tracking_uri: str, sweep: str | None, base: str) -> dict[str
     if sweep:
         experiments = [e for e in experiments if layout.sweep_of(e.name) == sweep]
         if not experiments:
-            raise SpecError(f"no sweep named {sweep!r} in {tracking_uri}; check the name or pass --tracking-uri")
+            raise SpecError(f"no sweep named {sweep!r} in {hide_password(tracking_uri)}; check the name or pass "
+                            "--tracking-uri")
     # an experiment an older version made has no saved view until a sweep, resume or confirm prepares it again
     return {layout.sweep_of(e.name): naming.runs_address(base, e.experiment_id,
                                                          view=layout.SHARED_VIEW + layout.RUNS_VIEW in e.tags)
