@@ -204,6 +204,16 @@ def test_ui_prints_both_addresses_on_127_0_0_1(ui, sweep):
     assert listening(mlflow_port) == ["127.0.0.1"] and listening(optuna_port) == ["127.0.0.1"]
 
 
+def test_the_stores_urls_stay_off_the_servers_command_lines(ui, sweep):
+    """A store's URL may hold a database password, and every local user can read a process's command line (not
+    its environment, nor a file only its user can read)."""
+    servers = ui["ui"].servers()
+    assert {"mlflow", "optuna-dashboard"} <= {Path(part).name for p in servers for part in p.cmdline()[:2]}
+    for process in servers:
+        command = " ".join(process.cmdline())
+        assert sweep["uri"] not in command and "optuna.db" not in command, command
+
+
 def test_mlflow_address_opens_the_runs_table_with_the_run_names_and_best_epoch(ui, chromium, tmp_path):  # noqa: F811
     address = re.search(r"runs table: (\S+)", ui["output"]).group(1)
     dom = open_page(chromium, address, tmp_path, "mlflow-runs-table")

@@ -13,11 +13,13 @@ exits non-zero. A reader: no store, database or folder is created (DESIGN.md).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,12 +81,17 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
     # One worker is plenty for one person and starts in a quarter of the time of MLflow's four (it then serves the
     # page's requests from a thread pool); MLflow's job runner serves GenAI features only (and keeps files of its own).
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    servers = {"MLflow UI": [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", HOST,
-                             "--port", str(port), "--workers", "1"]}
-    if storage:
-        servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), storage, "--host", HOST,
-                                       "--port", str(optuna_port)]
-    return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port))
+    # The stores' URLs (a password in them) stay off the servers' command lines, which every local user can read:
+    # MLflow takes its store from the environment, optuna-dashboard from a file only this user can read.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
+    servers = {"MLflow UI": [str(bin_dir / "mlflow"), "ui", "--host", HOST, "--port", str(port), "--workers", "1"]}
+    with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700
+        if storage:
+            config = Path(private) / "optuna-dashboard.toml"
+            config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage)}\n")
+            servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), "--from-config", str(config),
+                                           "--host", HOST, "--port", str(optuna_port)]
+        return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port))
 
 
 def print_addresses(base: str, addresses: dict[str, str], storage: str | None, optuna_port: int) -> None:
