@@ -113,6 +113,23 @@ def test_a_log_gets_one_time_stamped_line_per_trial_event_and_a_final_summary():
     assert len(lines) <= 3 * len(ids) + 1 + len(final)
 
 
+def test_a_trial_a_resumed_sweep_continues_says_after_which_epoch_and_ray_does_not_repeat_it():
+    """One line of ours, not Ray's per-trial 'Restored on <ip> from checkpoint: Checkpoint(<path>)' from the worker
+    (its logger is quieted wherever the trainable is loaded, which is before Tune restores the trial)."""
+    import logging
+
+    import tune_jobs.trainable  # noqa: F401 - what a trial's worker imports to run it
+
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, out=out)
+    trial = Trial("run_trial", config={STUDY_KEY: STUDIES[0]}, stub=True)
+    trial.update_last_result({"epoch": 2, "val_top1": 20.0, "training_iteration": 2})  # before the driver died
+    trial.set_status(Trial.RUNNING)
+    progress.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    assert out.getvalue().rstrip().endswith(f"{STUDIES[0]}  trial {trial.trial_id}  resumed after epoch 2")
+    assert not logging.getLogger("ray.tune.trainable.trainable").isEnabledFor(logging.INFO)
+
+
 def test_a_trial_the_scheduler_stopped_is_done_and_said_to_be_pruned():
     out = io.StringIO()
     loop = Loop(StudyProgress(SPEC, out=out))

@@ -68,8 +68,11 @@ class StudyProgress(Callback):
         self._started = self._summary_at = time.monotonic()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        tries = trial.num_failures
-        self._event(trial, "started" if not tries else f"started again (try {tries + 1})")
+        tries, done = trial.num_failures, epoch_of(trial)
+        if tries:
+            self._event(trial, f"started again (try {tries + 1})")
+        else:  # epochs reported before this start: a resumed sweep continues the trial from its checkpoint
+            self._event(trial, f"resumed after epoch {done}" if done else "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result and STATUS_KEY not in result and RESTART_KEY not in result:  # one finished epoch

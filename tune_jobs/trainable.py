@@ -30,6 +30,11 @@ GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
 RESTART_KEY = "restarted"  # in a trial's report: its checkpoint could not be read, so it starts over (why)
 STOP_WAIT_S = 600.0  # how long a try that reported a storage failure waits for the driver to stop it
 
+# A trial's worker imports this module before Tune restores the trial in it: Tune's "Restored on <ip> from
+# checkpoint: Checkpoint(<path>)" for every resumed trial is then not forwarded to the driver, whose progress
+# already says "resumed after epoch N" (progress.py).
+logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
+
 
 @dataclass(frozen=True)
 class SweepContext:
