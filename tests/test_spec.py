@@ -276,6 +276,20 @@ def test_valid_spec_passes_preflight_and_creates_nothing(tmp_path, monkeypatch):
     assert tree(tmp_path) == {"spec.toml"}
 
 
+def test_a_file_uri_storage_is_the_folder_it_names(tmp_path, monkeypatch):
+    """storage = "file:///..." is a local folder: the saved spec (and the lease, the trial folders) go there, not
+    under a folder called 'file:' in the working directory."""
+    from tune_jobs.sweep import SPEC_FILE, experiment_dir, load_saved_spec, save_spec
+
+    monkeypatch.chdir(tmp_path)
+    uri = (tmp_path / "results").as_uri()
+    spec = preflight(load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "storage", uri))))
+    save_spec(spec)
+    assert experiment_dir(spec) == tmp_path / "results" / spec.name
+    assert (tmp_path / "results" / spec.name / SPEC_FILE).is_file() and not (tmp_path / "file:").exists()
+    assert load_saved_spec(spec.name, uri).storage == str(tmp_path / "results")  # resume --storage file:///...
+
+
 def test_cifar100_data_root_that_holds_it_passes(tmp_path, write_cifar100):
     write_cifar100(tmp_path / "data")
     spec = edit(edit(base_spec(tmp_path), "matrix.datasets", ["cifar100"]), "data_root", str(tmp_path / "data"))

@@ -18,8 +18,8 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, hide_password, optuna_storage_url,
-                   spec_from_json, spec_json)
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, hide_password, local_path,
+                   optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -34,7 +34,9 @@ def absolute(spec: Spec) -> Spec:
         return str(Path(location).expanduser().resolve())
 
     optuna = pin(spec.optuna_storage) if spec.optuna_storage else None
-    return replace(spec, storage=pin(spec.storage), tracking_uri=pin(spec.tracking_uri), optuna_storage=optuna,
+    # a file:// storage is a local folder: the saved spec, the lease and the orphan clean-up work on its path
+    storage = str(local_path(spec.storage)) if spec.storage.startswith("file://") else spec.storage
+    return replace(spec, storage=pin(storage), tracking_uri=pin(spec.tracking_uri), optuna_storage=optuna,
                    data_root=str(Path(spec.data_root).expanduser().resolve()))
 
 
@@ -69,7 +71,7 @@ def save_spec(spec: Spec) -> None:
 def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri: str | None = None) -> Spec:
     """The spec a sweep was started with: from its folder, found by path or by name under ``storage``, or,
     with ``tracking_uri``, from its MLflow experiment (where the Tune folder is gone or out of reach)."""
-    candidates = [Path(name_or_dir), Path(storage) / name_or_dir]
+    candidates = [Path(name_or_dir), (local_path(storage) or Path(storage)) / name_or_dir]
     for folder in candidates:
         if (folder / SPEC_FILE).is_file():
             return spec_from_json((folder / SPEC_FILE).read_text(), source=str(folder / SPEC_FILE))
