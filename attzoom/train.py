@@ -10,6 +10,7 @@ Both happen in the background (writer.py) while the next epoch trains.
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -371,10 +372,15 @@ def check_resumable(path: Path) -> None:
         raise checkpoint_error(path, e) from e
 
 
+# errors of the device or the mount, not of the file's bytes (a file cut short can raise EINVAL: not here)
+PASSING_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.EAGAIN, errno.ENOMEM,
+                  errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
 def unreadable_now(error: Exception) -> bool:
     """An I/O error (a network mount's EIO) or no memory while loading: it says nothing about the file."""
     out_of_memory = isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
-    return out_of_memory or isinstance(error, OSError)
+    return out_of_memory or (isinstance(error, OSError) and error.errno in PASSING_ERRNOS)
 
 
 def first_line(error: Exception) -> str:

@@ -137,6 +137,22 @@ def test_an_io_error_while_resuming_is_raised_as_it_is_not_called_a_damaged_chec
     assert not isinstance(refused.value, CheckpointError) and "--restart" not in str(refused.value)
 
 
+@pytest.mark.parametrize("cut", [10, 0.5])
+def test_a_small_checkpoint_cut_short_is_damaged_whatever_the_zip_reader_raises(tmp_path, cut):
+    """Cut near its end, a small last.pt makes torch.load raise OSError(EINVAL), not the usual RuntimeError: it is
+    still a damaged file (start over), not a passing I/O error (which would be retried on the same bytes)."""
+    from attzoom.config import CheckpointError
+
+    last = tmp_path / "last.pt"
+    torch.save({"model": torch.zeros(10_000)}, last)  # 40 kB
+    whole = last.read_bytes()
+    last.write_bytes(whole[:len(whole) - cut] if cut > 1 else whole[:int(len(whole) * cut)])
+    with pytest.raises(CheckpointError, match="--restart"):
+        fit(config(epochs=2), small_splits(), checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="--restart"):
+        train.check_resumable(last)
+
+
 def test_no_memory_while_resuming_is_raised_as_it_is_not_called_a_damaged_checkpoint(tmp_path):
     """The same for a checkpoint that does not fit in memory now (a GPU or host full of packed trials)."""
     path = tmp_path / "last.pt"
