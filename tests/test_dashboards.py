@@ -317,9 +317,10 @@ def test_confirm_runs_of_an_earlier_best_config_are_neither_skipped_nor_counted(
     moved.trial(att, "a1", [(60, 90)], ADAM, test=(59.0, 90.0))
     for seed, (b, a) in enumerate(((70.0, 60.0), (71.0, 61.0), (72.0, 62.0)), start=1):  # confirm, first time
         moved.trial(base, f"b-s{seed}", [(b - 1, 90.0)], ADAM, test=(b, 95.0), role=CONFIRM_ROLE, seed=seed)
-        moved.trial(att, f"a-s{seed}", [(a - 1, 90.0)], ADAM, test=(a, 95.0), role=CONFIRM_ROLE, seed=seed)
-    moved.trial(att, "a2", [(80, 95)], SGD, test=(79.0, 95.0))  # the resumed sweep's new best
-    moved.trial(att, "a-new-s1", [(77.0, 95.0)], SGD, test=(78.0, 95.0), role=CONFIRM_ROLE, seed=1)
+        moved.trial(att, f"a-s{seed}", [(a - 1, 90.0)], ADAM, test=(a, 95.0), role=CONFIRM_ROLE, seed=seed,
+                    gate_open=100.0)
+    moved.trial(att, "a2", [(80, 95)], SGD, test=(79.0, 95.0), gate_open=35.0)  # the resumed sweep's new best
+    moved.trial(att, "a-new-s1", [(77.0, 95.0)], SGD, test=(78.0, 95.0), role=CONFIRM_ROLE, seed=1, gate_open=30.0)
     moved.finish_study(base, 1, 0)
     moved.finish_study(att, 2, 0)
 
@@ -336,6 +337,7 @@ def test_confirm_runs_of_an_earlier_best_config_are_neither_skipped_nor_counted(
     assert verdict["verdict"] == "not confirmed"  # one seed of the new best, not three of the old
     assert any(f"{att}: 3 confirm runs re-trained an earlier best config" in note for note in report.notes)
     assert {row["study"]: row for row in report.compute}[att]["confirm runs"] == 4  # still counted as compute
+    assert {row["study"]: row for row in report.gates}[att]["seeds 1.., open at last epoch (%)"] == "30.0"
 
 
 def test_without_seed_reruns_the_headline_says_unconfirmed_and_gives_the_command(small_report):

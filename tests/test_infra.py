@@ -329,3 +329,10 @@ def test_the_drivers_own_failed_upload_to_the_storage_is_a_storage_failure_not_a
         logger.warning("Last sync command failed with the following error:\nTraceback ... ValueError")
     assert "Failed to open local file '/s/t/experiment_state.json' (EACCES)" in infra.problem()
     assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["Traceback ... ValueError"]
+
+
+def test_an_error_that_quotes_a_url_is_shortened_without_its_password():
+    error = ConnectionError("API request to http://admin:s3cret@127.0.0.1:9/api/2.0/mlflow/runs/get failed with "
+                            "timeout exception HTTPConnectionPool(host='127.0.0.1', port=9): Read timed out.")
+    text = infra.short_error(error)
+    assert "s3cret" not in text and "http://admin:***@127.0.0.1:9/api" in text

@@ -371,3 +371,31 @@ def test_early_stopping_is_off_unless_asked_and_travels_with_the_saved_spec(tmp_
 def test_overrides_win_over_the_file(tmp_path):
     spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)), trials=4, epochs=None, max_concurrent=3)
     assert (spec.trials, spec.epochs, spec.max_concurrent) == (4, 1, 3)
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql+psycopg://u:pw@h:5432/db", "postgresql+psycopg://u:***@h:5432/db"),
+    ("postgresql://u:p/s#s?x@h/db", "postgresql://u:***@h/db"),  # SQLAlchemy reads the password "p/s#s?x"
+    ("mysql://u:@h/db", "mysql://u:***@h/db"),
+    ("http://admin:pw@127.0.0.1:5000", "http://admin:***@127.0.0.1:5000"),
+    ("postgresql://u@h/db?sslmode=require&password=pw", "postgresql://u@h/db?sslmode=require&password=***"),
+    ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
+    ("http://[::1]:5000", "http://[::1]:5000"),
+    ("postgresql://u@h:5432/db", "postgresql://u@h:5432/db"),
+    ("API request to http://u:pw@h/api/2.0 failed", "API request to http://u:***@h/api/2.0 failed"),
+])
+def test_a_password_in_a_url_or_a_message_quoting_one_is_hidden(url, shown):
+    from tune_jobs.spec import has_password, hide_password
+
+    assert hide_password(url) == shown
+    assert has_password(url) == (url != shown)
+
+
+def test_a_spec_with_a_password_is_saved_for_its_user_only(tmp_path):
+    from tune_jobs.sweep import SPEC_FILE, experiment_dir, save_spec
+
+    spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)))
+    save_spec(spec)
+    assert (experiment_dir(spec) / SPEC_FILE).stat().st_mode & 0o077  # the usual mode: others may read it
+    save_spec(replace(spec, tracking_uri="postgresql://u:pw@127.0.0.1/db"))
+    assert (experiment_dir(spec) / SPEC_FILE).stat().st_mode & 0o777 == 0o600

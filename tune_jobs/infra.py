@@ -97,7 +97,7 @@ def os_problem(error: OSError, path=None, name: bool = True) -> str:
 
 def short_error(error: BaseException) -> str:
     """``Type: reason`` on one line; for a connection failure, the OS error under MLflow's and urllib3's wrappers."""
-    text = " ".join(str(error).split())
+    text = hide_password(" ".join(str(error).split()))  # MLflow's errors quote the URL they called
     reason = re.search(r"\[Errno -?\d+\][^'\")]*", text)
     return f"{type(error).__name__}: {reason.group(0).strip() if reason else text[:300]}"
 

@@ -30,6 +30,9 @@ def tune_settings(spec: Spec) -> dict[str, str]:
         # minutes); its outbox tries again, in order, until the spec's tracking_outage_minutes (outbox.py).
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        # MLflow prints "View run ... at: <server URL>" for every run a server-backed store finishes: one line per
+        # trial, and the URL may carry a password
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     }
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import tempfile
 import tomllib
-import urllib.parse
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -321,23 +320,18 @@ def database_backend(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0]
 
 
-def hide_password(url: str) -> str:
-    """A URL as it may be printed or stored where others read it: a database's or server's password becomes ***."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return f"{url.split('://', 1)[0]}://..."  # never a password
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+# user:password@ after a scheme, the password read as SQLAlchemy reads it (anything up to the @, "/" and "#"
+# included), or a password=... query parameter; in a URL or in any text that quotes one (an error message)
+_PASSWORD = re.compile(r"(?P<user>[\w+.-]+://[^:/@\s]*:)[^@\s]*@|(?P<key>[?&]password=)[^&\s]*", re.IGNORECASE)
+
+
+def hide_password(text: str) -> str:
+    """A URL (or a message quoting one) as it may be printed or stored where others read it: passwords become ***."""
+    return _PASSWORD.sub(lambda m: f"{m['user']}***@" if m["user"] else f"{m['key']}***", text)
 
 
 def has_password(url: str | None) -> bool:
-    try:
-        return bool(url) and urllib.parse.urlsplit(url).password is not None
-    except ValueError:
-        return False
+    return bool(url) and hide_password(url) != url
 
 
 def _check_database(tracking_uri: str, timeout_s: float) -> None:

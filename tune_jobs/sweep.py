@@ -18,8 +18,8 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, hide_password, local_path,
-                   optuna_storage_url, spec_from_json, spec_json)
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, has_password, hide_password,
+                   local_path, optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -65,7 +65,11 @@ def experiment_dir(spec: Spec) -> Path:
 def save_spec(spec: Spec) -> None:
     folder = experiment_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / SPEC_FILE).write_text(spec_json(spec))
+    path = folder / SPEC_FILE
+    if has_password(spec.tracking_uri) or has_password(spec.optuna_storage):
+        path.touch(mode=0o600)  # resume reads the password here, and the storage may be shared: this user only
+        path.chmod(0o600)
+    path.write_text(spec_json(spec))
 
 
 def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri: str | None = None) -> Spec:

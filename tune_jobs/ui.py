@@ -88,7 +88,7 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
     with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700
         if storage:
             config = Path(private) / "optuna-dashboard.toml"
-            config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage)}\n")
+            config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage, ensure_ascii=False)}\n")
             servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), "--from-config", str(config),
                                            "--host", HOST, "--port", str(optuna_port)]
         return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port))
