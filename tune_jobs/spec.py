@@ -327,6 +327,8 @@ _PASSWORD = re.compile(r"(?P<user>[\w+.-]+://[^:/@\s]*:)[^@\s]*@|(?P<key>[?&]pas
 
 def hide_password(text: str) -> str:
     """A URL (or a message quoting one) as it may be printed or stored where others read it: passwords become ***."""
+    if not text:
+        return text
     return _PASSWORD.sub(lambda m: f"{m['user']}***@" if m["user"] else f"{m['key']}***", text)
 
 
