@@ -122,25 +122,3 @@ def test_cloud_storage_keeps_its_lease_in_the_tracking_store(tmp_path):
             assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is not None
     assert said.getvalue().count("taking over") == 1
     assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is None
-
-
-@pytest.mark.parametrize("kind", ["shared path", "cloud storage"])
-def test_of_two_drivers_that_found_one_holder_dead_at_once_only_the_first_takes_over(tmp_path, kind):
-    """Both read the dead record before either wrote. The rule was: write, wait 0.2 s, read back; drivers more than
-    0.2 s apart (an HTTP store, a slow shared disk) then both went on. Now the first to claim that record wins."""
-    from tune_jobs.lease import lease_for, take_over
-
-    storage = str(tmp_path) if kind == "shared path" else "s3://bucket/ray_results"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lease = lease_for(storage, "s", uri)
-    dead = {"host": "node-7", "pid": 1, "started": 0.0, "heartbeat": 0.0, "token": "dead"}
-    assert lease.create(dead)
-    first, second = ({**dead, "host": socket.gethostname(), "pid": os.getpid(), "token": t} for t in ("1st", "2nd"))
-    take_over(lease, "s", dead, first)
-    with pytest.raises(SpecError, match="at the same moment"):
-        take_over(lease, "s", dead, second)
-    assert lease.read()["token"] == "1st"
-    lease.remove()  # the holder's release clears the claims: the next dead record can be claimed again
-    assert lease.create(dead)
-    take_over(lease, "s", dead, second)
-    assert lease.read()["token"] == "2nd"

@@ -10,8 +10,7 @@ no file can be created exclusively, it is kept in the MLflow store (StoreLease).
 host, pid and start time and a heartbeat the holder renews every few seconds. A lease is
 taken over, with one line saying so, when its holder is gone: a process that no longer
 exists on this host at once, a holder on another host once its heartbeat is older than
-STALE_S; of two drivers that find it dead at once, only the first to claim that dead record (an exclusive
-create named after it) takes it over. The holder removes it on any exit Python sees (the end, an error, Ctrl-C).
+STALE_S. The holder removes it on any exit Python sees (the end, an error, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -70,21 +69,8 @@ class FileLease:
     def age_s(self) -> float:
         return time.time() - self.path.stat().st_mtime
 
-    def stamp(self) -> str:
-        return str(self.path.stat().st_mtime_ns)
-
-    def claim(self, key: str) -> bool:
-        """Whether this driver is the first to claim the dead record ``key`` names (an exclusive create)."""
-        try:
-            with open(self.path.with_name(f"{self.path.name}.takeover-{key}"), "x"):
-                return True
-        except FileExistsError:
-            return False
-
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        for claim in self.path.parent.glob(f"{self.path.name}.takeover-*"):
-            claim.unlink(missing_ok=True)
 
 
 class StoreLease:
@@ -101,13 +87,10 @@ class StoreLease:
         self.client, self.name = open_store(tracking_uri), layout.lease_experiment(sweep)
 
     def create(self, record: dict) -> bool:
-        return self._create(self.name, {layout.LEASE: json.dumps(record)})
-
-    def _create(self, name: str, tags: dict) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_experiment(name, tags=tags)
+            self.client.create_experiment(self.name, tags={layout.LEASE: json.dumps(record)})
             return True
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -135,22 +118,11 @@ class StoreLease:
         experiment = self._experiment()
         return time.time() - experiment.creation_time / 1000 if experiment else float("inf")
 
-    def stamp(self) -> str:
-        experiment = self._experiment()
-        return str(experiment.last_update_time if experiment else 0)
-
-    def claim(self, key: str) -> bool:
-        """Whether this driver is the first to claim the dead record ``key`` names (a new experiment's name)."""
-        return self._create(f"{self.name}.takeover.{key}", {})
-
     def remove(self) -> None:
-        prefix = f"{self.name}.takeover."  # LIKE's "_" matches any character: the names are checked exactly
-        claims = [e for e in self.client.search_experiments(filter_string=f"name LIKE '{prefix}%'")
-                  if e.name.startswith(prefix)]
-        for experiment in [self._experiment(), *claims]:
-            if experiment:
-                self.client.rename_experiment(experiment.experiment_id, f"{self.name}.released.{os.urandom(4).hex()}")
-                self.client.delete_experiment(experiment.experiment_id)
+        experiment = self._experiment()
+        if experiment:
+            self.client.rename_experiment(experiment.experiment_id, f"{self.name}.released.{os.urandom(4).hex()}")
+            self.client.delete_experiment(experiment.experiment_id)
 
 
 def lease_for(storage: str, sweep: str, tracking_uri: str | None):
@@ -196,17 +168,11 @@ def _acquire(lease, sweep: str, mine: dict, out) -> None:
     if _alive(holder, lease):
         raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end or "
                         f"stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
-    take_over(lease, sweep, holder, mine)
-    print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
-
-
-def take_over(lease, sweep: str, holder: dict, mine: dict) -> None:
-    """Replace a dead holder's record. Of the drivers that found it dead, the first to claim it (an exclusive create
-    named after that record) writes; the others stop, however late they come."""
-    if not lease.claim(holder.get("token") or f"empty-{lease.stamp()}"):
-        raise SpecError(f"another driver took over sweep {sweep!r} at the same moment as this one and runs it now; "
-                        "see it with `attzoom status`")
     lease.write(mine)
+    time.sleep(0.2)  # two drivers taking over one dead lease at once: the later write wins, the other stops
+    if lease.read().get("token") != mine["token"]:
+        raise SpecError(f"sweep {sweep!r} was just taken over by another driver: {describe(lease.read())}")
+    print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
 
 
 def describe(record: dict) -> str:
