@@ -90,23 +90,24 @@ def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
 
 
 def done_pairs(tracking_uri: str, experiment_id: str, params: dict[str, dict]) -> set[tuple[str, int]]:
-    """(study, seed) with a finished confirm run of the study's best config now (``params``): a run that re-trained
-    an earlier best, before a resume found a better one, does not count."""
-    return {(r.data.tags[STUDY], int(r.data.tags[SEED])) for r in _confirm_runs(tracking_uri, experiment_id)
-            if r.data.tags[STUDY] in params and same_config(r.data.params, params[r.data.tags[STUDY]])}
+    """(study, seed) with a finished confirm run of the study's best config now (``params``)."""
+    return confirm_pairs(tracking_uri, experiment_id, params)[0]
 
 
-def outdated_studies(tracking_uri: str, experiment_id: str, params: dict[str, dict]) -> list[str]:
-    """Studies with confirm runs of an earlier best config: a resume has found a better one since."""
-    return sorted({r.data.tags[STUDY] for r in _confirm_runs(tracking_uri, experiment_id)
-                   if r.data.tags[STUDY] in params and not same_config(r.data.params, params[r.data.tags[STUDY]])})
-
-
-def _confirm_runs(tracking_uri: str, experiment_id: str) -> list:
+def confirm_pairs(tracking_uri: str, experiment_id: str, params: dict[str, dict]) -> tuple[set, set]:
+    """(study, seed) with a finished confirm run of the study's best config now, and of an earlier best config (a
+    resume has found a better one since: those do not count)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri).search_runs(
+    runs = MlflowClient(tracking_uri).search_runs(
         [experiment_id], layout.runs_filter(layout.CONFIRM_ROLE, finished=True), max_results=layout.MAX_RUNS)
+    current, earlier = set(), set()
+    for run in runs:
+        study = run.data.tags[STUDY]
+        if study in params:
+            pairs = current if same_config(run.data.params, params[study]) else earlier
+            pairs.add((study, int(run.data.tags[SEED])))
+    return current, earlier
 
 
 def confirm_study(config: dict) -> str:
@@ -149,11 +150,11 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     params = best_params(spec.tracking_uri, experiment_id)
     if not params:
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")
-    done = done_pairs(spec.tracking_uri, experiment_id, params)
-    for study in outdated_studies(spec.tracking_uri, experiment_id, params):
+    done, earlier = confirm_pairs(spec.tracking_uri, experiment_id, params)
+    todo = [(study, seed) for study in params for seed in range(1, seeds + 1) if (study, seed) not in done]
+    for study in sorted({s for s, _ in earlier} & {s for s, _ in todo}):
         print(f"{study}: its best config changed since its last confirm runs (a resume found a better one); "
               "re-training the new one", file=sys.stderr, flush=True)
-    todo = [(study, seed) for study in params for seed in range(1, seeds + 1) if (study, seed) not in done]
     if not todo:
         return {}
     start_ray(spec, address)

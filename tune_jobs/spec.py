@@ -325,7 +325,7 @@ def database_backend(url: str) -> str:
 _PASSWORD = re.compile(r"(?P<user>[\w+.-]+://[^:/@\s]*:)[^@\s]*@|(?P<key>[?&]password=)[^&\s]*", re.IGNORECASE)
 
 
-def hide_password(text: str) -> str:
+def hide_password(text: str | None) -> str | None:
     """A URL (or a message quoting one) as it may be printed or stored where others read it: passwords become ***."""
     if not text:
         return text
