@@ -122,3 +122,85 @@ def test_cloud_storage_keeps_its_lease_in_the_tracking_store(tmp_path):
             assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is not None
     assert said.getvalue().count("taking over") == 1
     assert MlflowClient(uri).get_experiment_by_name(lease_experiment("s")) is None
+
+
+def _stranger(token: str) -> dict:
+    """A record held by this very process: alive for every check."""
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now, "token": token}
+
+
+@pytest.mark.parametrize("kind", ["shared path", "cloud storage"])
+def test_of_two_drivers_that_found_one_holder_dead_at_once_only_one_takes_over(tmp_path, kind):
+    """B's write reaches a slow store only after A has written and read back its own record. The rule was: write,
+    wait 0.2 s, read back; so both went on and ran the sweep. Now the driver that claimed the dead record writes."""
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.lease import _acquire, lease_for
+
+    storage = str(tmp_path) if kind == "shared path" else "s3://bucket/ray_results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = lease_for(storage, "s", uri), lease_for(storage, "s", uri)
+    assert first.create({"host": "node-7", "pid": 1, "started": 0.0, "heartbeat": 0.0, "token": "dead"})
+    outcomes, real_write = {}, second.write
+
+    def slow_write(record):  # A runs its whole take-over while B's write is on its way
+        if record["token"] == "B" and "A" not in outcomes:
+            try:
+                _acquire(first, "s", _stranger("A"), io.StringIO())
+                outcomes["A"] = "took over"
+            except SpecError as e:
+                outcomes["A"] = str(e)
+        return real_write(record)
+
+    second.write = slow_write
+    try:
+        _acquire(second, "s", _stranger("B"), io.StringIO())
+        outcomes["B"] = "took over"
+    except SpecError as e:
+        outcomes["B"] = str(e)
+    assert list(outcomes.values()).count("took over") == 1, outcomes
+    loser = next(v for v in outcomes.values() if v != "took over")
+    assert "\n" not in loser and "taken over by another driver at this moment" in loser
+    assert first.read()["token"] == "B"
+    if kind == "shared path":  # no claim is left behind
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lease"]
+    else:
+        assert [e.name for e in MlflowClient(uri).search_experiments() if "takeover" in e.name] == []
+
+
+def test_a_take_over_whose_driver_died_before_writing_blocks_only_until_its_claim_is_stale(tmp_path):
+    from tune_jobs.spec import NAME
+
+    path = lease_path(str(tmp_path), "s")
+    path.write_text(json.dumps({"host": "node-7", "pid": 1, "started": 0.0, "heartbeat": 0.0, "token": "dead"}))
+    claim = path.with_name("s.lease~takeover~dead~0")  # left by a taker killed between its claim and its write
+    claim.write_text("{}")
+    assert NAME.fullmatch(claim.name) is None  # no sweep's own lease can be mistaken for a claim
+    with pytest.raises(SpecError, match="at this moment"), sweep_lease(str(tmp_path), "s"):
+        pass
+    os.utime(claim, (time.time() - STALE_S - 5,) * 2)
+    said = io.StringIO()
+    with sweep_lease(str(tmp_path), "s", out=said):
+        assert json.loads(path.read_text())["host"] == socket.gethostname()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lease"]  # both claims cleared once it was written
+    assert "taking over" in said.getvalue()
+
+
+def test_a_lease_released_as_the_next_driver_looks_is_created_not_taken_over(tmp_path):
+    from tune_jobs.lease import FileLease, _acquire
+
+    path = lease_path(str(tmp_path), "s")
+    path.write_text(json.dumps(_stranger("leaving")))
+    lease, real_create = FileLease(path), FileLease.create
+
+    def create_then_release(record):  # refused by the live holder, which then ends and removes its lease
+        made = real_create(lease, record)
+        path.unlink(missing_ok=True)
+        lease.create = lambda r: real_create(lease, r)
+        return made
+
+    lease.create = create_then_release
+    said = io.StringIO()
+    _acquire(lease, "s", _stranger("next"), said)
+    assert json.loads(path.read_text())["token"] == "next" and said.getvalue() == ""

@@ -10,11 +10,16 @@ no file can be created exclusively, it is kept in the MLflow store (StoreLease).
 host, pid and start time and a heartbeat the holder renews every few seconds. A lease is
 taken over, with one line saying so, when its holder is gone: a process that no longer
 exists on this host at once, a holder on another host once its heartbeat is older than
-STALE_S. The holder removes it on any exit Python sees (the end, an error, Ctrl-C).
+STALE_S. Of drivers that find one holder dead at once, the first to *claim* that dead record (an
+exclusive create of ``<lease>~takeover~<its token>~<n>``; sweep names cannot hold ``~``) takes over
+and the others stop, however slow the store; a claim left by a taker killed before it wrote counts
+for STALE_S, then the next number is claimed. The holder removes the lease on any exit Python sees
+(the end, an error, Ctrl-C).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -32,6 +37,7 @@ from .spec import SpecError, local_path
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0  # a holder on another host that has not renewed for this long is taken to be dead
+CLAIM = "~takeover~"  # a take-over's claim: <lease><CLAIM><dead holder's token>~<n>
 
 
 def lease_path(storage: str, sweep: str) -> Path | None:
@@ -45,6 +51,16 @@ class FileLease:
 
     def __init__(self, path: Path):
         self.path = path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def sibling(self, suffix: str) -> FileLease:
+        return FileLease(self.path.with_name(self.path.name + suffix))
+
+    def siblings(self, infix: str) -> list[FileLease]:
+        return [FileLease(p) for p in self.path.parent.glob(glob.escape(self.path.name + infix) + "*")]
 
     def create(self, record: dict) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +77,11 @@ class FileLease:
         except (OSError, ValueError):
             return {}
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> bool:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.path)
+        return True
 
     def age_s(self) -> float:
         return time.time() - self.path.stat().st_mtime
@@ -81,10 +98,16 @@ class StoreLease:
     makes one of two creators win. Released, it is renamed and deleted, which frees the name.
     """
 
-    def __init__(self, tracking_uri: str, sweep: str):
-        from .tracking import open_store
+    def __init__(self, client, name: str):
+        self.client, self.name = client, name
 
-        self.client, self.name = open_store(tracking_uri), layout.lease_experiment(sweep)
+    def sibling(self, suffix: str) -> StoreLease:
+        return StoreLease(self.client, self.name + suffix)
+
+    def siblings(self, infix: str) -> list[StoreLease]:
+        prefix = self.name + infix  # LIKE reads '_' as any character: the exact prefix is checked here
+        found = self.client.search_experiments(filter_string=f"name LIKE '{prefix}%'")
+        return [self.sibling(e.name[len(self.name):]) for e in found if e.name.startswith(prefix)]
 
     def create(self, record: dict) -> bool:
         from mlflow.exceptions import MlflowException
@@ -107,12 +130,13 @@ class StoreLease:
         except ValueError:
             return {}
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> bool:
+        """False when the lease was released meanwhile and another driver created it first."""
         experiment = self._experiment()
-        if experiment is None:  # released meanwhile by its holder: create it instead
-            self.create(record)
-            return
+        if experiment is None:
+            return self.create(record)
         self.client.set_experiment_tag(experiment.experiment_id, layout.LEASE, json.dumps(record))
+        return True
 
     def age_s(self) -> float:
         experiment = self._experiment()
@@ -130,7 +154,11 @@ def lease_for(storage: str, sweep: str, tracking_uri: str | None):
     path = lease_path(storage, sweep)
     if path is not None:
         return FileLease(path)
-    return StoreLease(tracking_uri, sweep) if tracking_uri else None
+    if not tracking_uri:
+        return None
+    from .tracking import open_store
+
+    return StoreLease(open_store(tracking_uri), layout.lease_experiment(sweep))
 
 
 @contextmanager
@@ -161,18 +189,79 @@ def sweep_lease(storage: str, sweep: str, out=sys.stderr, on_error: Callable[[st
             pass
 
 
-def _acquire(lease, sweep: str, mine: dict, out) -> None:
-    if lease.create(mine):  # of two drivers starting at once, one creates it
-        return
-    holder = lease.read()
-    if _alive(holder, lease):
-        raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end or "
-                        f"stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
-    lease.write(mine)
-    time.sleep(0.2)  # two drivers taking over one dead lease at once: the later write wins, the other stops
-    if lease.read().get("token") != mine["token"]:
-        raise SpecError(f"sweep {sweep!r} was just taken over by another driver: {describe(lease.read())}")
-    print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
+def _acquire(lease, sweep: str, mine: dict, out, rounds: int = 3) -> None:
+    for _ in range(rounds):  # another round when the lease changed hands while this driver looked at it
+        if lease.create(mine):  # of two drivers starting at once, one creates it
+            return
+        holder = _current(lease)
+        if holder is None:  # released as this driver looked: create it in the next round
+            continue
+        if _alive(holder, lease):
+            raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end "
+                            f"or stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
+        if take_over(lease, sweep, holder, mine):
+            print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
+            return
+    raise SpecError(f"sweep {sweep!r} changed hands {rounds} times while this driver tried to take it; run it again")
+
+
+def take_over(lease, sweep: str, dead: dict, mine: dict) -> bool:
+    """Replace a dead holder's record with ``mine``; False when the lease changed meanwhile (look again).
+
+    Only the driver that claimed ``dead`` writes, so two that found it dead at once never both run the
+    sweep; SpecError for the other. Claims on any other record are void once this one is written.
+    """
+    claim = _claim(lease, sweep, dead)
+    try:
+        now = _current(lease)
+        if now is None or _key(now) != _key(dead) or not lease.write(mine):
+            return False
+        return lease.read().get("token") == mine["token"]
+    finally:
+        _clear_claims(lease, claim)
+
+
+def _claim(lease, sweep: str, dead: dict):
+    """The first free claim on ``dead``; SpecError while another driver's claim on it is fresh."""
+    n = 0
+    while True:
+        claim = lease.sibling(f"{CLAIM}{_key(dead)}~{n}")
+        if claim.create({"token": "claim"}):
+            return claim
+        try:
+            if claim.age_s() < STALE_S:
+                raise SpecError(f"sweep {sweep!r} is being taken over by another driver at this moment (its last "
+                                f"holder, {describe(dead)}, is gone); run this again in {STALE_S:.0f} s if it "
+                                "does not start")
+        except FileNotFoundError:  # cleared as this driver looked: that claim is free again
+            continue
+        n += 1  # its taker died before it wrote the lease: the next number is free to claim
+
+
+def _current(lease) -> dict | None:
+    """The lease's record ({} while being written or when unreadable); None when there is no lease."""
+    record = lease.read()
+    if record:
+        return record
+    try:
+        return None if lease.age_s() == float("inf") else record
+    except FileNotFoundError:
+        return None
+
+
+def _key(record: dict) -> str:
+    return record.get("token") or "unwritten"
+
+
+def _clear_claims(lease, own) -> None:
+    """Drop this driver's claim and every claim on a record the lease no longer holds (no taker can use them)."""
+    try:
+        current = _key(lease.read())
+        for claim in lease.siblings(CLAIM):
+            if claim.name == own.name or claim.name[len(lease.name) + len(CLAIM):].rsplit("~", 1)[0] != current:
+                claim.remove()
+    except Exception:  # noqa: BLE001 - a store that refuses now: claims left behind go stale in STALE_S
+        pass
 
 
 def describe(record: dict) -> str:
