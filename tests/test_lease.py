@@ -169,22 +169,54 @@ def test_of_two_drivers_that_found_one_holder_dead_at_once_only_one_takes_over(t
         assert [e.name for e in MlflowClient(uri).search_experiments() if "takeover" in e.name] == []
 
 
-def test_a_take_over_whose_driver_died_before_writing_blocks_only_until_its_claim_is_stale(tmp_path):
-    from tune_jobs.spec import NAME
-
+@pytest.mark.parametrize("taker_gone", ["killed on this host", "silent on another host"])
+def test_a_take_over_claim_blocks_others_only_while_its_maker_lives(tmp_path, taker_gone):
     path = lease_path(str(tmp_path), "s")
     path.write_text(json.dumps({"host": "node-7", "pid": 1, "started": 0.0, "heartbeat": 0.0, "token": "dead"}))
-    claim = path.with_name("s.lease~takeover~dead~0")  # left by a taker killed between its claim and its write
-    claim.write_text("{}")
-    assert NAME.fullmatch(claim.name) is None  # no sweep's own lease can be mistaken for a claim
-    with pytest.raises(SpecError, match="at this moment"), sweep_lease(str(tmp_path), "s"):
+    claim = path.with_name("s.lease~takeover~dead~0")  # a taker stopped between its claim and its write
+    taker = subprocess.Popen(["sleep", "60"])
+    now = time.time()
+    record = {"host": socket.gethostname(), "pid": taker.pid, "started": now, "heartbeat": now, "token": "taker"}
+    if taker_gone == "silent on another host":
+        record = {**record, "host": "node-8", "pid": 2}
+    claim.write_text(json.dumps(record))
+    with pytest.raises(SpecError, match=f"at this moment \\(pid {record['pid']} on {record['host']}"), \
+            sweep_lease(str(tmp_path), "s"):
         pass
-    os.utime(claim, (time.time() - STALE_S - 5,) * 2)
+    taker.kill()
+    taker.wait()
+    if taker_gone == "silent on another host":
+        claim.write_text(json.dumps({**record, "heartbeat": now - STALE_S - 5}))
     said = io.StringIO()
     with sweep_lease(str(tmp_path), "s", out=said):
         assert json.loads(path.read_text())["host"] == socket.gethostname()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lease"]  # both claims cleared once it was written
     assert "taking over" in said.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["shared path", "cloud storage"])
+def test_a_driver_that_saw_the_dead_record_before_another_took_it_over_stops(tmp_path, kind):
+    """A took over and cleared its claim between B's read of the dead record and B's claim: B's claim succeeds,
+    but B must read the lease again and find A there, not write over it."""
+    from tune_jobs.lease import _acquire, lease_for
+
+    storage = str(tmp_path) if kind == "shared path" else "s3://bucket/ray_results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = lease_for(storage, "s", uri), lease_for(storage, "s", uri)
+    assert first.create({"host": "node-7", "pid": 1, "started": 0.0, "heartbeat": 0.0, "token": "dead"})
+    real_read, reads = second.read, []
+
+    def read_then_a_takes_over():
+        record = real_read()
+        if not reads:
+            _acquire(first, "s", _stranger("A"), io.StringIO())
+        reads.append(record)
+        return record
+
+    second.read = read_then_a_takes_over
+    with pytest.raises(SpecError, match="is being run by another driver"):
+        _acquire(second, "s", _stranger("B"), io.StringIO())
+    assert reads[0]["token"] == "dead" and first.read()["token"] == "A"
 
 
 def test_a_lease_released_as_the_next_driver_looks_is_created_not_taken_over(tmp_path):
@@ -204,3 +236,19 @@ def test_a_lease_released_as_the_next_driver_looks_is_created_not_taken_over(tmp
     said = io.StringIO()
     _acquire(lease, "s", _stranger("next"), said)
     assert json.loads(path.read_text())["token"] == "next" and said.getvalue() == ""
+
+
+def test_a_store_lease_released_while_a_taker_writes_is_lost_not_a_traceback(tmp_path):
+    from tune_jobs.lease import lease_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    holder_side, taker_side = lease_for("s3://b/r", "s", uri), lease_for("s3://b/r", "s", uri)
+    assert holder_side.create(_stranger("holder"))
+    real_tag = taker_side.client.set_experiment_tag
+
+    def released_first(*args):  # the holder ends (rename, delete) between the taker's lookup and its write
+        holder_side.remove()
+        return real_tag(*args)
+
+    taker_side.client.set_experiment_tag = released_first
+    assert taker_side.write(_stranger("taker")) is False

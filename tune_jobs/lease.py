@@ -12,8 +12,8 @@ taken over, with one line saying so, when its holder is gone: a process that no 
 exists on this host at once, a holder on another host once its heartbeat is older than
 STALE_S. Of drivers that find one holder dead at once, the first to *claim* that dead record (an
 exclusive create of ``<lease>~takeover~<its token>~<n>``; sweep names cannot hold ``~``) takes over
-and the others stop, however slow the store; a claim left by a taker killed before it wrote counts
-for STALE_S, then the next number is claimed. The holder removes the lease on any exit Python sees
+and the others stop, however slow the store; a claim whose taker is gone is void by the lease's own
+rule, and the next number is claimed. The holder removes the lease on any exit Python sees
 (the end, an error, Ctrl-C).
 """
 
@@ -78,7 +78,7 @@ class FileLease:
             return {}
 
     def write(self, record: dict) -> bool:
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.urandom(4).hex()}.tmp")  # pids repeat across hosts
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.path)
         return True
@@ -131,11 +131,19 @@ class StoreLease:
             return {}
 
     def write(self, record: dict) -> bool:
-        """False when the lease was released meanwhile and another driver created it first."""
+        """False when the lease was released meanwhile (and another driver created it first)."""
+        from mlflow.exceptions import MlflowException
+
         experiment = self._experiment()
         if experiment is None:
             return self.create(record)
-        self.client.set_experiment_tag(experiment.experiment_id, layout.LEASE, json.dumps(record))
+        try:
+            self.client.set_experiment_tag(experiment.experiment_id, layout.LEASE, json.dumps(record))
+        except MlflowException:
+            now = self._experiment()
+            if now is None or now.experiment_id != experiment.experiment_id:
+                return False  # renamed and deleted by its holder as this driver wrote
+            raise
         return True
 
     def age_s(self) -> float:
@@ -196,6 +204,8 @@ def _acquire(lease, sweep: str, mine: dict, out, rounds: int = 3) -> None:
         holder = _current(lease)
         if holder is None:  # released as this driver looked: create it in the next round
             continue
+        if holder.get("token") == mine["token"]:  # its own write, which a read-back just missed
+            return
         if _alive(holder, lease):
             raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end "
                             f"or stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
@@ -209,33 +219,40 @@ def take_over(lease, sweep: str, dead: dict, mine: dict) -> bool:
     """Replace a dead holder's record with ``mine``; False when the lease changed meanwhile (look again).
 
     Only the driver that claimed ``dead`` writes, so two that found it dead at once never both run the
-    sweep; SpecError for the other. Claims on any other record are void once this one is written.
+    sweep; SpecError for the other. Claims on any other record are void once this one is written. A
+    taker too slow to write within STALE_S / 2 of its claim gives up: by STALE_S another may claim.
     """
-    claim = _claim(lease, sweep, dead)
+    began = time.monotonic()
+    claim = _claim(lease, sweep, dead, mine)
     try:
         now = _current(lease)
-        if now is None or _key(now) != _key(dead) or not lease.write(mine):
+        if now is None or _key(now) != _key(dead) or _alive(now, lease):  # it changed, or its holder came back
+            return False
+        late = time.monotonic() - began > STALE_S / 2
+        if late or claim.read().get("token") != mine["token"] or not lease.write(mine):
             return False
         return lease.read().get("token") == mine["token"]
     finally:
         _clear_claims(lease, claim)
 
 
-def _claim(lease, sweep: str, dead: dict):
-    """The first free claim on ``dead``; SpecError while another driver's claim on it is fresh."""
-    n = 0
-    while True:
+def _claim(lease, sweep: str, dead: dict, mine: dict):
+    """The first free claim on ``dead``; SpecError while another live driver's claim on it stands.
+
+    A claim holds its maker's record: it is void, like a lease, once its maker is gone (at once on
+    this host, after STALE_S elsewhere), and the next number is free to claim.
+    """
+    for n in range(100):
         claim = lease.sibling(f"{CLAIM}{_key(dead)}~{n}")
-        if claim.create({"token": "claim"}):
+        if claim.create(mine):
             return claim
-        try:
-            if claim.age_s() < STALE_S:
-                raise SpecError(f"sweep {sweep!r} is being taken over by another driver at this moment (its last "
-                                f"holder, {describe(dead)}, is gone); run this again in {STALE_S:.0f} s if it "
-                                "does not start")
-        except FileNotFoundError:  # cleared as this driver looked: that claim is free again
-            continue
-        n += 1  # its taker died before it wrote the lease: the next number is free to claim
+        taker = claim.read()
+        if _alive(taker, claim):
+            raise SpecError(f"sweep {sweep!r} is being taken over by another driver at this moment "
+                            f"({describe(taker) if taker else 'just starting'}); run this again in "
+                            f"{STALE_S:.0f} s if it does not start")
+    raise SpecError(f"sweep {sweep!r} has 100 abandoned take-over claims beside its lease ({lease.name}{CLAIM}...); "
+                    "delete them and run this again")
 
 
 def _current(lease) -> dict | None:
@@ -256,11 +273,14 @@ def _key(record: dict) -> str:
 def _clear_claims(lease, own) -> None:
     """Drop this driver's claim and every claim on a record the lease no longer holds (no taker can use them)."""
     try:
-        current = _key(lease.read())
+        own.remove()
+        current = lease.read()
+        if not current:  # unreadable just now: which claims are void is unknown
+            return
         for claim in lease.siblings(CLAIM):
-            if claim.name == own.name or claim.name[len(lease.name) + len(CLAIM):].rsplit("~", 1)[0] != current:
+            if claim.name[len(lease.name) + len(CLAIM):].rsplit("~", 1)[0] != _key(current):
                 claim.remove()
-    except Exception:  # noqa: BLE001 - a store that refuses now: claims left behind go stale in STALE_S
+    except Exception:  # noqa: BLE001 - a store that refuses now: claims left behind are void once their maker is gone
         pass
 
 
