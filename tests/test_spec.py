@@ -90,6 +90,10 @@ BAD = {
     "patience 0": ("patience", 0, "patience"),
     "seed not an integer": ("seed", "zero", "seed"),
     "max_retries -1": ("failure.max_retries", -1, "failure.max_retries"),
+    "max_retries true": ("failure.max_retries", True, "failure.max_retries"),  # a bool passed as 1 to Tune
+    "tracking_uri of no store": ("tracking_uri", "foo://bar", "tracking_uri"),
+    "tracking_uri a folder": ("tracking_uri", "{tmp}/mlruns", "tracking_uri"),  # MLflow's frozen file store
+    "tracking_uri an Optuna database": ("tracking_uri", "sqlite:///{tmp}/optuna.db", "not an MLflow tracking store"),
     "outage deadline 0": ("failure.tracking_outage_minutes", 0, "failure.tracking_outage_minutes"),
     "outage deadline text": ("failure.tracking_outage_minutes", "30m", "failure.tracking_outage_minutes"),
     "unknown metric": ("metric", "val_loss", "metric"),
@@ -139,6 +143,10 @@ def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "data root without cifar100":
         (tmp_path / "empty").mkdir()
         spec["data_root"] = str(tmp_path / "empty")
+    if case == "tracking_uri an Optuna database":  # a real one: MLflow would add its tables to it
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
     if case == "gpus above local_gpus":
         spec["resources"]["gpus"] = 2
     return write_spec(tmp_path, spec), expected.replace("{tmp}", str(tmp_path))
@@ -399,3 +407,24 @@ def test_a_spec_with_a_password_is_saved_for_its_user_only(tmp_path):
     assert (experiment_dir(spec) / SPEC_FILE).stat().st_mode & 0o077  # the usual mode: others may read it
     save_spec(replace(spec, tracking_uri="postgresql://u:pw@127.0.0.1/db"))
     assert (experiment_dir(spec) / SPEC_FILE).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+@pytest.mark.parametrize("content", ["optuna", "empty", "text"])
+def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was(tmp_path, monkeypatch, capsys,
+                                                                                 command, content):
+    """`status --tracking-uri sqlite:///optuna.db` made MLflow's tables in the Optuna studies' database."""
+    database = tmp_path / "optuna.db"
+    if content == "optuna":
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+    else:
+        database.write_text("" if content == "empty" else "not a database")
+    before = database.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    argv = [command, *(["t"] if command == "report" else []), "--tracking-uri", f"sqlite:///{database}"]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(database) in lines[0] and "--tracking-uri" in lines[0], lines
+    assert database.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]

@@ -22,6 +22,8 @@ from attzoom.names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 from .layout import study_name
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The stores a sweep can track to: a SQLite file, an MLflow server, a database (MLflow's file store is frozen)
+TRACKING_URI = re.compile(r"^(sqlite:///.|https?://.|(postgresql|mysql|mssql)(\+\w+)?://.)")
 METRICS = ("val_top1",)
 # TrainConfig keys a spec may fix in [train]; the searched and per-study ones are excluded.
 SEARCHED = {"batch_size", "lr", "weight_decay", "optimizer", "momentum", "scheduler", "step_size"}
@@ -223,7 +225,11 @@ def validate(spec: Spec, source: str = "spec") -> None:
     if spec.optuna_storage is not None and not re.match(r"^[a-z][a-z0-9+]*://", str(spec.optuna_storage)):
         fail(f"optuna_storage must be an SQLAlchemy URL such as sqlite:///optuna.db or postgresql://host/db, got "
              f"{spec.optuna_storage!r}")
-    if not isinstance(spec.max_retries, int) or spec.max_retries < 0:
+    if not TRACKING_URI.match(spec.tracking_uri):
+        fail(f"tracking_uri {hide_password(spec.tracking_uri)!r} is not a tracking store this tool can use; pass "
+             "sqlite:///PATH/mlflow.db, the http(s):// address of an MLflow server, or a database URL such as "
+             "postgresql://HOST/DB")
+    if not isinstance(spec.max_retries, int) or isinstance(spec.max_retries, bool) or spec.max_retries < 0:
         fail(f"failure.max_retries must be an integer >= 0, got {spec.max_retries!r}")
     if not _number(spec.tracking_outage_minutes) or spec.tracking_outage_minutes <= 0:
         fail("failure.tracking_outage_minutes must be a number of minutes > 0 (how long an unreachable tracking "
@@ -298,6 +304,12 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
     if database is not None and not database.is_file():
         raise SpecError(f"no tracking store at {database}; pass --tracking-uri sqlite:///PATH/mlflow.db (or the "
                         "http:// address of an MLflow server)")
+    if not TRACKING_URI.match(tracking_uri):
+        raise SpecError(f"--tracking-uri {hide_password(tracking_uri)!r} is not a tracking store; pass "
+                        "sqlite:///PATH/mlflow.db or the http:// address of an MLflow server")
+    if database is not None and "experiments" not in sqlite_tables(database):
+        raise SpecError(f"{database} is not an MLflow tracking store (it holds no MLflow tables); pass the "
+                        "--tracking-uri of the sweep's store (mlflow.db, not optuna.db)")
     if tracking_uri.startswith(("http://", "https://")):
         import http.client
         import urllib.error
@@ -370,6 +382,33 @@ def optuna_storage_url(spec: Spec) -> str | None:
     if "://" not in spec.storage:
         return f"sqlite:///{Path(spec.storage).expanduser().resolve() / 'optuna.db'}"
     return None
+
+
+def sqlite_tables(database: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without changing it; SpecError when it is no SQLite database."""
+    import sqlite3
+
+    try:
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise SpecError(f"{database} cannot be read as a tracking store ({e}); pass the --tracking-uri of the "
+                        "sweep's store, sqlite:///PATH/mlflow.db") from None
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """A sweep's tracking store: a SQLite file that exists must be MLflow's, not another database MLflow would
+    add its tables to (the Optuna studies' optuna.db is an easy mix-up)."""
+    database = sqlite_file(tracking_uri)
+    if database is None or not database.is_file():
+        return
+    tables = sqlite_tables(database)
+    if tables and "experiments" not in tables:
+        raise SpecError(f"tracking_uri: {database} is not an MLflow tracking store (it holds other tables: "
+                        f"{', '.join(sorted(tables)[:4])}...); point tracking_uri at mlflow.db or a new file")
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:

@@ -18,8 +18,8 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_writable, has_password, hide_password,
-                   local_path, optuna_storage_url, spec_from_json, spec_json)
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_tracking_store, check_writable, has_password,
+                   hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -49,6 +49,7 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     spec = absolute(spec)
     check_writable("storage", spec.storage)
     check_writable("tracking_uri", spec.tracking_uri)
+    check_tracking_store(spec.tracking_uri)
     check_data(spec)
     if local and spec.gpus > 0:
         import torch
