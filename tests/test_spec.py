@@ -428,3 +428,35 @@ def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(database) in lines[0] and "--tracking-uri" in lines[0], lines
     assert database.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
+
+
+@pytest.mark.parametrize("earlier", ["under another storage", "its Tune folder gone"])
+def test_a_new_sweep_with_the_name_of_one_that_has_runs_in_the_store_is_refused(tmp_path, monkeypatch, capsys,
+                                                                              earlier):
+    """`sweep` with another --storage than the first sweep of that name ran, then deleted every run of the
+    first as its orphans and added its trials to the same Optuna studies."""
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs import layout
+
+    spec = base_spec(tmp_path)
+    first = tmp_path / "first"
+    (first / "tiny").mkdir(parents=True)
+    if earlier == "its Tune folder gone":
+        first = Path(spec["storage"])
+    client = MlflowClient(spec["tracking_uri"])
+    experiment = client.create_experiment(layout.experiment_name("tiny"),
+                                          tags={layout.SPEC: json.dumps({**spec, "storage": str(first)})})
+    run = client.create_run(experiment, tags={layout.ROLE: layout.TRIAL_ROLE, layout.TRIAL: "a1"})
+    monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("a sweep reusing the name started Ray"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # MLflow's lines as it made the store above
+    assert cli.main(["sweep", str(write_spec(tmp_path, spec))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "already has runs in the tracking store" in lines[0], lines
+    if earlier == "under another storage":
+        assert f"attzoom resume tiny --storage {first}" in lines[0]
+    else:
+        assert "Tune folder is gone" in lines[0] and "change name in" in lines[0]
+    assert client.get_run(run.info.run_id).info.lifecycle_stage == "active"
+    assert not Path(spec["storage"]).exists()

@@ -128,12 +128,10 @@ def spec_from_args(args):
 
 def run_sweep_command(args) -> int:
     from .summary import print_summary
-    from .sweep import experiment_dir, preflight, run_sweep
+    from .sweep import check_new_sweep, preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
-    if experiment_dir(spec).exists():
-        raise SpecError(f"a sweep named {spec.name!r} already exists in {experiment_dir(spec)}; continue it with "
-                        f"`attzoom resume {spec.name} --storage {spec.storage}` or change name in {args.spec}")
+    check_new_sweep(spec, args.spec)
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)

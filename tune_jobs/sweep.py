@@ -59,6 +59,26 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     return spec
 
 
+def check_new_sweep(spec: Spec, spec_file: Path) -> None:
+    """A new sweep's name must be free in its storage and in its tracking store: one that reuses the name of a
+    sweep with runs there (kept under another storage, or whose Tune folder is gone) would delete those runs as
+    its orphans (drop_orphan_runs) and add its trials to the same Optuna studies."""
+    if experiment_dir(spec).exists():
+        raise SpecError(f"a sweep named {spec.name!r} already exists in {experiment_dir(spec)}; continue it with "
+                        f"`{resume_command(spec)}` or change name in {spec_file}")
+    from .tracking import earlier_sweep
+
+    storage = earlier_sweep(spec.tracking_uri, spec.name)
+    if storage is None:
+        return
+    store = f"a sweep named {spec.name!r} already has runs in the tracking store {hide_password(spec.tracking_uri)}"
+    if storage and storage != spec.storage and ("://" in storage or Path(storage, spec.name).is_dir()):
+        raise SpecError(f"{store} (its results are in {storage}); continue it with `attzoom resume {spec.name} "
+                        f"--storage {storage}` or change name in {spec_file}")
+    raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; change name in {spec_file} "
+                    "(a new sweep under that name would delete those runs)")
+
+
 def experiment_dir(spec: Spec) -> Path:
     return Path(spec.storage) / spec.name
 

@@ -8,6 +8,7 @@ driver writes (tune_jobs/mlflow_callback.py); trial processes never open the sto
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from . import layout, naming
 from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
-from .spec import Spec, Study, database_backend, local_path, shared_spec_json, sqlite_file
+from .spec import (Spec, Study, check_store_exists, database_backend, local_path, shared_spec_json,
+                   sqlite_file)
 
 
 def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
@@ -107,6 +109,23 @@ def stored_spec(tracking_uri: str, sweep: str) -> str | None:
         return None
     experiment = open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
     return experiment.tags.get(layout.SPEC) if experiment else None
+
+
+def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
+    """The storage of a sweep of this name whose experiment already holds trial runs ("" if it did not say);
+    None when there is none. A missing SQLite file is not created; a server that does not answer: SpecError."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        return None
+    if tracking_uri.startswith(("http://", "https://")):
+        check_store_exists(tracking_uri)  # at once, not after MLflow's minutes of retries
+    client = open_store(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name(sweep))
+    if experiment is None or not client.search_runs([experiment.experiment_id],
+                                                    layout.runs_filter(layout.TRIAL_ROLE), max_results=1):
+        return None
+    saved = experiment.tags.get(layout.SPEC)
+    return json.loads(saved).get("storage", "") if saved else ""
 
 
 def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, str]:
