@@ -305,3 +305,17 @@ def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
         assert chatter not in quiet and chatter in verbose, err
     assert "Context impl SQLiteImpl" not in quiet
     assert "a warning shows" in quiet and "a warning shows" in verbose
+
+
+@pytest.mark.parametrize("failed, finished, ending, code", [
+    ((0, 0), (2, 2), "sweep p done in 42 s", 0),
+    ((1, 0), (1, 2), "sweep p ended in 42 s with 1 failed trial(s); each failed trial's error is in", 0),
+    ((2, 0), (0, 2), "sweep p failed after 42 s: no trial of tiny_resnet.cluttered-digits.baseline finished "
+                     "(2 of 4 trials failed)", 1),
+])
+def test_a_sweep_says_done_only_when_no_trial_failed(failed, finished, ending, code):
+    from tune_jobs.summary import closing
+
+    summary = {study: {"finished": f, "failed": x, "running": 0} for study, f, x in zip(STUDIES, finished, failed)}
+    line, exit_code = closing(SPEC, summary, 42.4)
+    assert line.startswith(ending) and exit_code == code

@@ -121,6 +121,7 @@ BAD = {
     "train threshold 2": ("train.threshold", 2, "threshold"),
     "train kernel_size wrong type": ("train.kernel_size", "3", "train.kernel_size"),
     "train unknown position": ("train.position", "head", "position"),
+    "train on cuda without a GPU": ("train.device", "cuda", "resources.gpus = 0"),  # every trial failed, "done"
     "name with /": ("name", "a/b", "name"),
     "name ..": ("name", "..", "name"),
     "name traversal": ("name", "../escape", "name"),

@@ -256,7 +256,11 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
         (data / "cifar-100-python" / part).write_bytes(b"\x80\x04\x95 truncated")  # present but malformed
     spec = write_spec(tmp_path / "spec.toml", data, trials=1, epochs=1, datasets=("cifar100", "cluttered-digits"),
                       variants=("baseline",), max_retries=2)
-    out = finish(start("sweep", str(spec), cwd=tmp_path))
+    sweep = start("sweep", str(spec), cwd=tmp_path)
+    out, _ = sweep.communicate(timeout=900)
+    last = out.strip().splitlines()[-1]  # a study without a finished trial: no comparison, so no "done", exit 1
+    assert sweep.returncode == 1 and last.startswith("sweep t failed after"), out[-4000:]
+    assert "no trial of tiny_resnet.cifar100.baseline finished (1 of 2 trials failed)" in last
     client, runs = trial_runs(tmp_path)
     by_dataset = {r.data.tags["dataset"]: r for r in runs}
     failed, ok = by_dataset["cifar100"], by_dataset["cluttered-digits"]

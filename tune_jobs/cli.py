@@ -127,7 +127,7 @@ def spec_from_args(args):
 
 
 def run_sweep_command(args) -> int:
-    from .summary import print_summary
+    from .summary import closing, print_summary
     from .sweep import check_new_sweep, preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
@@ -135,19 +135,23 @@ def run_sweep_command(args) -> int:
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)
-    print(f"\nsweep {spec.name} done in {time.time() - started:.0f} s; see its runs (MLflow UI) and studies "
-          f"(optuna-dashboard) with `{ui_command(spec)}`, which prints the addresses to open")
-    return 0
+    line, code = closing(spec, summary, time.time() - started)
+    print(f"\n{line}; see its runs (MLflow UI) and studies (optuna-dashboard) with `{ui_command(spec)}`, which "
+          "prints the addresses to open")
+    return code
 
 
 def run_resume_command(args) -> int:
-    from .summary import print_summary
+    from .summary import closing, print_summary
     from .sweep import load_saved_spec, preflight, run_sweep
 
     spec = preflight(load_saved_spec(args.sweep, args.storage))
+    started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)
-    return 0
+    line, code = closing(spec, summary, time.time() - started)
+    print(f"\n{line}")
+    return code
 
 
 def run_demo_command(args) -> int:

@@ -477,6 +477,10 @@ def _validate_train(spec: Spec, fail) -> None:
         fail(f"[train] {e}")
     except TypeError as e:
         fail(f"[train] {e}")
+    device = str(spec.train.get("device", "auto"))
+    if device.startswith("cuda") and spec.gpus == 0:  # Ray hides every GPU from such a trial
+        fail(f"train.device = {device!r} but resources.gpus = 0, so Ray gives each trial no GPU and every trial "
+             "fails; set resources.gpus (e.g. 1, or 0.25 to share one) or device = \"auto\"")
 
 
 def _range(key, value, fail, low, high, log=False) -> None:

@@ -59,3 +59,19 @@ def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
         lines.append(f"| {study.name} | {row.get('finished', 0)} | {row.get('failed', 0)} | {row.get('running', 0)} "
                      f"| {'-' if best is None else f'{best:.2f}'} |")
     print("\n".join(lines), file=out)
+
+
+def closing(spec: Spec, summary: dict, elapsed_s: float) -> tuple[str, int]:
+    """The sweep's last line and exit code: "done" only when no trial failed; 1 when a study has no finished
+    trial at all, since the comparison then has nothing to compare."""
+    failed = sum(row.get("failed", 0) for row in summary.values())
+    empty = [s.name for s in spec.studies if not summary.get(s.name, {}).get("finished")]
+    errors = (f"each failed trial's error is in its MLflow run (tag {layout.ERROR}) and in its error.txt under "
+              f"{spec.storage}/{spec.name}")
+    if empty:
+        return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
+                f"({failed} of {sum(r.get('failed', 0) + r.get('finished', 0) for r in summary.values())} trials "
+                f"failed); {errors}"), 1
+    if failed:
+        return f"sweep {spec.name} ended in {elapsed_s:.0f} s with {failed} failed trial(s); {errors}", 0
+    return f"sweep {spec.name} done in {elapsed_s:.0f} s", 0
