@@ -129,8 +129,9 @@ def _spent(runs: list) -> dict:
 
 def unfinished_rows(sweep: Sweep) -> list[dict]:
     return [{"study": s.name, "parent run": s.parent.info.status if s.parent else "missing",
-             "finished": s.count("FINISHED"), "failed": s.count("FAILED"),
-             "running": len(s.trials) - s.count("FINISHED") - s.count("FAILED")} for s in sweep.unfinished]
+             "finished": s.count("FINISHED"), "failed": s.count("FAILED"), "stopped": s.count("KILLED"),
+             "running": len(s.trials) - s.count("FINISHED") - s.count("FAILED") - s.count("KILLED")}
+            for s in sweep.unfinished]
 
 
 def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:

@@ -411,6 +411,7 @@ def test_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
     assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
                         rf"{re.escape(str(tmp_path / 'ray_results'))}", out.rstrip().splitlines()[-1]), out[-3000:]
+    assert "RUNNING" not in statuses(tmp_path)  # the stopped trials' runs: KILLED, not "running" for ever
     out = finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
     assert "Cannot tell" not in out  # no trial is told to Optuna twice
     assert_exactly_once(tmp_path, trials_per_study=4, epochs=2, studies=2)  # a pruned run: epochs 1..its last

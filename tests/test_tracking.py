@@ -82,5 +82,5 @@ def test_each_trial_run_carries_its_summary_so_a_reader_needs_no_history(tmp_pat
     legacy = runs.client.create_run(experiment, tags={STUDY: "study", layout.ROLE: layout.TRIAL_ROLE}).info.run_id
     runs.client.log_batch(legacy, metrics=[Metric("val_top1", v, 0, s) for s, v in ((1, 40.0), (2, 35.0))])
     assert run_summary(runs.client, runs.client.get_run(legacy)).best["val_top1"] == 40.0
-    assert summarize(runs.client, experiment)["study"] == {"finished": 0, "running": 2, "failed": 0, "epochs": 7,
-                                                           "best_top1": 40.0}
+    assert summarize(runs.client, experiment)["study"] == {"finished": 0, "running": 2, "failed": 0, "stopped": 0,
+                                                           "epochs": 7, "best_top1": 40.0}

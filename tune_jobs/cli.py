@@ -202,7 +202,8 @@ def run_status_command(args) -> int:
         print(f"{sweep_of(experiment.name)}:")
         for study, row in sorted(summarize(client, experiment.experiment_id).items()):
             best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
-            print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}, "
+            stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
+            print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}{stopped}, "
                   f"epochs {row['epochs']}, best val_top1 {best}")
     return 0
 

@@ -18,15 +18,20 @@ from .spec import Spec
 from .tracking import run_summary
 
 
+# a trial run's MLflow status as the summary counts it; KILLED: stopped with its sweep (Ctrl-C), resume goes on
+RUN_STATES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped"}
+
+
 def summarize(client: MlflowClient, experiment_id: str) -> dict:
     """Per study: finished / running / failed trial runs, epochs done and the best validation top-1 so far.
 
     One search_runs: each run's summary metrics are in its latest metrics (tracking.run_summary).
     """
-    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "epochs": 0, "best_top1": None})
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "stopped": 0, "epochs": 0,
+                                "best_top1": None})
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         row = rows[run.data.tags[STUDY]]
-        row[{"FINISHED": "finished", "FAILED": "failed"}.get(run.info.status, "running")] += 1
+        row[RUN_STATES.get(run.info.status, "running")] += 1
         summary = run_summary(client, run)
         row["epochs"] += summary.epochs
         if summary.best is not None and (row["best_top1"] is None or summary.best["val_top1"] > row["best_top1"]):
@@ -37,6 +42,9 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
 def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
     """Close each study's parent run with its counts and best trial; return the summary."""
     client = MlflowClient(spec.tracking_uri)
+    running = f"{layout.runs_filter(layout.TRIAL_ROLE)} and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running, max_results=layout.MAX_RUNS):
+        client.set_terminated(run.info.run_id, "KILLED")  # stopped with the sweep; a resume opens it RUNNING again
     summary = summarize(client, experiment_id)
     finished, failed, best = layout.STUDY_METRICS
     for name, run_id in parents.items():
