@@ -42,6 +42,7 @@ def run_explain_command(args) -> int:
     try:
         if len(args.run_ids) > 2 or args.images < 1:
             raise ReportError("give one run id, or two to compare side by side, and --images of at least 1")
+        check_out(args.out, Path("reports") / "explain" / args.run_ids[0])
         check_store(args.tracking_uri)
         path = write_explanations(args.tracking_uri, args.run_ids, args.images, args.out, args.data_root)
     except ReportError as e:
@@ -55,6 +56,7 @@ def run_report_command(args) -> int:
     from .report import write_report
 
     try:
+        check_out(args.out, Path("reports") / args.sweep)
         check_store(args.tracking_uri)
         text, paths = write_report(args.tracking_uri, args.sweep, args.out, args.data_root)
     except ReportError as e:
@@ -63,6 +65,24 @@ def run_report_command(args) -> int:
     print(text)
     print(f"wrote {paths['csv']}, {paths['md']} and {paths['html']} (open it in a browser; it needs no network)")
     return 0
+
+
+def check_out(out: Path | None, default: Path) -> None:
+    """The output folder can be made and written, checked before any work and without creating anything: a file in
+    its place or a folder the user cannot write would otherwise end the finished work in a traceback."""
+    import os
+
+    folder, where = (out, "--out") if out else (default, "the default output folder")
+    for existing in (folder, *folder.parents):
+        if os.path.exists(existing):  # False, never an error, below a folder the user cannot search
+            break
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ReportError(f"{where} {folder}: {existing} is a broken symbolic link; pass --out with a folder")
+    if not existing.is_dir():
+        raise ReportError(f"{where} {folder}: {existing} is not a folder; pass --out with a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReportError(f"{where} {folder}: {existing.resolve()} is not writable by you; pass --out with a folder "
+                          "you can write")
 
 
 def check_store(tracking_uri: str) -> None:

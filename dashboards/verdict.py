@@ -111,9 +111,13 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
     unconfirmed = [row for row in rows if row["verdict"] == "not confirmed"]
     if not unconfirmed:
         return RULE
-    trials = max((len(s.trials) for s in sweep.studies), default=0)
-    command = (f"`attzoom confirm {sweep.name} --tracking-uri {hide_password(sweep.tracking_uri)} --seeds 3`, then "
-               "report again.")
+    trials = max((s.count("FINISHED") for s in sweep.studies), default=0)  # best of N: of finished trials only
+    store = hide_password(sweep.tracking_uri)
+    if not any(s.best for s in sweep.studies):  # nothing to compare, and `attzoom confirm` would refuse it
+        return (f"**No verdict yet.** No trial of sweep {sweep.name} has finished, so there is nothing to compare or "
+                f"confirm; report again once trials have finished (`attzoom status {sweep.name} --tracking-uri "
+                f"{store}` shows their progress).")
+    command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
     if len(unconfirmed) < len(rows):
         return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare best-of-{trials} "
                 f"single-seed trials instead, which is no evidence; to confirm them: {command}")

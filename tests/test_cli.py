@@ -112,3 +112,84 @@ def test_train_options_reach_the_config_compile_with_or_without_cuda_graphs():
     assert graphs.compile and graphs.cuda_graphs
     plain = config_from_args(parser.parse_args(["train", "--compile", "--no-cuda-graphs"]))
     assert plain.compile and not plain.cuda_graphs
+
+
+@pytest.fixture(scope="module")
+def started_sweep(tmp_path_factory):
+    """A real SQLite MLflow store holding sweep t1 as it looks once its first trial has started: a baseline and an
+    AttZoom study, one trial running (one epoch logged), none finished."""
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import PARENT, ROLE, STUDY, SWEEP, TRIAL, experiment_name
+
+    tmp = tmp_path_factory.mktemp("started")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("t1"), artifact_location=(tmp / "artifacts").as_uri())
+    for variant in ("baseline", "attzoom"):
+        study = f"tiny_resnet.cluttered-digits.{variant}"
+        tags = {SWEEP: "t1", STUDY: study, "backbone": "tiny_resnet", "dataset": "cluttered-digits",
+                "variant": variant}
+        parent = client.create_run(eid, tags={**tags, ROLE: "study"}, run_name=study).info.run_id
+    trial = client.create_run(eid, tags={**tags, ROLE: "trial", TRIAL: "a-1", PARENT: parent}).info.run_id
+    client.log_metric(trial, "val_top1", 40.0, step=1)
+    client.log_metric(trial, "val_top5", 80.0, step=1)
+    return uri
+
+
+def test_a_report_before_any_finished_trial_says_so_and_advises_no_confirm(started_sweep, tmp_path, capsys):
+    # it said "best of 1 single-seed trials" and advised `attzoom confirm`, which refuses a sweep without one
+    from tune_jobs.cli import main as attzoom_main
+
+    assert attzoom_main(["report", "t1", "--tracking-uri", started_sweep, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "No trial of sweep t1 has finished" in text and f"attzoom status t1 --tracking-uri {started_sweep}" in text
+    assert "attzoom confirm" not in text and "attzoom confirm" not in (tmp_path / "report.html").read_text()
+    assert "attzoom confirm" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["report", "explain"])
+@pytest.mark.parametrize("case", ["a file", "below a file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2_before_any_work(started_sweep, tmp_path, capsys,
+                                                                                     command, case):
+    import os
+
+    from tune_jobs.cli import main as attzoom_main
+
+    if case == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes a read-only folder anyway")
+    (tmp_path / "afile").write_text("kept")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    out = {"a file": tmp_path / "afile", "below a file": tmp_path / "afile" / "sub", "read-only": tmp_path / "ro"}[case]
+    # a real sweep for the report (it used to be computed, then end in a traceback); explain fails before its store
+    args = ["t1", "--tracking-uri", started_sweep] if command == "report" else ["abc", "--tracking-uri",
+                                                                                f"sqlite:///{tmp_path}/none.db"]
+    assert attzoom_main([command, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}" in err and "pass --out with a folder" in err, err
+    assert (tmp_path / "afile").read_text() == "kept" and list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.parametrize("option,value", [("--port", "99999"), ("--port", "-1"), ("--port", "0"),
+                                          ("--optuna-port", "65536"), ("--port", "x")])
+def test_ui_port_out_of_range_is_one_line_exit_2(tmp_path, capsys, option, value):
+    import sqlite3
+
+    from tune_jobs.cli import main as attzoom_main
+
+    store = tmp_path / "mlflow.db"  # enough of a store to pass the readers' check: the ports came next (OverflowError)
+    sqlite3.connect(store).execute("create table experiments (id integer)").connection.close()
+    with pytest.raises(SystemExit) as exit:
+        attzoom_main(["ui", "--tracking-uri", f"sqlite:///{store}", option, value])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and option in err and "1 to 65535" in err, err
+
+
+def test_status_job_without_address_is_one_line_exit_2_at_once(tmp_path, capsys):
+    # Ray looked for a local cluster instead: ~40 s of GCS warnings, then an RpcError traceback
+    from tune_jobs.cli import main as attzoom_main
+
+    assert attzoom_main(["status", "--job", "raysubmit_x", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--job needs --address" in err and "http://" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -66,7 +66,7 @@ def build_parser() -> Parser:
     status.add_argument("sweep", nargs="?", help="a sweep name (default: every sweep in the store)")
     status.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     status.add_argument("--job", default=None, help="also show a submitted job's state (needs --address)")
-    status.add_argument("--address", default=None)
+    status.add_argument("--address", default=None, help="the Jobs API of --job's cluster, e.g. http://HEAD:8265")
     status.set_defaults(run=run_status_command)
 
     submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a job")
@@ -83,11 +83,11 @@ def build_parser() -> Parser:
     ui = sub.add_parser("ui", help="the MLflow UI and optuna-dashboard on 127.0.0.1; prints the addresses to open")
     ui.add_argument("sweep", nargs="?", help="a sweep name: print its runs table's address (default: every sweep's)")
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ui.add_argument("--port", type=int, default=5000, help="the MLflow UI's port (default 5000)")
+    ui.add_argument("--port", type=port, default=5000, help="the MLflow UI's port (default 5000)")
     ui.add_argument("--optuna-storage", default=None,
                     help="SQLAlchemy URL of the sweep's Optuna studies (default: sqlite:///optuna.db beside a "
                          "sqlite:/// MLflow store; none there: only the MLflow UI starts)")
-    ui.add_argument("--optuna-port", type=int, default=8080, help="optuna-dashboard's port (default 8080)")
+    ui.add_argument("--optuna-port", type=port, default=8080, help="optuna-dashboard's port (default 8080)")
     ui.set_defaults(run=run_ui_command)
 
     # The CLI is the one place allowed to reach up a layer: dashboards sits above tune_jobs.
@@ -100,6 +100,16 @@ def build_parser() -> Parser:
     add_confirm_command(sub)
     add_verbose_flag(parser, *sub.choices.values())
     return parser
+
+
+def port(text: str) -> int:
+    """argparse type of a TCP port: 1..65535, else a usage error (one line, exit 2) before anything starts."""
+    from argparse import ArgumentTypeError
+
+    number = int(text) if text.strip().lstrip("+-").isdigit() else 0
+    if not 1 <= number <= 65535:
+        raise ArgumentTypeError(f"invalid port {text!r}: give a number from 1 to 65535")
+    return number
 
 
 def add_overrides(p, address: bool = True) -> None:
@@ -183,6 +193,9 @@ def run_status_command(args) -> int:
     from .summary import summarize
     from .tracking import open_store
 
+    if args.job and not args.address:  # Ray would look for a local cluster instead, for ~40 s, then a traceback
+        raise SpecError("--job needs --address, the Jobs API of the cluster that runs it (e.g. --address "
+                        "http://127.0.0.1:8265)")
     if args.job:
         print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
     try:
