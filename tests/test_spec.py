@@ -461,3 +461,31 @@ def test_a_new_sweep_with_the_name_of_one_that_has_runs_in_the_store_is_refused(
         assert "Tune folder is gone" in lines[0] and "change name in" in lines[0]
     assert client.get_run(run.info.run_id).info.lifecycle_stage == "active"
     assert not Path(spec["storage"]).exists()
+
+
+def test_a_sweep_stopped_while_ray_starts_can_be_resumed_as_its_ctrl_c_line_says(tmp_path, monkeypatch):
+    """Ctrl-C in the first seconds said "continue with `attzoom resume`", which then found no sweep: the spec was
+    saved only once Ray had started."""
+    from tune_jobs import sweep
+    from tune_jobs.sweep import load_saved_spec, run_sweep
+
+    def ctrl_c_during_ray_start(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "start_ray", ctrl_c_during_ray_start)
+    spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    assert load_saved_spec("tiny", str(tmp_path / "out" / "ray_results")).name == "tiny"
+
+
+def test_status_of_a_sweep_without_any_trial_run_says_so(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import experiment_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(experiment_name("early"))  # stopped before its first trial started
+    capsys.readouterr()
+    assert cli.main(["status", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out == "early:\n  no trial has started yet\n"

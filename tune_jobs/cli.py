@@ -213,7 +213,10 @@ def run_status_command(args) -> int:
                             "check the name or pass --tracking-uri")
     for experiment in experiments:
         print(f"{sweep_of(experiment.name)}:")
-        for study, row in sorted(summarize(client, experiment.experiment_id).items()):
+        rows = summarize(client, experiment.experiment_id)
+        if not rows:  # a sweep stopped before its first trial opened a run
+            print("  no trial has started yet")
+        for study, row in sorted(rows.items()):
             best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
             stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
             print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}{stopped}, "

@@ -125,6 +125,7 @@ def resume_command(spec: Spec) -> str:
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
+    save_spec(spec)  # first: a sweep stopped while Ray starts can be resumed as its Ctrl-C line says
     apply_tune_settings(spec)
     # The store's migration overlaps Ray's start and the first trial's start; only the driver's MLflow callback
     # waits for it, when the first trial has started.
@@ -144,7 +145,6 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     from .summary import finish_studies
     from .trainable import SweepContext, ended, run_trial
 
-    save_spec(spec)
     try:
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
