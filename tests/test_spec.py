@@ -130,6 +130,8 @@ BAD = {
     "storage in /proc": ("storage", "/proc/attzoom-x", "storage"),
     "tracking under a file": ("tracking_uri", "sqlite:///{tmp}/f/sub/mlflow.db", "tracking_uri"),
     "data root under a file": ("data_root", "{tmp}/f/data", "data_root"),
+    "optuna storage under a file": ("optuna_storage", "sqlite:///{tmp}/f/sub/optuna.db", "optuna_storage"),
+    "optuna database down": ("optuna_storage", "postgresql://127.0.0.1:1/x", "--optuna-storage"),  # blamed MLflow
     "data root without cifar100": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train"),
 }
 
@@ -147,6 +149,7 @@ def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "tracking_uri an Optuna database":  # a real one: MLflow would add its tables to it
         import optuna
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
     if case == "gpus above local_gpus":
         spec["resources"]["gpus"] = 2
@@ -201,6 +204,8 @@ def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, caps
     (["--storage", "{tmp}/f/sub"], "storage"),
     (["--tracking-uri", "sqlite:///{tmp}/f/mlflow.db"], "tracking_uri"),
     (["--data-root", "{tmp}/f"], "data_root"),
+    (["--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),  # hung on the GCS for minutes
+    (["--address", "headnode"], "is no Ray cluster address"),
 ])
 def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, argv, expected):
     spec_file = write_spec(tmp_path, base_spec(tmp_path))
@@ -419,6 +424,7 @@ def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was
     if content == "optuna":
         import optuna
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
     else:
         database.write_text("" if content == "empty" else "not a database")

@@ -38,10 +38,12 @@ def add_confirm_command(sub) -> None:
 
 
 def run_confirm_command(args) -> int:
+    from .ray_session import check_address
     from .sweep import load_saved_spec, preflight
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
+    check_address(args.address)
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
     confirm_sweep(spec, args.seeds, args.address)
     print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see the verdict in "

@@ -9,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from .spec import Spec, check_cluster_gpus
+from .spec import Spec, SpecError, check_cluster_gpus
 
 
 def tune_settings(spec: Spec) -> dict[str, str]:
@@ -40,6 +40,25 @@ def apply_tune_settings(spec: Spec) -> None:
     """Set tune_settings once, when a sweep starts and before Tune is imported (it reads some at import)."""
     for key, value in tune_settings(spec).items():
         os.environ.setdefault(key, value)
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A cluster address that nothing answers at: one line at once (ray.init would wait a minute and more on the
+    GCS, printing warnings). "auto" and "local" are Ray's own look-ups, left to it."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"--address {address!r} is no Ray cluster address; pass HOST:PORT of its head (e.g. "
+                        "10.0.0.5:6379), ray://HOST:10001, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise SpecError(f"no Ray cluster answers at --address {address} ({e.strerror or e}); start it "
+                        "(`ray start --head`) or fix --address") from None
 
 
 def start_ray(spec: Spec, address: str | None) -> None:

@@ -351,25 +351,29 @@ def has_password(url: str | None) -> bool:
 def _check_database(tracking_uri: str, timeout_s: float) -> None:
     """A database store must answer and hold MLflow's tables: MLflow retries a database that does not answer
     (or does not exist) for minutes, and makes its tables in an empty one."""
+    if not database_answers(tracking_uri, "--tracking-uri", timeout_s):
+        raise SpecError(f"no tracking store in {hide_password(tracking_uri)} (the database holds no MLflow tables); "
+                        "pass the --tracking-uri of the sweep's store")
+
+
+def database_answers(url: str, option: str, timeout_s: float = 5.0) -> bool:
+    """Whether the database answers (SpecError, one line, when it does not) and holds MLflow's tables."""
     import sqlalchemy
 
-    shown = hide_password(tracking_uri)
+    shown = hide_password(url)
     try:
-        engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": max(1, round(timeout_s))})
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": max(1, round(timeout_s))})
         try:
             with engine.connect() as connection:
-                found = sqlalchemy.inspect(connection).has_table("experiments")
+                return sqlalchemy.inspect(connection).has_table("experiments")
         finally:
             engine.dispose()
     except ImportError as e:
-        raise SpecError(f"no database driver for the tracking store {shown} ({e})") from None
+        raise SpecError(f"no database driver for {option} {shown} ({e})") from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise SpecError(f"the tracking database {shown} does not answer ({reason}); start it, or fix "
-                        "--tracking-uri") from None
-    if not found:
-        raise SpecError(f"no tracking store in {shown} (the database holds no MLflow tables); pass the "
-                        "--tracking-uri of the sweep's store")
+        raise SpecError(f"the database of {option} {shown} does not answer ({reason}); start it, or fix "
+                        f"{option}") from None
 
 
 def optuna_storage_url(spec: Spec) -> str | None:

@@ -17,9 +17,10 @@ from pathlib import Path
 from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
-from .ray_session import apply_tune_settings, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_tracking_store, check_writable, has_password,
-                   hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
+from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_tracking_store, check_writable,
+                   database_answers, database_backend, has_password, hide_password, local_path, optuna_storage_url,
+                   spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -50,6 +51,10 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     check_writable("storage", spec.storage)
     check_writable("tracking_uri", spec.tracking_uri)
     check_tracking_store(spec.tracking_uri)
+    if optuna := optuna_storage_url(spec):  # the searcher cannot run without it, and nothing waits it out
+        check_writable("optuna_storage", optuna)
+        if database_backend(optuna) in ("postgresql", "mysql"):
+            database_answers(optuna, "--optuna-storage")
     check_data(spec)
     if local and spec.gpus > 0:
         import torch
@@ -114,6 +119,7 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
 
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
+    check_address(address)
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
     with stops_on_problems(resume_command(spec), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
