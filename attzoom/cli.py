@@ -111,13 +111,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     from .data import load
-    from .train import best_test_metrics, check_resumable, fit
+    from .train import best_test_metrics, check_checkpoint_dir, check_resumable, fit, resolve_device
 
     config = config_from_args(args)
-    data = load(config.dataset, config.data_root, config.val_fraction)
+    resolve_device(config.device)
     ckpt = args.checkpoint_dir or Path("runs") / f"{config.backbone}-{config.dataset}-{config.variant}"
+    check_checkpoint_dir(ckpt)
     if not args.restart and (ckpt / "last.pt").exists():
-        check_resumable(ckpt / "last.pt")
+        check_resumable(ckpt / "last.pt", config)
+    data = load(config.dataset, config.data_root, config.val_fraction)
     with EpochBar(config.epochs, config.variant) as bar:
         result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=not args.restart)
     test = best_test_metrics(ckpt, data, config.device)

@@ -3,12 +3,14 @@ and the errors a user can fix. No torch import: the CLI checks input before load
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "onecycle")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # whether this machine has it is checked with torch (train.py)
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,8 @@ class TrainConfig:
         _choice("position", self.position, POSITIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
+        if not DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"unknown device {self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
         for key in ("batch_size", "epochs", "patience", "step_size", "zoom"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")

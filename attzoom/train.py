@@ -69,6 +69,8 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt_dir is not None:
+        check_checkpoint_dir(ckpt_dir)
     data = data or load(cfg.dataset, cfg.data_root, cfg.val_fraction)
     rt = make_runtime(cfg, data)
     torch.manual_seed(cfg.seed)
@@ -82,7 +84,7 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     history: list[dict] = []
     last = ckpt_dir / "last.pt" if ckpt_dir else None
     if resume and last is not None and last.exists():
-        history = resume_training_state(last, model, optimizer, scheduler, scaler, generator, stop)
+        history = resume_training_state(last, model, optimizer, scheduler, scaler, generator, stop, config=cfg)
     train_model = compile_model(model, cfg, rt) if cfg.compile else model
     train_set, val_set = data.train.to(rt.device), data.val.to(rt.device)
     augment = PaperAugment(data.image_size, autoaugment=True) if cfg.augment else None
@@ -135,8 +137,42 @@ def make_runtime(cfg: TrainConfig, data: Splits) -> Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is one, else the CPU."""
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``auto`` is CUDA when there is one, else the CPU; a device this machine lacks is a ConfigError, not a
+    traceback from deep inside torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: choose auto, cpu, cuda, cuda:N or mps") from None
+    missing = missing_device(device)
+    if missing:
+        raise ConfigError(f"device {name!r}: {missing}; pass --device auto or cpu")
+    return device
+
+
+def missing_device(device: torch.device) -> str | None:
+    """Why this machine cannot train on ``device``, or None when it can."""
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "this machine has no usable MPS device"
+    if device.type != "cuda":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "this machine has no CUDA GPU that torch can use"
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A file where the checkpoint folder (or a folder above it) should be fails now, not after the first epoch."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"checkpoint dir {path} cannot be made: {folder} is a file; pass another "
+                                  "--checkpoint-dir (checkpoint_dir in fit) or move the file")
+            return
 
 
 def plain_runtime(device: torch.device, data: Splits, amp_dtype=None, channels_last: bool = False) -> Runtime:
@@ -350,26 +386,31 @@ def _copy_to_cpu(value):
     return value
 
 
-def resume_training_state(path: Path, *state) -> list[dict]:
+def resume_training_state(path: Path, *state, config: TrainConfig | None = None) -> list[dict]:
     """load_training_state; a damaged file told as one CheckpointError line (checkpoint_error), an I/O error or lack
     of memory raised as it is (unreadable_now)."""
     try:
-        return load_training_state(path, *state)
+        return load_training_state(path, *state, config=config)
+    except CheckpointError:
+        raise  # another config's: already one line
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the user's choice is the same
         if unreadable_now(e):
             raise  # the file may be intact: a retry resumes from it, where starting over would lose the trial
         raise checkpoint_error(path, e) from e
 
 
-def check_resumable(path: Path) -> None:
-    """Fail now, not mid-progress-bar, on a last.pt that cannot be read (mmap: the tensors are not loaded)."""
+def check_resumable(path: Path, config: TrainConfig | None = None) -> None:
+    """Fail now, not mid-progress-bar, on a last.pt that cannot be read (mmap: the tensors are not loaded) or that
+    ``config`` cannot continue exactly."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - as in resume_training_state
         if unreadable_now(e):
             raise ConfigError(f"cannot read {path} now ({type(e).__name__}: {first_line(e)}); the file itself may be "
                               "intact: check its disk or mount and run again") from e
         raise checkpoint_error(path, e) from e
+    if config is not None:
+        check_same_config(path, state, config)
 
 
 # errors of the device or the mount, not of the file's bytes (a file cut short can raise EINVAL: not here)
@@ -394,8 +435,42 @@ def checkpoint_error(path: Path, error: Exception) -> CheckpointError:
                            "corrupt or from another config: start over with --restart (resume=False in fit)")
 
 
-def load_training_state(path: Path, model, optimizer, scheduler, scaler, generator, stop) -> list[dict]:
+# Fields that do not change what any epoch computes: where and how fast it runs, where the data lie, when to stop.
+# A resume may change them: a sweep's trial continues on another node, GPU or mount (tune_jobs/trainable.py).
+RUNTIME_KEYS = {"device", "amp", "channels_last", "compile", "cuda_graphs", "gpu_memory_fraction", "data_root",
+                "patience"}
+# Fields a config does not read, given its other fields (which must match): a resume may change them too.
+UNUSED_WHEN = {
+    "momentum": lambda c: c.optimizer != "sgd",
+    "step_size": lambda c: c.scheduler != "step",
+    "epochs": lambda c: c.scheduler not in ("cosine", "onecycle"),  # only these schedules are shaped by it
+    "position": lambda c: c.variant == "baseline",
+    "kernel_size": lambda c: c.variant in ("baseline", "resize2x"),
+    "threshold": lambda c: c.variant not in ("attzoom", "attention-only"),
+    "zoom": lambda c: c.variant in ("baseline", "attention-only"),
+}
+
+
+def config_differences(saved: dict, config: TrainConfig) -> list[str]:
+    """'key: saved in it, now' for each field of a last.pt's config (``saved``) that ``config`` trains differently."""
+    now = config.to_dict()
+    used = [k for k in now if k not in RUNTIME_KEYS and not (k in UNUSED_WHEN and UNUSED_WHEN[k](config))]
+    return [f"{k}: {saved[k]!r} in it, {now[k]!r} now" for k in used if k in saved and saved[k] != now[k]]
+
+
+def check_same_config(path: Path, state: dict, config: TrainConfig) -> None:
+    """Resuming another config's last.pt would go on with its weights and schedule under the new name: refuse."""
+    differences = config_differences(state.get("config") or {}, config)
+    if differences:
+        raise CheckpointError(f"{path} is another config's last.pt ({', '.join(differences)}); resume it with its own "
+                              "options, or start over with --restart (resume=False in fit) or another --checkpoint-dir")
+
+
+def load_training_state(path: Path, model, optimizer, scheduler, scaler, generator, stop,
+                        config: TrainConfig | None = None) -> list[dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if config is not None:
+        check_same_config(path, state, config)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

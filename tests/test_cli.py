@@ -193,3 +193,31 @@ def test_status_job_without_address_is_one_line_exit_2_at_once(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--job needs --address" in err and "http://" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_another_configs_last_pt_in_one_line_and_resumes_its_own(tmp_path, digits_root, capsys):
+    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(digits_root), "--batch-size", "256",
+            "--no-augment", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "run")]
+    first = attzoom(*args, "--lr", "0.001", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    other = attzoom(*args, "--lr", "0.05", cwd=tmp_path)  # used to print the first run's result and exit 0
+    assert other.returncode == 2
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lr: 0.001 in it, 0.05 now" in lines[0] and "--restart" in lines[0], other.stderr
+    assert main(args + ["--lr", "0.001"]) == 0  # its own command still resumes it (in-process: no second start-up)
+    assert capsys.readouterr().out == first.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:99"], "device 'cuda:99': this machine has"),
+    (["--checkpoint-dir", "afile"], "afile is a file"),
+    (["--checkpoint-dir", "afile/run"], "afile is a file"),
+])
+def test_a_missing_device_or_a_file_as_checkpoint_dir_is_one_line_exit_2(tmp_path, args, expected):
+    (tmp_path / "afile").write_text("")
+    out = attzoom("train", *args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "afile"]  # nothing trained, no data made

@@ -298,3 +298,49 @@ def test_the_compiled_path_trains_like_eager_and_resumes_exactly(tmp_path):
         fit(config(compile=True, **cfg), data, callback=kill_after(1), checkpoint_dir=tmp_path / "resumed")
     resumed = fit(config(compile=True, **cfg), data, checkpoint_dir=tmp_path / "resumed")
     assert without_timing(resumed.history) == without_timing(compiled.history)
+
+
+@pytest.mark.parametrize("changed", [dict(lr=1e-3), dict(optimizer="sgd"), dict(seed=7, batch_size=32),
+                                     dict(augment=False), dict(epochs=3)])  # cosine: its schedule is built from epochs
+def test_another_configs_last_pt_is_refused_naming_the_difference(tmp_path, changed):
+    """Resuming it would go on with the other config's weights and schedule and report them as this config's."""
+    from attzoom.config import CheckpointError
+
+    data = small_splits(n_train=32, n_val=16)
+    fit(config(epochs=1), data, checkpoint_dir=tmp_path)
+    calls = []
+    with pytest.raises(CheckpointError, match="--restart") as refused:
+        fit(config(**{"epochs": 1, **changed}), data, checkpoint_dir=tmp_path, callback=lambda m, c: calls.append(m))
+    assert all(f"{key}: " in str(refused.value) for key in changed) and calls == []
+    with pytest.raises(CheckpointError, match="another --checkpoint-dir"):
+        train.check_resumable(tmp_path / "last.pt", config(**{"epochs": 1, **changed}))
+
+
+def test_a_resume_may_change_where_it_runs_and_what_the_config_does_not_use(tmp_path):
+    """A sweep's trial resumes on another node (device, data_root, GPU share); Adam ignores momentum; a step schedule
+    is not built from epochs, so a finished run continues exactly with more."""
+    data = small_splits(n_train=32, n_val=16)
+    cfg = dict(scheduler="step", step_size=1, optimizer="adam")
+    straight = fit(config(epochs=2, **cfg), data)
+    fit(config(epochs=1, **cfg), data, checkpoint_dir=tmp_path)
+    moved = dict(device="cpu", data_root=str(tmp_path / "elsewhere"), gpu_memory_fraction=0.5, momentum=0.5,
+                 patience=7, cuda_graphs=False)
+    train.check_resumable(tmp_path / "last.pt", config(epochs=2, **cfg, **moved))
+    resumed = fit(config(epochs=2, **cfg, **moved), data, checkpoint_dir=tmp_path)
+    assert without_timing(resumed.history) == without_timing(straight.history)
+
+
+@pytest.mark.parametrize("device,expected", [("tpu", "unknown device 'tpu'"), ("cuda:99", "this machine has")])
+def test_a_device_this_machine_lacks_is_a_config_error(device, expected):
+    with pytest.raises(ConfigError, match=expected):
+        fit(config(epochs=1, device=device), small_splits(n_train=32, n_val=16))
+
+
+def test_a_file_in_place_of_the_checkpoint_dir_is_a_config_error_before_training(tmp_path):
+    (tmp_path / "afile").write_text("")
+    calls = []
+    for ckpt in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ConfigError, match="afile is a file"):
+            fit(config(epochs=1), small_splits(n_train=32, n_val=16), checkpoint_dir=ckpt,
+                callback=lambda m, c: calls.append(m))
+    assert calls == []
