@@ -50,7 +50,8 @@ def test_readers_on_a_missing_store_say_so_in_one_line_and_create_nothing(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_prints_final_metrics_and_a_truncated_last_pt_is_one_line_naming_it_and_restart(tmp_path):
+def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_is_one_line_naming_it(tmp_path,
+                                                                                                       capsys):
     args = ["train", "--dataset", "cluttered-digits", "--data-root", str(tmp_path / "data"), "--variant", "attzoom",
             "--batch-size", "256", "--no-augment", "--checkpoint-dir", str(tmp_path / "run"), "--epochs"]
     out = attzoom(*args, "1", cwd=tmp_path)
@@ -59,6 +60,11 @@ def test_train_prints_final_metrics_and_a_truncated_last_pt_is_one_line_naming_i
     assert "attzoom" in out.stderr and "1/1" in out.stderr  # the progress bar
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["config"]["variant"] == "attzoom" and best["metrics"]["epoch"] == 1
+    # another config's last.pt: it printed the first run's result as this one's, exit 0 (in-process: no start-up)
+    assert main([*args, "1", "--lr", "0.05"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "lr: 0.001 in it, 0.05 now" in lines[0] and "--restart" in lines[0], lines
+    assert main([*args, "1"]) == 0 and capsys.readouterr().out == out.stdout  # its own command still resumes it
     last = tmp_path / "run" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     out = attzoom(*args, "2", cwd=tmp_path)
@@ -195,29 +201,17 @@ def test_status_job_without_address_is_one_line_exit_2_at_once(tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_refuses_another_configs_last_pt_in_one_line_and_resumes_its_own(tmp_path, digits_root, capsys):
-    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(digits_root), "--batch-size", "256",
-            "--no-augment", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "run")]
-    first = attzoom(*args, "--lr", "0.001", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    other = attzoom(*args, "--lr", "0.05", cwd=tmp_path)  # used to print the first run's result and exit 0
-    assert other.returncode == 2
-    lines = other.stderr.strip().splitlines()
-    assert len(lines) == 1 and "lr: 0.001 in it, 0.05 now" in lines[0] and "--restart" in lines[0], other.stderr
-    assert main(args + ["--lr", "0.001"]) == 0  # its own command still resumes it (in-process: no second start-up)
-    assert capsys.readouterr().out == first.stdout
-
-
 @pytest.mark.parametrize("args,expected", [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:99"], "device 'cuda:99': this machine has"),
     (["--checkpoint-dir", "afile"], "afile is a file"),
     (["--checkpoint-dir", "afile/run"], "afile is a file"),
 ])
-def test_a_missing_device_or_a_file_as_checkpoint_dir_is_one_line_exit_2(tmp_path, args, expected):
+def test_a_missing_device_or_a_file_as_checkpoint_dir_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args,
+                                                                         expected):
     (tmp_path / "afile").write_text("")
-    out = attzoom("train", *args, cwd=tmp_path)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], out.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
     assert list(tmp_path.iterdir()) == [tmp_path / "afile"]  # nothing trained, no data made
