@@ -126,7 +126,8 @@ BAD = {
     "name ..": ("name", "..", "name"),
     "name traversal": ("name", "../escape", "name"),
     "storage not a string": ("storage", 5, "storage"),
-    "storage under a file": ("storage", "{tmp}/f/sub", "storage"),
+    "storage under a file": ("storage", "{tmp}/f/sub", "{tmp}/f is a file"),
+    "storage a file": ("storage", "{tmp}/f", "{tmp}/f is a file"),
     "storage in /proc": ("storage", "/proc/attzoom-x", "storage"),
     "tracking under a file": ("tracking_uri", "sqlite:///{tmp}/f/sub/mlflow.db", "tracking_uri"),
     "data root under a file": ("data_root", "{tmp}/f/data", "data_root"),
@@ -141,7 +142,7 @@ def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
     key, value, expected = BAD[case]
     value = json.loads(json.dumps(value).replace("{tmp}", str(tmp_path)))
     spec = edit(base_spec(tmp_path), key, value)
-    if "under a file" in case:
+    if "a file" in case:
         (tmp_path / "f").write_text("a regular file, not a folder")
     if case == "data root without cifar100":
         (tmp_path / "empty").mkdir()

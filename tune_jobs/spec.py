@@ -289,8 +289,10 @@ def check_writable(key: str, location: str) -> None:
     """A local storage or tracking location must be creatable; remote URIs are left to their clients."""
     path = local_path(location)
     if path is not None and not _writable(path):
-        raise SpecError(f"{key}: cannot write to {path} (its nearest existing folder is not writable); "
-                        f"choose a writable location with --{key.replace('_', '-')}")
+        existing = _nearest_existing(path)
+        why = f"{existing} is a file" if not existing.is_dir() else "its nearest existing folder is not writable"
+        raise SpecError(f"{key}: cannot write to {path} ({why}); choose a writable location with "
+                        f"--{key.replace('_', '-')}")
 
 
 def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
@@ -432,12 +434,17 @@ def local_path(location: str) -> Path | None:
     return Path(location).expanduser()
 
 
-def _writable(path: Path) -> bool:
-    """Whether ``path`` can be created: its nearest existing folder takes a file (an unnamed
-    temporary one, so nothing is left; os.access alone says yes to root even on /proc)."""
+def _nearest_existing(path: Path) -> Path:
     path = path.resolve()
     while not path.exists():
         path = path.parent
+    return path
+
+
+def _writable(path: Path) -> bool:
+    """Whether ``path`` can be created: its nearest existing folder takes a file (an unnamed
+    temporary one, so nothing is left; os.access alone says yes to root even on /proc)."""
+    path = _nearest_existing(path)
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         return False
     try:
