@@ -117,3 +117,17 @@ def test_welch_interval_and_the_noise_words():
     assert noise_verdict(*difference(Seeds((1.0,)), Seeds((1.5, 2.5)))[1:]) == unknown
     # two seeds each, identical scores: no estimate of the noise, not "beyond noise"
     assert noise_verdict(*difference(Seeds((3.0, 3.0)), Seeds((2.0, 2.0)))[1:]) == unknown
+
+
+def test_confirm_says_complete_only_when_every_seed_run_finished():
+    """It said "complete" after any run, whatever failed; the demo then said "done" too."""
+    from tune_jobs.confirm import confirm_closing
+    from tune_jobs.spec import load_spec
+
+    spec = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml")
+    line, code = confirm_closing(spec, 3, [("tiny_resnet.cluttered-digits.attzoom", 2)])
+    assert code == 1 and "complete (" not in line
+    assert "incomplete: 1 failed (tiny_resnet.cluttered-digits.attzoom seed 2)" in line
+    assert "attzoom confirm demo --storage" in line and "--seeds 3" in line
+    line, code = confirm_closing(spec, 3, [])
+    assert code == 0 and "are complete (3 seeds per study)" in line

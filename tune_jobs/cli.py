@@ -169,16 +169,19 @@ def run_demo_command(args) -> int:
 
     from .sweep import preflight, run_sweep
 
-    from .confirm import confirm_sweep
+    from .confirm import confirm_closing, confirm_sweep
 
     spec = preflight(spec_from_args(args))
     started = time.time()
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(f"\nre-training each study's best config with seeds 1-{DEMO_SEEDS}, for a verdict beyond one lucky trial",
           file=sys.stderr, flush=True)
-    confirm_sweep(spec, DEMO_SEEDS, args.address)
+    failed = confirm_sweep(spec, DEMO_SEEDS, args.address)
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
+    if failed:  # the verdict above stands on fewer seeds: say so last, and do not say "done"
+        print(f"\n{confirm_closing(spec, DEMO_SEEDS, failed)[0]}")
+        return 1
     print(f"\ndemo done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
           f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"

@@ -45,10 +45,19 @@ def run_confirm_command(args) -> int:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
-    confirm_sweep(spec, args.seeds, args.address)
-    print(f"confirm runs of {spec.name} are complete ({args.seeds} seeds per study); see the verdict in "
-          f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`")
-    return 0
+    line, code = confirm_closing(spec, args.seeds, confirm_sweep(spec, args.seeds, args.address))
+    print(line)
+    return code
+
+
+def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]]) -> tuple[str, int]:
+    """Confirm's last line and exit code: "complete" only when every seed run finished."""
+    if failed:
+        runs = ", ".join(f"{study} seed {seed}" for study, seed in failed)
+        return (f"confirm runs of {spec.name} are incomplete: {len(failed)} failed ({runs}); each one's error is in "
+                f"its MLflow run (tag {layout.ERROR}); retry them with `{confirm_command(spec, seeds)}`"), 1
+    return (f"confirm runs of {spec.name} are complete ({seeds} seeds per study); see the verdict in "
+            f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
 
 
 def confirm_command(spec: Spec, seeds: int) -> str:
@@ -57,14 +66,15 @@ def confirm_command(spec: Spec, seeds: int) -> str:
             f"--seeds {seeds}")
 
 
-def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
-    """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures."""
+def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> list[tuple[str, int]]:
+    """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures; returns
+    the (study, seed) runs that failed."""
     with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
-        trained = run_confirm(spec, seeds, address)
+        trained, failed = run_confirm(spec, seeds, address)
     for study, done in trained.items():
         print(f"{study}: trained seeds {', '.join(map(str, done))}")
-    return trained
+    return failed
 
 
 def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
@@ -131,8 +141,9 @@ def run_confirm_trial(config: dict, sweep, params: dict) -> None:
     run_trial(*confirm_trial(config, sweep, params))
 
 
-def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str, list[int]]:
-    """Re-train every study's best config with seeds 1..``seeds``; returns {study: seeds trained now}."""
+def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dict[str, list[int]], list]:
+    """Re-train every study's best config with seeds 1..``seeds``; returns ({study: seeds trained now}, the
+    (study, seed) runs that failed)."""
     from functools import partial
 
     from ray import tune
@@ -158,7 +169,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
         print(f"{study}: its best config changed since its last confirm runs (a resume found a better one); "
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
-        return {}
+        return {}, []
     start_ray(spec, address)
     try:
         context = SweepContext(spec)
@@ -183,6 +194,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> dict[str,
     raise_if_problem()
     raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds))
     trained: dict[str, list[int]] = {}
-    for study, seed in sorted(done_pairs(spec.tracking_uri, experiment_id, params) - done):
+    now = done_pairs(spec.tracking_uri, experiment_id, params)
+    for study, seed in sorted(now - done):
         trained.setdefault(study, []).append(seed)
-    return trained
+    return trained, [pair for pair in todo if pair not in now]
