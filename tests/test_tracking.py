@@ -84,3 +84,26 @@ def test_each_trial_run_carries_its_summary_so_a_reader_needs_no_history(tmp_pat
     assert run_summary(runs.client, runs.client.get_run(legacy)).best["val_top1"] == 40.0
     assert summarize(runs.client, experiment)["study"] == {"finished": 0, "running": 2, "failed": 0, "stopped": 0,
                                                            "epochs": 7, "best_top1": 40.0}
+
+
+def test_a_stop_ends_only_a_running_run_killed_and_a_resume_opens_it_again(tmp_path):
+    """After Ctrl-C the stopped trials' runs stayed RUNNING ("running 1" with nothing running). A stop is a write
+    in the outbox, after the trial's last ones, so a trial that finished just before is never marked stopped."""
+    from tune_jobs.summary import summarize
+    from tune_jobs.tracking import TrialRuns, prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = prepare_store(uri, "s")
+    runs = TrialRuns(uri, experiment, {"study": "p"})
+    for trial in ("done", "cut"):
+        runs.open(trial, "study", {STUDY: "study"}, {"lr": 0.1})
+        runs.log_epoch(trial, 1, {"val_top1": 10.0, "val_top5": 50.0}, {})
+    runs.finish("done", "completed", None)
+    for trial in ("done", "cut", "never-started"):
+        runs.stop(trial)
+    status = {t: runs.client.get_run(runs.run_of(t)).info.status for t in ("done", "cut")}
+    assert status == {"done": "FINISHED", "cut": "KILLED"}
+    row = summarize(runs.client, experiment)["study"]
+    assert (row["finished"], row["running"], row["stopped"]) == (1, 0, 1)
+    TrialRuns(uri, experiment, {"study": "p"}).open("cut", "study", {STUDY: "study"}, {"lr": 0.1})  # resumed
+    assert runs.client.get_run(runs.run_of("cut")).info.status == "RUNNING"

@@ -40,6 +40,7 @@ Store = Callable[[], tuple[str, dict[str, str]]]
 # confirm trials carry (study, seed) in their config: it maps one to the sweep config and context it runs with
 Resolve = Callable[[dict], tuple[dict, SweepContext]]
 JOURNAL = "mlflow-outbox.jsonl"
+STOP_SETTLE_S = 10.0  # how long a stopped sweep waits for its last MLflow writes (not while the store is down)
 
 
 def journal_path(spec) -> Path:
@@ -108,6 +109,13 @@ class MlflowCallback(tune.Callback):
         Ctrl-C) the journal is only made durable: the next driver makes it, and nobody waits out an outage now."""
         if problem() is None and all(t.status == "ERROR" or reported_end(t) for t in trials):
             self.outbox.drain()
+            return
+        for trial in trials:  # stopped with the sweep: their runs end KILLED, after their last writes, until a resume
+            if trial.status != "ERROR" and not reported_end(trial) and (trial.last_result or trial.trial_id in
+                                                                          self._opened):
+                self.outbox.put({"op": "stop", "trial": trial.trial_id})
+        if problem() is None:
+            self.outbox.settle(STOP_SETTLE_S)  # Ctrl-C: status then shows them stopped, not running
         else:
             self.outbox.sync()
 
@@ -188,6 +196,8 @@ class MlflowCallback(tune.Callback):
             self.runs.fail(trial, write["error"], write["attempt"])
         elif op == "restart":
             self.runs.drop(trial)
+        elif op == "stop":
+            self.runs.stop(trial)
         elif write["checkpoint"] is None:
             self.runs.finish(trial, write["status"], None, write.get("tags"))
         else:

@@ -38,6 +38,7 @@ class Outbox:
         self._file = None
         self._cond = threading.Condition()
         self._stopped = False  # gave up: the sweep stops, the journal stays for the next driver
+        self._down = False  # the store is unreachable now: the writer waits for it
         if self._pending:
             self._say(f"making {len(self._pending)} MLflow writes kept by an earlier driver of this sweep")
         self._thread = threading.Thread(target=self._run, name="attzoom-mlflow", daemon=True)
@@ -71,6 +72,13 @@ class Outbox:
             self._cond.wait_for(lambda: not self._pending or self._stopped)
         self.sync()
 
+    def settle(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for every write, but not while the store is unreachable (a stopped sweep does not
+        wait out an outage: the journal keeps the writes for the next driver)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending or self._stopped or self._down, timeout=timeout_s)
+        self.sync()
+
     @property
     def pending(self) -> int:
         with self._cond:
@@ -90,6 +98,9 @@ class Outbox:
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
+                    with self._cond:
+                        self._down = True
+                        self._cond.notify_all()
                     self._say(f"tracking store {self.store} unreachable ({short_error(error)}); training goes on, "
                               f"MLflow writes are kept in {self.path} for up to {self.deadline_s / 60:g} min")
                 if now - down_since > self.deadline_s:
@@ -104,6 +115,7 @@ class Outbox:
                           f"making the {self.pending} writes kept meanwhile")
                 down_since, tries = None, 0
             with self._cond:
+                self._down = False
                 self._pending.popleft()
                 if not self._pending:
                     self._emptied()

@@ -42,9 +42,6 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
 def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
     """Close each study's parent run with its counts and best trial; return the summary."""
     client = MlflowClient(spec.tracking_uri)
-    running = f"{layout.runs_filter(layout.TRIAL_ROLE)} and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment_id], running, max_results=layout.MAX_RUNS):
-        client.set_terminated(run.info.run_id, "KILLED")  # stopped with the sweep; a resume opens it RUNNING again
     summary = summarize(client, experiment_id)
     finished, failed, best = layout.STUDY_METRICS
     for name, run_id in parents.items():

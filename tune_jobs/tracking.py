@@ -293,6 +293,14 @@ class TrialRuns:
         self.runs.pop(trial_id, None)
         self.summaries.pop(trial_id, None)
 
+    def stop(self, trial_id: str) -> None:
+        """KILLED: stopped with its sweep (Ctrl-C); the next driver opens it RUNNING again. Only a RUNNING run: a
+        finished or failed one stays as it ended, and a trial that never opened one has nothing to stop."""
+        found = self.client.search_runs([self.experiment_id], layout.tag_filter(TRIAL, trial_id), max_results=1)
+        if found and found[0].info.status == "RUNNING":
+            self.client.set_terminated(found[0].info.run_id, "KILLED")
+        self.runs.pop(trial_id, None)
+
     def fail(self, trial_id: str, message: str, attempt: int) -> None:
         """FAILED with the error in a tag; ``failures`` counts the attempts (Tune may retry the trial), each once."""
         run_id = self.run_of(trial_id)
