@@ -133,6 +133,7 @@ BAD = {
     "data root under a file": ("data_root", "{tmp}/f/data", "data_root"),
     "optuna storage under a file": ("optuna_storage", "sqlite:///{tmp}/f/sub/optuna.db", "optuna_storage"),
     "optuna database down": ("optuna_storage", "postgresql://127.0.0.1:1/x", "--optuna-storage"),  # blamed MLflow
+    "tracking database down": ("tracking_uri", "postgresql://127.0.0.1:1/x", "--tracking-uri"),  # a traceback
     "data root without cifar100": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train"),
 }
 
@@ -438,34 +439,44 @@ def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was
     assert database.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
 
 
-@pytest.mark.parametrize("earlier", ["under another storage", "its Tune folder gone"])
+@pytest.mark.parametrize("command, earlier", [("sweep", "under another storage"), ("sweep", "its Tune folder gone"),
+                                              ("sweep", "on cloud storage"), ("demo", "under another storage")])
 def test_a_new_sweep_with_the_name_of_one_that_has_runs_in_the_store_is_refused(tmp_path, monkeypatch, capsys,
-                                                                              earlier):
-    """`sweep` with another --storage than the first sweep of that name ran, then deleted every run of the
-    first as its orphans and added its trials to the same Optuna studies."""
+                                                                              command, earlier):
+    """`sweep` (or `demo`) with another --storage than the first sweep of that name ran, then deleted every run of
+    the first as its orphans and added its trials to the same Optuna studies."""
     from mlflow.tracking import MlflowClient
 
     from tune_jobs import layout
 
-    spec = base_spec(tmp_path)
+    name = "tiny" if command == "sweep" else "demo"
+    spec = {**base_spec(tmp_path), "name": name}
     first = tmp_path / "first"
-    (first / "tiny").mkdir(parents=True)
+    (first / name).mkdir(parents=True)
     if earlier == "its Tune folder gone":
         first = Path(spec["storage"])
+    elif earlier == "on cloud storage":
+        first = "s3://bucket/ray_results"
+        spec["storage"] = first  # the same storage, where no folder can be looked at
     client = MlflowClient(spec["tracking_uri"])
-    experiment = client.create_experiment(layout.experiment_name("tiny"),
+    experiment = client.create_experiment(layout.experiment_name(name),
                                           tags={layout.SPEC: json.dumps({**spec, "storage": str(first)})})
     run = client.create_run(experiment, tags={layout.ROLE: layout.TRIAL_ROLE, layout.TRIAL: "a1"})
     monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("a sweep reusing the name started Ray"))
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()  # MLflow's lines as it made the store above
-    assert cli.main(["sweep", str(write_spec(tmp_path, spec))]) == 2
+    if command == "sweep":
+        argv = ["sweep", str(write_spec(tmp_path, spec))]
+    else:
+        argv = ["demo", "--storage", spec["storage"], "--tracking-uri", spec["tracking_uri"], "--data-root",
+                spec["data_root"]]
+    assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "already has runs in the tracking store" in lines[0], lines
-    if earlier == "under another storage":
-        assert f"attzoom resume tiny --storage {first}" in lines[0]
-    else:
+    if earlier == "its Tune folder gone":
         assert "Tune folder is gone" in lines[0] and "change name in" in lines[0]
+    else:
+        assert f"attzoom resume {name} --storage {first}" in lines[0]
     assert client.get_run(run.info.run_id).info.lifecycle_stage == "active"
     assert not Path(spec["storage"]).exists()
 
@@ -474,7 +485,7 @@ def test_a_sweep_stopped_while_ray_starts_can_be_resumed_as_its_ctrl_c_line_says
     """Ctrl-C in the first seconds said "continue with `attzoom resume`", which then found no sweep: the spec was
     saved only once Ray had started."""
     from tune_jobs import sweep
-    from tune_jobs.sweep import load_saved_spec, run_sweep
+    from tune_jobs.sweep import check_new_sweep, load_saved_spec, run_sweep
 
     def ctrl_c_during_ray_start(*args, **kwargs):
         raise KeyboardInterrupt
@@ -484,6 +495,7 @@ def test_a_sweep_stopped_while_ray_starts_can_be_resumed_as_its_ctrl_c_line_says
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec)
     assert load_saved_spec("tiny", str(tmp_path / "out" / "ray_results")).name == "tiny"
+    check_new_sweep(preflight(spec), Path("spec.toml"))  # running `sweep` again is fine too: nothing ran yet
 
 
 def test_status_of_a_sweep_without_any_trial_run_says_so(tmp_path, capsys):

@@ -167,11 +167,13 @@ def run_resume_command(args) -> int:
 def run_demo_command(args) -> int:
     from dashboards.report import comparison_markdown  # the CLI may reach up to dashboards (see build_parser)
 
-    from .sweep import preflight, run_sweep
+    from .sweep import SPEC_FILE, check_name_in_store, experiment_dir, preflight, run_sweep
 
     from .confirm import confirm_closing, confirm_sweep
 
     spec = preflight(spec_from_args(args))
+    if not (experiment_dir(spec) / SPEC_FILE).is_file():  # a first demo here: its name must be free in the store
+        check_name_in_store(spec, None)
     started = time.time()
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(f"\nre-training each study's best config with seeds 1-{DEMO_SEEDS}, for a verdict beyond one lucky trial",
@@ -196,7 +198,8 @@ def run_status_command(args) -> int:
     from .summary import summarize
     from .tracking import open_store
 
-    if args.job and not args.address:  # Ray would look for a local cluster instead, for ~40 s, then a traceback
+    if args.job and not (args.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
+        # Ray would look for a local cluster instead, for ~40 s, then a traceback
         raise SpecError("--job needs --address, the Jobs API of the cluster that runs it (e.g. --address "
                         "http://127.0.0.1:8265)")
     if args.job:

@@ -309,8 +309,12 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
     if not TRACKING_URI.match(tracking_uri):
         raise SpecError(f"--tracking-uri {hide_password(tracking_uri)!r} is not a tracking store; pass "
                         "sqlite:///PATH/mlflow.db or the http:// address of an MLflow server")
-    if database is not None and "experiments" not in sqlite_tables(database):
-        raise SpecError(f"{database} is not an MLflow tracking store (it holds no MLflow tables); pass the "
+    tables = sqlite_tables(database) if database is not None else {"experiments"}
+    if not tables:
+        raise SpecError(f"{database} holds no MLflow tables yet (a sweep starting now creates them: try again in a "
+                        "few seconds); else pass the --tracking-uri of the sweep's store")
+    if "experiments" not in tables:
+        raise SpecError(f"{database} is not an MLflow tracking store (it holds other tables); pass the "
                         "--tracking-uri of the sweep's store (mlflow.db, not optuna.db)")
     if tracking_uri.startswith(("http://", "https://")):
         import http.client

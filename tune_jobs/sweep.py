@@ -64,24 +64,32 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     return spec
 
 
-def check_new_sweep(spec: Spec, spec_file: Path) -> None:
-    """A new sweep's name must be free in its storage and in its tracking store: one that reuses the name of a
-    sweep with runs there (kept under another storage, or whose Tune folder is gone) would delete those runs as
-    its orphans (drop_orphan_runs) and add its trials to the same Optuna studies."""
-    if experiment_dir(spec).exists():
-        raise SpecError(f"a sweep named {spec.name!r} already exists in {experiment_dir(spec)}; continue it with "
+def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
+    """A new sweep's name must be free in its storage (a folder holding only the saved spec is a sweep stopped
+    before Ray started: free) and in its tracking store (check_name_in_store)."""
+    folder = experiment_dir(spec)
+    if folder.is_dir() and any(p.name != SPEC_FILE for p in folder.iterdir()):
+        raise SpecError(f"a sweep named {spec.name!r} already exists in {folder}; continue it with "
                         f"`{resume_command(spec)}` or change name in {spec_file}")
+    check_name_in_store(spec, spec_file)
+
+
+def check_name_in_store(spec: Spec, spec_file: Path | None) -> None:
+    """A sweep with this name and runs in the tracking store (kept under another storage, or whose Tune folder is
+    gone) would lose those runs to a new one: its orphan clean-up (drop_orphan_runs) deletes them, and its trials
+    join the same Optuna studies. ``spec_file`` None: the demo's spec, which the user cannot rename."""
     from .tracking import earlier_sweep
 
     storage = earlier_sweep(spec.tracking_uri, spec.name)
     if storage is None:
         return
     store = f"a sweep named {spec.name!r} already has runs in the tracking store {hide_password(spec.tracking_uri)}"
-    if storage and storage != spec.storage and ("://" in storage or Path(storage, spec.name).is_dir()):
+    other = f"change name in {spec_file}" if spec_file else "pass another --tracking-uri"
+    if storage and ("://" in storage or Path(storage, spec.name).is_dir()):
         raise SpecError(f"{store} (its results are in {storage}); continue it with `attzoom resume {spec.name} "
-                        f"--storage {storage}` or change name in {spec_file}")
-    raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; change name in {spec_file} "
-                    "(a new sweep under that name would delete those runs)")
+                        f"--storage {storage}` or {other}")
+    raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; {other} (a new sweep under "
+                    "that name would delete those runs)")
 
 
 def experiment_dir(spec: Spec) -> Path:

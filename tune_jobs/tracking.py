@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from . import layout, naming
 from .layout import ERROR, FAILURES, NOTE, PARENT, ROLE, STATUS, STUDY, TRIAL, experiment_name
-from .spec import (Spec, Study, check_store_exists, database_backend, local_path, shared_spec_json,
-                   sqlite_file)
+from .spec import (Spec, SpecError, Study, check_store_exists, database_answers, database_backend, hide_password,
+                   local_path, shared_spec_json, sqlite_file, sqlite_tables)
 
 
 def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
@@ -113,17 +113,28 @@ def stored_spec(tracking_uri: str, sweep: str) -> str | None:
 
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
     """The storage of a sweep of this name whose experiment already holds trial runs ("" if it did not say);
-    None when there is none. A missing SQLite file is not created; a server that does not answer: SpecError."""
+    None when there is none. Nothing is created (a new store has no sweep yet); a store that does not answer or
+    refuses the read: SpecError, at once (not after MLflow's minutes of retries)."""
+    from .infra import short_error
+
     database = sqlite_file(tracking_uri)
-    if database is not None and not database.is_file():
+    if database is not None:
+        if not database.is_file() or "experiments" not in sqlite_tables(database):
+            return None
+    elif tracking_uri.startswith(("http://", "https://")):
+        check_store_exists(tracking_uri)
+    elif database_backend(tracking_uri) in ("postgresql", "mysql") and \
+            not database_answers(tracking_uri, "--tracking-uri"):
         return None
-    if tracking_uri.startswith(("http://", "https://")):
-        check_store_exists(tracking_uri)  # at once, not after MLflow's minutes of retries
-    client = open_store(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name(sweep))
-    if experiment is None or not client.search_runs([experiment.experiment_id],
-                                                    layout.runs_filter(layout.TRIAL_ROLE), max_results=1):
-        return None
+    try:
+        client = open_store(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name(sweep))
+        if experiment is None or not client.search_runs([experiment.experiment_id],
+                                                        layout.runs_filter(layout.TRIAL_ROLE), max_results=1):
+            return None
+    except Exception as e:  # noqa: BLE001 - a server that answers but refuses (401, 5xx): one line, not a traceback
+        raise SpecError(f"cannot read the tracking store {hide_password(tracking_uri)} ({short_error(e)}); check "
+                        "that it is an MLflow store you may read, or fix --tracking-uri") from None
     saved = experiment.tags.get(layout.SPEC)
     return json.loads(saved).get("storage", "") if saved else ""
 
