@@ -295,7 +295,7 @@ def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resum
     assert "sweep t done" not in out
     no_failure_recorded(tmp_path)
     _, runs = trial_runs(tmp_path)
-    assert {r.info.status for r in runs} <= {"RUNNING", "FINISHED"}
+    assert {r.info.status for r in runs} <= {"RUNNING", "KILLED", "FINISHED"}  # stopped with the sweep, not charged
 
     out = finish(start("resume", "t", "--storage", str(storage), cwd=tmp_path))
     assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out

@@ -105,8 +105,9 @@ class MlflowCallback(tune.Callback):
         return None
 
     def on_experiment_end(self, trials, **info):
-        """At the end of the sweep, wait for every write (a summary follows); when the run is stopped (a failure,
-        Ctrl-C) the journal is only made durable: the next driver makes it, and nobody waits out an outage now."""
+        """At the end of the sweep, wait for every write (a summary follows). When the run is stopped (a failure,
+        Ctrl-C), the stopped trials' runs are marked so and the writes get a few seconds, never an outage: the
+        journal keeps the rest for the next driver."""
         if problem() is None and all(t.status == "ERROR" or reported_end(t) for t in trials):
             self.outbox.drain()
             return
@@ -114,10 +115,7 @@ class MlflowCallback(tune.Callback):
             if trial.status != "ERROR" and not reported_end(trial) and (trial.last_result or trial.trial_id in
                                                                           self._opened):
                 self.outbox.put({"op": "stop", "trial": trial.trial_id})
-        if problem() is None:
-            self.outbox.settle(STOP_SETTLE_S)  # Ctrl-C: status then shows them stopped, not running
-        else:
-            self.outbox.sync()
+        self.outbox.settle(STOP_SETTLE_S)  # status then shows them stopped, not running (an outage is not waited)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._open(trial)
