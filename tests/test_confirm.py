@@ -129,5 +129,8 @@ def test_confirm_says_complete_only_when_every_seed_run_finished():
     assert code == 1 and "complete (" not in line
     assert "incomplete: 1 failed (tiny_resnet.cluttered-digits.attzoom seed 2)" in line
     assert "attzoom confirm demo --storage" in line and "--seeds 3" in line
+    line, code = confirm_closing(spec, 3, [], ["tiny_resnet.cluttered-digits.attzoom"])  # it said "complete"
+    assert code == 1 and "tiny_resnet.cluttered-digits.attzoom has no finished trial" in line
+    assert "attzoom resume demo --storage" in line
     line, code = confirm_closing(spec, 3, [])
     assert code == 0 and "are complete (3 seeds per study)" in line

@@ -492,8 +492,9 @@ def test_a_sweep_stopped_while_ray_starts_can_be_resumed_as_its_ctrl_c_line_says
 
     monkeypatch.setattr(sweep, "start_ray", ctrl_c_during_ray_start)
     spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_sweep(spec)
+    assert f"continue with: attzoom resume tiny --storage {tmp_path / 'out' / 'ray_results'}" in str(stopped.value)
     assert load_saved_spec("tiny", str(tmp_path / "out" / "ray_results")).name == "tiny"
     check_new_sweep(preflight(spec), Path("spec.toml"))  # running `sweep` again is fine too: nothing ran yet
 

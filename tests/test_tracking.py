@@ -107,3 +107,24 @@ def test_a_stop_ends_only_a_running_run_killed_and_a_resume_opens_it_again(tmp_p
     assert (row["finished"], row["running"], row["stopped"]) == (1, 0, 1)
     TrialRuns(uri, experiment, {"study": "p"}).open("cut", "study", {STUDY: "study"}, {"lr": 0.1})  # resumed
     assert runs.client.get_run(runs.run_of("cut")).info.status == "RUNNING"
+
+
+def test_runs_a_killed_driver_left_running_end_killed_when_the_next_driver_prepares_the_store(tmp_path):
+    """After kill -9 of the driver, status said "running 1" until a resume (a confirm never fixed it)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tune_jobs.spec import load_spec
+    from tune_jobs.summary import summarize
+    from tune_jobs.tracking import TrialRuns, prepare_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    demo = Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml"
+    spec = replace(load_spec(demo), tracking_uri=uri, storage=str(tmp_path / "r"))
+    experiment, parents = prepare_tracking(spec)
+    study = spec.studies[0].name
+    runs = TrialRuns(uri, experiment, parents)
+    runs.open("t1", study, {STUDY: study}, {"lr": 0.1})  # then the driver is killed
+    prepare_tracking(spec)  # the next driver (resume, confirm) holds the lease
+    assert runs.client.get_run(runs.run_of("t1")).info.status == "KILLED"
+    assert summarize(runs.client, experiment)[study]["stopped"] == 1

@@ -178,11 +178,11 @@ def run_demo_command(args) -> int:
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(f"\nre-training each study's best config with seeds 1-{DEMO_SEEDS}, for a verdict beyond one lucky trial",
           file=sys.stderr, flush=True)
-    failed = confirm_sweep(spec, DEMO_SEEDS, args.address)
+    failed, unfinished = confirm_sweep(spec, DEMO_SEEDS, args.address)
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
-    if failed:  # the verdict above stands on fewer seeds: say so last, and do not say "done"
-        print(f"\n{confirm_closing(spec, DEMO_SEEDS, failed)[0]}")
+    if failed or unfinished:  # the verdict above stands on fewer seeds: say so last, and do not say "done"
+        print(f"\n{confirm_closing(spec, DEMO_SEEDS, failed, unfinished)[0]}")
         return 1
     print(f"\ndemo done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"

@@ -45,17 +45,23 @@ def run_confirm_command(args) -> int:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
-    line, code = confirm_closing(spec, args.seeds, confirm_sweep(spec, args.seeds, args.address))
+    line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address))
     print(line)
     return code
 
 
-def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]]) -> tuple[str, int]:
-    """Confirm's last line and exit code: "complete" only when every seed run finished."""
+def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
+                    unfinished: list[str] = ()) -> tuple[str, int]:
+    """Confirm's last line and exit code: "complete" only when every study had a best trial to confirm and every
+    seed run finished."""
     if failed:
         runs = ", ".join(f"{study} seed {seed}" for study, seed in failed)
         return (f"confirm runs of {spec.name} are incomplete: {len(failed)} failed ({runs}); each one's error is in "
                 f"its MLflow run (tag {layout.ERROR}); retry them with `{confirm_command(spec, seeds)}`"), 1
+    if unfinished:
+        return (f"confirm runs of {spec.name} are incomplete: {', '.join(unfinished)} has no finished trial to "
+                f"confirm yet; finish the sweep (`attzoom resume {spec.name} --storage {spec.storage}`), then "
+                f"confirm again"), 1
     return (f"confirm runs of {spec.name} are complete ({seeds} seeds per study); see the verdict in "
             f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
 
@@ -66,15 +72,20 @@ def confirm_command(spec: Spec, seeds: int) -> str:
             f"--seeds {seeds}")
 
 
-def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> list[tuple[str, int]]:
+def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures; returns
-    the (study, seed) runs that failed."""
-    with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
-            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
-        trained, failed = run_confirm(spec, seeds, address)
+    the (study, seed) runs that failed and the studies with no finished trial to confirm."""
+    try:
+        with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
+                sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
+            trained, failed, unfinished = run_confirm(spec, seeds, address)
+    except KeyboardInterrupt as e:
+        if str(e):  # it says how many ended and how to go on (raise_if_interrupted)
+            raise
+        raise KeyboardInterrupt(f"interrupted; continue with: {confirm_command(spec, seeds)}") from None
     for study, done in trained.items():
         print(f"{study}: trained seeds {', '.join(map(str, done))}")
-    return failed
+    return failed, unfinished
 
 
 def best_params(tracking_uri: str, experiment_id: str) -> dict[str, dict]:
@@ -141,9 +152,9 @@ def run_confirm_trial(config: dict, sweep, params: dict) -> None:
     run_trial(*confirm_trial(config, sweep, params))
 
 
-def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dict[str, list[int]], list]:
+def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dict[str, list[int]], list, list]:
     """Re-train every study's best config with seeds 1..``seeds``; returns ({study: seeds trained now}, the
-    (study, seed) runs that failed)."""
+    (study, seed) runs that failed, the studies with no finished trial to confirm)."""
     from functools import partial
 
     from ray import tune
@@ -163,13 +174,14 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     params = best_params(spec.tracking_uri, experiment_id)
     if not params:
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")
+    unfinished = [study.name for study in spec.studies if study.name not in params]
     done, earlier = confirm_pairs(spec.tracking_uri, experiment_id, params)
     todo = [(study, seed) for study in params for seed in range(1, seeds + 1) if (study, seed) not in done]
     for study in sorted({s for s, _ in earlier} & {s for s, _ in todo}):
         print(f"{study}: its best config changed since its last confirm runs (a resume found a better one); "
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
-        return {}, []
+        return {}, [], unfinished
     start_ray(spec, address)
     try:
         context = SweepContext(spec)
@@ -197,4 +209,4 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     now = done_pairs(spec.tracking_uri, experiment_id, params)
     for study, seed in sorted(now - done):
         trained.setdefault(study, []).append(seed)
-    return trained, [pair for pair in todo if pair not in now]
+    return trained, [pair for pair in todo if pair not in now], unfinished

@@ -99,7 +99,17 @@ def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
     tags = {layout.SPEC: shared_spec_json(spec), **naming.experiment_tags(spec.name)}
     for key, value in tags.items():
         client.set_experiment_tag(experiment_id, key, value)
+    stop_leftover_runs(client, experiment_id)
     return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
+
+
+def stop_leftover_runs(client: MlflowClient, experiment_id: str) -> None:
+    """KILLED for the trial and confirm runs a killed driver left RUNNING: this driver holds the sweep's lease and
+    has opened none yet, so none of them runs (status said "running" for them); a resume opens its trials' again."""
+    for role in (layout.TRIAL_ROLE, layout.CONFIRM_ROLE):
+        running = f"{layout.runs_filter(role)} and attributes.status = 'RUNNING'"
+        for run in client.search_runs([experiment_id], running, max_results=layout.MAX_RUNS):
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def stored_spec(tracking_uri: str, sweep: str) -> str | None:
