@@ -9,7 +9,6 @@ its unfinished studies. Needs only the tracking URI: no spec, no Tune results, n
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import time
@@ -70,10 +69,15 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
 
 def best_rows(best: pd.DataFrame) -> list[dict]:
     return [{"study": r.study, "trials (ok / failed / running)": f"{r.trials_finished} / {r.trials_failed} / "
-             f"{r.trials_running}", "best trial": r.trial_id or "–",
-             "epoch": "–" if math.isnan(r.best_epoch) else int(r.best_epoch),
+             f"{r.trials_running}", "best trial": _text(r.trial_id),
+             "epoch": "–" if pd.isna(r.best_epoch) else int(r.best_epoch),
              "val top-1 / top-5": pair(r.val_top1, r.val_top5), "test top-1 / top-5": pair(r.test_top1, r.test_top5),
-             "run id": r.run_id or "–"} for r in best.itertuples()]
+             "run id": _text(r.run_id)} for r in best.itertuples()]
+
+
+def _text(value) -> str:
+    """A cell of a study without a finished trial is a dash, not pandas' "nan"."""
+    return "–" if value is None or pd.isna(value) else str(value)
 
 
 def describe_config(params: dict) -> dict[str, str]:
@@ -117,7 +121,7 @@ def compute_rows(sweep: Sweep) -> list[dict]:
 
 
 def _spent(runs: list) -> dict:
-    shares = [t.gpus for t in runs]
+    shares = [t.gpus for t in runs if t.epochs]  # a run stopped before its first epoch logged no GPU share
     if shares and all(share == 0 for share in shares):
         gpu = "n/a (CPU)"
     elif all(share is not None for share in shares):

@@ -46,6 +46,7 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame, notes
+    frame["best_epoch"] = frame["best_epoch"].astype("Int64")  # whole epochs in the CSV, also beside a missing one
     base = frame[frame.variant == "baseline"].set_index(["backbone", "dataset"])
     for k in ("top1", "top5"):
         reference = [base[f"test_{k}"].get((b, d), math.nan) for b, d in zip(frame.backbone, frame.dataset)]

@@ -358,6 +358,9 @@ def test_partial_sweep_lists_unfinished_studies(store, tmp_path):
     assert [row["study"] for row in report.unfinished] == ["resnet50.cifar100.attzoom", "resnet50.cifar100.resize2x"]
     assert report.unfinished[0]["running"] == 1
     paths = write(report, tmp_path)
+    resize = {row["study"]: row for row in report.best_rows}["resnet50.cifar100.resize2x"]  # no trial yet
+    assert (resize["best trial"], resize["epoch"], resize["run id"]) == ("–", "–", "–")
+    assert "nan" not in paths["md"].read_text() and ",1.0," not in paths["csv"].read_text()  # was nan, 1.0
     csv = pd.read_csv(paths["csv"]).set_index("study")
     assert dict(csv.run_id.dropna()) == expected_best(store["uri"], "partial")
     assert pd.isna(csv.loc["resnet50.cifar100.resize2x", "test_top1"])
@@ -478,3 +481,15 @@ def test_html_renders_in_headless_chromium(chromium, small_report, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.copy(shot, "/tmp/attzoom-report-screenshot.png")
     print(f"screenshot of report.html: {shot} (copied to /tmp/attzoom-report-screenshot.png)")
+
+
+def test_a_run_stopped_before_its_first_epoch_leaves_gpu_hours_known():
+    """A confirm run killed before its first epoch logged no GPU share: the CPU sweep's GPU hours said "unknown"."""
+    from types import SimpleNamespace
+
+    from dashboards.report import _spent
+
+    cpu = SimpleNamespace(gpus=0.0, epochs=3, hours=0.1)
+    killed = SimpleNamespace(gpus=None, epochs=0, hours=0.0)
+    assert _spent([cpu, killed])["GPU hours"] == "n/a (CPU)"
+    assert _spent([SimpleNamespace(gpus=0.25, epochs=2, hours=0.2), killed])["GPU hours"] == "0.050"
