@@ -121,11 +121,11 @@ def compute_rows(sweep: Sweep) -> list[dict]:
 
 
 def _spent(runs: list) -> dict:
-    shares = [t.gpus for t in runs if t.epochs]  # a run stopped before its first epoch logged no GPU share
-    if shares and all(share == 0 for share in shares):
+    trained = [t for t in runs if t.epochs]  # a run stopped before its first epoch logged no GPU share
+    if trained and all(t.gpus == 0 for t in trained):
         gpu = "n/a (CPU)"
-    elif all(share is not None for share in shares):
-        gpu = f"{sum(t.hours * t.gpus for t in runs):.3f}"
+    elif all(t.gpus is not None for t in trained):
+        gpu = f"{sum(t.hours * t.gpus for t in trained):.3f}"
     else:
         gpu = "unknown"
     return {"epochs": sum(t.epochs for t in runs), "hours": f"{sum(t.hours for t in runs):.3f}", "GPU hours": gpu}
