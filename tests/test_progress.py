@@ -142,7 +142,7 @@ def test_a_trial_the_scheduler_stopped_is_done_and_said_to_be_pruned():
     trial.set_status(Trial.TERMINATED)
     loop.end()
     lines = out.getvalue().splitlines()
-    assert any(f"trial {trial.trial_id}  pruned (trailing its study): best val_top1 12.50 in 1 epochs" in line
+    assert any(line.endswith(f"trial {trial.trial_id}  pruned (trailing its study): best val_top1 12.50 in 1 epoch")
                for line in lines), lines
     assert f"{STUDIES[0]}  done 1/3  failed 0" in "\n".join(lines)
 

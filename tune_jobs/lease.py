@@ -208,7 +208,8 @@ def _acquire(lease, sweep: str, mine: dict, out, rounds: int = 3) -> None:
             return
         if _alive(holder, lease):
             raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end "
-                            f"or stop it (a driver that died is taken over {STALE_S:.0f} s after its last heartbeat)")
+                            f"or stop it (a driver that died is taken over at once on its own host, from another "
+                            f"host {STALE_S:.0f} s after its last heartbeat)")
         if take_over(lease, sweep, holder, mine):
             print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
             return

@@ -86,7 +86,8 @@ class StudyProgress(Callback):
         if STATUS_KEY in last:
             best = trial.metric_analysis.get(self.metric, {}).get("max")
             ended = "pruned (trailing its study)" if last[STATUS_KEY] == PRUNED_STATUS else "finished"
-            self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {last.get('epoch', '?')} epochs")
+            epochs = last.get("epoch", "?")
+            self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {epochs} epoch{'' if epochs == 1 else 's'}")
         else:
             self._event(trial, "stopped before it ended")
 
