@@ -216,6 +216,12 @@ def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_sid
     assert_refused(["sweep", str(spec_file), *overrides], tmp_path, monkeypatch, capsys, expected)
 
 
+def test_a_bad_value_from_an_option_is_not_blamed_on_the_spec_file_alone(tmp_path, monkeypatch, capsys):
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))  # said "spec.toml: trials must be ..." for --trials 0
+    assert_refused(["sweep", str(spec_file), "--trials", "0"], tmp_path, monkeypatch, capsys,
+                   f"{spec_file} with --trials 0: trials must be a positive integer")
+
+
 @pytest.mark.parametrize("text,expected", [
     ('name = "x"\n[matrix\nbackbones = 1\n', "not valid TOML"),
     ("name = 'x'\nmatrix = 3\n", "[matrix] must be a table"),

@@ -141,10 +141,14 @@ def load_spec(path: str | Path, scheduler: str | None = None, **overrides) -> Sp
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"spec file {path} is not valid TOML: {e}") from None
     spec = parse_spec(raw, source=str(path))
-    spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    spec = replace(spec, **given)
     if scheduler is not None:
         spec = replace(spec, scheduler=replace(spec.scheduler, kind=scheduler))
-    validate(spec, source=str(path))
+        given["scheduler"] = scheduler
+    # a bad value may be an option's, not the file's: the line names both
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+    validate(spec, source=f"{path} with {hide_password(options)}" if given else str(path))
     return spec
 
 
