@@ -75,14 +75,9 @@ def confirm_command(spec: Spec, seeds: int) -> str:
 def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures; returns
     the (study, seed) runs that failed and the studies with no finished trial to confirm."""
-    try:
-        with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
-                sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
-            trained, failed, unfinished = run_confirm(spec, seeds, address)
-    except KeyboardInterrupt as e:
-        if str(e):  # it says how many ended and how to go on (raise_if_interrupted)
-            raise
-        raise KeyboardInterrupt(f"interrupted; continue with: {confirm_command(spec, seeds)}") from None
+    with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
+            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
+        trained, failed, unfinished = run_confirm(spec, seeds, address)
     for study, done in trained.items():
         print(f"{study}: trained seeds {', '.join(map(str, done))}")
     return failed, unfinished

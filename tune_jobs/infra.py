@@ -112,13 +112,18 @@ def _chain(error: BaseException):
 
 @contextmanager
 def stops_on_problems(resume: str, tracking_uri: str):
-    """Run a driver's body; a storage or tracking-store failure becomes one InfrastructureError line.
+    """Run a driver's body; a storage or tracking-store failure becomes one InfrastructureError line, and a
+    Ctrl-C that does not say how to go on (one before any trial) names ``resume``.
 
     ``resume`` is the command that continues the work once the cause is fixed.
     """
     clear()
     try:
         yield
+    except KeyboardInterrupt as e:
+        if str(e):  # it says how many trials ended and how to go on (raise_if_interrupted)
+            raise
+        raise KeyboardInterrupt(f"interrupted; continue with: {resume}") from None
     except Exception as error:
         message = problem() or _infrastructure(error, tracking_uri)
         if message is None:

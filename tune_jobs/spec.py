@@ -313,13 +313,8 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
     if not TRACKING_URI.match(tracking_uri):
         raise SpecError(f"--tracking-uri {hide_password(tracking_uri)!r} is not a tracking store; pass "
                         "sqlite:///PATH/mlflow.db or the http:// address of an MLflow server")
-    tables = sqlite_tables(database) if database is not None else {"experiments"}
-    if not tables:
-        raise SpecError(f"{database} holds no MLflow tables yet (a sweep starting now creates them: try again in a "
-                        "few seconds); else pass the --tracking-uri of the sweep's store")
-    if "experiments" not in tables:
-        raise SpecError(f"{database} is not an MLflow tracking store (it holds other tables); pass the "
-                        "--tracking-uri of the sweep's store (mlflow.db, not optuna.db)")
+    if database is not None:
+        _check_sqlite_store(database)
     if tracking_uri.startswith(("http://", "https://")):
         import http.client
         import urllib.error
@@ -335,6 +330,16 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
                             "or fix --tracking-uri") from None
     if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
+
+
+def _check_sqlite_store(database: Path) -> None:
+    tables = sqlite_tables(database)
+    if not tables:
+        raise SpecError(f"{database} holds no MLflow tables yet (a sweep starting now creates them: try again in a "
+                        "few seconds); else pass the --tracking-uri of the sweep's store")
+    if "experiments" not in tables:
+        raise SpecError(f"{database} is not an MLflow tracking store (it holds other tables); pass the "
+                        "--tracking-uri of the sweep's store (mlflow.db, not optuna.db)")
 
 
 def database_backend(url: str) -> str:

@@ -129,14 +129,9 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
     check_address(address)
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    try:
-        with stops_on_problems(resume_command(spec), spec.tracking_uri), \
-                sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
-            return _run_sweep(spec, address, resume)
-    except KeyboardInterrupt as e:
-        if str(e):  # it says how many trials ended and how to go on (raise_if_interrupted)
-            raise
-        raise KeyboardInterrupt(f"interrupted; continue with: {resume_command(spec)}") from None
+    with stops_on_problems(resume_command(spec), spec.tracking_uri), \
+            sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
+        return _run_sweep(spec, address, resume)
 
 
 def resume_command(spec: Spec) -> str:
