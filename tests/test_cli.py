@@ -126,12 +126,16 @@ def started_sweep(tmp_path_factory):
     AttZoom study, one trial running (one epoch logged), none finished."""
     from mlflow.tracking import MlflowClient
 
-    from tune_jobs.layout import PARENT, ROLE, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.layout import PARENT, ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.spec import Spec, spec_json
 
     tmp = tmp_path_factory.mktemp("started")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
-    eid = client.create_experiment(experiment_name("t1"), artifact_location=(tmp / "artifacts").as_uri())
+    spec = Spec(name="t1", backbones=("tiny_resnet",), datasets=("cluttered-digits",),
+                variants=("baseline", "attzoom"), trials=4, tracking_uri=uri)
+    eid = client.create_experiment(experiment_name("t1"), artifact_location=(tmp / "artifacts").as_uri(),
+                                   tags={SPEC: spec_json(spec)})
     for variant in ("baseline", "attzoom"):
         study = f"tiny_resnet.cluttered-digits.{variant}"
         tags = {SWEEP: "t1", STUDY: study, "backbone": "tiny_resnet", "dataset": "cluttered-digits",
@@ -152,6 +156,17 @@ def test_a_report_before_any_finished_trial_says_so_and_advises_no_confirm(start
     assert "No trial of sweep t1 has finished" in text and f"attzoom status t1 --tracking-uri {started_sweep}" in text
     assert "attzoom confirm" not in text and "attzoom confirm" not in (tmp_path / "report.html").read_text()
     assert "attzoom confirm" not in capsys.readouterr().out
+
+
+def test_status_lists_every_study_of_the_spec_against_its_n_trials(started_sweep, capsys):
+    # it listed only the studies that had a run, and never said how many trials a study needs
+    from tune_jobs.cli import main as attzoom_main
+
+    assert attzoom_main(["status", "t1", "--tracking-uri", started_sweep]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "t1: 4 trials per study", lines
+    assert lines[1].startswith("  tiny_resnet.cluttered-digits.attzoom: finished 0, running 1, failed 0,"), lines
+    assert not lines[1].endswith("done") and lines[2:] == ["  no trial yet: tiny_resnet.cluttered-digits.baseline"]
 
 
 @pytest.mark.parametrize("command", ["report", "explain"])

@@ -195,7 +195,6 @@ def run_demo_command(args) -> int:
 def run_status_command(args) -> int:
     from .layout import sweep_of
     from .spec import check_store_exists
-    from .summary import summarize
     from .tracking import open_store
 
     if args.job and not (args.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
@@ -218,16 +217,45 @@ def run_status_command(args) -> int:
             raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
                             "check the name or pass --tracking-uri")
     for experiment in experiments:
-        print(f"{sweep_of(experiment.name)}:")
-        rows = summarize(client, experiment.experiment_id)
-        if not rows:  # a sweep stopped before its first trial opened a run
-            print("  no trial has started yet")
-        for study, row in sorted(rows.items()):
-            best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
-            stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
-            print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}{stopped}, "
-                  f"epochs {row['epochs']}, best val_top1 {best}")
+        print_sweep_status(client, experiment)
     return 0
+
+
+def print_sweep_status(client, experiment) -> None:
+    """One line per study of the sweep's spec (stored with its experiment), against its N trials: a study with no
+    run yet is listed too, so the lines show what the sweep still has to do."""
+    from .layout import sweep_of
+    from .summary import summarize
+
+    rows = summarize(client, experiment.experiment_id)
+    spec = stored_spec_of(experiment)
+    studies = sorted(set(rows) | {s.name for s in spec.studies} if spec else rows)
+    print(f"{sweep_of(experiment.name)}:" + (f" {spec.trials} trials per study" if spec else ""))
+    if not rows:  # a sweep stopped before its first trial opened a run
+        print("  no trial has started yet")
+    for study in studies:
+        if study not in rows:
+            continue
+        row = rows[study]
+        best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
+        stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
+        done = ", done" if spec and row["finished"] + row["failed"] >= spec.trials else ""
+        print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}{stopped}, "
+              f"epochs {row['epochs']}, best val_top1 {best}{done}")
+    if rows and (waiting := [s for s in studies if s not in rows]):
+        print(f"  no trial yet: {', '.join(waiting)}")
+
+
+def stored_spec_of(experiment):
+    """The spec a sweep stored with its experiment; None for a sweep stored before specs were, or an unreadable one."""
+    from .layout import SPEC
+    from .spec import spec_from_json
+
+    text = experiment.tags.get(SPEC)
+    try:
+        return spec_from_json(text, source=f"experiment {experiment.name}") if text else None
+    except (SpecError, ValueError, TypeError):
+        return None
 
 
 def jobs_client(address: str):
