@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from tune_jobs.layout import CHECKPOINT
+from tune_jobs.layout import CHECKPOINT, ROLE, STUDY, STUDY_ROLE, SWEEP
 from tune_jobs.spec import hide_password
 
 from .errors import ReportError
@@ -162,6 +162,8 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
         raise ReportError(f"no run {run_id!r} in {hide_password(tracking_uri)}; copy the run id from `attzoom report` "
                           "(best trial per study) or the MLflow UI, or pass --tracking-uri") from None
+    if run.data.tags.get(ROLE) == STUDY_ROLE:
+        raise ReportError(study_run_problem(tracking_uri, run))
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
@@ -187,6 +189,17 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     label = f"{run.data.tags.get('variant', cfg.variant)} ({run_id[:8]})"
     return Explanation(run_id, label, images, data.val.labels[:n_images], predicted, grad_cam(model, x, layer),
                        attention, zoomed, name)
+
+
+def study_run_problem(tracking_uri: str, run) -> str:
+    """The line for a study's parent run, which has no model of its own: it names the trial run to explain."""
+    from .runs import load_sweep
+
+    name = run.data.tags.get(STUDY, "?")
+    study = next((s for s in load_sweep(tracking_uri, run.data.tags.get(SWEEP, "")).studies if s.name == name), None)
+    best = study.best if study else None
+    hint = f"explain its best trial run, {best.run_id}" if best else "it has no finished trial run yet"
+    return f"run {run.info.run_id} is the parent run of study {name}, which holds no model; {hint}"
 
 
 # --- drawing ----------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         client.log_artifact(run_id, str(tmp / variant / "best.pt"), "checkpoint")
         client.set_terminated(run_id, "FINISHED")
         client.set_terminated(parent, "FINISHED")
-        ids[variant] = run_id
+        ids[variant], ids[f"{variant}_parent"] = run_id, parent
     return {"uri": uri, "tmp": tmp, "data_root": data_root, **ids}
 
 
@@ -156,6 +156,14 @@ def test_the_grid_labels_classes_and_predictions_and_gives_f_of_a_a_colour_scale
     assert bar.get_ylabel() == "f(A): 1 = gate fully open"
     gates = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2]  # f(A), not pictures
     assert len(gates) == 2 and all(im.get_clim() == (0, 1) and im.get_cmap().name == "viridis" for im in gates)
+
+
+def test_a_study_parent_run_is_one_line_naming_its_best_trial(runs, capsys):
+    # it said "has no checkpoint/best.pt artifact; explain a finished trial run" of a run the report lists
+    code = main(["explain", runs["attzoom_parent"], "--tracking-uri", runs["uri"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "parent run of study tiny_resnet.cluttered-digits.attzoom" in err and runs["attzoom"] in err, err
 
 
 def test_unknown_run_is_one_line_exit_2(runs, capsys):
