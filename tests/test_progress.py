@@ -187,6 +187,20 @@ def test_a_trial_stopped_with_the_sweep_is_neither_finished_nor_failed():
     assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (resume runs them on)" in out.getvalue()
 
 
+def test_confirm_counts_the_seeds_earlier_runs_did_and_names_itself_to_run_the_rest_on():
+    # it said "done 0/3" for a study whose seeds 1-2 an earlier confirm had trained, and "resume runs them on"
+    out = io.StringIO()
+    progress = StudyProgress(SPEC, done_before={STUDIES[0]: 2}, continued_by="confirm", out=out)
+    loop = Loop(progress)
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 50.0)
+    trial.set_status(Trial.TERMINATED)  # stopped with the run (a Ctrl-C)
+    loop.end()
+    text = out.getvalue()
+    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (confirm runs them on)" in text, text
+    assert f"{STUDIES[1]}  done 0/3" in text and "final  done 2/6" in text, text
+
+
 def test_a_terminal_gets_one_live_table_with_a_row_per_study_and_a_total():
     out = io.StringIO()
     progress = StudyProgress(SPEC, out=out, live=True)

@@ -150,6 +150,7 @@ def run_confirm_trial(config: dict, sweep, params: dict) -> None:
 def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dict[str, list[int]], list, list]:
     """Re-train every study's best config with seeds 1..``seeds``; returns ({study: seeds trained now}, the
     (study, seed) runs that failed, the studies with no finished trial to confirm)."""
+    from collections import Counter
     from functools import partial
 
     from ray import tune
@@ -184,7 +185,8 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
                                                                                    params=params))
-        progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params])
+        progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
+                                 done_before=Counter(study for study, _ in done), continued_by="confirm")
         callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
         tuner = tune.Tuner(
             trainable,

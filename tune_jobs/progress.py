@@ -27,12 +27,17 @@ class StudyProgress(Callback):
     """Tune callback showing every study's progress; the sweep's and confirm's one display."""
 
     def __init__(self, spec, trials: int | None = None, study_of=None, studies=None, out=None,
-                 live: bool | None = None, summary_every_s: float = SUMMARY_EVERY_S):
+                 live: bool | None = None, summary_every_s: float = SUMMARY_EVERY_S, done_before: dict | None = None,
+                 continued_by: str = "resume"):
         """``trials`` per study (default the spec's); ``study_of(config)``: the study a trial belongs to (default
         its STUDY_KEY; a module-level function, pickled with the run); ``studies``: those shown (default all);
-        ``out``: the stream (default stderr); ``live``: force the table on or off (default: when ``out`` is a TTY)."""
+        ``out``: the stream (default stderr); ``live``: force the table on or off (default: when ``out`` is a TTY);
+        ``done_before``: {study: trials done by earlier runs that Tune does not hold (confirm's earlier seeds)};
+        ``continued_by``: the command that runs unfinished trials on."""
         self.studies = [s.name for s in (studies or spec.studies)]
         self.trials = trials or spec.trials
+        self.done_before = dict(done_before or {})
+        self.continued_by = continued_by
         self.epochs = spec.epochs
         self.metric = getattr(spec, "metric", "val_top1")
         self.study_of = study_of
@@ -120,7 +125,8 @@ class StudyProgress(Callback):
     def rows(self, trials) -> dict:
         """{study: done, running, failed, waiting, best} over the trials Tune has; ``waiting``: pending, or
         stopped with the sweep (an interrupt, a storage failure: not done, resume runs it on)."""
-        rows = {n: {"done": 0, "running": 0, "failed": 0, "waiting": 0, "best": None} for n in self.studies}
+        rows = {n: {"done": self.done_before.get(n, 0), "running": 0, "failed": 0, "waiting": 0, "best": None}
+                for n in self.studies}
         for trial in trials:
             row = rows.get(self._study(trial))
             if row is None:
@@ -142,7 +148,7 @@ class StudyProgress(Callback):
         ended = [epoch_of(t) for t in ours if state_of(t) == "done"]
         per_trial = sum(ended) / len(ended) if ended else self.epochs
         open_trials = [t for t in ours if state_of(t) in ("running", "waiting")]
-        unseen = len(self.studies) * self.trials - len(ours)
+        unseen = len(self.studies) * self.trials - len(ours) - sum(self.done_before.values())
         left = unseen * per_trial + sum(max(per_trial - epoch_of(t), 0) for t in open_trials)
         return left / (done_epochs / elapsed)
 
@@ -184,7 +190,7 @@ class StudyProgress(Callback):
         rows = self.rows(trials)
         lines = []
         for name, r in rows.items():
-            waiting = f"  unfinished {r['waiting']} (resume runs them on)" if r["waiting"] else ""
+            waiting = f"  unfinished {r['waiting']} ({self.continued_by} runs them on)" if r["waiting"] else ""
             lines.append(f"{stamp()}  final  {name}  done {r['done']}/{self.trials}  failed {r['failed']}"
                          f"{waiting}  best {self.metric} {fmt(r['best'])}")
         return lines + [f"{stamp()}  final  {self.totals(rows, trials, final=True)}"]
