@@ -312,6 +312,24 @@ def test_a_file_uri_storage_is_the_folder_it_names(tmp_path, monkeypatch):
     assert load_saved_spec(spec.name, uri).storage == str(tmp_path / "results")  # resume --storage file:///...
 
 
+def test_a_spec_read_from_the_store_for_want_of_its_folder_says_so(tmp_path, capsys):
+    # `confirm t --storage wrong` silently trained with the spec (and results folder) stored in MLflow
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import SPEC, experiment_name
+    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.sweep import load_saved_spec
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = preflight(load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "storage", str(tmp_path / "results")))))
+    MlflowClient(uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
+    capsys.readouterr()
+    assert load_saved_spec(spec.name, str(tmp_path / "wrong"), uri).storage == str(tmp_path / "results")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "wrong" / spec.name) in err, err
+    assert f"using the spec stored with sweep {spec.name!r}" in err and str(tmp_path / "results") in err, err
+
+
 def test_cifar100_data_root_that_holds_it_passes(tmp_path, write_cifar100):
     write_cifar100(tmp_path / "data")
     spec = edit(edit(base_spec(tmp_path), "matrix.datasets", ["cifar100"]), "data_root", str(tmp_path / "data"))

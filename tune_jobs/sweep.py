@@ -10,6 +10,7 @@ only what is missing (README: How resume works).
 from __future__ import annotations
 
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -118,7 +119,10 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
 
         if (text := stored_spec(tracking_uri, name_or_dir)) is not None:  # its URIs' passwords hidden: the one given
             source = f"the spec stored with sweep {name_or_dir!r} in {hide_password(tracking_uri)}"
-            return replace(spec_from_json(text, source=source), tracking_uri=tracking_uri)
+            spec = replace(spec_from_json(text, source=source), tracking_uri=tracking_uri)
+            print(f"no {SPEC_FILE} at {' or '.join(map(str, candidates))}: using {source} (its results folder: "
+                  f"{spec.storage})", file=sys.stderr, flush=True)  # a mistyped --storage must not pass unseen
+            return spec
     where = " and ".join(str(c) for c in candidates)
     where += f" and in {hide_password(tracking_uri)}" if tracking_uri else ""
     raise SpecError(f"no sweep found at {name_or_dir!r} (looked for {SPEC_FILE} in {where}); pass the sweep's "
