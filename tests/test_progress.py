@@ -333,3 +333,20 @@ def test_a_sweep_says_done_only_when_no_trial_failed(failed, finished, ending, c
     summary = {study: {"finished": f, "failed": x, "running": 0} for study, f, x in zip(STUDIES, finished, failed)}
     line, exit_code = closing(SPEC, summary, 42.4)
     assert line.startswith(ending) and exit_code == code
+
+
+def test_tunes_metrics_warning_for_a_trial_stopped_before_its_first_epoch_is_not_shown(caplog):
+    # after a Ctrl-C in a trial's first epoch, the sweep's output ended in Tune's "Failed to fetch metrics for 1
+    # trial(s): ... both result.json and progress.csv were not found" (its results are never read)
+    from ray.tune import ExperimentAnalysis
+
+    from tune_jobs.ray_session import quiet_metrics_fetch_warning
+
+    analysis = ExperimentAnalysis.__new__(ExperimentAnalysis)  # as tuner.fit() ends: its trials, one never reported
+    analysis.trials = [Trial("run_trial", config={STUDY_KEY: STUDIES[0]}, stub=True)]
+    analysis._fetch_trial_dataframes()  # noqa: SLF001 - what Tune calls to build the fit's ResultGrid
+    assert "Failed to fetch metrics for 1 trial(s)" in caplog.text  # Tune's warning, as it was
+    caplog.clear()
+    quiet_metrics_fetch_warning()
+    analysis._fetch_trial_dataframes()  # noqa: SLF001
+    assert caplog.records == []

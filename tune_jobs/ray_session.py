@@ -40,6 +40,17 @@ def apply_tune_settings(spec: Spec) -> None:
     """Set tune_settings once, when a sweep starts and before Tune is imported (it reads some at import)."""
     for key, value in tune_settings(spec).items():
         os.environ.setdefault(key, value)
+    quiet_metrics_fetch_warning()
+
+
+def quiet_metrics_fetch_warning() -> None:
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_not_a_metrics_fetch)
+
+
+def _not_a_metrics_fetch(record: logging.LogRecord) -> bool:
+    """Drop Tune's "Failed to fetch metrics ... result.json ... not found" for trials a stop caught before their first
+    epoch: its results are never read here (the runs are), and the progress lines already say which trials ended."""
+    return not record.getMessage().startswith("Failed to fetch metrics")
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:
