@@ -1,4 +1,4 @@
-"""Shared fixtures: small fake copies of the real data sets, in their exact on-disk formats."""
+"""Shared fixtures: small fake copies of the real data sets in their exact on-disk formats; real servers on loopback."""
 
 import pickle
 from pathlib import Path
@@ -67,3 +67,24 @@ def postgres_server():
 
     with running_server() as server:
         yield server
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 server on loopback (moto's) with one empty bucket: (boto3 client, bucket). The AWS_* variables
+    point this process and the ones it starts (a sweep, its Ray workers) at it, as they would at AWS."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from test_sweep_e2e import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="sweeps")
+    yield client, "sweeps"
+    server.stop()

@@ -126,10 +126,39 @@ def statuses(spec_dir):
     return [r.info.status for r in runs]
 
 
+def sweep_folder(spec_dir: Path, storage: str | None = None):
+    """(pyarrow file system, sweep t's folder in it), as Tune opens its storage: ``spec_dir/ray_results`` or a
+    bucket alike."""
+    from pyarrow.fs import FileSystem
+
+    fs, base = FileSystem.from_uri(storage or str(spec_dir / "ray_results"))
+    return fs, f"{base.rstrip('/')}/t"
+
+
+def sweep_entries(spec_dir: Path, storage: str | None = None, kind=None) -> dict[str, str]:
+    """{name: path} in the sweep's folder (only folders, or only files, with ``kind``)."""
+    from pyarrow.fs import FileSelector
+
+    fs, folder = sweep_folder(spec_dir, storage)
+    return {Path(i.path).name: i.path for i in fs.get_file_info(FileSelector(folder)) if kind in (None, i.type)}
+
+
+def read_sweep_file(spec_dir: Path, path: str, storage: str | None = None) -> bytes:
+    fs, _ = sweep_folder(spec_dir, storage)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, studies: int,
-                        optuna_storage: str | None = None) -> None:
+                        optuna_storage: str | None = None, storage: str | None = None) -> None:
+    """Each trial one MLflow run and one Tune trial folder (in ``storage``, default spec_dir/ray_results), each
+    epoch logged once, and the Optuna studies agreeing."""
+    from pyarrow.fs import FileType
+
     client, runs = trial_runs(spec_dir)
-    tune_trials = {d.name.rsplit("-", 1)[1] for d in (spec_dir / "ray_results" / "t").iterdir() if d.is_dir()}
+    folders = {name.rsplit("-", 1)[1]: path
+               for name, path in sweep_entries(spec_dir, storage, FileType.Directory).items()}
+    tune_trials = set(folders)
     trial_ids = [r.data.tags[TRIAL] for r in runs]
     assert len(trial_ids) == len(set(trial_ids)), "a trial has two MLflow runs"
     assert set(trial_ids) == tune_trials, "MLflow runs and Tune trials differ"
@@ -138,8 +167,8 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
         per_study.setdefault(run.data.tags[STUDY], []).append(run)
         assert run.info.status == "FINISHED"
         # how fit ended is what the trial itself reported last (trainable.py), not guessed from the epochs
-        [folder] = (spec_dir / "ray_results" / "t").glob(f"*-{run.data.tags[TRIAL]}")
-        last = json.loads((folder / "result.json").read_text().splitlines()[-1])
+        result = read_sweep_file(spec_dir, f"{folders[run.data.tags[TRIAL]]}/result.json", storage)
+        last = json.loads(result.decode().splitlines()[-1])
         assert run.data.tags[STATUS] == last["fit_status"] and last["fit_status"] in (*FIT_STATUSES, PRUNED_STATUS)
         gated = run.data.tags["variant"] in ("attzoom", "attention-only")  # the gate's share open, every epoch
         for key in ("val_top1", "train_loss", "images_per_s", *(("gate_open", "gate_sigma") if gated else ())):
@@ -147,7 +176,7 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs_of(run, epochs) + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
-    ran = load_saved_spec("t", str(spec_dir / "ray_results"))  # the spec as the sweep saved it, overrides applied
+    ran = load_saved_spec("t", storage or str(spec_dir / "ray_results"))  # as the sweep saved it, overrides applied
     default = optuna_storage_url(ran)  # beside a SQLite store, else in the Tune storage
     assert_studies_in_optuna(optuna_storage or default, per_study, epochs)
 
@@ -238,13 +267,15 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
 
 
-def load_rungs(spec_dir: Path) -> dict:
+def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:
     """The scheduler's state in the sweep's newest experiment snapshot (Tune's callback state file)."""
     import pickle
 
     # one file per driver, named by its start time (Tune copies them all again at the end: no use in mtimes)
-    newest = max((spec_dir / "ray_results" / "t").glob("callback-states-*.pkl"), key=lambda p: p.name)
-    return next(state for state in pickle.loads(newest.read_bytes()).values() if state and "pruned" in state)
+    states = {name: path for name, path in sweep_entries(spec_dir, storage).items()
+              if name.startswith("callback-states-") and name.endswith(".pkl")}
+    newest = read_sweep_file(spec_dir, states[max(states)], storage)
+    return next(state for state in pickle.loads(newest).values() if state and "pruned" in state)
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
@@ -400,21 +431,31 @@ def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):
     assert seen["gpus"] == {"0"}
 
 
-def test_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c_is_no_done(tmp_path, digits_root):
-    # one ASHA rung, at epoch 1: a trial below the best quarter of its own study's trials there is pruned
+def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c_resumes_exactly(
+        tmp_path, digits_root, s3):
+    # cloud storage: a real S3 server on loopback (conftest.s3); one ASHA rung, at epoch 1: a trial below the best
+    # quarter of its own study's trials there is pruned
+    client, bucket = s3
+    storage = f"s3://{bucket}/results"
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=4, epochs=2, max_concurrent=2,
                       scheduler="[scheduler]\nkind = 'asha'\ngrace_period = 1\nreduction_factor = 4")
-    first = start("sweep", str(spec), cwd=tmp_path)
+    first = start("sweep", str(spec), "--storage", storage, cwd=tmp_path)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
     first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
     assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
-                        rf"{re.escape(str(tmp_path / 'ray_results'))}", out.rstrip().splitlines()[-1]), out[-3000:]
+                        rf"{re.escape(storage)}", out.rstrip().splitlines()[-1]), out[-3000:]
     assert "RUNNING" not in statuses(tmp_path)  # the stopped trials' runs: KILLED, not "running" for ever
-    out = finish(start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path))
+    # the spec beside the trials in the bucket (it went to a local folder named "s3:", which resume relied on)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock", "optuna.db",
+                                                          "spec.toml"]
+    out = finish(start("resume", "t", "--storage", storage, cwd=tmp_path))
     assert "Cannot tell" not in out  # no trial is told to Optuna twice
-    assert_exactly_once(tmp_path, trials_per_study=4, epochs=2, studies=2)  # a pruned run: epochs 1..its last
+    # no traceback: a trial's working files were uploaded, and removed, under the driver's sync of its folder
+    assert "Traceback" not in out and not [k for k in bucket_keys(client, bucket) if "/work/" in k], out[-3000:]
+    # a pruned run: epochs 1..its last
+    assert_exactly_once(tmp_path, trials_per_study=4, epochs=2, studies=2, storage=storage)
     _, runs = trial_runs(tmp_path)
     runs = sorted(runs, key=lambda r: r.info.start_time)
     assert len(runs) == 8
@@ -432,11 +473,16 @@ def test_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c
     # ASHA: some trials pruned, each study's rung holding its own trials only, the first driver's included
     pruned = {r.data.tags[TRIAL] for r in runs if r.data.tags[STATUS] == PRUNED_STATUS}
     assert pruned and len(pruned) < 8, [r.data.tags[STATUS] for r in runs]
-    state = load_rungs(tmp_path)
+    state = load_rungs(tmp_path, storage)
     assert set(state["pruned"]) == pruned
     for study in set(studies):
         [(milestone, recorded)] = state["studies"][study]._brackets[0]._rungs  # noqa: SLF001 - Tune's ASHA
         assert milestone == 1 and set(recorded) == {r.data.tags[TRIAL] for r in runs if r.data.tags[STUDY] == study}
+
+
+def bucket_keys(client, bucket: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 # Ports every Ray node binds whatever ports it is given: GCS, dashboard, client, the dashboard's metrics server and

@@ -167,12 +167,12 @@ def run_resume_command(args) -> int:
 def run_demo_command(args) -> int:
     from dashboards.report import comparison_markdown  # the CLI may reach up to dashboards (see build_parser)
 
-    from .sweep import SPEC_FILE, check_name_in_store, experiment_dir, preflight, run_sweep
+    from .sweep import check_name_in_store, preflight, run_sweep, saved_spec
 
     from .confirm import confirm_closing, confirm_sweep
 
     spec = preflight(spec_from_args(args))
-    if not (experiment_dir(spec) / SPEC_FILE).is_file():  # a first demo here: its name must be free in the store
+    if saved_spec(spec.storage, spec.name) is None:  # a first demo here: its name must be free in the store
         check_name_in_store(spec, None)
     started = time.time()
     run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first

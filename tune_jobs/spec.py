@@ -299,6 +299,39 @@ def check_writable(key: str, location: str) -> None:
                         f"--{key.replace('_', '-')}")
 
 
+STORAGE_CHECK = """
+import sys
+import pyarrow.fs
+try:
+    fs, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
+    fs.get_file_info(path)
+    bucket = path.split("/")[0]
+    if sys.argv[1].startswith(("s3:", "gs:", "gcs:")) and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+        sys.exit(f"there is no bucket {bucket}")
+except Exception as e:
+    sys.exit(" ".join(str(e).split())[:300])
+"""
+
+
+def check_storage_answers(storage: str, timeout_s: float = 30.0) -> None:
+    """Remote storage (s3://, gs://, ...) must be reachable before any work: Ray opens it as pyarrow does here, and
+    else ends in a traceback. A separate process, since a cloud client retries for minutes and cannot be stopped."""
+    import subprocess
+    import sys
+
+    if local_path(storage) is not None:
+        return
+    fix = "check the bucket name, the credentials and the network, or pass a local or shared folder with --storage"
+    try:
+        done = subprocess.run([sys.executable, "-c", STORAGE_CHECK, storage], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise SpecError(f"storage {storage} did not answer within {timeout_s:.0f} s; {fix}") from None
+    if done.returncode:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        raise SpecError(f"storage {storage} cannot be reached ({reason}); {fix}")
+
+
 def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """What readers (status, report, explain, ui) check first: they never create a store, and never hang on one.
 

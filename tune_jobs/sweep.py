@@ -19,9 +19,10 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_tracking_store, check_writable,
-                   database_answers, database_backend, has_password, hide_password, local_path, optuna_storage_url,
-                   spec_from_json, spec_json)
+from .storage import folder_names, is_remote, read_file, sweep_location, write_file
+from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_storage_answers, check_tracking_store,
+                   check_writable, database_answers, database_backend, has_password, hide_password, local_path,
+                   optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -50,6 +51,8 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     """
     spec = absolute(spec)
     check_writable("storage", spec.storage)
+    check_storage_answers(spec.storage)
+    check_no_password_in_cloud(spec)
     check_writable("tracking_uri", spec.tracking_uri)
     check_tracking_store(spec.tracking_uri)
     if optuna := optuna_storage_url(spec):  # the searcher cannot run without it, and nothing waits it out
@@ -68,9 +71,9 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
 def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     """A new sweep's name must be free in its storage (a folder holding only the saved spec is a sweep stopped
     before Ray started: free) and in its tracking store (check_name_in_store)."""
-    folder = experiment_dir(spec)
-    if folder.is_dir() and any(p.name != SPEC_FILE for p in folder.iterdir()):
-        raise SpecError(f"a sweep named {spec.name!r} already exists in {folder}; continue it with "
+    if any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
+        raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
+                        f"continue it with "
                         f"`{resume_command(spec)}` or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
 
@@ -98,33 +101,46 @@ def experiment_dir(spec: Spec) -> Path:
 
 
 def save_spec(spec: Spec) -> None:
-    folder = experiment_dir(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SPEC_FILE
-    if has_password(spec.tracking_uri) or has_password(spec.optuna_storage):
-        path.touch(mode=0o600)  # resume reads the password here, and the storage may be shared: this user only
-        path.chmod(0o600)
-    path.write_text(spec_json(spec))
+    """Beside the trials, in the sweep's folder; resume reads a password here, so such a file is this user's only
+    (and cloud storage, which has no file modes, never gets one: check_no_password_in_cloud)."""
+    private = has_password(spec.tracking_uri) or has_password(spec.optuna_storage)
+    write_file(spec.storage, spec.name, SPEC_FILE, text=spec_json(spec), private=private)
+
+
+def saved_spec(storage: str, name: str) -> str | None:
+    return read_file(storage, name, SPEC_FILE)
+
+
+def check_no_password_in_cloud(spec: Spec) -> None:
+    """Cloud storage has no private files: a password in a URL would be readable by whoever reads the bucket."""
+    if is_remote(spec.storage):
+        for key, url in (("tracking_uri", spec.tracking_uri), ("optuna_storage", spec.optuna_storage)):
+            if has_password(url):
+                raise SpecError(f"{key} {hide_password(url)} holds a password, which would be saved with the sweep "
+                                f"in {spec.storage}: leave it out and give it as PGPASSWORD or in ~/.pgpass (a "
+                                "tracking server's as MLFLOW_TRACKING_PASSWORD)")
 
 
 def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri: str | None = None) -> Spec:
     """The spec a sweep was started with: from its folder, found by path or by name under ``storage``, or,
     with ``tracking_uri``, from its MLflow experiment (where the Tune folder is gone or out of reach)."""
-    candidates = [Path(name_or_dir), (local_path(storage) or Path(storage)) / name_or_dir]
-    for folder in candidates:
-        if (folder / SPEC_FILE).is_file():
-            return spec_from_json((folder / SPEC_FILE).read_text(), source=str(folder / SPEC_FILE))
+    candidates = [(name_or_dir, ""), (storage, name_or_dir)]
+    for folder, name in candidates:
+        if is_remote(folder):
+            check_storage_answers(folder)  # else a cloud client's minutes of retries, then a traceback
+        if (text := saved_spec(folder, name)) is not None:
+            return spec_from_json(text, source=f"{sweep_location(folder, name)}/{SPEC_FILE}")
+    where = " or ".join(sweep_location(folder, name) for folder, name in candidates)
     if tracking_uri:
         from .tracking import stored_spec
 
         if (text := stored_spec(tracking_uri, name_or_dir)) is not None:  # its URIs' passwords hidden: the one given
             source = f"the spec stored with sweep {name_or_dir!r} in {hide_password(tracking_uri)}"
             spec = replace(spec_from_json(text, source=source), tracking_uri=tracking_uri)
-            print(f"no {SPEC_FILE} at {' or '.join(map(str, candidates))}: using {source} (its results folder: "
+            print(f"no {SPEC_FILE} in {where}: using {source} (its results folder: "
                   f"{spec.storage})", file=sys.stderr, flush=True)  # a mistyped --storage must not pass unseen
             return spec
-    where = " and ".join(str(c) for c in candidates)
-    where += f" and in {hide_password(tracking_uri)}" if tracking_uri else ""
+    where += f" or in {hide_password(tracking_uri)}" if tracking_uri else ""
     raise SpecError(f"no sweep found at {name_or_dir!r} (looked for {SPEC_FILE} in {where}); pass the sweep's "
                     "folder, or its name with --storage")
 
@@ -167,7 +183,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
-        path = str(experiment_dir(spec))
+        path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         if resume and tune.Tuner.can_restore(path):
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
             # so the preparation finishes first and the two never race.

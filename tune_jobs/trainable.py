@@ -91,13 +91,14 @@ def working_folder(metric: str):
     """Where this try of the trial writes last.pt and best.pt: an empty ``work/`` in the trial's own folder.
 
     That is the trial's folder under the Tune storage when the storage is a local or shared path,
-    else Ray's working folder of the trial on this node. A try that was killed leaves it there, not
+    else Ray's working folder of the trial on this node (not its staging folder, which the driver
+    uploads to cloud storage while the trial writes and removes files there). A try that was killed leaves it there, not
     in the system's temp folder for good; the next try empties it before restoring the checkpoint,
     and a try that ends removes it (the Tune checkpoint holds the same files). A try that fails is
     checked for a storage failure first, while its files still take up the space they took.
     """
     folders = trial_folders()
-    folder = (folders[0] if folders else Path(tune.get_context().get_trial_dir())) / "work"
+    folder = (folders[0] if folders else Path(tune.get_context().get_storage().trial_working_directory)) / "work"
     try:
         if folder.exists():
             shutil.rmtree(folder)  # a storage that refuses this is a storage failure, reported as such

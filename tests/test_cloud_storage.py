@@ -1,0 +1,32 @@
+"""Cloud storage (s3://) a sweep cannot use is one line before any work. A sweep, its Ctrl-C and its resume on S3
+run end to end in test_sweep_e2e.py (the ASHA test), against the real S3 server of conftest.s3."""
+
+import subprocess
+import sys
+
+import pytest
+from test_sweep_e2e import write_spec
+
+
+@pytest.mark.parametrize("storage,expected", [
+    ("s3://no-such-bucket/results", "there is no bucket no-such-bucket"),
+    ("gopher://host/results", "Unrecognized filesystem type"),
+])
+def test_storage_that_cannot_be_reached_is_one_line_exit_2_before_any_work(s3, tmp_path, digits_root, storage,
+                                                                            expected):
+    # Tune's traceback came once Ray had started and the store was made
+    spec = write_spec(tmp_path / "spec.toml", digits_root)
+    done = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec), "--storage", storage],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert f"storage {storage} cannot be reached" in done.stderr and expected in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+def test_a_password_in_a_url_is_refused_with_cloud_storage(s3, tmp_path, digits_root):
+    # the saved spec, which resume reads the password from, would sit in the bucket for anyone who reads it
+    spec = write_spec(tmp_path / "spec.toml", digits_root, tracking_uri="postgresql://u:secret@127.0.0.1:1/db")
+    done = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec), "--storage", "s3://sweeps/r"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "secret" not in done.stderr, done.stderr
+    assert "holds a password, which would be saved with the sweep in s3://sweeps/r" in done.stderr

@@ -1,0 +1,75 @@
+"""A sweep's own files in its Tune storage, a local or shared folder or a cloud URI alike.
+
+Tune opens a URI storage (s3://, gs://, ...) with pyarrow, so the saved spec goes there through
+pyarrow too, next to the trial folders, and not into a local folder named after the URI. A URI's
+query (``?endpoint_override=...``) is read by pyarrow, so paths are joined after it resolves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .spec import local_path
+
+
+def is_remote(storage: str) -> bool:
+    return local_path(storage) is None
+
+
+def sweep_location(storage: str, name: str) -> str:
+    """The sweep's folder as Tune names it: a local path, or ``storage/name`` with the URI's query kept last."""
+    if not is_remote(storage):
+        return str(local_path(storage) / name)
+    if not name:
+        return storage
+    base, _, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+
+def _remote(storage: str, *parts: str):
+    from pyarrow.fs import FileSystem
+
+    fs, base = FileSystem.from_uri(storage)
+    return fs, "/".join([base.rstrip("/"), *filter(None, parts)])
+
+
+def read_file(storage: str, *parts: str) -> str | None:
+    """A file's text, or None when it is not there."""
+    if not is_remote(storage):
+        path = local_path(storage).joinpath(*parts)
+        return path.read_text() if path.is_file() else None
+    from pyarrow.fs import FileType
+
+    fs, path = _remote(storage, *parts)
+    if fs.get_file_info(path).type != FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_file(storage: str, *parts: str, text: str, private: bool = False) -> None:
+    """Write a file, its folders made first; ``private``: readable by this user only (a local file; cloud storage
+    has no file modes, so a caller must not put a secret there)."""
+    if not is_remote(storage):
+        path = local_path(storage).joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if private:
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+        path.write_text(text)
+        return
+    fs, path = _remote(storage, *parts)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def folder_names(storage: str, *parts: str) -> list[str]:
+    """The names in a folder; none when it is not there."""
+    if not is_remote(storage):
+        folder = local_path(storage).joinpath(*parts)
+        return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    from pyarrow.fs import FileSelector
+
+    fs, path = _remote(storage, *parts)
+    return [Path(info.path).name for info in fs.get_file_info(FileSelector(path, allow_not_found=True))]
