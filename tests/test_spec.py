@@ -466,7 +466,7 @@ def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was
 @pytest.mark.parametrize("command, earlier", [("sweep", "under another storage"), ("sweep", "its Tune folder gone"),
                                               ("sweep", "on cloud storage"), ("demo", "under another storage")])
 def test_a_new_sweep_with_the_name_of_one_that_has_runs_in_the_store_is_refused(tmp_path, monkeypatch, capsys,
-                                                                              command, earlier):
+                                                                              request, command, earlier):
     """`sweep` (or `demo`) with another --storage than the first sweep of that name ran, then deleted every run of
     the first as its orphans and added its trials to the same Optuna studies."""
     from mlflow.tracking import MlflowClient
@@ -480,7 +480,8 @@ def test_a_new_sweep_with_the_name_of_one_that_has_runs_in_the_store_is_refused(
     if earlier == "its Tune folder gone":
         first = Path(spec["storage"])
     elif earlier == "on cloud storage":
-        first = "s3://bucket/ray_results"
+        _, bucket = request.getfixturevalue("s3")  # a real S3 server on loopback
+        first = f"s3://{bucket}/ray_results"
         spec["storage"] = first  # the same storage, where no folder can be looked at
     client = MlflowClient(spec["tracking_uri"])
     experiment = client.create_experiment(layout.experiment_name(name),
