@@ -230,3 +230,17 @@ def test_a_missing_device_or_a_file_as_checkpoint_dir_is_one_line_exit_2(tmp_pat
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], lines
     assert list(tmp_path.iterdir()) == [tmp_path / "afile"]  # nothing trained, no data made
+
+
+def test_the_ui_hint_names_this_environments_attzoom_by_a_path_that_works_from_any_folder():
+    # it said `.venv/bin/attzoom ui ...`, which only works in the project's folder
+    from pathlib import Path
+
+    from tune_jobs.cli import ui_command
+    from tune_jobs.spec import Spec
+
+    spec = Spec(name="t1", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                tracking_uri="sqlite:////data/m.db")
+    executable, rest = ui_command(spec).split(" ", 1)
+    assert Path(executable).is_absolute() and Path(executable).is_file(), executable
+    assert rest.startswith("ui t1 --tracking-uri sqlite:////data/m.db"), rest

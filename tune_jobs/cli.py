@@ -187,7 +187,7 @@ def run_demo_command(args) -> int:
     print(f"\ndemo done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
           f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
           f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
-          f"Full report (CSV, Markdown, HTML with curves): .venv/bin/attzoom report {spec.name} "
+          f"Full report (CSV, Markdown, HTML with curves): {attzoom_executable()} report {spec.name} "
           f"--tracking-uri {hide_password(spec.tracking_uri)}")
     return 0
 
@@ -354,12 +354,19 @@ def run_ui_command(args) -> int:
     return run_ui(args.tracking_uri, args.sweep, args.port, args.optuna_storage, args.optuna_port)
 
 
+def attzoom_executable() -> str:
+    """The `attzoom` of this environment, as a path that works from any folder (the demo runs in the project's,
+    and a user copies its hints into a shell that may be elsewhere); plain `attzoom` when it is not installed."""
+    installed = Path(sys.executable).parent / "attzoom"
+    return str(installed) if installed.is_file() else "attzoom"
+
+
 def ui_command(spec) -> str:
     """The `attzoom ui` line that shows a sweep: its store, and its Optuna storage when not the default one."""
     from .spec import optuna_storage_url
     from .ui import default_optuna_storage
 
-    command = f".venv/bin/attzoom ui {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}"
+    command = f"{attzoom_executable()} ui {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}"
     storage = optuna_storage_url(spec)
     if storage and storage != default_optuna_storage(spec.tracking_uri):  # a server URL may hold a password
         command += f" --optuna-storage {storage if storage.startswith('sqlite:') else 'URL'}"
