@@ -254,6 +254,20 @@ def test_the_callback_pickles_with_the_run_config_and_a_restored_one_does_not_an
     assert f"{STUDIES[0]}  done 1/3" in said
 
 
+def test_a_callback_pickled_by_an_older_version_restores_and_ends_the_run():
+    # `resume` of a sweep started before done_before existed: AttributeError in on_experiment_end, after training
+    out = io.StringIO()
+    older = StudyProgress(SPEC, out=out)
+    del older.done_before, older.continued_by  # as Tune pickled it with the run config then
+    loop = Loop(pickle.loads(pickle.dumps(older)))
+    loop.callback.out = out
+    trial = loop.start(STUDIES[0])
+    loop.epoch(trial, 1, 50.0)
+    trial.set_status(Trial.TERMINATED)
+    loop.end()
+    assert f"{STUDIES[0]}  done 0/3  failed 0  unfinished 1 (resume runs them on)" in out.getvalue()
+
+
 def test_time_left_comes_from_the_epoch_rate():
     out = io.StringIO()
     progress = StudyProgress(SPEC, out=out)

@@ -64,7 +64,8 @@ class StudyProgress(Callback):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        # a sweep started by an older version restores its callback without the attributes added since
+        self.__dict__.update({"done_before": {}, "continued_by": "resume", **state})
         self._start_driver()
 
     # Tune's hooks
