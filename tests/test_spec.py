@@ -10,6 +10,7 @@ code and the clean working directory.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -406,6 +407,23 @@ def test_early_stopping_is_off_unless_asked_and_travels_with_the_saved_spec(tmp_
     older = json.loads(spec_json(spec))
     del older["scheduler"]  # saved before [scheduler] existed
     assert spec_from_json(json.dumps(older), "saved").scheduler == EarlyStopping()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda text: text[:40], "not valid JSON"),
+    (lambda text: json.dumps({**json.loads(text), "bogus": 1}), "unknown key 'bogus'"),
+    (lambda text: json.dumps({**json.loads(text), "search": {**json.loads(text)["search"], "lrr": 1}}),
+     "unknown key 'search.lrr'"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "search"}), "no 'search' table"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "variants"}), "'variants' is missing"),
+    (lambda text: "[1, 2]", "no 'search' table"),
+])
+def test_an_edited_saved_spec_that_is_no_spec_is_one_line(tmp_path, edit, expected):
+    # resume and confirm ended in JSONDecodeError, TypeError or KeyError tracebacks
+    text = spec_json(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    with pytest.raises(SpecError, match=re.escape(expected)) as error:
+        spec_from_json(edit(text), "ray_results/tiny/attzoom-spec.json")
+    assert str(error.value).startswith("ray_results/tiny/attzoom-spec.json: ") and "\n" not in str(error.value)
 
 
 def test_overrides_win_over_the_file(tmp_path):

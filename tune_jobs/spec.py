@@ -195,9 +195,26 @@ def shared_spec_json(spec: Spec) -> str:
 
 def spec_from_json(text: str, source: str) -> Spec:
     """A spec saved by spec_json, validated again (it may have been edited or come from an older version)."""
-    raw = json.loads(text)
+    def fail(message: str):
+        raise SpecError(f"{source}: {message}; fix the file, or restore it from the spec the sweep was started with")
+
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        fail(f"not valid JSON ({e})")
+    if not isinstance(raw, dict) or not isinstance(raw.get("search"), dict):
+        fail("it holds no spec (no 'search' table)")
+    tables = {"": (raw, {f.name for f in fields(Spec)}), "search.": (raw["search"], SECTION_KEYS["search"]),
+              "scheduler.": (raw.get("scheduler") or {}, SECTION_KEYS["scheduler"])}
+    for prefix, (table, valid) in tables.items():
+        if not isinstance(table, dict):
+            fail(f"'{prefix[:-1]}' must be a table")
+        if unknown := sorted(set(table) - valid):
+            fail(f"unknown key '{prefix}{unknown[0]}'")
+    if missing := sorted({"name", "backbones", "datasets", "variants"} - set(raw)):
+        fail(f"key '{missing[0]}' is missing")
     search = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("search").items()})
-    scheduler = EarlyStopping(**raw.pop("scheduler", {}))  # absent from a spec saved before [scheduler] existed
+    scheduler = EarlyStopping(**(raw.pop("scheduler", None) or {}))  # absent from a spec saved before it existed
     spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, search=search,
                 scheduler=scheduler)
     validate(spec, source=source)
