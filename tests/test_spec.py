@@ -90,6 +90,16 @@ BAD = {
     "max_concurrent 0": ("max_concurrent", 0, "max_concurrent"),
     "patience 0": ("patience", 0, "patience"),
     "seed not an integer": ("seed", "zero", "seed"),
+    "seed negative": ("seed", -5, "seed"),  # Optuna's traceback once Ray had started
+    "seed past 2**32": ("seed", 2**32, "seed"),
+    "cpus nan": ("resources.cpus", float("nan"), "resources.cpus"),  # NaN passed every range check, then hung
+    "gpus nan": ("resources.gpus", float("nan"), "resources.gpus"),
+    "cpus more than this machine has": ("resources.cpus", 1000, "resources.cpus = 1000 but this machine has"),  # hung
+    "outage deadline inf": ("failure.tracking_outage_minutes", float("inf"), "failure.tracking_outage_minutes"),
+    "reduction factor inf": ("scheduler.reduction_factor", float("inf"), "scheduler.reduction_factor"),
+    "threshold nan": ("train.threshold", float("nan"), "train.threshold"),
+    "batch size listed twice": ("search.batch_sizes", [64, 64], "search.batch_sizes lists a choice twice"),
+    "optimizer listed twice": ("search.optimizers", ["adam", "adam"], "search.optimizers lists a choice twice"),
     "max_retries -1": ("failure.max_retries", -1, "failure.max_retries"),
     "max_retries true": ("failure.max_retries", True, "failure.max_retries"),  # a bool passed as 1 to Tune
     "tracking_uri of no store": ("tracking_uri", "foo://bar", "tracking_uri"),

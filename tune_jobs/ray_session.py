@@ -9,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from .spec import Spec, SpecError, check_cluster_gpus
+from .spec import Spec, SpecError, check_cluster_cpus, check_cluster_gpus
 
 
 def tune_settings(spec: Spec) -> dict[str, str]:
@@ -85,7 +85,10 @@ def start_ray(spec: Spec, address: str | None) -> None:
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
-    check_cluster_gpus(spec, ray.cluster_resources().get("GPU", 0.0), where)
+    resources = ray.cluster_resources()
+    if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
+        check_cluster_cpus(spec, resources.get("CPU", 0.0), where)
+    check_cluster_gpus(spec, resources.get("GPU", 0.0), where)
 
 
 def quiet_token_auth_notice() -> None:

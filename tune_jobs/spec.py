@@ -9,6 +9,7 @@ and the fix, so the CLI can exit 2 before Ray, MLflow or any directory is touche
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -238,8 +239,8 @@ def validate(spec: Spec, source: str = "spec") -> None:
             fail(f"{key} lists a name twice")
     for key in ("trials", "epochs", "patience", "max_concurrent"):
         _positive_int(spec, key, fail)
-    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
-        fail(f"seed must be an integer, got {spec.seed!r}")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or not 0 <= spec.seed < 2**32:
+        fail(f"seed must be an integer from 0 to 2**32 - 1 (Optuna's and NumPy's range), got {spec.seed!r}")
     for key in ("data_root", "storage", "tracking_uri"):
         if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
             fail(f"{key} must be a non-empty string (a path or URI), got {getattr(spec, key)!r}")
@@ -290,6 +291,12 @@ def check_cluster_gpus(spec: Spec, available: float, where: str) -> None:
     if spec.gpus > available:
         raise SpecError(f"resources.gpus = {spec.gpus} but {where} has {available:g} GPU(s); lower resources.gpus "
                         "or run on a cluster with GPUs (for a local run without one, set resources.gpus = 0)")
+
+
+def check_cluster_cpus(spec: Spec, available: float, where: str) -> None:
+    """A trial asking for more CPUs than any node has would wait forever (Ray's autoscaler only warns)."""
+    if spec.cpus > available:
+        raise SpecError(f"resources.cpus = {spec.cpus:g} but {where} has {available:g} CPU(s); lower resources.cpus")
 
 
 def check_data(spec: Spec) -> None:
@@ -518,6 +525,10 @@ def _writable(path: Path) -> bool:
 
 
 def _validate_search(search: SearchSpace, fail) -> None:
+    for key in LIST_KEYS:  # a choice listed twice is drawn twice as often: a silent bias of the search
+        values = getattr(search, key) or ()
+        if len(set(map(repr, values))) != len(values):
+            fail(f"search.{key} lists a choice twice: {list(values)}")
     if not search.batch_sizes or any(not isinstance(b, int) or b < 1 for b in search.batch_sizes):
         fail(f"search.batch_sizes must be positive integers, got {list(search.batch_sizes)}")
     _range("search.lr", search.lr, fail, low=0, high=10, log=True)
@@ -579,7 +590,8 @@ def _is_a(value, kind: str) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: NaN passes every comparison a range check makes, and inf passes most."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_list(value, key: str, source: str) -> None:

@@ -9,6 +9,7 @@ only what is missing (README: How resume works).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,9 @@ from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, sweep_location, write_file
-from .spec import (Spec, SpecError, check_cluster_gpus, check_data, check_storage_answers, check_tracking_store,
-                   check_writable, database_answers, database_backend, has_password, hide_password, local_path,
-                   optuna_storage_url, spec_from_json, spec_json)
+from .spec import (Spec, SpecError, check_cluster_cpus, check_cluster_gpus, check_data, check_storage_answers,
+                   check_tracking_store, check_writable, database_answers, database_backend, has_password,
+                   hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -60,6 +61,8 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
         if database_backend(optuna) in ("postgresql", "mysql"):
             database_answers(optuna, "--optuna-storage")
     check_data(spec)
+    if local:
+        check_cluster_cpus(spec, os.cpu_count() or 1, "this machine")
     if local and spec.gpus > 0:
         import torch
 
