@@ -436,6 +436,32 @@ def test_an_edited_saved_spec_that_is_no_spec_is_one_line(tmp_path, edit, expect
     assert str(error.value).startswith("ray_results/tiny/attzoom-spec.json: ") and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("change,expected", [({"trials": 3}, "trials: 1 then, 3 now"),
+                                             ({"variants": ["attzoom"]}, "variants: ['baseline', 'attzoom'] then")])
+def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                                                     no_side_effects, change,
+                                                                                     expected):
+    # it ran the restored search with its old N, then said "interrupted: 3 of 4 trials ended" for good, and left
+    # the edited spec in the store and a KILLED parent run for a study that never ran
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import SPEC, experiment_name
+    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.sweep import save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
+    save_spec(replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in change.items()}))
+    capsys.readouterr()
+    assert cli.main(["resume", spec.name, "--storage", spec.storage]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "undo the change" in err, err
+    save_spec(replace(spec, max_concurrent=1, data_root=str(tmp_path / "moved")))  # where and how much: may change
+    from tune_jobs.sweep import check_unchanged_since_start, load_saved_spec
+
+    check_unchanged_since_start(load_saved_spec(spec.name, spec.storage))
+
+
 def test_overrides_win_over_the_file(tmp_path):
     spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)), trials=4, epochs=None, max_concurrent=3)
     assert (spec.trials, spec.epochs, spec.max_concurrent) == (4, 1, 3)

@@ -9,6 +9,7 @@ only what is missing (README: How resume works).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -22,8 +23,8 @@ from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, sweep_location, write_file
 from .spec import (Spec, SpecError, check_cluster_cpus, check_cluster_gpus, check_data, check_storage_answers,
-                   check_tracking_store, check_writable, database_answers, database_backend, has_password,
-                   hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
+                   check_store_exists, check_tracking_store, check_writable, database_answers, database_backend,
+                   has_password, hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -146,6 +147,33 @@ def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri
     where += f" or in {hide_password(tracking_uri)}" if tracking_uri else ""
     raise SpecError(f"no sweep found at {name_or_dir!r} (looked for {SPEC_FILE} in {where}); pass the sweep's "
                     "folder, or its name with --storage")
+
+
+# What a resume continues as the sweep began: Tune and Optuna saved the search (its studies, N, space, seed) and
+# the trials their configs; the rest (where things are, resources, retries) may change between drivers.
+FIXED_ON_RESUME = ("backbones", "datasets", "variants", "trials", "epochs", "patience", "seed", "metric", "search",
+                   "scheduler", "train")
+
+
+def check_unchanged_since_start(spec: Spec) -> None:
+    """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
+    summary and the store take the new one): compared with the spec the sweep stored in its experiment."""
+    from .tracking import stored_spec
+
+    try:
+        if spec.tracking_uri.startswith(("http://", "https://")):
+            check_store_exists(spec.tracking_uri)
+        text = stored_spec(spec.tracking_uri, spec.name)
+    except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
+        return
+    if text is None:
+        return
+    started, now = json.loads(text), json.loads(spec_json(spec))
+    changed = [key for key in FIXED_ON_RESUME if key in started and started[key] != now[key]]
+    if changed:
+        what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
+        raise SpecError(f"the saved spec of sweep {spec.name} changed since it started ({what}); a resume continues "
+                        "the search as it began: undo the change, or start a new sweep under another name")
 
 
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
