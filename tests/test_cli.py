@@ -109,6 +109,29 @@ def test_readers_on_a_tracking_server_that_does_not_answer_say_so_in_one_line(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_readers_on_an_http_server_that_is_not_mlflow_say_so_in_one_line(tmp_path, capsys):
+    # an MlflowException traceback with the server's HTML page, exit 1
+    import threading
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    from tune_jobs.cli import main as attzoom_main
+
+    class Quiet(SimpleHTTPRequestHandler):  # python -m http.server, without its log lines on stderr
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for command in (["status"], ["report", "demo"]):
+            assert attzoom_main([*command, "--tracking-uri", uri]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{uri} answers, but not as an MLflow tracking server" in err, err
+    finally:
+        server.shutdown()
+
+
 def test_train_options_reach_the_config_compile_with_or_without_cuda_graphs():
     from attzoom.cli import build_parser, config_from_args
 

@@ -361,7 +361,8 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
     A missing SQLite file is a typo or the wrong folder, and MLflow would silently create an empty one
     (and its folders) there. A tracking server that does not answer would make MLflow retry for minutes
-    and end in a long traceback; any HTTP answer (even 401 or 404) means it is there.
+    and end in a long traceback; another HTTP server (optuna-dashboard's port, next to MLflow's in `attzoom
+    ui`) in a traceback with its HTML page.
     """
     database = sqlite_file(tracking_uri)
     if database is not None and not database.is_file():
@@ -377,14 +378,18 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
         import urllib.error
         import urllib.request
 
-        try:
-            urllib.request.urlopen(tracking_uri, timeout=timeout_s).close()
-        except urllib.error.HTTPError:
-            pass  # it answered
+        try:  # MLflow's /health answers "OK" without a login, also on a basic-auth server
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as answer:
+                healthy = answer.read(16).strip() == b"OK"
+        except urllib.error.HTTPError as e:
+            healthy = e.code in (401, 403)  # a login in front of the whole server: it answered, as MLflow may
         except (OSError, ValueError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             raise SpecError(f"the tracking server {hide_password(tracking_uri)} does not answer ({reason}); start it, "
                             "or fix --tracking-uri") from None
+        if not healthy:
+            raise SpecError(f"{hide_password(tracking_uri)} answers, but not as an MLflow tracking server (its /health "
+                            "is not MLflow's); fix --tracking-uri (optuna-dashboard's address is not the store)")
     if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
 
