@@ -192,6 +192,30 @@ def test_status_lists_every_study_of_the_spec_against_its_n_trials(started_sweep
     assert not lines[1].endswith("done") and lines[2:] == ["  no trial yet: tiny_resnet.cluttered-digits.baseline"]
 
 
+def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):
+    # OSError: Read-only file system: 'mlflow.db.lock', a traceback
+    import os
+    import shutil
+
+    from test_sweep_e2e import start
+
+    if os.geteuid() == 0 and not shutil.which("capsh"):
+        pytest.skip("root without capsh ignores permissions")
+    store = tmp_path / "ro"
+    store.mkdir()
+    shutil.copy(started_sweep.removeprefix("sqlite:///"), store / "mlflow.db")
+    store.chmod(0o555)
+    try:
+        status = start("status", "t1", "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", cwd=tmp_path,
+                       stderr=subprocess.PIPE, without_override=True)  # as any other user: the folder is read-only
+        out, err = status.communicate(timeout=120)
+    finally:
+        store.chmod(0o755)
+    assert status.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "tiny_resnet.cluttered-digits.attzoom: finished 0, running 1" in out, out
+    assert sorted(p.name for p in store.iterdir()) == ["mlflow.db"]
+
+
 @pytest.mark.parametrize("command", ["report", "explain"])
 @pytest.mark.parametrize("case", ["a file", "below a file", "read-only"])
 def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2_before_any_work(started_sweep, tmp_path, capsys,

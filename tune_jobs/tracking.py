@@ -9,6 +9,7 @@ driver writes (tune_jobs/mlflow_callback.py); trial processes never open the sto
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -67,6 +68,10 @@ def open_store(tracking_uri: str) -> MlflowClient:
 def _first_open_lock(tracking_uri: str):
     if (database := sqlite_file(tracking_uri)) is not None:
         from filelock import FileLock
+
+        if database.is_file() and not os.access(database.parent, os.W_OK):
+            yield  # a store on a read-only disk is only read: no migration to serialise, and no lock file to make
+            return
 
         with FileLock(f"{database}.lock"):
             yield
