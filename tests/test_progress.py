@@ -184,7 +184,7 @@ def test_a_trial_stopped_with_the_sweep_is_neither_finished_nor_failed():
     sweep(loop, stop_last=True)
     lines = out.getvalue().splitlines()
     assert not [line for line in lines if line.endswith("failed")]
-    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (resume runs them on)" in out.getvalue()
+    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (resume runs it on)" in out.getvalue()
 
 
 def test_confirm_counts_the_seeds_earlier_runs_did_and_names_itself_to_run_the_rest_on():
@@ -197,7 +197,7 @@ def test_confirm_counts_the_seeds_earlier_runs_did_and_names_itself_to_run_the_r
     trial.set_status(Trial.TERMINATED)  # stopped with the run (a Ctrl-C)
     loop.end()
     text = out.getvalue()
-    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (confirm runs them on)" in text, text
+    assert f"{STUDIES[0]}  done 2/3  failed 0  unfinished 1 (confirm runs it on)" in text, text
     assert f"{STUDIES[1]}  done 0/3" in text and "final  done 2/6" in text, text
 
 
@@ -265,7 +265,7 @@ def test_a_callback_pickled_by_an_older_version_restores_and_ends_the_run():
     loop.epoch(trial, 1, 50.0)
     trial.set_status(Trial.TERMINATED)
     loop.end()
-    assert f"{STUDIES[0]}  done 0/3  failed 0  unfinished 1 (resume runs them on)" in out.getvalue()
+    assert f"{STUDIES[0]}  done 0/3  failed 0  unfinished 1 (resume runs it on)" in out.getvalue()
 
 
 def test_time_left_comes_from_the_epoch_rate():
@@ -364,3 +364,10 @@ def test_tunes_metrics_warning_for_a_trial_stopped_before_its_first_epoch_is_not
     quiet_metrics_fetch_warning()
     analysis._fetch_trial_dataframes()  # noqa: SLF001
     assert caplog.records == []
+
+
+def test_counts_read_in_their_number():
+    # "1 trials per study", "1 seeds per study", "unfinished 1 (resume runs them on)"
+    from tune_jobs.naming import counted
+
+    assert [counted(n, "trial") for n in (0, 1, 2)] == ["0 trials", "1 trial", "2 trials"]

@@ -226,12 +226,13 @@ def print_sweep_status(client, experiment) -> None:
     """One line per study of the sweep's spec (stored with its experiment), against its N trials: a study with no
     run yet is listed too, so the lines show what the sweep still has to do."""
     from .layout import sweep_of
+    from .naming import counted
     from .summary import summarize
 
     rows = summarize(client, experiment.experiment_id)
     spec = stored_spec_of(experiment)
     studies = sorted(set(rows) | {s.name for s in spec.studies} if spec else rows)
-    print(f"{sweep_of(experiment.name)}:" + (f" {spec.trials} trials per study" if spec else ""))
+    print(f"{sweep_of(experiment.name)}:" + (f" {counted(spec.trials, 'trial')} per study" if spec else ""))
     if not rows:  # a sweep stopped before its first trial opened a run
         print("  no trial has started yet")
     for study in studies:

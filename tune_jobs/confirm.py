@@ -22,6 +22,7 @@ from . import layout
 from .layout import SEED, STUDY
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
+from .naming import counted
 from .space import STUDY_KEY, same_config, searched_values
 from .spec import Spec, SpecError, hide_password
 
@@ -62,7 +63,7 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
         return (f"confirm runs of {spec.name} are incomplete: {', '.join(unfinished)} has no finished trial to "
                 f"confirm yet; finish the sweep (`attzoom resume {spec.name} --storage {spec.storage}`), then "
                 f"confirm again"), 1
-    return (f"confirm runs of {spec.name} are complete ({seeds} seeds per study); see the verdict in "
+    return (f"confirm runs of {spec.name} are complete ({counted(seeds, 'seed')} per study); see the verdict in "
             f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
 
 

@@ -129,3 +129,8 @@ def git_commit(folder: Path) -> str | None:
         return None
     commit = done.stdout.strip()
     return commit if done.returncode == 0 and len(commit) == 40 else None
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 trial", "3 trials": the count a line shows, in the number it reads as."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

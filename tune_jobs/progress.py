@@ -191,7 +191,8 @@ class StudyProgress(Callback):
         rows = self.rows(trials)
         lines = []
         for name, r in rows.items():
-            waiting = f"  unfinished {r['waiting']} ({self.continued_by} runs them on)" if r["waiting"] else ""
+            them = "them" if r["waiting"] > 1 else "it"
+            waiting = f"  unfinished {r['waiting']} ({self.continued_by} runs {them} on)" if r["waiting"] else ""
             lines.append(f"{stamp()}  final  {name}  done {r['done']}/{self.trials}  failed {r['failed']}"
                          f"{waiting}  best {self.metric} {fmt(r['best'])}")
         return lines + [f"{stamp()}  final  {self.totals(rows, trials, final=True)}"]
