@@ -192,6 +192,26 @@ def test_status_lists_every_study_of_the_spec_against_its_n_trials(started_sweep
     assert not lines[1].endswith("done") and lines[2:] == ["  no trial yet: tiny_resnet.cluttered-digits.baseline"]
 
 
+def test_status_says_how_many_finished_trials_the_scheduler_stopped_early(tmp_path, capsys):
+    # an ASHA sweep's status said "finished 4" with no word of the 2 trials pruned at their first rung
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import PRUNED_STATUS, ROLE, STATUS, STUDY, SWEEP, TRIAL, experiment_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("a1"))
+    for n, status in enumerate(["completed", PRUNED_STATUS, PRUNED_STATUS]):
+        tags = {SWEEP: "a1", STUDY: "tiny_resnet.cluttered-digits.baseline", ROLE: "trial", TRIAL: f"t{n}"}
+        run = client.create_run(eid, tags={**tags, STATUS: status}).info.run_id
+        client.log_metric(run, "val_top1", 40.0 + n, step=1)
+        client.set_terminated(run, "FINISHED")
+    capsys.readouterr()
+    assert attzoom_main(["status", "a1", "--tracking-uri", uri]) == 0
+    assert "baseline: finished 3 (2 stopped early by the scheduler), running 0" in capsys.readouterr().out
+
+
 def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):
     # OSError: Read-only file system: 'mlflow.db.lock', a traceback
     import os

@@ -242,8 +242,9 @@ def print_sweep_status(client, experiment) -> None:
         best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
         stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
         done = ", done" if spec and row["finished"] + row["failed"] >= spec.trials else ""
-        print(f"  {study}: finished {row['finished']}, running {row['running']}, failed {row['failed']}{stopped}, "
-              f"epochs {row['epochs']}, best val_top1 {best}{done}")
+        pruned = f" ({row['pruned']} stopped early by the scheduler)" if row["pruned"] else ""
+        print(f"  {study}: finished {row['finished']}{pruned}, running {row['running']}, failed {row['failed']}"
+              f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
     if rows and (waiting := [s for s in studies if s not in rows]):
         print(f"  no trial yet: {', '.join(waiting)}")
 

@@ -23,15 +23,18 @@ RUN_STATES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped"}
 
 
 def summarize(client: MlflowClient, experiment_id: str) -> dict:
-    """Per study: finished / running / failed trial runs, epochs done and the best validation top-1 so far.
+    """Per study: finished (of them pruned) / running / failed trial runs, epochs done and the best validation
+    top-1 so far.
 
     One search_runs: each run's summary metrics are in its latest metrics (tracking.run_summary).
     """
-    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "stopped": 0, "epochs": 0,
+    rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "stopped": 0, "pruned": 0, "epochs": 0,
                                 "best_top1": None})
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         row = rows[run.data.tags[STUDY]]
         row[RUN_STATES.get(run.info.status, "running")] += 1
+        # a finished trial the scheduler stopped early at a rung: finished, with fewer epochs
+        row["pruned"] += run.info.status == "FINISHED" and run.data.tags.get(layout.STATUS) == layout.PRUNED_STATUS
         summary = run_summary(client, run)
         row["epochs"] += summary.epochs
         if summary.best is not None and (row["best_top1"] is None or summary.best["val_top1"] > row["best_top1"]):
