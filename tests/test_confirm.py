@@ -7,6 +7,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,4 +134,7 @@ def test_confirm_says_complete_only_when_every_seed_run_finished():
     assert code == 1 and "tiny_resnet.cluttered-digits.attzoom has no finished trial" in line
     assert "attzoom resume demo --storage" in line
     line, code = confirm_closing(spec, 3, [])
-    assert code == 0 and "are complete (3 seeds per study)" in line
+    assert code == 0 and "are complete (3 seeds per study); see the verdict in" in line
+    # a sweep of baselines only has no verdict to see (the line pointed at one)
+    line, code = confirm_closing(replace(spec, variants=("baseline",)), 1, [])
+    assert code == 0 and "complete (1 seed per study); see each study's mean and spread over the seeds" in line

@@ -63,8 +63,15 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
         return (f"confirm runs of {spec.name} are incomplete: {', '.join(unfinished)} has no finished trial to "
                 f"confirm yet; finish the sweep (`attzoom resume {spec.name} --storage {spec.storage}`), then "
                 f"confirm again"), 1
-    return (f"confirm runs of {spec.name} are complete ({counted(seeds, 'seed')} per study); see the verdict in "
+    verdict = "the verdict" if has_pairs(spec) else "each study's mean and spread over the seeds"
+    return (f"confirm runs of {spec.name} are complete ({counted(seeds, 'seed')} per study); see {verdict} in "
             f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
+
+
+def has_pairs(spec: Spec) -> bool:
+    """Whether the report has a verdict to give: a baseline and another variant of one backbone on one data set."""
+    return any(s.variant == "baseline" and any(o.variant != "baseline" and (o.backbone, o.dataset) ==
+                                               (s.backbone, s.dataset) for o in spec.studies) for s in spec.studies)
 
 
 def confirm_command(spec: Spec, seeds: int) -> str:
