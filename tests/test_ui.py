@@ -9,7 +9,9 @@ its DOM and a screenshot, copied to /tmp/attzoom-ui-*.png).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import re
 import shutil
@@ -127,9 +129,9 @@ def test_git_absent_leaves_the_commit_out(tmp_path, monkeypatch):
 class Ui:
     """`attzoom ui` as a user starts it; its stdout lines are read as they come."""
 
-    def __init__(self, *args: str, log: Path):
+    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None):
         self.log = log.open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "ui", *args], cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "ui", *args], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.out: list[str] = []
@@ -172,12 +174,13 @@ def listening(port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ui(sweep, tmp_path_factory):
-    ports = free_port(), free_port()
+    ports, home = (free_port(), free_port()), tmp_path_factory.mktemp("home")  # a home of its own: nothing goes there
+    env = {**{k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}, "HOME": str(home)}
     running = Ui("demo", "--tracking-uri", sweep["uri"], "--port", str(ports[0]), "--optuna-port", str(ports[1]),
-                 log=tmp_path_factory.mktemp("ui-log") / "stderr.txt")
+                 log=tmp_path_factory.mktemp("ui-log") / "stderr.txt", env=env)
     try:
         output = running.wait_for("Ctrl-C")
-        yield {"ui": running, "output": output, "ports": ports}
+        yield {"ui": running, "output": output, "ports": ports, "home": home}
     finally:
         running.stop()
 
@@ -243,6 +246,55 @@ def test_when_one_server_ends_the_other_is_stopped_and_ui_exits_non_zero(ui):
     assert running.process.wait(60) == 1
     assert psutil.wait_procs(servers, timeout=30)[1] == []  # every process of both servers is gone
     assert listening(ui["ports"][0]) == []
+
+
+def test_without_v_the_servers_print_no_info_lines_and_nothing_goes_into_home(ui):
+    """README: other libraries' INFO logs only with -v (warnings and errors show); gunicorn, optuna-dashboard's
+    server, keeps its control socket out of ~/.gunicorn."""
+    ui["ui"].stop()  # ended by the test above, else by Ctrl-C: the servers' whole output, their stopping too
+    log = Path(ui["ui"].log.name).read_text()
+    assert "INFO" not in log and "DeprecationWarning" not in log and "Uvicorn running" not in log, log
+    assert "Registry store URI" not in ui["output"]
+    assert not (ui["home"] / ".gunicorn").exists()
+
+
+def running_ones(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after up to ``timeout`` s (a zombie is not: an init that reaps no
+    orphans, as some containers' does, keeps one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_kill_9_of_ui_stops_both_servers_and_removes_its_folder_and_with_v_they_log_info(sweep, tmp_path):
+    """Left running, they would hold their ports (the next `attzoom ui` refused) and the folder its storage URL."""
+    ports = free_port(), free_port()
+    running = Ui("-v", "--tracking-uri", sweep["uri"], "--port", str(ports[0]), "--optuna-port", str(ports[1]),
+                 log=tmp_path / "stderr.txt")
+    servers = []
+    try:
+        running.wait_for("Ctrl-C")
+        servers = running.servers()
+        config = next(Path(part) for p in servers for part in p.cmdline() if part.endswith(".toml"))
+        running.process.kill()
+        assert running_ones(servers, timeout=15) == [] and listening(ports[0]) == listening(ports[1]) == []
+        assert not config.parent.exists()
+        log = (tmp_path / "stderr.txt").read_text()
+        assert "[INFO] Starting gunicorn" in log and "Uvicorn running on" in log  # -v: the servers' INFO lines
+    finally:
+        running.stop()
+        for process in servers:  # left running
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def test_without_an_optuna_storage_only_mlflow_starts_and_ctrl_c_stops_it(sweep, tmp_path):

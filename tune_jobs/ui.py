@@ -8,19 +8,26 @@ opens an experiment on its GenAI overview otherwise; tune_jobs/naming.py) and th
 
 Both servers run in their own process groups, so stopping one stops every process it started;
 Ctrl-C (or SIGTERM) stops both, and when one of them ends the other is stopped and the command
-exits non-zero. A reader: no store, database or folder is created (DESIGN.md).
+exits non-zero. A watchdog process (``python -m tune_jobs.ui``) stops them and removes the private
+folder when this one dies without doing so (kill -9, out of memory). Without -v the servers print
+only their warnings and errors, as the libraries in this process do (tune_jobs/logs.py; gunicorn,
+under optuna-dashboard, only its errors). A reader: no store, database or folder is created (DESIGN.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import layout, naming
@@ -29,6 +36,9 @@ from .spec import SpecError, check_store_exists, hide_password, sqlite_file
 HOST = "127.0.0.1"
 START_S = 180  # how long a server may take to answer (MLflow imports a lot: a minute on a busy small machine)
 STOP_S = 10  # how long a server may take to stop after SIGTERM before it is killed
+DONE = "done\n"  # what this process tells its watchdog once it has stopped the servers itself
+# MLflow's own import of a Starlette module; nothing a user of the UI can act on
+QUIET_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated:UserWarning"
 
 
 def default_optuna_storage(tracking_uri: str) -> str | None:
@@ -78,20 +88,35 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
     addresses = sweep_addresses(tracking_uri, sweep, base)  # migrates a store a sweep has just made, under its lock
 
     bin_dir = Path(sys.executable).parent
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)  # attzoom -v (tune_jobs/logs.py)
     # One worker is plenty for one person and starts in a quarter of the time of MLflow's four (it then serves the
-    # page's requests from a thread pool); MLflow's job runner serves GenAI features only (and keeps files of its own).
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    # The stores' URLs (a password in them) stay off the servers' command lines, which every local user can read:
-    # MLflow takes its store from the environment, optuna-dashboard from a file only this user can read.
-    os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
-    servers = {"MLflow UI": [str(bin_dir / "mlflow"), "ui", "--host", HOST, "--port", str(port), "--workers", "1"]}
-    with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700
+    # page's requests from a thread pool)
+    servers = {"MLflow UI": [str(bin_dir / "mlflow"), "ui", "--host", HOST, "--port", str(port), "--workers", "1",
+                             *([] if verbose else ["--uvicorn-opts", "--log-level warning"])]}
+    with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700; the watchdog's to remove if need be
         if storage:
+            # The stores' URLs (a password in them) stay off the servers' command lines, which every local user can
+            # read: MLflow takes its store from the environment, optuna-dashboard from a file only this user can read.
             config = Path(private) / "optuna-dashboard.toml"
             config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage, ensure_ascii=False)}\n")
             servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), "--from-config", str(config),
-                                           "--host", HOST, "--port", str(optuna_port)]
-        return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port))
+                                           "--host", HOST, "--port", str(optuna_port),
+                                           *([] if verbose else ["--quiet"])]  # gunicorn's errors only
+        return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port),
+                         private, server_environment(tracking_uri, private, verbose))
+
+
+def server_environment(tracking_uri: str, private: str, verbose: bool) -> dict[str, str]:
+    """The servers' environment: the MLflow store (off the command line), and gunicorn's control socket in the
+    private folder, not in ~/.gunicorn (optuna-dashboard cannot switch it off); without -v, no warning meant for the
+    libraries' authors."""
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri, "XDG_RUNTIME_DIR": private}
+    env.setdefault("MLFLOW_REGISTRY_STORE_URI", tracking_uri)  # as MLflow does, without printing that it does
+    # MLflow's job runner serves GenAI features only (and keeps files of its own)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if not verbose:
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
+    return env
 
 
 def print_addresses(base: str, addresses: dict[str, str], storage: str | None, optuna_port: int) -> None:
@@ -107,15 +132,27 @@ def print_addresses(base: str, addresses: dict[str, str], storage: str | None, o
     print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
 
 
-def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready) -> int:
+def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready, private: str, env: dict[str, str]) -> int:
     """Run the servers until Ctrl-C (0) or until one ends (the others are stopped; 1); ``ready`` once all answer."""
     # Ctrl-C, `kill` or a closed terminal stop the servers (a shell starts a background job with SIGINT ignored)
     wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _interrupt, signal.SIGHUP: _interrupt}
     handlers = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    try:
+        with watchdog(private) as guard:
+            return run_servers(servers, ports, ready, env, guard)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def run_servers(servers: dict[str, list[str]], ports: dict[str, int], ready, env: dict[str, str], guard) -> int:
+    """Start the servers, each in a process group of its own (in this session) that ``guard`` learns, and watch
+    them; stop them all however this ends."""
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in servers.items():
-            processes[name] = subprocess.Popen(command, process_group=0)  # its own group, in this session
+            processes[name] = subprocess.Popen(command, env=env, process_group=0)
+            guard(processes[name].pid)
         waiting = dict.fromkeys(processes)
         deadline = time.monotonic() + START_S
         while True:
@@ -138,37 +175,83 @@ def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready) -> in
         print(f"stopping {' and '.join(processes)}", file=sys.stderr, flush=True)
         return 0
     finally:
-        for process in processes.values():
-            end(process)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        end({process.pid: process.poll for process in processes.values()})
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def end(process: subprocess.Popen) -> None:
-    """Stop a server and everything it started (its process group): SIGTERM, then SIGKILL if any of it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:  # the whole group is gone
-            break
-        deadline = time.monotonic() + STOP_S
-        while time.monotonic() < deadline and not group_gone(process):
-            time.sleep(0.1)
-        if group_gone(process):
-            break
-
-
-def group_gone(process: subprocess.Popen) -> bool:
-    process.poll()  # reaps the leader: a zombie still counts as a member of its group
+@contextlib.contextmanager
+def watchdog(private: str):
+    """A process of its own (Ctrl-C does not reach it) that stops the servers' groups it is told of and removes
+    ``private`` if this one dies before telling it that it stopped them: nothing else ties the servers, in their
+    own groups, to this process. Its stdin is a pipe only this process writes, so it learns of the death at once."""
+    process = subprocess.Popen([sys.executable, "-m", __name__, private], stdin=subprocess.PIPE, text=True,
+                               process_group=0)
     try:
-        os.killpg(process.pid, 0)
+        yield lambda group: tell(process, f"{group}\n")
+    finally:
+        tell(process, DONE)
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        process.wait()
+
+
+def tell(process: subprocess.Popen, line: str) -> None:
+    try:
+        process.stdin.write(line)
+        process.stdin.flush()
+    except OSError:  # the watchdog is gone (killed): stopping the servers is this process's alone
+        pass
+
+
+def watch(private: str) -> None:
+    """The watchdog: the process groups come as lines on stdin; at its end without DONE, stop them, remove
+    ``private``."""
+    for sig in (signal.SIGINT, signal.SIGHUP):  # the ui's to handle; it tells this one what follows
+        signal.signal(sig, signal.SIG_IGN)
+    groups = []
+    for line in sys.stdin:
+        if line == DONE:
+            return
+        groups.append(int(line))
+    end(dict.fromkeys(groups, lambda: None))
+    shutil.rmtree(private, ignore_errors=True)
+
+
+def end(groups: dict[int, Callable[[], object]]) -> None:
+    """Stop the servers and everything they started (their process groups, each with its ``running`` reaper) at once:
+    SIGTERM, then SIGKILL to a group of which any process lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [group for group, reap in groups.items() if running(group, reap)]
+        for group in alive:
+            with contextlib.suppress(ProcessLookupError):  # the whole group is gone
+                os.killpg(group, sig)
+        deadline = time.monotonic() + STOP_S
+        while alive and time.monotonic() < deadline and any(running(group, groups[group]) for group in alive):
+            time.sleep(0.1)
+
+
+def running(group: int, reap: Callable[[], object]) -> bool:
+    """Whether a process of the group still runs. A zombie does not, though killpg counts it: ``reap`` reaps the
+    leader when it is this process's child; orphans are their init's to reap, which some containers' never does."""
+    reap()
+    try:
+        os.killpg(group, 0)
     except ProcessLookupError:
+        return False
+    if not Path("/proc/self/stat").is_file():  # no /proc to tell a zombie from a process
         return True
-    return False
+    return any(live_member(stat, group) for stat in Path("/proc").glob("[0-9]*/stat"))
+
+
+def live_member(stat: Path, group: int) -> bool:
+    try:
+        state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (command name)"
+    except (OSError, IndexError):  # ended meanwhile
+        return False
+    return state != "Z" and int(pgrp) == group
 
 
 def free(port: int) -> bool:
@@ -185,3 +268,7 @@ def answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((HOST, port)) == 0
+
+
+if __name__ == "__main__":
+    watch(sys.argv[1])
