@@ -122,12 +122,29 @@ def run_train(args: argparse.Namespace) -> int:
     data = load(config.dataset, config.data_root, config.val_fraction)
     with EpochBar(config.epochs, config.variant) as bar:
         result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=not args.restart)
-    test = best_test_metrics(ckpt, data, config.device)
-    print(f"{result.status} after {result.epochs} epochs; best epoch {result.best.get('epoch')}: "
-          f"val top-1 {result.best.get('val_top1', 0):.2f} %, top-5 {result.best.get('val_top5', 0):.2f} %; "
-          f"test top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} %")
-    print(f"checkpoints: {ckpt}/best.pt (best weights), {ckpt}/last.pt (resume state)")
-    return 0 if result.status != "diverged" else 1
+    if result.best:  # none when epoch 1 diverged: a best.pt there is another run's, or missing
+        test = best_test_metrics(ckpt, data, config.device)
+        epochs = f"{result.epochs} epoch{'' if result.epochs == 1 else 's'}"
+        print(f"{result.status} after {epochs}; best epoch {result.best['epoch']}: "
+              f"val top-1 {result.best['val_top1']:.2f} %, top-5 {result.best['val_top5']:.2f} %; "
+              f"test top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} %")
+        print(f"checkpoints: {ckpt}/best.pt (best weights), {ckpt}/last.pt (resume state)")
+    if result.status == "diverged":
+        print(diverged_message(result, config), file=sys.stderr)
+        return 1
+    return 0
+
+
+def diverged_message(result, config: TrainConfig) -> str:
+    """One line for a run whose training loss became NaN or inf: which epoch, what is left of it, what to change."""
+    if result.best:
+        kept = (f"best.pt holds epoch {result.best['epoch']} (reported above); last.pt holds epoch {result.epochs}, "
+                "so run with --restart")
+    else:
+        kept = "no epoch finished, so there is no best checkpoint to test; run"
+    decay = f" or --weight-decay (now {config.weight_decay:g})" if config.weight_decay else ""
+    return (f"attzoom train: diverged in epoch {result.diverged_in}: the training loss became NaN or infinite; {kept} "
+            f"again with a lower --lr (now {config.lr:g}){decay}")
 
 
 class EpochBar:

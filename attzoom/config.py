@@ -3,6 +3,7 @@ and the errors a user can fix. No torch import: the CLI checks input before load
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -115,8 +116,10 @@ def _choice(key: str, value, valid) -> None:
 
 
 def _in_range(key, value, low, high, low_open=False, high_open=False) -> None:
+    """NaN is checked on its own: every comparison with it is False, so it passed any bound (--lr nan trained)."""
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
-    if too_low or too_high:
+    if not math.isfinite(value) or too_low or too_high:
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"{key} must be in {lo}{low}, {high}{hi}, got {value}")
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise ConfigError(f"{key} must be {finite}in {lo}{low}, {high}{hi}, got {value}")

@@ -14,6 +14,7 @@ import errno
 import functools
 import math
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ class FitResult:
     @property
     def epochs(self) -> int:
         return len(self.history)
+
+    @property
+    def diverged_in(self) -> int | None:
+        """The epoch whose loss stopped being finite (it is not in the history), or None."""
+        return self.epochs + 1 if self.status == "diverged" else None
 
 
 @dataclass
@@ -424,8 +430,12 @@ def unreadable_now(error: Exception) -> bool:
     return out_of_memory or (isinstance(error, OSError) and error.errno in PASSING_ERRNOS)
 
 
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:160]
+def first_line(error: Exception, limit: int = 160) -> str:
+    """The error's first sentence, cut at a word if still long: torch follows it with sentences of advice, and a cut
+    at a fixed length ended the one line mid-sentence ("...there is a high)")."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z])", line, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def checkpoint_error(path: Path, error: Exception) -> CheckpointError:

@@ -1,7 +1,9 @@
 """The training loop: metrics, checkpoints, exact resume, early stopping, divergence."""
 
+import dataclasses
 import errno
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ from attzoom.config import ConfigError, TrainConfig
 from attzoom.data import ImageSet, Splits
 from attzoom.names import GATE_METRICS, METRICS
 from attzoom import train
+from attzoom.cli import main
 from attzoom.train import EarlyStopping, evaluate, fit, load_checkpoint_model, make_runtime, best_test_metrics
 
 TIMING = {"epoch_time", "images_per_s"}
@@ -344,3 +347,73 @@ def test_a_file_in_place_of_the_checkpoint_dir_is_a_config_error_before_training
             fit(config(epochs=1), small_splits(n_train=32, n_val=16), checkpoint_dir=ckpt,
                 callback=lambda m, c: calls.append(m))
     assert calls == []
+
+
+FLOAT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_option_refuses_nan_and_infinity_naming_it(key, value):
+    """NaN fails every comparison a range check makes: --lr nan ended in torch's traceback, --threshold nan trained."""
+    with pytest.raises(ConfigError, match=rf"^{key} must be a finite number"):
+        config(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("option", ["--lr", "--momentum", "--threshold", "--weight-decay", "--val-fraction"])
+def test_a_nan_option_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys, option):
+    monkeypatch.chdir(tmp_path)
+    # cifar100 from a folder that lacks it: had NaN passed, that would be the error (not a 50-epoch training)
+    assert main(["train", option, "nan", "--optimizer", "sgd", "--variant", "attzoom", "--dataset", "cifar100",
+                 "--data-root", "nowhere"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{option[2:].replace('-', '_')} must be a finite number" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # no runs/, no data/
+
+
+def diverging(data: Splits) -> Splits:
+    """The same data normalised by a std of ~0: every input is inf, so the first loss is NaN."""
+    return dataclasses.replace(data, std=(1e-45, 1e-45, 1e-45))
+
+
+def test_train_that_diverges_in_epoch_1_says_so_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    """It ended in FileNotFoundError for best.pt: no epoch finished, so there is none to test."""
+    monkeypatch.setattr("attzoom.data.load", lambda *a: diverging(small_splits(n_train=32, n_val=16)))
+    (tmp_path / "run").mkdir()
+    torch.save({}, tmp_path / "run" / "best.pt")  # another run's: not this run's result
+    args = ["train", "--checkpoint-dir", str(tmp_path / "run"), "--batch-size", "16", "--no-augment", "--restart"]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if "diverged" in line]
+    assert len(lines) == 1 and "in epoch 1" in lines[0] and "no best checkpoint" in lines[0], out.err
+    assert "--lr" in lines[0] and "Traceback" not in out.err and out.out == ""
+
+
+def test_train_that_diverges_later_reports_its_best_epoch_and_where_it_diverged(tmp_path, monkeypatch, capsys):
+    data = small_splits(n_train=32, n_val=16)
+    monkeypatch.setattr("attzoom.data.load", lambda *a: data)
+    args = ["train", "--checkpoint-dir", str(tmp_path / "run"), "--batch-size", "16", "--no-augment",
+            "--scheduler", "step", "--epochs"]
+    assert main([*args, "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("attzoom.data.load", lambda *a: diverging(data))  # resumes epoch 1's state, then diverges
+    assert main([*args, "3"]) == 1
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if "diverged" in line]
+    assert len(lines) == 1 and "in epoch 2" in lines[0] and "--restart" in lines[0], out.err
+    assert "best epoch 1" in out.out and "test top-1" in out.out
+
+
+def test_a_corrupt_last_pt_is_told_in_whole_words_not_cut_mid_sentence(tmp_path):
+    """torch's message for a truncated zip runs on for several sentences: a [:160] cut ended '...there is a high)'."""
+    from attzoom.config import CheckpointError
+
+    data, last = small_splits(n_train=32, n_val=16), tmp_path / "last.pt"
+    torch.save({"model": torch.zeros(1_000_000)}, last)  # 4 MB, cut in half: torch's long RuntimeError, not EINVAL
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    for load in (lambda: fit(config(epochs=1), data, checkpoint_dir=tmp_path), lambda: train.check_resumable(last)):
+        with pytest.raises(CheckpointError) as refused:
+            load()
+        message = str(refused.value)
+        assert re.search(r"\(RuntimeError: [^()]*central directory\); it is truncated", message), message
+    assert train.first_line(RuntimeError("word " * 100)).endswith("word ...")
