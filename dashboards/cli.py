@@ -42,6 +42,9 @@ def run_explain_command(args) -> int:
     try:
         if len(args.run_ids) > 2 or args.images < 1:
             raise ReportError("give one run id, or two to compare side by side, and --images of at least 1")
+        if len(set(args.run_ids)) < len(args.run_ids):
+            raise ReportError(f"the same run twice ({args.run_ids[0]}): give two different run ids to compare, or one "
+                              "to explain alone")
         check_out(args.out, Path("reports") / "explain" / args.run_ids[0])
         check_store(args.tracking_uri)
         path = write_explanations(args.tracking_uri, args.run_ids, args.images, args.out, args.data_root)

@@ -25,7 +25,8 @@ def learning_curves(title: str, curves: dict[str, dict[str, dict[int, float]]],
     ``others``: every other trial's validation top-1 per variant, drawn faint in the variant's
     colour, so trials that stalled or diverged are seen beside the best one.
     """
-    fig = Figure(figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.4), layout="constrained")  # the title once above both: two long titles overlapped
+    fig.suptitle(title)
     top1, loss = fig.subplots(1, 2)
     for variant, metrics in curves.items():
         colour = None
@@ -40,11 +41,12 @@ def learning_curves(title: str, curves: dict[str, dict[str, dict[int, float]]],
                 top1.plot(*zip(*points), color=colour, alpha=0.25, linewidth=0.8)
     for ax in (top1, loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    top1.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{title}: validation top-1")
-    loss.set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
+    top1.set(xlabel="epoch", ylabel="validation top-1 (%)", title="validation top-1")
+    loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     for ax in (top1, loss):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run that logged no training loss has nothing to label
+            ax.legend(fontsize=8)
     return png(fig)
 
 

@@ -54,9 +54,12 @@ def image(caption: str, png: bytes) -> str:
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
-def figures(images, section: str) -> str:
-    shown = [image(caption, png) for kind, caption, png in images if kind == section and png]
-    return "".join(shown) or "<p class='note'>(no finished trial yet)</p>"
+def figures(report, section: str) -> str:
+    """A section's figures, or the section's own reason for having none."""
+    from .report import no_figure
+
+    shown = [image(caption, png) for kind, caption, png in report.images if kind == section and png]
+    return "".join(shown) or f"<p class='note'>({escape(no_figure(report, section))})</p>"
 
 
 def page(report) -> str:
@@ -73,17 +76,17 @@ def page(report) -> str:
     if report.unfinished:
         parts += [f"<div class='warn' id='unfinished'><strong>Unfinished studies ({len(report.unfinished)}):"
                   "</strong> partial results below.", table(report.unfinished), "</div>"]
-    from .report import BEST_OF_N, GATES
+    from .report import GATES, best_of_n_note
 
-    parts += ["<h2>Best of N single-seed trials</h2>", f"<p class='note'>{escape(BEST_OF_N)}</p>"]
+    parts += ["<h2>Best of N single-seed trials</h2>", f"<p class='note'>{escape(best_of_n_note(report))}</p>"]
     for dataset, rows in report.tables.items():
         parts += [f"<h3>{escape(dataset)}</h3>", table(rows, id=f"comparison-{dataset}")]
     if report.gates:
         parts += ["<h2>AttZoom's gate</h2>", f"<p class='note'>{escape(GATES)}</p>", table(report.gates, id="gates")]
     parts += ["<h2>Best trial per study</h2>", table(report.best_rows, id="best-trials"),
-              "<h2>Learning curves of the best trials</h2>", figures(report.images, "curves"),
-              "<h2>Optimisation history</h2>", figures(report.images, "history"),
-              "<h2>Hyperparameter importance</h2>", table(report.importance), figures(report.images, "importance"),
+              "<h2>Learning curves of the best trials</h2>", figures(report, "curves"),
+              "<h2>Optimisation history</h2>", figures(report, "history"),
+              "<h2>Hyperparameter importance</h2>", table(report.importance), figures(report, "importance"),
               "<h2>Chosen configs</h2>", table(report.configs, id="configs"),
               "<h2>Compute spent</h2>",
               "<p class='note'>Hours are summed epoch times as logged (training and validation); GPU hours weigh them "
@@ -92,7 +95,7 @@ def page(report) -> str:
     if any(kind == "explain" for kind, _, _ in report.images):
         parts += ["<h2>Where the networks look</h2>", "<p class='note'>Grids written by <code>attzoom explain</code> "
                   "for best trials: Grad-CAM, AttZoom's f(A) and the attention-guided zoom view.</p>",
-                  figures(report.images, "explain")]
+                  figures(report, "explain")]
     if report.confirm:
         from .verdict import RULE
 

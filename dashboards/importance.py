@@ -94,8 +94,8 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     """({param: importance}, None), or ({}, why not) when the study cannot support an estimate."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if len(complete) < MIN_TRIALS:
-        return {}, (f"not shown: {len(complete)} finished trials; a ranking of the hyperparameters needs "
-                    f"{MIN_TRIALS} or more")
+        trials = f"{len(complete)} finished trial{'' if len(complete) == 1 else 's'}"
+        return {}, f"not shown: {trials}; a ranking of the hyperparameters needs {MIN_TRIALS} or more"
     if not any(len(t.params) for t in complete):
         return {}, "no searched hyperparameter"
     try:
@@ -104,6 +104,18 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     except (ValueError, RuntimeError) as e:
         return {}, f"not estimable ({e})"
     return {k: v for k, v in scores.items() if not math.isnan(v)}, None
+
+
+def absent(finished: list[int]) -> str:
+    """Why no study has an importance figure: the finished trials each has against the MIN_TRIALS fANOVA needs."""
+    if not finished:
+        return "no importance figure: the sweep has no study yet"
+    if max(finished) >= MIN_TRIALS:
+        return "no importance figure: no study's ranking could be estimated (the table gives each study's reason)"
+    have = str(finished[0]) if min(finished) == max(finished) else f"{min(finished)} to {max(finished)}"
+    studies = "its one study has" if len(finished) == 1 else "this sweep's studies have"
+    return (f"no importance figure: a ranking needs at least {MIN_TRIALS} finished trials per study; {studies} "
+            f"{have}")
 
 
 def history(study: optuna.Study) -> list[tuple[int, float, float]]:

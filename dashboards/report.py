@@ -48,6 +48,7 @@ class Report:
     gates: list[dict] = field(default_factory=list)  # per gated study: threshold and how open the gate was
     warnings: list[str] = field(default_factory=list)  # said before anything else (gates that stayed open)
     generated: str = ""
+    drawn: bool = False  # figures and importance were computed (build's with_figures)
 
 
 def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with_figures: bool = True) -> Report:
@@ -64,12 +65,14 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
     if with_figures:
         report.images, report.importance = draw(sweep)
         report.images += explain_images(sweep)
+        report.drawn = True
     return report
 
 
 def best_rows(best: pd.DataFrame) -> list[dict]:
     return [{"study": r.study, "trials (ok / failed / running)": f"{r.trials_finished} / {r.trials_failed} / "
-             f"{r.trials_running}", "best trial": _text(r.trial_id),
+             f"{r.trials_running}" + (f" ({r.trials_pruned} stopped early by ASHA)" if r.trials_pruned else ""),
+             "best trial": _text(r.trial_id),
              "epoch": "–" if pd.isna(r.best_epoch) else int(r.best_epoch),
              "val top-1 / top-5": pair(r.val_top1, r.val_top5), "test top-1 / top-5": pair(r.test_top1, r.test_top5),
              "run id": _text(r.run_id)} for r in best.itertuples()]
@@ -185,15 +188,31 @@ def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
     """The ``attzoom explain`` grids logged to each study's best trial (``explain/*.png``), when there are any."""
     from .explain import logged_pngs
 
-    return [("explain", f"{study.name}: {name}", png) for study in sweep.studies if study.best
-            for name, png in logged_pngs(sweep.tracking_uri, study.best.run_id)]
+    shown: dict[bytes, tuple[list[str], str]] = {}  # a pair's grid is logged to both runs: show it once
+    for study in sweep.studies:
+        for name, png in logged_pngs(sweep.tracking_uri, study.best.run_id) if study.best else []:
+            shown.setdefault(png, ([], name))[0].append(study.name)
+    return [("explain", f"{', '.join(studies)}: {name}", png) for png, (studies, name) in shown.items()]
 
 
 BEST_OF_N = ("Test top-1 / top-5 (%) of each study's best trial, chosen by validation top-1 (ties by top-5) over "
              "every epoch of every finished trial; Δ is the difference from the same backbone's baseline. One seed "
-             "per trial: a best of N favours whichever study drew a lucky seed (see the verdict above).")
+             "per trial: a best of N favours whichever study drew a lucky seed")
+NO_VERDICT = ("there is no verdict: no AttZoom study has a baseline or control of the same backbone and data set to "
+              "compare with")
 GATES = ("Share of validation positions where AttZoom's gate was fully open (f(A) = 1: no gradient reaches the "
          "attention there) and the mean of σ(A), for each gated study's best trial and its seed re-runs.")
+
+
+def best_of_n_note(report: Report) -> str:
+    """What the best-of-N tables stand on; it points at the verdict only where there is one, and says when N counts
+    trials that ASHA stopped early."""
+    text = BEST_OF_N + (" (see the verdict above)." if report.verdict else f"; {NO_VERDICT}.")
+    pruned = sum(s.pruned for s in report.sweep.studies)
+    if pruned:
+        text += (f" N counts the {pruned} trial{'s' if pruned > 1 else ''} that ASHA stopped early as finished, "
+                 "though they trained fewer epochs (each study's count is under Best trial per study).")
+    return text
 
 
 def verdict_intro(report: Report) -> str:
@@ -211,7 +230,7 @@ def to_markdown(report: Report) -> str:
     if report.unfinished:
         parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
                   markdown(report.unfinished)]
-    parts += ["", "## Best of N single-seed trials", "", BEST_OF_N]
+    parts += ["", "## Best of N single-seed trials", "", best_of_n_note(report)]
     for dataset, rows in report.tables.items():
         parts += ["", f"### {dataset}", "", markdown(rows)]
     if report.gates:
@@ -219,7 +238,7 @@ def to_markdown(report: Report) -> str:
     parts += ["", "## Best trial per study", "", markdown(report.best_rows),
               "", "## Chosen configs", "", markdown(report.configs),
               "", "## Hyperparameter importance", "",
-              markdown(report.importance) if report.importance else "(not computed)",
+              importance_markdown(report),
               "", "## Compute spent", "", "Hours are summed epoch times as logged (training and validation); GPU "
               "hours weigh them by each trial's GPU share (its memory fraction or GPU ids), unknown where a run lacks "
               "both.", "",
@@ -229,6 +248,25 @@ def to_markdown(report: Report) -> str:
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(parts) + "\n"
+
+
+def importance_markdown(report: Report) -> str:
+    """The importance table, and why no study has a ranking when none has."""
+    if not report.drawn:
+        return f"({no_figure(report, 'importance')})"
+    if any(kind == "importance" for kind, _, _ in report.images):
+        return markdown(report.importance)
+    return f"{markdown(report.importance)}\n\n({no_figure(report, 'importance')})"
+
+
+def no_figure(report: Report, section: str) -> str:
+    """Why a section has no figure, in its own words: one blanket "no finished trial yet" was read beside tables
+    that counted finished trials."""
+    if not report.drawn:
+        return "not drawn: this report was built without its figures"
+    if section == "importance":
+        return importance.absent([row["finished trials"] for row in report.importance])
+    return "no finished trial yet"  # curves and history are drawn from the first finished trial on
 
 
 def write(report: Report, out: Path) -> dict[str, Path]:

@@ -82,6 +82,12 @@ class Study:
         return sum(t.status == status for t in self.trials)
 
     @property
+    def pruned(self) -> int:
+        """Finished trials the scheduler (ASHA) stopped early: counted as finished, with fewer epochs."""
+        return sum(t.status == "FINISHED" and t.run.data.tags.get(layout.STATUS) == layout.PRUNED_STATUS
+                   for t in self.trials)
+
+    @property
     def best(self) -> Trial | None:
         """The finished trial whose best epoch ranks highest (layout.best_of; trials are in start order)."""
         return layout.best_of((t, t.best) for t in self.trials if t.status == "FINISHED")

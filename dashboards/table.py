@@ -12,7 +12,7 @@ import math
 import pandas as pd
 
 from tune_jobs.layout import TRIAL
-from tune_jobs.space import SEARCHABLE
+from tune_jobs.space import GATED, SEARCHABLE
 
 from .published import published
 from .runs import Sweep
@@ -30,6 +30,7 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
                "study_finished": study.finished, "trials_finished": study.count("FINISHED"),
                "trials_failed": study.count("FAILED"),
                "trials_running": len(study.trials) - study.count("FINISHED") - study.count("FAILED"),
+               "trials_pruned": study.pruned,
                "run_id": None, "trial_id": None, "best_epoch": math.nan, "val_top1": math.nan, "val_top5": math.nan,
                "test_top1": math.nan, "test_top5": math.nan}
         if best is not None:
@@ -38,7 +39,8 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
                 notes.append(f"{study.name}: {note}")
             row.update(run_id=best.run_id, trial_id=best.run.data.tags.get(TRIAL), best_epoch=best.best["epoch"],
                        val_top1=best.best["val_top1"], val_top5=best.best["val_top5"], **scores)
-            row.update({key: best.params.get(key) for key in HYPERPARAMETERS})
+            row.update({key: best.params.get(key) if applies(key, best.params, study.variant) else None
+                        for key in HYPERPARAMETERS})
         paper = published(study.backbone, study.dataset, study.variant)
         row["paper_top1"], row["paper_top5"] = (paper[0], paper[1] if paper[1] is not None else math.nan) if paper \
             else (math.nan, math.nan)
@@ -52,6 +54,17 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
         reference = [base[f"test_{k}"].get((b, d), math.nan) for b, d in zip(frame.backbone, frame.dataset)]
         frame[f"test_{k}_vs_baseline"] = (frame[f"test_{k}"] - reference).where(frame.variant != "baseline")
     return frame, notes
+
+
+def applies(key: str, params: dict, variant: str) -> bool:
+    """Whether a logged setting had any effect: every run logs its full config, but momentum acts only with SGD,
+    step_size only with StepLR, the threshold only with a gate and the position only where a layer is inserted."""
+    condition = SEARCHABLE.get(key)
+    if condition and params.get(condition[0]) != condition[1]:
+        return False
+    if key == "threshold":
+        return variant in GATED
+    return key != "position" or variant != "baseline"
 
 
 def comparison(frame: pd.DataFrame) -> dict[str, list[dict[str, str]]]:

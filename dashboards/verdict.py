@@ -24,6 +24,7 @@ from .runs import Sweep
 
 AGAINST = ("baseline", "zoom-only", "attention-only", "resize2x")
 LEVEL = 0.95
+NO_DIFFERENCE = "–"  # a comparison with a side that has no test score yet (no finished trial, or none scored)
 RULE = ("Test top-1 (%) of each study's best config re-trained with seeds 1..K (`attzoom confirm`), mean ± sample "
         "std over n seeds. Δ is AttZoom's seed mean minus the other's, with its 95 % confidence interval (Welch's "
         "t): beyond noise when the interval excludes 0, within noise when it does not.")
@@ -100,7 +101,7 @@ def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, fl
     else:
         diff = best.get(study.name, math.nan) - best.get(other.name, math.nan)
         row.update({"AttZoom": _one(best.get(study.name)), "other": _one(best.get(other.name)),
-                    "Δ [95 % CI]": "–" if math.isnan(diff) else f"{diff:+.2f} (best of N, 1 seed)",
+                    "Δ [95 % CI]": NO_DIFFERENCE if math.isnan(diff) else f"{diff:+.2f} (best of N, 1 seed)",
                     "verdict": "not confirmed"})
     row["paper Δ"] = _paper_delta(study.backbone, study.dataset, other.variant)
     return row
@@ -111,19 +112,54 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
     unconfirmed = [row for row in rows if row["verdict"] == "not confirmed"]
     if not unconfirmed:
         return RULE
-    trials = max((s.count("FINISHED") for s in sweep.studies), default=0)  # best of N: of finished trials only
     store = hide_password(sweep.tracking_uri)
+    progress = f"`attzoom status {sweep.name} --tracking-uri {store}` shows their progress"
     if not any(s.best for s in sweep.studies):  # nothing to compare, and `attzoom confirm` would refuse it
         return (f"**No verdict yet.** No trial of sweep {sweep.name} has finished, so there is nothing to compare or "
-                f"confirm; report again once trials have finished (`attzoom status {sweep.name} --tracking-uri "
-                f"{store}` shows their progress).")
+                f"confirm; report again once trials have finished ({progress}).")
+    compared = [row for row in unconfirmed if row["Δ [95 % CI]"] != NO_DIFFERENCE]
+    gaps = _gaps(sweep, unconfirmed)
+    if not compared:
+        return (f"**No comparison yet.** {gaps} Report again once both sides of a comparison have a finished trial "
+                f"({progress}).")
     command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
+    trials = _best_of(sweep, compared)
     if len(unconfirmed) < len(rows):
-        return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare best-of-{trials} "
-                f"single-seed trials instead, which is no evidence; to confirm them: {command}")
-    return (f"**Unconfirmed.** These differences compare each study's best of {trials} single-seed trials, which "
-            "favours whichever study drew a lucky seed; they are no evidence that AttZoom helps. For a verdict, "
-            f"re-train the best configs with 3 seeds: {command}")
+        return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare each study's {trials} "
+                f"instead, which is no evidence; to confirm them: {command}" + (f" {gaps}" if gaps else ""))
+    return (f"**Unconfirmed.** These differences compare each study's {trials}, which favours whichever study drew "
+            "a lucky seed; they are no evidence that AttZoom helps. For a verdict, re-train the best configs with 3 "
+            f"seeds: {command}" + (f" {gaps}" if gaps else ""))
+
+
+def _sides(sweep: Sweep, rows: list[dict]) -> list:
+    """The studies compared in ``rows``, AttZoom's and the other's, each once, in the sweep's order."""
+    keys = {(row["backbone"], row["data set"], variant) for row in rows for variant in ("attzoom", row["AttZoom vs"])}
+    return [s for s in sweep.studies if (s.backbone, s.dataset, s.variant) in keys]
+
+
+def _best_of(sweep: Sweep, rows: list[dict]) -> str:
+    """"best of N single-seed trials" with N as the compared studies have it (a range where they differ), and the
+    trials among them that ASHA stopped early, which count as finished though they trained fewer epochs."""
+    studies = _sides(sweep, rows)
+    counts = [s.count("FINISHED") for s in studies]  # best of N: of finished trials only
+    n = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    pruned = sum(s.pruned for s in studies)
+    return f"best of {n} single-seed trials" + (f" (N includes {pruned} that ASHA stopped early, after fewer "
+                                                 "epochs)" if pruned else "")
+
+
+def _gaps(sweep: Sweep, rows: list[dict]) -> str:
+    """Why some rows show no difference: a side without a finished trial, or best trials without a test score."""
+    empty = [row for row in rows if row["Δ [95 % CI]"] == NO_DIFFERENCE]
+    idle = [s.name for s in _sides(sweep, empty) if s.best is None]
+    unscored = [row for row in empty if all(s.best for s in _sides(sweep, [row]))]
+    said = [f"No difference to show where {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no finished "
+            "trial yet."] if idle else []
+    if unscored:
+        said.append(f"No difference to show for {len(unscored)} comparison(s) whose best trials lack a test score "
+                    "(see the notes).")
+    return " ".join(said)
 
 
 def _one(value: float | None) -> str:

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dashboards.published import CONFIGS, RESULTS, published
 from dashboards.report import build, to_markdown, write
-from tune_jobs.layout import (CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, ROLE, SEED, STUDY, SWEEP, TRIAL, TRIAL_ROLE,
-                              experiment_name, runs_filter, tag_filter)
+from tune_jobs.layout import (CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, PRUNED_AT, PRUNED_STATUS, ROLE, SEED, STATUS,
+                              STUDY, SWEEP, TRIAL, TRIAL_ROLE, experiment_name, runs_filter, tag_filter)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000_000
@@ -67,10 +68,10 @@ class SweepWriter:
     def trial(self, study: str, trial_id: str, epochs: list[tuple[float, float]], params: dict,
               status: str = "FINISHED", test: tuple[float, float] | None = None, gpu_ids: str | None = "",
               checkpoint: Path | None = None, gate_open: float | None = None, role: str = "trial",
-              seed: int | None = None) -> str:
+              seed: int | None = None, tags: dict | None = None) -> str:
         backbone, dataset, variant = study.split(".")
         tags = {SWEEP: self.sweep, STUDY: study, ROLE: role, TRIAL: trial_id, "backbone": backbone,
-                "dataset": dataset, "variant": variant, PARENT: self.parents[study]}
+                "dataset": dataset, "variant": variant, PARENT: self.parents[study], **(tags or {})}
         if seed is not None:
             tags[SEED] = str(seed)
         if gpu_ids is not None:
@@ -408,6 +409,165 @@ def test_published_reference_data():
     assert published("mobilenetv1", "tinyimagenet", "attzoom") == (64.89, 85.30)
     assert published("resnext50", "cifar100", "baseline") == (72.83, None)
     assert len(CONFIGS) == 16 and CONFIGS[("densenet121", "tinyimagenet", "baseline")]["step_size"] == 30
+
+
+
+# --- what the QA tester found: each section says why it is empty, pruning shows, no self-comparison ------------
+
+@pytest.fixture(scope="module")
+def odd(store):
+    """Sweeps of the shapes that misled: baselines only, a pair with one side empty, ASHA-pruned trials, and an
+    explain grid logged to both runs it compares."""
+    uri, tmp = store["uri"], store["tmp"]
+    baselines = SweepWriter(uri, "baselines", tmp / "artifacts" / "baselines")
+    for backbone in ("tiny_resnet", "resnet50"):
+        study = baselines.study(backbone, "cluttered-digits", "baseline")
+        baselines.trial(study, f"{backbone}-1", [(50, 80)], ADAM, test=(49.0, 79.0))
+        baselines.trial(study, f"{backbone}-2", [(52, 81), (55, 83)], SGD, test=(54.0, 82.0))
+        baselines.finish_study(study, 2, 0)
+
+    onesided = SweepWriter(uri, "onesided", tmp / "artifacts" / "onesided")  # a running sweep: 0 and 1 finished
+    onesided.study("tiny_resnet", "cluttered-digits", "baseline")
+    att = onesided.study("tiny_resnet", "cluttered-digits", "attzoom")
+    onesided.trial(att, "a1", [(60, 85)], ADAM, test=(59.0, 84.0))
+
+    asha = SweepWriter(uri, "asha", tmp / "artifacts" / "asha")
+    for variant in ("baseline", "attzoom"):
+        study = asha.study("tiny_resnet", "cluttered-digits", variant)
+        for i in range(4):
+            pruned = variant == "attzoom" and i >= 2
+            epochs = [(40 + i, 80)] if pruned else [(40 + i, 80), (50 + i, 85), (55 + i, 88)]
+            asha.trial(study, f"{variant[0]}{i}", epochs, ADAM, test=(50.0 + i, 85.0),
+                       tags={STATUS: PRUNED_STATUS, PRUNED_AT: "1"} if pruned else {STATUS: "completed"})
+        asha.finish_study(study, 4, 0)
+
+    explained = SweepWriter(uri, "explained", tmp / "artifacts" / "explained")
+    ids = {}
+    for variant in ("baseline", "attzoom"):
+        study = explained.study("tiny_resnet", "cluttered-digits", variant)
+        ids[variant] = explained.trial(study, f"{variant}-1", [(50, 80)], ADAM, test=(49.0, 79.0))
+        explained.finish_study(study, 1, 0)
+    grid = tmp / "explain" / f"explain-{ids['baseline'][:8]}-vs-{ids['attzoom'][:8]}.png"
+    grid.parent.mkdir(parents=True)
+    figure = Figure(figsize=(2, 1))
+    figure.subplots().plot([0, 1], [1, 0])
+    figure.savefig(grid, format="png")
+    for run_id in ids.values():  # as write_explanations logs a pair: to both runs
+        MlflowClient(uri).log_artifact(run_id, str(grid), "explain")
+    return store
+
+
+def section(html: str, heading: str) -> str:
+    """The HTML between an <h2> heading and the next one."""
+    start = html.index(f"<h2>{heading}</h2>")
+    end = html.find("<h2>", start + 1)
+    return html[start:end if end > 0 else None]
+
+
+def test_an_empty_importance_section_says_how_many_finished_trials_it_needs(odd, tmp_path):
+    # it said "(no finished trial yet)" right under a table that counted 2 finished trials per study
+    report = build(odd["uri"], "baselines")
+    html = section(write(report, tmp_path)["html"].read_text(), "Hyperparameter importance")
+    assert "no finished trial yet" not in html
+    assert "needs at least 20 finished trials per study; this sweep&#x27;s studies have 2" in html, html
+    assert "needs at least 20 finished trials per study" in to_markdown(report)
+    from dashboards.html import page
+
+    bare = build(odd["uri"], "baselines", with_figures=False)  # no figure was drawn: not "no finished trial"
+    assert "no finished trial yet" not in page(bare) and "built without its figures" in page(bare)
+
+
+def test_a_sweep_without_a_verdict_does_not_point_at_one(odd, tmp_path):
+    report = build(odd["uri"], "baselines", with_figures=False)
+    assert report.verdict == []
+    paths = write(report, tmp_path)
+    for text in (paths["md"].read_text(), paths["html"].read_text()):
+        assert "verdict above" not in text and "Verdict" not in text
+        assert "no verdict: no AttZoom study" in text
+
+
+def test_a_comparison_with_an_empty_side_says_so_and_counts_each_study(odd):
+    # it said "These differences compare each study's best of 1 single-seed trials" of 1 and 0 trials, no difference
+    report = build(odd["uri"], "onesided", with_figures=False)
+    [row] = report.verdict
+    assert row["Δ [95 % CI]"] == "–" and row["verdict"] == "not confirmed"
+    text = to_markdown(report)
+    verdict = text[text.index("## Verdict"):text.index("## Best of N")]
+    assert "These differences" not in verdict and "best of 1" not in verdict and "attzoom confirm" not in verdict
+    assert "tiny_resnet.cluttered-digits.baseline has no finished trial" in verdict, verdict
+
+
+def test_best_of_n_counts_per_study_when_they_differ(small_report):
+    report, paths = small_report
+    text = paths["md"].read_text()
+    verdict = text[text.index("## Verdict"):text.index("## Best of N")]
+    # cifar100's studies have 2 finished trials, cluttered-digits' 3: "best of 3" claimed 3 for every study
+    assert "best of 2 to 3 single-seed trials" in verdict and "best of 3 " not in verdict, verdict
+
+
+def test_trials_stopped_early_by_asha_are_counted(odd, tmp_path):
+    report = build(odd["uri"], "asha", with_figures=False)
+    rows = {row["study"]: row for row in report.best_rows}
+    assert rows["tiny_resnet.cluttered-digits.attzoom"]["trials (ok / failed / running)"] == \
+        "4 / 0 / 0 (2 stopped early by ASHA)"
+    assert rows["tiny_resnet.cluttered-digits.baseline"]["trials (ok / failed / running)"] == "4 / 0 / 0"
+    paths = write(report, tmp_path)
+    csv = pd.read_csv(paths["csv"]).set_index("study")
+    assert csv.trials_pruned.to_dict() == {"tiny_resnet.cluttered-digits.baseline": 0,
+                                           "tiny_resnet.cluttered-digits.attzoom": 2}
+    for text in (paths["md"].read_text(), paths["html"].read_text()):
+        assert "(2 stopped early by ASHA)" in text
+        assert "counts the 2 trials that ASHA stopped early as finished" in text, text
+    verdict = to_markdown(report).split("## Verdict")[1].split("## Best of N")[0]
+    assert "best of 4 single-seed trials (N includes 2 that ASHA stopped early, after fewer epochs)" in verdict
+    assert "stopped early" not in to_markdown(build(odd["uri"], "baselines", with_figures=False))
+
+
+def test_an_explain_grid_logged_to_both_runs_is_shown_once(odd):
+    report = build(odd["uri"], "explained")
+    shown = [(caption, png) for kind, caption, png in report.images if kind == "explain"]
+    assert len(shown) == 1, [caption for caption, _ in shown]
+    [(caption, _)] = shown
+    assert "tiny_resnet.cluttered-digits.baseline" in caption and "tiny_resnet.cluttered-digits.attzoom" in caption
+
+
+def test_best_trials_csv_leaves_settings_that_had_no_effect_empty(store, small_report, tmp_path):
+    _, paths = small_report
+    small = pd.read_csv(paths["csv"], dtype=str).set_index("study")
+    columns = list(small.columns)
+    b2 = small.loc["tiny_resnet.cluttered-digits.baseline"]  # sgd + onecycle: momentum counts, step size does not
+    assert b2.momentum == "0.85" and pd.isna(b2.step_size) and b2.scheduler == "onecycle"
+    a1 = small.loc["tiny_resnet.cluttered-digits.attzoom"]  # adam + cosine: neither
+    assert pd.isna(a1.momentum) and pd.isna(a1.step_size)
+    report = build(store["uri"], "controls", with_figures=False)
+    controls = pd.read_csv(write(report, tmp_path)["csv"], dtype=str).set_index("study")
+    assert list(controls.columns) == columns  # the same columns, whatever applied
+    threshold = controls.threshold.to_dict()
+    assert threshold["tiny_resnet.cluttered-digits.attzoom"] == "0.4"
+    assert threshold["tiny_resnet.cluttered-digits.attention-only"] == "0.4"
+    for variant in ("baseline", "zoom-only", "resize2x"):  # no gate: the threshold did nothing
+        assert pd.isna(threshold[f"tiny_resnet.cluttered-digits.{variant}"]), variant
+
+
+def test_learning_curve_titles_do_not_overlap(monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from dashboards import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "png", lambda fig: drawn.append(fig) or b"")
+    curves = {"baseline": {"val_top1": {1: 40.0, 2: 50.0}, "train_loss": {1: 2.0, 2: 1.5}},
+              "attzoom": {"val_top1": {1: 45.0, 2: 55.0}, "train_loss": {1: 1.9, 2: 1.4}}}
+    figures.learning_curves("tiny_resnet on cluttered-digits", curves)
+    [fig] = drawn
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    texts = [t for t in (fig._suptitle, *(ax.title for ax in fig.axes)) if t is not None and t.get_text()]
+    assert any("tiny_resnet on cluttered-digits" in t.get_text() for t in texts)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), [t.get_text() for t in texts]
 
 
 # --- the page in a real browser ------------------------------------------------------------------

@@ -171,3 +171,12 @@ def test_unknown_run_is_one_line_exit_2(runs, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "no run" in err and "0" * 32 in err
+
+
+def test_the_same_run_twice_is_refused_in_one_line(runs, tmp_path, capsys):
+    # it drew a grid comparing a run with itself and logged it to that run
+    code = main(["explain", runs["attzoom"], runs["attzoom"], "--out", str(tmp_path / "same"),
+                 "--tracking-uri", runs["uri"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "the same run twice" in err and not (tmp_path / "same").exists()
