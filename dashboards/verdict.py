@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
+from tune_jobs.layout import COMPARED_WITH
 from tune_jobs.spec import hide_password
 
 from .published import published
 from .runs import Sweep
 
-AGAINST = ("baseline", "zoom-only", "attention-only", "resize2x")
+AGAINST = COMPARED_WITH
 LEVEL = 0.95
 NO_DIFFERENCE = "–"  # a comparison with a side that has no test score yet (no finished trial, or none scored)
 RULE = ("Test top-1 (%) of each study's best config re-trained with seeds 1..K (`attzoom confirm`), mean ± sample "

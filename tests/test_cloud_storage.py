@@ -30,3 +30,29 @@ def test_a_password_in_a_url_is_refused_with_cloud_storage(s3, tmp_path, digits_
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "secret" not in done.stderr, done.stderr
     assert "holds a password, which would be saved with the sweep in s3://sweeps/r" in done.stderr
+
+
+def test_a_secret_key_in_the_storage_uri_is_refused_and_never_printed(tmp_path, digits_root):
+    # s3://KEY:SECRET@bucket works with pyarrow, and the secret went into the saved spec, the MLflow tag and every
+    # printed resume command
+    spec = write_spec(tmp_path / "spec.toml", digits_root)
+    done = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec), "--storage",
+                           "s3://AKIAEXAMPLE:topsecret@sweeps/r"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "topsecret" not in done.stderr, done.stderr
+    assert "holds a secret key" in done.stderr and "AWS_SECRET_ACCESS_KEY" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+def test_commands_and_artifacts_keep_a_storage_uris_query_intact():
+    # pasted into a shell, '&' in ?endpoint_override=...&scheme=http backgrounded the command; MLflow got a path
+    # after the query
+    from tune_jobs.spec import Spec
+    from tune_jobs.sweep import resume_command
+    from tune_jobs.tracking import artifact_location
+
+    storage = "s3://b/r?endpoint_override=h:9000&scheme=http"
+    spec = Spec(name="t", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                storage=storage)
+    assert resume_command(spec) == f"attzoom resume t --storage '{storage}'"
+    assert artifact_location("postgresql://h/db", "t", storage) == "s3://b/r/mlartifacts/t"

@@ -136,5 +136,8 @@ def test_confirm_says_complete_only_when_every_seed_run_finished():
     line, code = confirm_closing(spec, 3, [])
     assert code == 0 and "are complete (3 seeds per study); see the verdict in" in line
     # a sweep of baselines only has no verdict to see (the line pointed at one)
-    line, code = confirm_closing(replace(spec, variants=("baseline",)), 1, [])
-    assert code == 0 and "complete (1 seed per study); see each study's mean and spread over the seeds" in line
+    for variants, verdict in ((("baseline",), False), (("baseline", "zoom-only"), False),
+                              (("attzoom", "zoom-only"), True)):  # the report's: AttZoom against baseline or control
+        line, code = confirm_closing(replace(spec, variants=variants), 1, [])
+        assert code == 0 and "complete (1 seed per study); see " in line
+        assert ("see the verdict" in line) == verdict and ("mean and spread" in line) != verdict, (variants, line)

@@ -419,6 +419,13 @@ def test_early_stopping_is_off_unless_asked_and_travels_with_the_saved_spec(tmp_
     assert spec_from_json(json.dumps(older), "saved").scheduler == EarlyStopping()
 
 
+def test_a_saved_spec_with_a_choice_listed_twice_still_loads(tmp_path):
+    # a sweep started before spec files refused duplicates must stay resumable (its spec cannot change either)
+    raw = json.loads(spec_json(load_spec(write_spec(tmp_path, base_spec(tmp_path)))))
+    raw["search"]["optimizers"] = ["adam", "adam", "sgd"]
+    assert spec_from_json(json.dumps(raw), "saved").search.optimizers == ("adam", "adam", "sgd")
+
+
 @pytest.mark.parametrize("edit,expected", [
     (lambda text: text[:40], "not valid JSON"),
     (lambda text: json.dumps({**json.loads(text), "bogus": 1}), "unknown key 'bogus'"),
@@ -427,6 +434,8 @@ def test_early_stopping_is_off_unless_asked_and_travels_with_the_saved_spec(tmp_
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "search"}), "no 'search' table"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "variants"}), "'variants' is missing"),
     (lambda text: "[1, 2]", "no 'search' table"),
+    (lambda text: json.dumps({**json.loads(text), "train": {"devise": "cpu"}}), "unknown key 'train.devise'"),
+    (lambda text: json.dumps({**json.loads(text), "backbones": []}), "matrix.backbones is empty"),
 ])
 def test_an_edited_saved_spec_that_is_no_spec_is_one_line(tmp_path, edit, expected):
     # resume and confirm ended in JSONDecodeError, TypeError or KeyError tracebacks
@@ -453,9 +462,11 @@ def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_w
     MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
     save_spec(replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in change.items()}))
     capsys.readouterr()
-    assert cli.main(["resume", spec.name, "--storage", spec.storage]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and expected in err and "undo the change" in err, err
+    for command in ("resume", "confirm"):  # confirm stored the edited spec, which the next resume then passed
+        assert cli.main([command, spec.name, "--storage", spec.storage, *(["--tracking-uri", spec.tracking_uri]
+                                                                          if command == "confirm" else [])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "undo the change" in err, err
     save_spec(replace(spec, max_concurrent=1, data_root=str(tmp_path / "moved")))  # where and how much: may change
     from tune_jobs.sweep import check_unchanged_since_start, load_saved_spec
 

@@ -14,6 +14,7 @@ trains that one's seeds.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -40,12 +41,13 @@ def add_confirm_command(sub) -> None:
 
 def run_confirm_command(args) -> int:
     from .ray_session import check_address
-    from .sweep import load_saved_spec, preflight
+    from .sweep import check_unchanged_since_start, load_saved_spec, preflight
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
+    check_unchanged_since_start(spec)  # confirm stores the spec it runs: an edited one would pass the next resume
     line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address))
     print(line)
     return code
@@ -69,15 +71,15 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
 
 
 def has_pairs(spec: Spec) -> bool:
-    """Whether the report has a verdict to give: a baseline and another variant of one backbone on one data set."""
-    return any(s.variant == "baseline" and any(o.variant != "baseline" and (o.backbone, o.dataset) ==
-                                               (s.backbone, s.dataset) for o in spec.studies) for s in spec.studies)
+    """Whether the report has a verdict to give: an AttZoom study and one it is compared with (layout.COMPARED_WITH)
+    of the same backbone and data set; the spec's matrix crosses them all, so both variants are enough."""
+    return "attzoom" in spec.variants and any(v in layout.COMPARED_WITH for v in spec.variants)
 
 
 def confirm_command(spec: Spec, seeds: int) -> str:
     """The command that runs the seed re-runs still missing (after a stop or an interrupt)."""
-    return (f"attzoom confirm {spec.name} --storage {spec.storage} --tracking-uri {hide_password(spec.tracking_uri)} "
-            f"--seeds {seeds}")
+    return (f"attzoom confirm {spec.name} --storage {shlex.quote(spec.storage)} --tracking-uri "
+            f"{shlex.quote(hide_password(spec.tracking_uri))} --seeds {seeds}")
 
 
 def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -186,15 +188,16 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
         return {}, [], unfinished
-    start_ray(spec, address)
     try:
+        start_ray(spec, address)
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_confirm_trial, sweep=context, params=params),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
                                                                                    params=params))
         progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
-                                 done_before=Counter(study for study, _ in done), continued_by="confirm")
+                                 done_before=Counter(study for study, seed in done if seed <= seeds),
+                                 continued_by="confirm")
         callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
         tuner = tune.Tuner(
             trainable,

@@ -50,6 +50,9 @@ SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
 TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER, NOTE,
         GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
+# What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
+COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")
+
 # Values of the ROLE tag.
 STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
 

@@ -170,6 +170,10 @@ def parse_spec(raw: dict, source: str = "spec") -> Spec:
     for key in LIST_KEYS:
         if key in raw.get("search", {}):
             _check_list(raw["search"][key], f"search.{key}", source)
+            # a choice listed twice is drawn twice as often, a silent bias; checked in a spec file only, so that a
+            # sweep started before this check can still be resumed from its saved spec
+            if len(set(map(repr, raw["search"][key]))) != len(raw["search"][key]):
+                raise SpecError(f"{source}: search.{key} lists a choice twice: {raw['search'][key]}")
     resources, failure = raw.get("resources", {}), raw.get("failure", {})
     search = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("search", {}).items()}
     top = {k: v for k, v in raw.items() if k not in SECTION_KEYS and k != "name"}
@@ -206,7 +210,8 @@ def spec_from_json(text: str, source: str) -> Spec:
     if not isinstance(raw, dict) or not isinstance(raw.get("search"), dict):
         fail("it holds no spec (no 'search' table)")
     tables = {"": (raw, {f.name for f in fields(Spec)}), "search.": (raw["search"], SECTION_KEYS["search"]),
-              "scheduler.": (raw.get("scheduler") or {}, SECTION_KEYS["scheduler"])}
+              "scheduler.": (raw.get("scheduler") or {}, SECTION_KEYS["scheduler"]),
+              "train.": (raw.get("train") or {}, SECTION_KEYS["train"])}
     for prefix, (table, valid) in tables.items():
         if not isinstance(table, dict):
             fail(f"'{prefix[:-1]}' must be a table")
@@ -235,6 +240,8 @@ def validate(spec: Spec, source: str = "spec") -> None:
         for value in values:
             if value not in valid:
                 fail(f"{key}: unknown name {value!r}; choose from {', '.join(valid)}")
+        if not values:
+            fail(f"{key} is empty; list at least one")
         if len(set(values)) != len(values):
             fail(f"{key} lists a name twice")
     for key in ("trials", "epochs", "patience", "max_concurrent"):
@@ -330,7 +337,11 @@ try:
     fs, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
     fs.get_file_info(path)
     bucket = path.split("/")[0]
-    if sys.argv[1].startswith(("s3:", "gs:", "gcs:")) and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+    try:  # credentials for a prefix may not be allowed to look at the bucket itself: then Tune's writes will tell
+        missing = fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
+    except OSError:
+        missing = False
+    if sys.argv[1].startswith(("s3:", "gs:", "gcs:")) and missing:
         sys.exit(f"there is no bucket {bucket}")
 except Exception as e:
     sys.exit(" ".join(str(e).split())[:300])
@@ -530,10 +541,6 @@ def _writable(path: Path) -> bool:
 
 
 def _validate_search(search: SearchSpace, fail) -> None:
-    for key in LIST_KEYS:  # a choice listed twice is drawn twice as often: a silent bias of the search
-        values = getattr(search, key) or ()
-        if len(set(map(repr, values))) != len(values):
-            fail(f"search.{key} lists a choice twice: {list(values)}")
     if not search.batch_sizes or any(not isinstance(b, int) or b < 1 for b in search.batch_sizes):
         fail(f"search.batch_sizes must be positive integers, got {list(search.batch_sizes)}")
     _range("search.lr", search.lr, fail, low=0, high=10, log=True)

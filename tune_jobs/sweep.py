@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,8 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     """
     spec = absolute(spec)
     check_writable("storage", spec.storage)
+    check_no_password_in_cloud(spec)  # first: a key in the storage URI must not reach the probe or its message
     check_storage_answers(spec.storage)
-    check_no_password_in_cloud(spec)
     check_writable("tracking_uri", spec.tracking_uri)
     check_tracking_store(spec.tracking_uri)
     if optuna := optuna_storage_url(spec):  # the searcher cannot run without it, and nothing waits it out
@@ -116,7 +117,12 @@ def saved_spec(storage: str, name: str) -> str | None:
 
 
 def check_no_password_in_cloud(spec: Spec) -> None:
-    """Cloud storage has no private files: a password in a URL would be readable by whoever reads the bucket."""
+    """Cloud storage has no private files: a password in a URL would be readable by whoever reads the bucket. Keys
+    in the storage URI itself (s3://KEY:SECRET@bucket) would be saved, stored in MLflow and printed everywhere."""
+    if has_password(spec.storage):
+        raise SpecError(f"storage {hide_password(spec.storage)} holds a secret key, which would be saved with the "
+                        "sweep and printed in its commands: leave it out and give the credentials as the cloud's "
+                        "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or its profile")
     if is_remote(spec.storage):
         for key, url in (("tracking_uri", spec.tracking_uri), ("optuna_storage", spec.optuna_storage)):
             if has_password(url):
@@ -166,27 +172,33 @@ def check_unchanged_since_start(spec: Spec) -> None:
         text = stored_spec(spec.tracking_uri, spec.name)
     except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
         return
-    if text is None:
+    try:
+        started, now = json.loads(text or "null"), json.loads(spec_json(spec))
+    except ValueError:  # a tag that is no JSON: nothing to compare with
         return
-    started, now = json.loads(text), json.loads(spec_json(spec))
+    if not isinstance(started, dict):
+        return
     changed = [key for key in FIXED_ON_RESUME if key in started and started[key] != now[key]]
     if changed:
         what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
         raise SpecError(f"the saved spec of sweep {spec.name} changed since it started ({what}); a resume continues "
-                        "the search as it began: undo the change, or start a new sweep under another name")
+                        "the search as it began: undo the change, or start a new sweep (another name, or another "
+                        "--storage and --tracking-uri)")
 
 
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
     check_address(address)
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
+    if resume:  # resume, or a demo run again: on the search as it began
+        check_unchanged_since_start(spec)
     with stops_on_problems(resume_command(spec), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         return _run_sweep(spec, address, resume)
 
 
 def resume_command(spec: Spec) -> str:
-    return f"attzoom resume {spec.name} --storage {spec.storage}"
+    return f"attzoom resume {spec.name} --storage {shlex.quote(spec.storage)}"  # a URI's query may hold '&'
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
@@ -197,7 +209,6 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     pool = ThreadPoolExecutor(max_workers=1)
     tracking = pool.submit(_prepare_tracking, spec)
     pool.shutdown(wait=False)
-    start_ray(spec, address)
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -211,6 +222,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     from .trainable import SweepContext, ended, run_trial
 
     try:
+        start_ray(spec, address)  # inside: a cluster refused after it started (too few CPUs or GPUs) is stopped too
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})

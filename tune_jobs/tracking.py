@@ -46,8 +46,8 @@ def artifact_location(tracking_uri: str, sweep: str, storage: str | None) -> str
         return (local_path(tracking_uri) / "mlartifacts" / sweep).resolve().as_uri()
     if tracking_uri.startswith(("http://", "https://")) or not storage:
         return None
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/mlartifacts/{sweep}"
+    if "://" in storage:  # without a query (?endpoint_override=...: pyarrow's; MLflow has MLFLOW_S3_ENDPOINT_URL)
+        return f"{storage.partition('?')[0].rstrip('/')}/mlartifacts/{sweep}"
     return (Path(storage).expanduser() / "mlartifacts" / sweep).resolve().as_uri()
 
 

@@ -213,7 +213,8 @@ def watch(private: str) -> None:
         signal.signal(sig, signal.SIG_IGN)
     groups = []
     for line in sys.stdin:
-        if line == DONE:
+        if line == DONE:  # the ui stopped them, unless a second Ctrl-C cut its stop short: what is left, stopped
+            end(dict.fromkeys(groups, lambda: None))
             return
         groups.append(int(line))
     end(dict.fromkeys(groups, lambda: None))
