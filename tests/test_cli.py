@@ -51,8 +51,9 @@ def test_readers_on_a_missing_store_say_so_in_one_line_and_create_nothing(tmp_pa
 
 
 def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_is_one_line_naming_it(tmp_path,
-                                                                                                       capsys):
-    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(tmp_path / "data"), "--variant", "attzoom",
+                                                                                                       capsys,
+                                                                                                       digits_root):
+    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(digits_root), "--variant", "attzoom",
             "--batch-size", "256", "--no-augment", "--checkpoint-dir", str(tmp_path / "run"), "--epochs"]
     out = attzoom(*args, "1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -67,11 +68,11 @@ def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_i
     assert main([*args, "1"]) == 0 and capsys.readouterr().out == out.stdout  # its own command still resumes it
     last = tmp_path / "run" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    out = attzoom(*args, "2", cwd=tmp_path)
+    out = attzoom(*args, "1", cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and str(last) in lines[0] and "--restart" in lines[0], out.stderr
-    assert attzoom(*args, "2", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works
+    assert attzoom(*args, "1", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works
 
 
 @pytest.fixture

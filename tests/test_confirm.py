@@ -29,16 +29,13 @@ def cli(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path):
-    from attzoom.data import load
-
-    load("cluttered-digits", tmp_path / "data")
+def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path, digits_root):
     spec = tmp_path / "spec.toml"
     spec.write_text(f"""
 name = "c"
 trials = 1
 epochs = 1
-data_root = "{tmp_path / 'data'}"
+data_root = "{digits_root}"
 storage = "{tmp_path / 'ray_results'}"
 tracking_uri = "sqlite:///{tmp_path / 'mlflow.db'}"
 max_concurrent = 2
