@@ -125,7 +125,9 @@ def compute_rows(sweep: Sweep) -> list[dict]:
 
 def _spent(runs: list) -> dict:
     trained = [t for t in runs if t.epochs]  # a run stopped before its first epoch logged no GPU share
-    if trained and all(t.gpus == 0 for t in trained):
+    if not trained:
+        gpu = "–"  # nothing trained yet: no hours to weigh (it said 0.000)
+    elif all(t.gpus == 0 for t in trained):
         gpu = "n/a (CPU)"
     elif all(t.gpus is not None for t in trained):
         gpu = f"{sum(t.hours * t.gpus for t in trained):.3f}"

@@ -653,3 +653,10 @@ def test_a_run_stopped_before_its_first_epoch_leaves_gpu_hours_known():
     killed = SimpleNamespace(gpus=None, epochs=0, hours=0.0)
     assert _spent([cpu, killed])["GPU hours"] == "n/a (CPU)"
     assert _spent([SimpleNamespace(gpus=0.25, epochs=2, hours=0.2), killed])["GPU hours"] == "0.050"
+
+
+def test_a_study_that_trained_nothing_spent_no_gpu_hours_it_shows_a_dash():
+    # a study with no trial yet showed "0.000" GPU hours beside "n/a (CPU)" for the others
+    from dashboards.report import _spent
+
+    assert _spent([]) == {"epochs": 0, "hours": "0.000", "GPU hours": "–"}
