@@ -56,3 +56,22 @@ def test_commands_and_artifacts_keep_a_storage_uris_query_intact():
                 storage=storage)
     assert resume_command(spec) == f"attzoom resume t --storage '{storage}'"
     assert artifact_location("postgresql://h/db", "t", storage) == "s3://b/r/mlartifacts/t"
+
+
+def test_a_checkpoint_on_an_s3_compatible_store_is_found_again_through_the_storage_uris_endpoint():
+    # with --storage 's3://b/r?endpoint_override=...' the driver opened each finished trial's checkpoint on AWS
+    # itself ("Could not resolve host: b.s3.us-east-1.amazonaws.com") and stopped the sweep, exit 3
+    from pyarrow.fs import S3FileSystem
+    from ray import tune
+
+    from tune_jobs.mlflow_callback import checkpoint_uri
+
+    storage = "s3://b/r?endpoint_override=127.0.0.1:9&scheme=http"
+    checkpoint = tune.Checkpoint("b/r/t/trial/checkpoint_000001",
+                                 filesystem=S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http"))
+    uri = checkpoint_uri(checkpoint, storage)
+    assert uri == "s3://b/r/t/trial/checkpoint_000001?endpoint_override=127.0.0.1:9&scheme=http"
+    reopened = tune.Checkpoint(uri).filesystem.__reduce__()[1][0]  # as the driver opens it again
+    assert (reopened["endpoint_override"], reopened["scheme"]) == ("127.0.0.1:9", "http")
+    assert checkpoint_uri(tune.Checkpoint("/tmp/r/t/trial/checkpoint_000001"), "/tmp/r") == (
+        "/tmp/r/t/trial/checkpoint_000001")

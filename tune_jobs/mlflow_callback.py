@@ -145,7 +145,7 @@ class MlflowCallback(tune.Callback):
         status = last.get(STATUS_KEY, UNKNOWN_STATUS)  # every trial reports it last (trainable.py), or is pruned
         tags = {PRUNED_AT: str(last.get("epoch"))} if status == PRUNED_STATUS else {}  # (tune_jobs/scheduler.py)
         self.outbox.put({"op": "finish", "trial": trial.trial_id, "status": status, "tags": tags,
-                         "checkpoint": checkpoint_uri(trial.checkpoint)})
+                         "checkpoint": checkpoint_uri(trial.checkpoint, self.sweep.spec.storage)})
 
     def _open(self, trial) -> None:
         if trial.trial_id in self._opened:
@@ -215,12 +215,16 @@ class MlflowCallback(tune.Callback):
                       file=sys.stderr, flush=True)
 
 
-def checkpoint_uri(checkpoint) -> str | None:
-    """Where a persisted Tune checkpoint is, as a path or URI a later driver can open."""
+def checkpoint_uri(checkpoint, storage: str = "") -> str | None:
+    """Where a persisted Tune checkpoint is, as a path or URI a later driver can open: on cloud storage with the
+    storage URI's query (?endpoint_override=...), which pyarrow reads and the checkpoint's own path lacks."""
     if checkpoint is None:
         return None
     kind = checkpoint.filesystem.type_name
-    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+    if kind == "local":
+        return checkpoint.path
+    query = storage.partition("?")[2]
+    return f"{kind}://{checkpoint.path}" + (f"?{query}" if query else "")
 
 
 def trial_error(trial) -> BaseException:
