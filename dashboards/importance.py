@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from attzoom.names import POSITIONS
+from tune_jobs.naming import counted
 from tune_jobs.space import SEARCHABLE
 from tune_jobs.spec import SearchSpace
 
@@ -94,8 +95,8 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     """({param: importance}, None), or ({}, why not) when the study cannot support an estimate."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if len(complete) < MIN_TRIALS:
-        trials = f"{len(complete)} finished trial{'' if len(complete) == 1 else 's'}"
-        return {}, f"not shown: {trials}; a ranking of the hyperparameters needs {MIN_TRIALS} or more"
+        return {}, (f"not shown: {counted(len(complete), 'finished trial')}; a ranking of the hyperparameters needs "
+                    f"{MIN_TRIALS} or more")
     if not any(len(t.params) for t in complete):
         return {}, "no searched hyperparameter"
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from tune_jobs.layout import experiment_name
+from tune_jobs.naming import counted
 from tune_jobs.spec import hide_password
 
 from . import figures, importance
@@ -212,7 +213,7 @@ def best_of_n_note(report: Report) -> str:
     text = BEST_OF_N + (" (see the verdict above)." if report.verdict else f"; {NO_VERDICT}.")
     pruned = sum(s.pruned for s in report.sweep.studies)
     if pruned:
-        text += (f" N counts the {pruned} trial{'s' if pruned > 1 else ''} that ASHA stopped early as finished, "
+        text += (f" N counts the {counted(pruned, 'trial')} that ASHA stopped early as finished, "
                  "though they trained fewer epochs (each study's count is under Best trial per study).")
     return text
 

@@ -84,8 +84,7 @@ class Study:
     @property
     def pruned(self) -> int:
         """Finished trials the scheduler (ASHA) stopped early: counted as finished, with fewer epochs."""
-        return sum(t.status == "FINISHED" and t.run.data.tags.get(layout.STATUS) == layout.PRUNED_STATUS
-                   for t in self.trials)
+        return sum(layout.stopped_early(t.status, t.run.data.tags) for t in self.trials)
 
     @property
     def best(self) -> Trial | None:

@@ -230,21 +230,17 @@ def print_sweep_status(client, experiment) -> None:
 
     rows = summarize(client, experiment.experiment_id)
     spec = stored_spec_of(experiment)
-    studies = sorted(set(rows) | {s.name for s in spec.studies} if spec else rows)
     print(f"{sweep_of(experiment.name)}:" + (f" {counted(spec.trials, 'trial')} per study" if spec else ""))
     if not rows:  # a sweep stopped before its first trial opened a run
         print("  no trial has started yet")
-    for study in studies:
-        if study not in rows:
-            continue
-        row = rows[study]
+    for study, row in sorted(rows.items()):
         best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
         stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
         done = ", done" if spec and row["finished"] + row["failed"] >= spec.trials else ""
         pruned = f" ({row['pruned']} stopped early by the scheduler)" if row["pruned"] else ""
         print(f"  {study}: finished {row['finished']}{pruned}, running {row['running']}, failed {row['failed']}"
               f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
-    if rows and (waiting := [s for s in studies if s not in rows]):
+    if rows and spec and (waiting := sorted({s.name for s in spec.studies} - set(rows))):
         print(f"  no trial yet: {', '.join(waiting)}")
 
 

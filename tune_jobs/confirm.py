@@ -62,8 +62,10 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
         return (f"confirm runs of {spec.name} are incomplete: {len(failed)} failed ({runs}); each one's error is in "
                 f"its MLflow run (tag {layout.ERROR}); retry them with `{confirm_command(spec, seeds)}`"), 1
     if unfinished:
+        from .sweep import resume_command
+
         return (f"confirm runs of {spec.name} are incomplete: {', '.join(unfinished)} has no finished trial to "
-                f"confirm yet; finish the sweep (`attzoom resume {spec.name} --storage {spec.storage}`), then "
+                f"confirm yet; finish the sweep (`{resume_command(spec)}`), then "
                 f"confirm again"), 1
     verdict = "the verdict" if has_pairs(spec) else "each study's mean and spread over the seeds"
     return (f"confirm runs of {spec.name} are complete ({counted(seeds, 'seed')} per study); see {verdict} in "

@@ -147,3 +147,8 @@ def best_of(candidates: Iterable[tuple[T, dict | None]]) -> T | None:
         if epoch is not None and (best_key is None or (epoch["val_top1"], epoch["val_top5"]) > best_key):
             best, best_key = trial, (epoch["val_top1"], epoch["val_top5"])
     return best
+
+
+def stopped_early(status: str, tags: dict) -> bool:
+    """A trial run the scheduler stopped at a rung ([scheduler]): it counts as finished, with fewer epochs."""
+    return status == "FINISHED" and tags.get(STATUS) == PRUNED_STATUS

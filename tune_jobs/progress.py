@@ -16,6 +16,7 @@ import time
 from ray.tune import Callback
 
 from .layout import PRUNED_STATUS
+from .naming import counted
 from .space import STUDY_KEY
 from .trainable import RESTART_KEY, STATUS_KEY, reported_end
 
@@ -92,8 +93,7 @@ class StudyProgress(Callback):
         if STATUS_KEY in last:
             best = trial.metric_analysis.get(self.metric, {}).get("max")
             ended = "pruned (trailing its study)" if last[STATUS_KEY] == PRUNED_STATUS else "finished"
-            epochs = last.get("epoch", "?")
-            self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {epochs} epoch{'' if epochs == 1 else 's'}")
+            self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {counted(last.get('epoch', '?'), 'epoch')}")
         else:
             self._event(trial, "stopped before it ended")
 

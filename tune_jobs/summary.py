@@ -33,8 +33,7 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         row = rows[run.data.tags[STUDY]]
         row[RUN_STATES.get(run.info.status, "running")] += 1
-        # a finished trial the scheduler stopped early at a rung: finished, with fewer epochs
-        row["pruned"] += run.info.status == "FINISHED" and run.data.tags.get(layout.STATUS) == layout.PRUNED_STATUS
+        row["pruned"] += layout.stopped_early(run.info.status, run.data.tags)
         summary = run_summary(client, run)
         row["epochs"] += summary.epochs
         if summary.best is not None and (row["best_top1"] is None or summary.best["val_top1"] > row["best_top1"]):

@@ -78,8 +78,7 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     before Ray started: free) and in its tracking store (check_name_in_store)."""
     if any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
         raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
-                        f"continue it with "
-                        f"`{resume_command(spec)}` or change name in {spec_file}")
+                        f"continue it with `{resume_command(spec)}` or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
 
 
@@ -95,8 +94,8 @@ def check_name_in_store(spec: Spec, spec_file: Path | None) -> None:
     store = f"a sweep named {spec.name!r} already has runs in the tracking store {hide_password(spec.tracking_uri)}"
     other = f"change name in {spec_file}" if spec_file else "pass another --tracking-uri"
     if storage and ("://" in storage or Path(storage, spec.name).is_dir()):
-        raise SpecError(f"{store} (its results are in {storage}); continue it with `attzoom resume {spec.name} "
-                        f"--storage {storage}` or {other}")
+        raise SpecError(f"{store} (its results are in {storage}); continue it with "
+                        f"`{resume_command(replace(spec, storage=storage))}` or {other}")
     raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; {other} (a new sweep under "
                     "that name would delete those runs)")
 
