@@ -8,6 +8,7 @@ and the fix, so the CLI can exit 2 before Ray, MLflow or any directory is touche
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -348,9 +349,12 @@ except Exception as e:
 """
 
 
+@functools.lru_cache(maxsize=8)
 def check_storage_answers(storage: str, timeout_s: float = 30.0) -> None:
     """Remote storage (s3://, gs://, ...) must be reachable before any work: Ray opens it as pyarrow does here, and
-    else ends in a traceback. A separate process, since a cloud client retries for minutes and cannot be stopped."""
+    else ends in a traceback. A separate process, since a cloud client retries for minutes and cannot be stopped.
+    An answer is kept for the command (a failure raises, so it is not): resume reads the saved spec there, then
+    preflight checks the storage, once per driver step, and each probe costs a second."""
     import subprocess
     import sys
 
