@@ -75,3 +75,21 @@ def test_a_checkpoint_on_an_s3_compatible_store_is_found_again_through_the_stora
     assert (reopened["endpoint_override"], reopened["scheme"]) == ("127.0.0.1:9", "http")
     assert checkpoint_uri(tune.Checkpoint("/tmp/r/t/trial/checkpoint_000001"), "/tmp/r") == (
         "/tmp/r/t/trial/checkpoint_000001")
+
+
+def test_a_killed_drivers_orphan_trial_folders_go_from_cloud_storage_as_from_a_folder(s3):
+    # a driver killed before its experiment snapshot leaves a trial folder whose epochs the trial suggested in its
+    # place trains again: on S3 it stayed, so the bucket held those epochs twice
+    from tune_jobs.spec import Spec
+    from tune_jobs.sweep import drop_orphan_folders
+
+    client, bucket = s3
+    spec = Spec(name="t", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                storage=f"s3://{bucket}/r")
+    study = spec.studies[0].name
+    kept = [f"r/t/{study}-a/result.json", "r/t/experiment_state-1.json", "r/t/other-b/result.json"]
+    for key in [*kept, f"r/t/{study}-b/result.json", f"r/t/{study}-b/work/best.pt"]:
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    drop_orphan_folders(spec, {f"{study}-a"})
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(k for k in keys if not k.endswith("/")) == sorted(kept)  # pyarrow leaves a folder marker

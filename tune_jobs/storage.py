@@ -7,6 +7,7 @@ query (``?endpoint_override=...``) is read by pyarrow, so paths are joined after
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from .spec import local_path
@@ -64,12 +65,25 @@ def write_file(storage: str, *parts: str, text: str, private: bool = False) -> N
         stream.write(text.encode())
 
 
-def folder_names(storage: str, *parts: str) -> list[str]:
-    """The names in a folder; none when it is not there."""
+def folder_names(storage: str, *parts: str, folders_only: bool = False) -> list[str]:
+    """The names in a folder (``folders_only``: of its subfolders); none when it is not there."""
     if not is_remote(storage):
         folder = local_path(storage).joinpath(*parts)
-        return [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    from pyarrow.fs import FileSelector
+        return [p.name for p in folder.iterdir() if p.is_dir() or not folders_only] if folder.is_dir() else []
+    from pyarrow.fs import FileSelector, FileType
 
     fs, path = _remote(storage, *parts)
-    return [Path(info.path).name for info in fs.get_file_info(FileSelector(path, allow_not_found=True))]
+    return [Path(info.path).name for info in fs.get_file_info(FileSelector(path, allow_not_found=True))
+            if info.type == FileType.Directory or not folders_only]
+
+
+def remove_folder(storage: str, *parts: str) -> None:
+    """Delete a folder and everything in it, as far as it can be deleted (a clean-up, which nothing waits on)."""
+    if not is_remote(storage):
+        shutil.rmtree(local_path(storage).joinpath(*parts), ignore_errors=True)
+        return
+    fs, path = _remote(storage, *parts)
+    try:
+        fs.delete_dir(path)
+    except OSError:
+        pass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,7 +21,7 @@ from . import layout
 from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
-from .storage import folder_names, is_remote, read_file, sweep_location, write_file
+from .storage import folder_names, is_remote, read_file, remove_folder, sweep_location, write_file
 from .spec import (Spec, SpecError, check_cluster_cpus, check_cluster_gpus, check_data, check_storage_answers,
                    check_store_exists, check_tracking_store, check_writable, database_answers, database_backend,
                    has_password, hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
@@ -293,13 +292,10 @@ def drop_orphan_folders(spec: Spec, known: set[str]) -> None:
     Such a trial began training, in ``work/`` inside its folder, before the driver died; its
     epochs are run again by the trial suggested in its place.
     """
-    folder = experiment_dir(spec)
-    if "://" in spec.storage or not folder.is_dir():
-        return
     prefixes = tuple(f"{study.name}-" for study in spec.studies)
-    for trial in folder.iterdir():
-        if trial.is_dir() and trial.name.startswith(prefixes) and trial.name not in known:
-            shutil.rmtree(trial, ignore_errors=True)
+    for trial in folder_names(spec.storage, spec.name, folders_only=True):
+        if trial.startswith(prefixes) and trial not in known:
+            remove_folder(spec.storage, spec.name, trial)
 
 
 def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> None:
