@@ -336,12 +336,15 @@ def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
 
 
 @pytest.mark.parametrize("failed, finished, ending, code", [
-    ((0, 0), (2, 2), "sweep p done in 42 s", 0),
-    ((1, 0), (1, 2), "sweep p ended in 42 s with 1 failed trial(s); each failed trial's error is in", 0),
-    ((2, 0), (0, 2), "sweep p failed after 42 s: no trial of tiny_resnet.cluttered-digits.baseline finished "
-                     "(2 of 4 trials failed)", 1),
+    ((0, 0), (3, 3), "sweep p done in 42 s", 0),
+    ((1, 0), (2, 3), "sweep p ended in 42 s with 1 failed trial(s); each failed trial's error is in", 0),
+    ((3, 0), (0, 3), "sweep p failed after 42 s: no trial of tiny_resnet.cluttered-digits.baseline finished "
+                     "(3 of 6 trials failed)", 1),
+    # a sweep that ended normally with trials missing from the store (their writes lost): it said "done"
+    ((0, 0), (3, 2), "sweep p ended in 42 s, but the tracking store sqlite:///mlflow.db records fewer trials than "
+                     "the sweep ran: tiny_resnet.cluttered-digits.attzoom has 2 of 3", 1),
 ])
-def test_a_sweep_says_done_only_when_no_trial_failed(failed, finished, ending, code):
+def test_a_sweep_says_done_only_when_every_trial_is_recorded_and_none_failed(failed, finished, ending, code):
     from tune_jobs.summary import closing
 
     summary = {study: {"finished": f, "failed": x, "running": 0} for study, f, x in zip(STUDIES, finished, failed)}
@@ -372,3 +375,16 @@ def test_counts_read_in_their_number():
     from tune_jobs.naming import counted
 
     assert [counted(n, "trial") for n in (0, 1, 2)] == ["0 trials", "1 trial", "2 trials"]
+
+
+@pytest.mark.parametrize("sweep_failed, confirm_failed, ending", [
+    (0, [], "demo done in 42 s. Compare the runs in the MLflow UI"),
+    (1, [], "sweep p ended in 42 s with 2 failed trial(s)"),  # it said "demo done"
+    (0, [(STUDIES[1], 2)], "confirm runs of p are incomplete: 1 failed"),
+])
+def test_the_demo_says_done_only_when_its_sweep_and_confirm_runs_both_are(sweep_failed, confirm_failed, ending):
+    from tune_jobs.cli import demo_closing
+
+    summary = {study: {"finished": 3 - sweep_failed, "failed": sweep_failed} for study in STUDIES}
+    line, code = demo_closing(SPEC, summary, confirm_failed, [], 42.4)
+    assert line.startswith(ending) and code == (0 if ending.startswith("demo done") else 1), line

@@ -169,27 +169,38 @@ def run_demo_command(args) -> int:
 
     from .sweep import check_name_in_store, preflight, run_sweep, saved_spec
 
-    from .confirm import confirm_closing, confirm_sweep
+    from .confirm import confirm_sweep
 
     spec = preflight(spec_from_args(args))
     if saved_spec(spec.storage, spec.name) is None:  # a first demo here: its name must be free in the store
         check_name_in_store(spec, None)
     started = time.time()
-    run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
+    summary = run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(f"\nre-training each study's best config with seeds 1-{DEMO_SEEDS}, for a verdict beyond one lucky trial",
           file=sys.stderr, flush=True)
-    failed, unfinished = confirm_sweep(spec, DEMO_SEEDS, args.address)
+    confirmed = confirm_sweep(spec, DEMO_SEEDS, args.address)
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
-    if failed or unfinished:  # the verdict above stands on fewer seeds: say so last, and do not say "done"
-        print(f"\n{confirm_closing(spec, DEMO_SEEDS, failed, unfinished)[0]}")
-        return 1
-    print(f"\ndemo done in {time.time() - started:.0f} s. Compare the runs in the MLflow UI:\n"
-          f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
-          f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
-          f"Full report (CSV, Markdown, HTML with curves): {attzoom_executable()} report {spec.name} "
-          f"--tracking-uri {hide_password(spec.tracking_uri)}")
-    return 0
+    line, code = demo_closing(spec, summary, *confirmed, time.time() - started)
+    print(f"\n{line}")
+    return code
+
+
+def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s: float) -> tuple[str, int]:
+    """The demo's last lines: "done" and where to look only when the sweep and its confirm runs both are; else the
+    first one's closing line, since the comparison above then stands on less than it shows."""
+    from .confirm import confirm_closing
+    from .summary import closing, complete
+
+    if not complete(spec, summary):
+        return closing(spec, summary, elapsed_s)[0], 1
+    if failed or unfinished:
+        return confirm_closing(spec, DEMO_SEEDS, failed, unfinished)[0], 1
+    return (f"demo done in {elapsed_s:.0f} s. Compare the runs in the MLflow UI:\n"
+            f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
+            f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
+            f"Full report (CSV, Markdown, HTML with curves): {attzoom_executable()} report {spec.name} "
+            f"--tracking-uri {hide_password(spec.tracking_uri)}"), 0
 
 
 def run_status_command(args) -> int:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from . import layout
 from .layout import STUDY
-from .spec import Spec
+from .spec import Spec, hide_password
 from .tracking import run_summary
 
 
@@ -69,8 +69,9 @@ def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
 
 
 def closing(spec: Spec, summary: dict, elapsed_s: float) -> tuple[str, int]:
-    """The sweep's last line and exit code: "done" only when no trial failed; 1 when a study has no finished
-    trial at all, since the comparison then has nothing to compare."""
+    """The sweep's last line and exit code: "done" only when every study's N trials are closed in the tracking
+    store and none failed; 1 when a study has no finished trial at all (the comparison has nothing to compare)
+    or the store lacks trials the sweep ran (their runs are lost: nothing to resume)."""
     failed = sum(row.get("failed", 0) for row in summary.values())
     empty = [s.name for s in spec.studies if not summary.get(s.name, {}).get("finished")]
     errors = (f"each failed trial's error is in its MLflow run (tag {layout.ERROR}) and in its error.txt under "
@@ -79,6 +80,22 @@ def closing(spec: Spec, summary: dict, elapsed_s: float) -> tuple[str, int]:
         return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
                 f"({failed} of {sum(r.get('failed', 0) + r.get('finished', 0) for r in summary.values())} trials "
                 f"failed); {errors}"), 1
+    if short := unrecorded(spec, summary):
+        return (f"sweep {spec.name} ended in {elapsed_s:.0f} s, but the tracking store "
+                f"{hide_password(spec.tracking_uri)} records fewer trials than the sweep ran: {'; '.join(short)} "
+                "(see the MLflow messages above)"), 1
     if failed:
         return f"sweep {spec.name} ended in {elapsed_s:.0f} s with {failed} failed trial(s); {errors}", 0
     return f"sweep {spec.name} done in {elapsed_s:.0f} s", 0
+
+
+def complete(spec: Spec, summary: dict) -> bool:
+    """Whether closing says "done": every study's N trials closed in the store, none failed."""
+    return not unrecorded(spec, summary) and not any(row.get("failed", 0) for row in summary.values())
+
+
+def unrecorded(spec: Spec, summary: dict) -> list[str]:
+    """Studies whose trial runs in the store are fewer than N finished or failed, at a sweep's normal end."""
+    closed = {s.name: summary.get(s.name, {}).get("finished", 0) + summary.get(s.name, {}).get("failed", 0)
+              for s in spec.studies}
+    return [f"{name} has {closed[name]} of {spec.trials}" for name in closed if closed[name] < spec.trials]
