@@ -338,3 +338,24 @@ def test_an_error_that_quotes_a_url_is_shortened_without_its_password():
                             "timeout exception HTTPConnectionPool(host='127.0.0.1', port=9): Read timed out.")
     text = infra.short_error(error)
     assert "s3cret" not in text and "http://admin:***@127.0.0.1:9/api" in text
+
+
+def test_confirm_makes_a_killed_sweeps_kept_writes_and_leaves_no_run_running(tmp_path):
+    # a sweep killed mid-trial, then confirm instead of resume: the kept "open" write set the trial's run RUNNING
+    # again after the leftover runs were stopped, and status showed it running with no driver
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.confirm import tracking_after_kept_writes
+    from tune_jobs.layout import TRIAL, TRIAL_ROLE, tag_filter
+    from tune_jobs.mlflow_callback import journal_path
+    from tune_jobs.spec import load_spec
+
+    spec = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml", storage=str(tmp_path / "r"),
+                     tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    journal_path(spec).parent.mkdir(parents=True)
+    open_write = {"op": "open", "trial": "t1", "study": spec.studies[0].name, "tags": {}, "params": {"lr": "0.1"},
+                  "role": TRIAL_ROLE}
+    journal_path(spec).write_text(json.dumps(open_write) + "\n")
+    experiment, _ = tracking_after_kept_writes(spec)
+    [run] = MlflowClient(spec.tracking_uri).search_runs([experiment], tag_filter(TRIAL, "t1"))
+    assert run.info.status == "KILLED" and journal_path(spec).read_text() == ""

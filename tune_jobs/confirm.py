@@ -53,6 +53,22 @@ def run_confirm_command(args) -> int:
     return code
 
 
+def tracking_after_kept_writes(spec: Spec) -> tuple[str, dict[str, str]]:
+    """The store's ids once the writes a stopped sweep kept in its journal are made (they come before any read).
+    Those may reopen the runs of trials a killed driver was training, which nothing trains now: stopped after."""
+    from mlflow.tracking import MlflowClient
+
+    from .mlflow_callback import make_kept_writes
+    from .tracking import prepare_tracking, stop_leftover_runs
+    from .trainable import SweepContext
+
+    experiment_id, parents = prepare_tracking(spec)
+    make_kept_writes(SweepContext(spec), lambda: (experiment_id, parents))
+    raise_if_problem()
+    stop_leftover_runs(MlflowClient(spec.tracking_uri), experiment_id)
+    return experiment_id, parents
+
+
 def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
                     unfinished: list[str] = ()) -> tuple[str, int]:
     """Confirm's last line and exit code: "complete" only when every study had a best trial to confirm and every
@@ -169,16 +185,13 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .guard import SweepGuard
-    from .mlflow_callback import MlflowCallback, make_kept_writes
+    from .mlflow_callback import MlflowCallback
     from .progress import StudyProgress
     from .ray_session import apply_tune_settings, start_ray, stop_ray
-    from .tracking import prepare_tracking
     from .trainable import SweepContext, ended
 
     apply_tune_settings(spec)
-    experiment_id, parents = prepare_tracking(spec)
-    make_kept_writes(SweepContext(spec), lambda: (experiment_id, parents))  # a stopped sweep's last writes first
-    raise_if_problem()
+    experiment_id, parents = tracking_after_kept_writes(spec)
     params = best_params(spec.tracking_uri, experiment_id)
     if not params:
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")
