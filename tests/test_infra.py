@@ -359,3 +359,24 @@ def test_confirm_makes_a_killed_sweeps_kept_writes_and_leaves_no_run_running(tmp
     experiment, _ = tracking_after_kept_writes(spec)
     [run] = MlflowClient(spec.tracking_uri).search_runs([experiment], tag_filter(TRIAL, "t1"))
     assert run.info.status == "KILLED" and journal_path(spec).read_text() == ""
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_trials_checkpoint_that_is_gone_starts_it_over_as_a_damaged_one_does(tmp_path, request, where):
+    # Tune deletes a trial's older checkpoint as it registers the next; a driver killed before its next snapshot
+    # resumed the trial from the deleted one: FileNotFoundError, the trial failed on every retry and every resume
+    from ray import tune
+
+    from attzoom.config import CheckpointError
+    from tune_jobs.trainable import restore
+
+    if where == "s3":
+        request.getfixturevalue("s3")
+    gone = tune.Checkpoint(str(tmp_path / "ckpt_000003") if where == "folder" else "s3://sweeps/t/x/ckpt_000003")
+    with pytest.raises(CheckpointError, match="cannot resume from .*ckpt.*: it is gone"):
+        restore(gone, tmp_path / "work")
+    kept = tmp_path / "checkpoint_000004"
+    kept.mkdir()
+    (kept / "last.pt").write_bytes(b"x")
+    restore(tune.Checkpoint(str(kept)), tmp_path / "work")
+    assert (tmp_path / "work" / "last.pt").read_bytes() == b"x"

@@ -63,14 +63,13 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     extra = {STUDY_KEY: study.name, GPU_IDS_KEY: ",".join(map(str, ray.get_gpu_ids()))}
     with working_folder(sweep.spec.metric) as work:
         checkpoint = tune.get_checkpoint()
-        if checkpoint:
-            checkpoint.to_directory(work)
 
         def report(metrics: dict, _checkpoint_dir) -> None:
             tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(work))
 
         data = cached_data(train_config)
         try:
+            restore(checkpoint, work)
             result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=True)
         except CheckpointError as damaged:
             if not checkpoint:
@@ -84,6 +83,21 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         # fit reports finished epochs; the last report says how it ended, with the metrics Tune expects in every one
         last = result.history[-1] if result.history else {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0}
         tune.report({**last, **extra, STATUS_KEY: result.status})
+
+
+def restore(checkpoint: tune.Checkpoint | None, work: Path) -> None:
+    """Tune's checkpoint of the trial into ``work``. One that is gone is a CheckpointError, as a damaged one is (fit
+    raises that): Tune deletes a trial's older checkpoint as it registers a newer one, so a driver killed before its
+    next experiment snapshot resumes the trial from a checkpoint that no longer exists."""
+    from attzoom.config import CheckpointError
+
+    if checkpoint is None:
+        return
+    try:
+        checkpoint.to_directory(work)
+    except FileNotFoundError as gone:
+        raise CheckpointError(f"cannot resume from {checkpoint.path}: it is gone (the driver stopped after Tune "
+                              "deleted it for a newer one)") from gone
 
 
 @contextmanager
