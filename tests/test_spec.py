@@ -506,6 +506,18 @@ def test_a_spec_with_a_password_is_saved_for_its_user_only(tmp_path):
     assert (experiment_dir(spec) / SPEC_FILE).stat().st_mode & 0o777 == 0o600
 
 
+def test_the_saved_spec_is_replaced_whole_or_not_at_all(tmp_path):
+    # every run and resume rewrites it; a rewrite cut short (a kill, a full disk) left a truncated file that resume
+    # could not read, and no other copy to resume from
+    from tune_jobs.storage import write_file
+
+    write_file(str(tmp_path), "t", "spec.json", text='{"name": "t"}')
+    with pytest.raises(UnicodeEncodeError):
+        write_file(str(tmp_path), "t", "spec.json", text='{"name": "\ud800"}')  # fails midway through the write
+    assert (tmp_path / "t" / "spec.json").read_text() == '{"name": "t"}'
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["spec.json"]
+
+
 @pytest.mark.parametrize("command", ["status", "report"])
 @pytest.mark.parametrize("content", ["optuna", "empty", "text"])
 def test_readers_on_a_file_that_is_no_mlflow_store_say_so_and_leave_it_as_it_was(tmp_path, monkeypatch, capsys,

@@ -7,6 +7,7 @@ query (``?endpoint_override=...``) is read by pyarrow, so paths are joined after
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -52,17 +53,26 @@ def write_file(storage: str, *parts: str, text: str, private: bool = False) -> N
     """Write a file, its folders made first; ``private``: readable by this user only (a local file; cloud storage
     has no file modes, so a caller must not put a secret there)."""
     if not is_remote(storage):
-        path = local_path(storage).joinpath(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if private:
-            path.touch(mode=0o600)
-            path.chmod(0o600)
-        path.write_text(text)
+        _replace_file(local_path(storage).joinpath(*parts), text, 0o600 if private else 0o666)
         return
-    fs, path = _remote(storage, *parts)
+    fs, path = _remote(storage, *parts)  # an object is replaced whole or not at all
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())
+
+
+def _replace_file(path: Path, text: str, mode: int) -> None:
+    """The file replaced whole, or not at all: a kill or an error midway leaves the earlier one as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def folder_names(storage: str, *parts: str, folders_only: bool = False) -> list[str]:
