@@ -380,3 +380,45 @@ def test_a_trials_checkpoint_that_is_gone_starts_it_over_as_a_damaged_one_does(t
     (kept / "last.pt").write_bytes(b"x")
     restore(tune.Checkpoint(str(kept)), tmp_path / "work")
     assert (tmp_path / "work" / "last.pt").read_bytes() == b"x"
+
+
+def test_on_cloud_storage_the_snapshot_carries_the_unmade_writes_to_a_driver_on_another_host(tmp_path, monkeypatch):
+    # the journal of a cloud sweep stays on its driver's host: a job retried on another host restored a snapshot
+    # whose epochs were never logged, and whose finished trials' runs stayed KILLED for good
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import TRIAL, tag_filter
+    from tune_jobs.mlflow_callback import MlflowCallback, journal_path
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import prepare_tracking
+    from tune_jobs.trainable import SweepContext
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("HOME", str(tmp_path / "first-host"))
+    monkeypatch.setattr(outbox, "RETRY_S", (0.05,))
+    demo = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml", storage="s3://sweeps/r")
+    down = replace(demo, tracking_uri="http://127.0.0.1:9", tracking_outage_minutes=0.01)
+    trial = SimpleNamespace(trial_id="t1", config={"study": demo.studies[0].name}, num_failures=0)
+    logger = MlflowCallback(SweepContext(down), None)
+    logger.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        logger.on_trial_result(0, [], trial, {"epoch": epoch, "val_top1": 10.0 * epoch})
+    state = logger.get_state()  # what Tune pickles into the snapshot it uploads to the bucket
+    logger.on_experiment_end([])
+    infra.clear()
+
+    monkeypatch.setenv("HOME", str(tmp_path / "second-host"))  # no journal here
+    up = replace(demo, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    experiment, parents = prepare_tracking(up)
+    resumed = MlflowCallback(SweepContext(up), lambda: (experiment, parents))
+    resumed.set_state(state)  # Tune restores the callbacks' state before their setup
+    resumed.setup()
+    resumed.on_experiment_end([])
+    client = MlflowClient(up.tracking_uri)
+    [run] = client.search_runs([experiment], tag_filter(TRIAL, "t1"))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
+    assert journal_path(up).read_text() == "" and infra.problem() is None
+    assert MlflowCallback(SweepContext(up), None).get_state() == {"unmade": []}
+    assert MlflowCallback(SweepContext(replace(up, storage=str(tmp_path / "r"))), None).get_state() is None

@@ -45,7 +45,8 @@ STOP_SETTLE_S = 10.0  # how long a stopped sweep waits for its last MLflow write
 
 def journal_path(spec) -> Path:
     """The outbox's journal: in the sweep's Tune folder, or, for cloud storage, in a local folder of the driver
-    named after the sweep, its storage and its store (two sweeps of one name elsewhere keep apart)."""
+    named after the sweep, its storage and its store (two sweeps of one name elsewhere keep apart); there the
+    experiment snapshots carry its unmade writes to another host as well (get_state)."""
     folder = local_path(spec.storage)
     if folder is None:
         where = hashlib.sha256(f"{spec.storage}\n{spec.tracking_uri}".encode()).hexdigest()[:12]
@@ -68,15 +69,16 @@ class MlflowCallback(tune.Callback):
         self._runs: TrialRuns | None = None
         self._outbox: Outbox | None = None
         self._opened: set[str] = set()  # trials whose run this driver has queued an open for
+        self._kept: list[dict] = []  # cloud storage: the writes the restored experiment snapshot carried
 
     def __getstate__(self) -> dict:
         # Tune pickles the run config. The store connection, the outbox and the pending preparation stay in this
         # process; a logger restored from that pickle (a resumed sweep) finds the experiment and parent runs again.
-        return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set()}
+        return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set(), "_kept": []}
 
     def __setstate__(self, state: dict) -> None:
         # a logger pickled by an older version (before the outbox) lacks the newer fields
-        self.__dict__.update({"_outbox": None, "_opened": set(), **state})
+        self.__dict__.update({"_outbox": None, "_opened": set(), "_kept": [], **state})
 
     @property
     def runs(self) -> TrialRuns:
@@ -94,15 +96,21 @@ class MlflowCallback(tune.Callback):
         if self._outbox is None:
             spec = self.sweep.spec
             self._outbox = Outbox(journal_path(spec), self._make, unreachable, spec.tracking_uri,
-                                  spec.tracking_outage_minutes * 60)
+                                  spec.tracking_outage_minutes * 60, kept=self._kept)
         return self._outbox
 
     def setup(self, **info):
         self.outbox  # noqa: B018 - writes an earlier driver left are made from the start
 
-    def get_state(self) -> None:
-        self.outbox.sync()  # before the experiment snapshot can reach storage (the module's docstring)
-        return None
+    def get_state(self) -> dict | None:
+        """Called before each experiment snapshot reaches the storage. The journal is synced first (the module's
+        docstring); on cloud storage, where the journal stays on this host, the snapshot carries its writes too,
+        so a driver that resumes on another host (a retried job) makes them (set_state)."""
+        self.outbox.sync()
+        return {"unmade": self.outbox.unmade()} if local_path(self.sweep.spec.storage) is None else None
+
+    def set_state(self, state: dict) -> None:
+        self._kept = state.get("unmade", [])  # before setup, which opens the outbox
 
     def on_experiment_end(self, trials, **info):
         """At the end of the sweep, wait for every write (a summary follows). When the run is stopped (a failure,

@@ -31,11 +31,17 @@ class Outbox:
     """Ordered, durable, exactly-once delivery of the driver's writes to one tracking store."""
 
     def __init__(self, path: Path, make: Callable[[dict], None], unreachable: Callable[[BaseException], bool],
-                 store: str, deadline_s: float, out=sys.stderr):
+                 store: str, deadline_s: float, out=sys.stderr, kept: list[dict] = ()):
+        """``kept``: the writes a killed driver on another host had not made (its journal stayed there), made when
+        this host's journal holds none."""
         self.path, self.make, self.unreachable = path, make, unreachable
         self.store, self.deadline_s, self.out = store, deadline_s, out
-        self._pending = deque(self._load())
         self._file = None
+        self._pending = deque(self._load())
+        if not self._pending and kept:
+            self._pending.extend(kept)
+            self._journal().writelines(json.dumps(write) + "\n" for write in kept)
+            self._journal().flush()
         self._cond = threading.Condition()
         self._stopped = False  # gave up: the sweep stops, the journal stays for the next driver
         self._down = False  # the store is unreachable now: the writer waits for it
@@ -78,6 +84,11 @@ class Outbox:
         with self._cond:
             self._cond.wait_for(lambda: not self._pending or self._stopped or self._down, timeout=timeout_s)
         self.sync()
+
+    def unmade(self) -> list[dict]:
+        """The writes not made yet, in order."""
+        with self._cond:
+            return list(self._pending)
 
     @property
     def pending(self) -> int:
