@@ -28,6 +28,14 @@ with sweep_lease(sys.argv[1], "s", tracking_uri=sys.argv[2] if len(sys.argv) > 2
 """
 
 
+@pytest.fixture(autouse=True)
+def short_silence(monkeypatch):
+    """A dead holder on another host is taken over after a short look, not the real two heartbeats."""
+    from tune_jobs import lease
+
+    monkeypatch.setattr(lease, "SILENT_S", 0.3)
+
+
 def holder(storage, tracking_uri: str | None = None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(storage), *filter(None, [tracking_uri])], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
@@ -86,6 +94,26 @@ def test_a_holder_on_another_host_counts_until_its_heartbeat_is_stale(tmp_path, 
         with pytest.raises(SpecError, match="pid 1 on node-7"), sweep_lease(str(tmp_path), "s"):
             pass
         assert json.loads(path.read_text())["token"] == "theirs"
+
+
+def test_a_holder_elsewhere_that_beats_again_once_the_store_answers_is_not_taken_over(tmp_path, monkeypatch):
+    # a sweep on cloud storage waits out a tracking-server outage, but its heartbeats in the store fail meanwhile:
+    # a second driver that first read the store as it came back took the live sweep over, and both ran it
+    import threading
+
+    from tune_jobs import lease
+
+    monkeypatch.setattr(lease, "SILENT_S", 2.0)
+    path = lease_path(str(tmp_path), "s")
+    stale = {"host": "node-7", "pid": 1, "started": time.time() - 3600, "heartbeat": time.time() - STALE_S - 60,
+             "token": "theirs"}
+    path.write_text(json.dumps(stale))
+    beat = threading.Timer(0.5, lambda: path.write_text(json.dumps({**stale, "heartbeat": time.time()})))
+    beat.start()
+    with pytest.raises(SpecError, match="pid 1 on node-7"), sweep_lease(str(tmp_path), "s"):
+        pass
+    beat.join()
+    assert json.loads(path.read_text())["token"] == "theirs"
 
 
 def test_an_empty_lease_left_by_a_driver_killed_while_creating_it_expires(tmp_path):

@@ -8,12 +8,13 @@ The lease is a small JSON file beside the sweep's Tune folder (``<storage>/<swee
 so every machine that can run the driver sees it on a shared path; with cloud storage, where
 no file can be created exclusively, it is kept in the MLflow store (StoreLease). It holds the holder's
 host, pid and start time and a heartbeat the holder renews every few seconds. A lease is
-taken over, with one line saying so, when its holder is gone: a process that no longer
-exists on this host at once, a holder on another host once its heartbeat is older than
-STALE_S. Of drivers that find one holder dead at once, the first to *claim* that dead record (an
-exclusive create of ``<lease>~takeover~<its token>~<n>``; sweep names cannot hold ``~``) takes over
-and the others stop, however slow the store; a claim whose taker is gone is void by the lease's own
-rule, and the next number is claimed. The holder removes the lease on any exit Python sees
+taken over, with one line saying so, when its holder is gone: a process that no longer exists on
+this host at once, a holder on another host once its heartbeat is older than STALE_S and stays still
+for SILENT_S more (_silent). Of drivers that find one holder dead at once, the first to *claim* that
+dead record (an exclusive create of ``<lease>~takeover~<its token>~<n>``; sweep names cannot hold
+``~``) takes over and the others stop, however slow the store; a claim whose taker is gone is void
+by the lease's own rule, and the next number is claimed. The holder removes the lease on any exit
+Python sees
 (the end, an error, Ctrl-C).
 """
 
@@ -37,6 +38,7 @@ from .spec import SpecError, local_path
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0  # a holder on another host that has not renewed for this long is taken to be dead
+SILENT_S = 2 * HEARTBEAT_S + 1  # ... if it then stays silent for this long while the lease can be read (_silent)
 CLAIM = "~takeover~"  # a take-over's claim: <lease><CLAIM><dead holder's token>~<n>
 
 
@@ -210,6 +212,8 @@ def _acquire(lease, sweep: str, mine: dict, out, rounds: int = 3) -> None:
             raise SpecError(f"sweep {sweep!r} is being run by another driver: {describe(holder)}; wait for it to end "
                             f"or stop it (a driver that died is taken over at once on its own host, from another "
                             f"host {STALE_S:.0f} s after its last heartbeat)")
+        if not _silent(lease, holder):  # it beat again: the next round finds it alive
+            continue
         if take_over(lease, sweep, holder, mine):
             print(f"taking over sweep {sweep!r} from a driver that is gone ({describe(holder)})", file=out, flush=True)
             return
@@ -301,6 +305,18 @@ def _alive(record: dict, lease) -> bool:
     if record.get("host") == socket.gethostname():
         return _same_process(record.get("pid"), record.get("pid_started"))
     return time.time() - record.get("heartbeat", 0) < STALE_S
+
+
+def _silent(lease, holder: dict) -> bool:
+    """Whether a holder on another host whose heartbeat is stale stays silent while this driver can read the lease.
+
+    A holder whose heartbeats failed only because the store did (a tracking-server outage, which a sweep on cloud
+    storage waits out) beats again as soon as the store answers, the moment this driver first reads it too."""
+    if not holder or holder.get("host") == socket.gethostname():
+        return True  # the lease's age or the process table already said
+    time.sleep(SILENT_S)
+    now = _current(lease)
+    return now is not None and _key(now) == _key(holder) and now.get("heartbeat") == holder.get("heartbeat")
 
 
 def _same_process(pid, started) -> bool:
