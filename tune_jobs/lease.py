@@ -14,8 +14,7 @@ for SILENT_S more (_silent). Of drivers that find one holder dead at once, the f
 dead record (an exclusive create of ``<lease>~takeover~<its token>~<n>``; sweep names cannot hold
 ``~``) takes over and the others stop, however slow the store; a claim whose taker is gone is void
 by the lease's own rule, and the next number is claimed. The holder removes the lease on any exit
-Python sees
-(the end, an error, Ctrl-C).
+Python sees (the end, an error, Ctrl-C).
 """
 
 from __future__ import annotations
