@@ -204,3 +204,29 @@ def test_finished_once_every_study_has_its_trials(trials):
         assert config is not None
         ids.append(f"t{len(ids)}")
     assert len(ids) == 3 * trials and searcher.trial_counts() == dict.fromkeys(NAMES, trials)
+
+
+def test_a_study_write_the_optuna_storage_refuses_stops_the_sweep_instead_of_being_dropped(tmp_path):
+    # OptunaSearch logged a failed tell as a warning and went on: the trial stayed RUNNING in its study, TPE never
+    # learnt its value, and the next resume marked it FAIL while MLflow showed it finished
+    import sqlite3
+
+    from tune_jobs import infra
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"val_top1": 10.0, "epoch": 1, "training_iteration": 1})
+    with sqlite3.connect(tmp_path / "optuna.db") as db:  # the storage now refuses every value written
+        db.execute("DROP TABLE trial_values")
+        db.execute("DROP TABLE trial_intermediate_values")
+    infra.clear()
+    try:
+        searcher.on_trial_result("t0", {"val_top1": 20.0, "epoch": 2, "training_iteration": 2})
+        assert f"Optuna storage {url} failed to record its epoch of trial t0" in (infra.problem() or "")
+        infra.clear()
+        searcher.on_trial_complete("t0", {"val_top1": 20.0, "training_iteration": 2})
+        assert f"Optuna storage {url} failed to record its end of trial t0" in (infra.problem() or "")
+        assert "t0" not in searcher.searches[NAMES[0]]._completed_trials  # a resume tells it again
+    finally:
+        infra.clear()

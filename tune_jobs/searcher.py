@@ -17,12 +17,16 @@ import pickle
 import warnings
 from collections import Counter
 
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+from .infra import report_problem, short_error
 
 from .space import STUDY_KEY
 from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored
 from .layout import PRUNED_STATUS
+from .spec import hide_password
 from .trainable import RESTART_KEY, STATUS_KEY
 
 
@@ -49,20 +53,38 @@ class StudySearch(OptunaSearch):
         self.best[trial_id] = max(value, self.best.get(trial_id, value))
         with warnings.catch_warnings():  # an epoch re-run after a resume: Optuna keeps the first value
             warnings.simplefilter("ignore", UserWarning)
-            self._ot_trials[trial_id].report(value, int(result["epoch"]))
+            self._stored(trial_id, "its epoch", self._ot_trials[trial_id].report, value, int(result["epoch"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.told:
+        if trial_id in self.told or trial_id in self._completed_trials:
             self._completed_trials.add(trial_id)  # noqa: SLF001 - OptunaSearch's own record of told trials
             return
         if result and result.get(STATUS_KEY) == PRUNED_STATUS:  # stopped early (tune_jobs/scheduler.py)
             self.on_trial_result(trial_id, result)  # Tune gives a searcher no result it stops a trial on
-            super().on_trial_complete(trial_id, result=None)  # PRUNED, valued at its last epoch (Optuna's rule)
+            self._tell(trial_id, None, TrialState.PRUNED)  # valued at its last epoch (Optuna's rule)
             return
-        best = self.best.get(trial_id)
-        if result and self.metric in result and best is not None:
-            result = {**result, self.metric: max(result[self.metric], best)}
-        super().on_trial_complete(trial_id, result=result, error=error)
+        value = (result or {}).get(self.metric)
+        if value is not None and trial_id in self.best:
+            value = max(value, self.best[trial_id])
+        self._tell(trial_id, value, TrialState.COMPLETE if value is not None else
+                   TrialState.FAIL if error else TrialState.PRUNED)
+
+    def _tell(self, trial_id: str, value: float | None, state: TrialState) -> None:
+        """OptunaSearch's tell, but one the storage refuses stops the sweep (OptunaSearch logged it and went on:
+        the trial stayed RUNNING in the study, lost to TPE, and a resume marked it FAIL)."""
+        if self._stored(trial_id, "its end", self._ot_study.tell, self._ot_trials[trial_id], value, state=state):
+            self._completed_trials.add(trial_id)  # noqa: SLF001
+
+    def _stored(self, trial_id: str, what: str, write, *args, **kwargs) -> bool:
+        """Make one write to the study; a failure is reported as the sweep's infrastructure problem (infra.py):
+        the sweep stops there, and its resume, from the snapshot before, makes the write again."""
+        try:
+            write(*args, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001 - a storage down or refusing; the guard stops the sweep
+            where = hide_password(self._storage.url) if self._storage is not None else "in memory"
+            report_problem(f"Optuna storage {where} failed to record {what} of trial {trial_id}: {short_error(e)}")
+            return False
 
 
 class MultiStudySearcher(Searcher):
