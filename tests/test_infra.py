@@ -138,6 +138,19 @@ def test_writes_are_made_in_order_once_and_the_journal_is_emptied(tmp_path, quic
     assert path.read_text() == ""
 
 
+def test_a_closed_outbox_leaves_no_writer_thread_and_no_open_journal(tmp_path, quick_retries):
+    # a process running sweeps one after another (the demo: sweep then confirm, a notebook) kept an idle writer
+    # thread and an open journal per sweep
+    store = Store(down=1)  # the writer is busy waiting when the first close comes: that close leaves it working
+    box = outbox_for(tmp_path / "journal.jsonl", store)
+    box.put({"step": 0})
+    box.close()
+    box.drain()
+    box.close()
+    assert store.made == [{"step": 0}] and box._file is None
+    assert not box._thread.is_alive()
+
+
 def test_an_outage_is_waited_out_while_the_hooks_return_at_once(tmp_path, quick_retries):
     store, out = Store(down=20), io.StringIO()
     box = outbox_for(tmp_path / "journal.jsonl", store, out=out)

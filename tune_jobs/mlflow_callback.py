@@ -58,7 +58,9 @@ def make_kept_writes(sweep: SweepContext, store: Store) -> None:
     """Make the writes an earlier driver left in the journal before reading the store (confirm does)."""
     path = journal_path(sweep.spec)
     if path.is_file() and path.stat().st_size:
-        MlflowCallback(sweep, store).outbox.drain()
+        box = MlflowCallback(sweep, store).outbox
+        box.drain()
+        box.close()
 
 
 class MlflowCallback(tune.Callback):
@@ -118,12 +120,13 @@ class MlflowCallback(tune.Callback):
         journal keeps the rest for the next driver."""
         if problem() is None and all(t.status == "ERROR" or reported_end(t) for t in trials):
             self.outbox.drain()
-            return
-        for trial in trials:  # stopped with the sweep: their runs end KILLED, after their last writes, until a resume
-            if trial.status != "ERROR" and not reported_end(trial) and (trial.last_result or trial.trial_id in
-                                                                          self._opened):
-                self.outbox.put({"op": "stop", "trial": trial.trial_id})
-        self.outbox.settle(STOP_SETTLE_S)  # status then shows them stopped, not running (an outage is not waited)
+        else:
+            for trial in trials:  # stopped with the sweep: their runs end KILLED, after their last writes, until a
+                if trial.status != "ERROR" and not reported_end(trial) and (  # resume
+                        trial.last_result or trial.trial_id in self._opened):
+                    self.outbox.put({"op": "stop", "trial": trial.trial_id})
+            self.outbox.settle(STOP_SETTLE_S)  # status then shows them stopped, not running (no outage waited)
+        self.outbox.close()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._open(trial)

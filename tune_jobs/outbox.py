@@ -44,6 +44,7 @@ class Outbox:
             self._journal().flush()
         self._cond = threading.Condition()
         self._stopped = False  # gave up: the sweep stops, the journal stays for the next driver
+        self._closed = False  # every write made and the writer gone (close)
         self._down = False  # the store is unreachable now: the writer waits for it
         if self._pending:
             self._say(f"making {len(self._pending)} MLflow writes kept by an earlier driver of this sweep")
@@ -78,6 +79,19 @@ class Outbox:
             self._cond.wait_for(lambda: not self._pending or self._stopped)
         self.sync()
 
+    def close(self) -> None:
+        """Once every write is made: end the writer thread and close the journal (a process that runs sweeps one
+        after another, a notebook or the demo, kept one idle thread and open file per sweep)."""
+        with self._cond:
+            if self._pending:
+                return  # the writer still has work, or gave up: the journal keeps it for the next driver
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def settle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for every write, but not while the store is unreachable (a stopped sweep does not
         wait out an outage: the journal keeps the writes for the next driver)."""
@@ -99,7 +113,9 @@ class Outbox:
         down_since, tries = None, 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending)
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if self._closed:
+                    return
                 write = self._pending[0]
             try:
                 self.make(write)
