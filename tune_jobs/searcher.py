@@ -22,11 +22,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .infra import report_problem, short_error
-
-from .space import STUDY_KEY
-from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored
 from .layout import PRUNED_STATUS
+from .space import STUDY_KEY
 from .spec import hide_password
+from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored
 from .trainable import RESTART_KEY, STATUS_KEY
 
 
