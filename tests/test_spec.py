@@ -473,6 +473,42 @@ def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_w
     check_unchanged_since_start(load_saved_spec(spec.name, spec.storage))
 
 
+def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_none(tmp_path, capsys):
+    # a moved mlflow.db was made afresh and empty: the resumed trials' runs held only the epochs still to come and the
+    # sweep said "done" with wrong bests; a moved optuna.db ended in a Tune traceback and a driver that hung
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import SPEC, experiment_name
+    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.studies import optuna_study_name
+    from tune_jobs.sweep import save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    save_spec(spec)
+    (Path(spec.storage) / spec.name / "experiment_state-2026-11-30_19-00-00.json").write_text("{}")  # Tune's
+    database = Path(spec.tracking_uri[len("sqlite:///"):])
+    resume = ["resume", spec.name, "--storage", spec.storage]
+    capsys.readouterr()
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the tracking store sqlite:///" in err and "holds no experiment of sweep" in err
+    assert "put it back, or set tracking_uri in" in err and not database.exists(), err
+
+    MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the Optuna storage sqlite:///" in err and "optuna.db holds no study" in err, err
+    assert not (database.parent / "optuna.db").exists()
+
+    url = f"sqlite:///{database.parent / 'optuna.db'}"
+    for study in spec.studies:
+        optuna.create_study(storage=url, study_name=optuna_study_name(spec.name, study.name))
+    from tune_jobs.sweep import check_stores_kept
+
+    check_stores_kept(spec)  # both stores where they were: the resume goes on
+
+
 def test_overrides_win_over_the_file(tmp_path):
     spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)), trials=4, epochs=None, max_concurrent=3)
     assert (spec.trials, spec.epochs, spec.max_concurrent) == (4, 1, 3)

@@ -41,13 +41,14 @@ def add_confirm_command(sub) -> None:
 
 def run_confirm_command(args) -> int:
     from .ray_session import check_address
-    from .sweep import check_unchanged_since_start, load_saved_spec, preflight
+    from .sweep import check_stores_kept, check_unchanged_since_start, load_saved_spec, preflight
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
     spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri), local=not args.address)
     check_unchanged_since_start(spec)  # confirm stores the spec it runs: an edited one would pass the next resume
+    check_stores_kept(spec, searcher=False)  # confirm reads the sweep's runs, never its Optuna studies
     line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address))
     print(line)
     return code

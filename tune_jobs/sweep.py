@@ -24,7 +24,8 @@ from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, remove_folder, sweep_location, write_file
 from .spec import (Spec, SpecError, check_cluster_cpus, check_cluster_gpus, check_data, check_storage_answers,
                    check_store_exists, check_tracking_store, check_writable, database_answers, database_backend,
-                   has_password, hide_password, local_path, optuna_storage_url, spec_from_json, spec_json)
+                   has_password, hide_password, local_path, optuna_storage_url, spec_from_json, spec_json,
+                   sqlite_file)
 
 SPEC_FILE = "attzoom-spec.json"
 
@@ -184,12 +185,67 @@ def check_unchanged_since_start(spec: Spec) -> None:
                         "--storage and --tracking-uri)")
 
 
+def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
+    """A resume goes on in the stores the sweep began in. One that is gone (a moved or deleted mlflow.db or
+    optuna.db, another server) would be made afresh and empty: the MLflow runs of resumed trials would then hold only
+    the epochs still to come and the sweep would say done with wrong bests; Tune's restore of the searcher failed
+    and the driver hung. ``searcher`` False: the Optuna storage is not needed (confirm)."""
+    if not any(name.startswith("experiment_state-") for name in folder_names(spec.storage, spec.name)):
+        return  # nothing to restore: the sweep starts (a first demo) and makes its stores
+    source = f"{sweep_location(spec.storage, spec.name)}/{SPEC_FILE}"
+    results = f"whose results are in {sweep_location(spec.storage, spec.name)}: it was moved or deleted; put it back"
+    if not _kept_in_tracking_store(spec):
+        raise SpecError(f"the tracking store {hide_password(spec.tracking_uri)} holds no experiment of sweep "
+                        f"{spec.name!r}, {results}, or set tracking_uri in {source} to where it is now")
+    if searcher and (missing := _missing_studies(spec)):
+        raise SpecError(f"the Optuna storage {hide_password(optuna_storage_url(spec))} holds no study {missing[0]!r} "
+                        f"of sweep {spec.name!r}, {results}, or set optuna_storage in {source} to where it is now")
+
+
+def _kept_in_tracking_store(spec: Spec) -> bool:
+    """False only when the store answers without the sweep's experiment and no MLflow write waits in the journal (a
+    sweep started during an outage makes its experiment from there)."""
+    from .mlflow_callback import journal_path
+    from .tracking import sweep_experiment
+
+    journal = journal_path(spec)
+    if journal.is_file() and journal.stat().st_size:
+        return True
+    try:
+        if spec.tracking_uri.startswith(("http://", "https://")):
+            check_store_exists(spec.tracking_uri)
+        return sweep_experiment(spec.tracking_uri, spec.name) is not None
+    except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
+        return True
+
+
+def _missing_studies(spec: Spec) -> list[str]:
+    """The sweep's studies its Optuna storage lacks (all of them when its SQLite file is gone); none when the
+    studies live in memory only or the storage does not answer (the searcher then says so)."""
+    from .studies import optuna_study_name
+
+    url = optuna_storage_url(spec)
+    names = [optuna_study_name(spec.name, study.name) for study in spec.studies]
+    if url is None:
+        return []
+    if (database := sqlite_file(url)) is not None and not database.is_file():
+        return names
+    import optuna
+
+    try:
+        kept = set(optuna.get_all_study_names(storage=url))
+    except Exception:  # noqa: BLE001
+        return []
+    return [name for name in names if name not in kept]
+
+
 def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> dict:
     """Run (or resume) a validated sweep to the end, as its one driver; returns the per-study summary."""
     check_address(address)
     spec = preflight(spec, local=not address)  # a local run starts its own Ray (address="local")
-    if resume:  # resume, or a demo run again: on the search as it began
+    if resume:  # resume, or a demo run again: on the search as it began, in the stores it began in
         check_unchanged_since_start(spec)
+        check_stores_kept(spec)
     with stops_on_problems(resume_command(spec), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         return _run_sweep(spec, address, resume)

@@ -119,11 +119,16 @@ def stop_leftover_runs(client: MlflowClient, experiment_id: str) -> None:
 
 def stored_spec(tracking_uri: str, sweep: str) -> str | None:
     """The spec JSON a sweep stored in its experiment, or None; a missing SQLite file is not created."""
+    experiment = sweep_experiment(tracking_uri, sweep)
+    return experiment.tags.get(layout.SPEC) if experiment else None
+
+
+def sweep_experiment(tracking_uri: str, sweep: str):
+    """The sweep's MLflow experiment, or None; a missing SQLite file is not created."""
     database = sqlite_file(tracking_uri)
     if database is not None and not database.is_file():
         return None
-    experiment = open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
-    return experiment.tags.get(layout.SPEC) if experiment else None
+    return open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
 
 
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
