@@ -47,7 +47,8 @@ def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt
         print(f"attzoom {args.command}: stopped: {e}", file=sys.stderr)
         return stop_code
     except KeyboardInterrupt as e:
-        print(str(e) or on_interrupt, file=sys.stderr)  # an interrupt the command caught says how to go on
+        # an interrupt the command caught says how to go on; else the command's own advice (set_defaults), if any
+        print(str(e) or getattr(args, "on_interrupt", on_interrupt), file=sys.stderr)
         return 130
     finally:
         gc.freeze()  # the interpreter's last collection would walk every object Tune and MLflow made: a second
@@ -70,7 +71,8 @@ def add_train_command(sub) -> None:
     train.add_argument("--checkpoint-dir", type=Path, default=None,
                        help="where last.pt / best.pt go (default: runs/<backbone>-<dataset>-<variant>)")
     train.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming it")
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, on_interrupt="interrupted; run the same command again to resume from its "
+                                                   "last.pt (--restart starts over)")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:

@@ -75,6 +75,25 @@ def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_i
     assert attzoom(*args, "1", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works
 
 
+def test_ctrl_c_in_train_says_to_run_the_same_command_again(tmp_path, digits_root):
+    # it said "continue with `attzoom resume`", which then wanted a sweep
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    train = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "train", "--dataset", "cluttered-digits",
+                              "--data-root", str(digits_root), "--batch-size", "256", "--no-augment", "--epochs", "50",
+                              "--checkpoint-dir", str(run)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "last.pt").exists() and train.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    train.send_signal(signal.SIGINT)
+    _, err = train.communicate(timeout=120)
+    assert train.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("interrupted; run the same command again to resume from its last.pt "
+                                            "(--restart starts over)")
+
+
 @pytest.fixture
 def silent_server():
     """A port that accepts connections and never answers: a hung or firewalled tracking server."""

@@ -198,6 +198,15 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     assert [m.step for m in history] == list(range(1, EPOCHS + 1))
     assert "failures" not in run.data.metrics  # a lost node is no error of the trial's own
 
+    # a driver here joins with the token file alone, as `start` prints: Ray sent no token without RAY_AUTH_MODE=token,
+    # and `attzoom resume --address` was refused after twenty lines of retries (the sweep has ended: nothing to run)
+    resumed = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "resume", "t", "--storage", str(storage),
+                              "--address", f"127.0.0.1:{env['ATTZOOM_RAY_PORT']}"],
+                             env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "sweep t done" in resumed.stdout, resumed.stderr[-3000:]
+    assert "INFO" not in resumed.stderr  # Ray's "Connecting to existing Ray cluster" and Tune's lines: with -v only
+
 
 def test_start_refuses_the_dashboards_fixed_metrics_port_before_starting_anything(tmp_path):
     env = {**cluster_env(tmp_path / "cluster"), "ATTZOOM_DASHBOARD_PORT": "44227"}

@@ -219,8 +219,12 @@ def test_bad_spec_exits_2_with_one_line_and_no_trace(tmp_path, monkeypatch, caps
     (["--data-root", "{tmp}/f"], "data_root"),
     (["--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),  # hung on the GCS for minutes
     (["--address", "headnode"], "is no Ray cluster address"),
+    # Ray's ConnectionError came after the spec, the experiment and RUNNING parent runs were stored: the name was
+    # taken, and the line blamed the tracking store, exit 3
+    (["--address", "auto"], "--address auto found no Ray instance on this machine; start one"),
 ])
 def test_bad_command_line_override_exits_2(tmp_path, monkeypatch, capsys, no_side_effects, argv, expected):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))  # where `ray start` notes its address
     spec_file = write_spec(tmp_path, base_spec(tmp_path))
     (tmp_path / "f").write_text("a regular file")
     overrides = [a.replace("{tmp}", str(tmp_path)) for a in argv]

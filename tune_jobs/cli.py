@@ -27,6 +27,7 @@ from attzoom.config import ConfigError, DataError
 
 from .infra import INFRA_EXIT, InfrastructureError
 from .logs import add_verbose_flag, configure_logging
+from .ray_session import send_token_when_given
 from .spec import SCHEDULER_KINDS, SpecError, has_password, hide_password
 
 SPECS = Path(__file__).parent / "specs"
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     # second for it; clusters often have no egress. Opt in with MLFLOW_DISABLE_TELEMETRY=false.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     configure_logging(verbose=False)  # -v, once parsed, turns the libraries' INFO lines back on
-    return run(build_parser(), argv, (SpecError, ConfigError, DataError),
-               on_interrupt="interrupted; continue with `attzoom resume`", stops=(InfrastructureError, INFRA_EXIT))
+    send_token_when_given()  # before anything imports Ray
+    # sweep, resume, demo and confirm say their own resume command on Ctrl-C (infra.stops_on_problems), train its own
+    return run(build_parser(), argv, (SpecError, ConfigError, DataError), on_interrupt="interrupted",
+               stops=(InfrastructureError, INFRA_EXIT))
 
 
 def build_parser() -> Parser:

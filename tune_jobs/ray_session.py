@@ -58,9 +58,9 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
     GCS, printing warnings). "auto" and "local" are Ray's own look-ups, left to it."""
     import socket
 
-    if not address or address in ("auto", "local"):
+    if not address or address == "local":
         return
-    where = address.split("://", 1)[-1].rstrip("/")
+    where = _resolved(address).split("://", 1)[-1].rstrip("/")
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():
         raise SpecError(f"--address {address!r} is no Ray cluster address; pass HOST:PORT of its head (e.g. "
@@ -72,12 +72,26 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
                         "(`ray start --head`) or fix --address") from None
 
 
+def _resolved(address: str) -> str:
+    """``auto`` as Ray resolves it (RAY_ADDRESS, else the instance `ray start` last started here); SpecError when
+    there is none (ray.init raised a ConnectionError after the sweep had stored its spec and runs)."""
+    if address != "auto":
+        return address
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise SpecError("--address auto found no Ray instance on this machine; start one (`ray start --head`, or "
+                        "cluster/local.sh start) or pass its HOST:PORT") from None
+
+
 def start_ray(spec: Spec, address: str | None) -> None:
     """Connect to a cluster, or start a private local instance bound to 127.0.0.1."""
     import ray
 
     if address:
-        ray.init(address=address, log_to_driver=True)
+        join_cluster(address)
         where = f"the cluster at {address}"
     else:
         quiet_token_auth_notice()
@@ -89,6 +103,26 @@ def start_ray(spec: Spec, address: str | None) -> None:
     if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
         check_cluster_cpus(spec, resources.get("CPU", 0.0), where)
     check_cluster_gpus(spec, resources.get("GPU", 0.0), where)
+
+
+def send_token_when_given() -> None:
+    """A token given in the environment (RAY_AUTH_TOKEN_PATH, as cluster/local.sh prints, or RAY_AUTH_TOKEN) is
+    sent to the cluster: without RAY_AUTH_MODE=token Ray sent none, and a token cluster refused the driver after
+    twenty lines of retries. Ray reads the mode once, as it is imported: call this first."""
+    if os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def join_cluster(address: str) -> None:
+    """Connect this driver to a running cluster (send_token_when_given); Ray's INFO lines follow `attzoom -v`."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, AuthenticationError) as e:
+        raise SpecError(f"cannot join the Ray cluster at --address {address} ({str(e).splitlines()[0]}); if it "
+                        "uses token authentication, set RAY_AUTH_TOKEN_PATH to its token file") from None
 
 
 def quiet_token_auth_notice() -> None:

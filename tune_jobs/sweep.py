@@ -256,27 +256,30 @@ def resume_command(spec: Spec) -> str:
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
-    save_spec(spec)  # first: a sweep stopped while Ray starts can be resumed as its Ctrl-C line says
-    apply_tune_settings(spec)
-    # The store's migration overlaps Ray's start and the first trial's start; only the driver's MLflow callback
-    # waits for it, when the first trial has started.
-    pool = ThreadPoolExecutor(max_workers=1)
-    tracking = pool.submit(_prepare_tracking, spec)
-    pool.shutdown(wait=False)
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from .guard import SweepGuard
-    from .mlflow_callback import MlflowCallback
-    from .progress import StudyProgress
-    from .scheduler import early_stopping
-    from .searcher import MultiStudySearcher
-    from .space import study_space
-    from .summary import finish_studies
-    from .trainable import SweepContext, ended, run_trial
-
     try:
-        start_ray(spec, address)  # inside: a cluster refused after it started (too few CPUs or GPUs) is stopped too
+        if address:  # first: a cluster that refuses this driver (no token, too few GPUs) stores nothing
+            start_ray(spec, address)
+        save_spec(spec)  # then: a sweep stopped while a local Ray starts can be resumed as its Ctrl-C line says
+        apply_tune_settings(spec)
+        # The store's migration overlaps the imports, a local Ray's start and the first trial's start; only the
+        # driver's MLflow callback waits for it, when the first trial has started.
+        pool = ThreadPoolExecutor(max_workers=1)
+        tracking = pool.submit(_prepare_tracking, spec)
+        pool.shutdown(wait=False)
+        from ray import tune
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        from .guard import SweepGuard
+        from .mlflow_callback import MlflowCallback
+        from .progress import StudyProgress
+        from .scheduler import early_stopping
+        from .searcher import MultiStudySearcher
+        from .space import study_space
+        from .summary import finish_studies
+        from .trainable import SweepContext, ended, run_trial
+
+        if not address:
+            start_ray(spec, address)  # inside the try: a local Ray with too few CPUs or GPUs is stopped too
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
