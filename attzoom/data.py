@@ -147,14 +147,24 @@ def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, Imag
         raise DataError(f"Tiny-ImageNet malformed: {wnids_file} {what}; expected one wnid such as 'n01443537' "
                         "a line, each with a folder train/<wnid>/images")
     index = {w: i for i, w in enumerate(wnids)}
-    cache = _cache_file(folder, "tiny")
-    if cached := _read_cache(cache, 64, len(wnids)):
+    train_files, test_files = _tiny_train_files(folder, wnids, index), _tiny_val_files(folder, index)
+    cache, key = _cache_file(folder, "tiny"), _files_key(folder, train_files + test_files)
+    if cached := _read_cache(cache, 64, len(wnids), key):
         return *cached, len(wnids)
-    train = _read_images(_tiny_train_files(folder, wnids, index))
-    test = _read_images(_tiny_val_files(folder, index))
+    train, test = _read_images(train_files), _read_images(test_files)
     _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
-                test_x=test.images.numpy(), test_y=test.labels.numpy())
+                test_x=test.images.numpy(), test_y=test.labels.numpy(), key=np.array(key))
     return train, test, len(wnids)
+
+
+def _files_key(folder: Path, files: list[tuple[Path, int]]) -> str:
+    """What the decoded set was built from: each image's path, label, size and time of change. A copy completed
+    or fixed later is decoded again (the cache kept serving the old images)."""
+    digest = hashlib.sha1()
+    for path, label in files:
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder)}\t{label}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _tiny_train_files(folder: Path, wnids: list[str], index: dict[str, int]) -> list[tuple[Path, int]]:
@@ -303,8 +313,9 @@ def _cache_file(folder: Path, key: str) -> Path:
     return folder / f".attzoom-{key}.npz"
 
 
-def _read_cache(path: Path, size: int, classes: int) -> tuple[ImageSet, ImageSet] | None:
-    """The cached (train, test), or None when there is none or it is damaged or does not fit.
+def _read_cache(path: Path, size: int, classes: int, key: str | None = None) -> tuple[ImageSet, ImageSet] | None:
+    """The cached (train, test), or None when there is none, it is damaged or does not fit, or (``key``) it was
+    built from other files.
 
     A cache is this program's own derived file, not the user's data: when it is damaged (a full
     disk, a copy cut short) a user expects it rebuilt from the data set, not an error telling them
@@ -314,6 +325,8 @@ def _read_cache(path: Path, size: int, classes: int) -> tuple[ImageSet, ImageSet
         return None
     try:
         with np.load(path) as z:
+            if key is not None and ("key" not in z.files or str(z["key"]) != key):
+                return None
             parts = tuple(ImageSet(torch.from_numpy(z[f"{s}_x"]), torch.from_numpy(z[f"{s}_y"]))
                           for s in ("train", "test"))
     except Exception:  # noqa: BLE001 - zip, npy and torch errors of every kind all mean: rebuild it

@@ -225,13 +225,28 @@ def test_tinyimagenet_loads_folder_layout(tmp_path):
     assert (folder / ".attzoom-tiny.npz").is_file()
 
 
-def test_tinyimagenet_cache_is_used_and_identical(tmp_path):
+def test_a_tinyimagenet_copy_completed_later_is_decoded_again(tmp_path):
+    # the cache kept serving the first, partial copy's images, without a word
+    folder = write_tinyimagenet(tmp_path, per_class=2)
+    assert len(data.load_tinyimagenet(tmp_path, download=False)[0].labels) == 6
+    for label, wnid in enumerate(WNIDS):
+        for i in range(2, 4):
+            _jpeg(folder / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", COLOURS[label])
+    train, _, _ = data.load_tinyimagenet(tmp_path, download=False)
+    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(list(folder.glob(".attzoom-*"))) == 1  # rebuilt in place, not beside the old one
+
+
+def test_tinyimagenet_cache_is_used_and_identical(tmp_path, monkeypatch):
     folder = write_tinyimagenet(tmp_path)
     first = data.load_tinyimagenet(tmp_path, download=False)
     cache = folder / ".attzoom-tiny.npz"
     assert cache.is_file()
-    for jpeg in folder.rglob("*.JPEG"):  # a second load must not need the images any more
-        jpeg.unlink()
+
+    def decode(files):
+        raise AssertionError("decoded the images again")
+
+    monkeypatch.setattr(data, "_read_images", decode)  # a second load reads the cache only
     second = data.load_tinyimagenet(tmp_path, download=False)
     assert second[2] == first[2]
     for a, b in zip(first[:2], second[:2]):
@@ -501,13 +516,16 @@ def _fuzz_cache(cache: Path, reference, reload, n: int = 200) -> None:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_fuzz_tinyimagenet_cache(tmp_path):
+def test_fuzz_tinyimagenet_cache(tmp_path, monkeypatch):
     folder = write_tinyimagenet(tmp_path, per_class=1)
     reload = lambda: load("tinyimagenet", tmp_path, download=False)  # noqa: E731
     reference = reload()
     _fuzz_cache(folder / ".attzoom-tiny.npz", reference, reload)
-    for jpeg in folder.rglob("*.JPEG"):  # the last damaged cache was replaced by a good one
-        jpeg.unlink()
+
+    def decode(files):
+        raise AssertionError("decoded the images again")
+
+    monkeypatch.setattr(data, "_read_images", decode)  # the last damaged cache was replaced by a good one
     assert torch.equal(reload().test.images, reference.test.images)
 
 
