@@ -128,3 +128,29 @@ def test_runs_a_killed_driver_left_running_end_killed_when_the_next_driver_prepa
     prepare_tracking(spec)  # the next driver (resume, confirm) holds the lease
     assert runs.client.get_run(runs.run_of("t1")).info.status == "KILLED"
     assert summarize(runs.client, experiment)[study]["stopped"] == 1
+
+
+def test_an_orphan_trials_run_is_deleted_killed_not_running(tmp_path):
+    # a trial the restored experiment does not know: its run went to the bin still RUNNING (the resumed driver had
+    # reopened it from the kept writes), so a restored run read as running with nothing training it
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mlflow.entities import ViewType
+
+    from tune_jobs.spec import load_spec
+    from tune_jobs.sweep import drop_orphan_runs
+    from tune_jobs.tracking import TrialRuns, prepare_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = replace(load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml"), tracking_uri=uri,
+                   storage=str(tmp_path / "r"))
+    experiment, parents = prepare_tracking(spec)
+    study = spec.studies[0].name
+    runs = TrialRuns(uri, experiment, parents)
+    runs.open("kept", study, {STUDY: study}, {"lr": 0.1})
+    runs.open("orphan", study, {STUDY: study}, {"lr": 0.2})
+    drop_orphan_runs(spec, experiment, {"kept"})
+    everything = runs.client.search_runs([experiment], tag_filter(TRIAL, "orphan"), run_view_type=ViewType.ALL)
+    assert [(r.info.lifecycle_stage, r.info.status) for r in everything] == [("deleted", "KILLED")]
+    assert runs.client.get_run(runs.run_of("kept")).info.status == "RUNNING"

@@ -370,4 +370,6 @@ def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> Non
     client = MlflowClient(spec.tracking_uri)
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         if run.data.tags.get(layout.TRIAL) not in trial_ids:
+            if run.info.status == "RUNNING":  # nothing trains it: deleted, it would still read as running
+                client.set_terminated(run.info.run_id, "KILLED")
             client.delete_run(run.info.run_id)
