@@ -57,6 +57,8 @@ def load(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: 
          download: bool = True) -> Splits:
     """Load a data set by name and hold ``val_fraction`` of its training set out for validation."""
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():  # else "downloading ... failed (FileExistsError)", or no cache at all
+        raise DataError(f"data root {root} is a file, not a folder; pass the folder that holds the data sets")
     if name == "cifar100":
         train, test, classes = load_cifar100(root, download)
     elif name == "tinyimagenet":

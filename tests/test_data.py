@@ -86,6 +86,14 @@ def test_bad_val_fraction(fake_cifar100, fraction):
         load("cifar100", fake_cifar100, val_fraction=fraction, download=False)
 
 
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path, name):
+    # it said "downloading ... failed (FileExistsError)", or trained on digits it could never cache
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DataError, match=f"data root {tmp_path / 'data'} is a file, not a folder"):
+        load(name, tmp_path / "data", download=False)
+
+
 def test_cifar100_missing_names_path_and_layout(tmp_path):
     with pytest.raises(DataError) as info:
         load("cifar100", tmp_path / "nowhere", download=False)
