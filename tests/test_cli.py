@@ -331,3 +331,28 @@ def test_the_ui_hint_names_this_environments_attzoom_by_a_path_that_works_from_a
     executable, rest = ui_command(spec).split(" ", 1)
     assert Path(executable).is_absolute() and Path(executable).is_file(), executable
     assert rest.startswith("ui t1 --tracking-uri sqlite:////data/m.db"), rest
+
+
+def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
+    # right after a kill -9 it said "running 1" as if the sweep went on
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.spec import Spec, spec_json
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
+    spec = Spec(name="k", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                trials=2, tracking_uri=uri, storage=storage)
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("k"), tags={SPEC: spec_json(spec)})
+    client.create_run(eid, tags={SWEEP: "k", STUDY: spec.studies[0].name, ROLE: "trial", TRIAL: "a-1"})
+    (tmp_path / "ray_results" / "k").mkdir(parents=True)
+    with sweep_lease(storage, "k"):  # a driver runs it
+        assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
+        assert "no driver" not in capsys.readouterr().out
+    assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "running 1" in out and "no driver runs it now (it was killed)" in out
+    assert f"continue with `attzoom resume k --storage {storage}`" in out

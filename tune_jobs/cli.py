@@ -231,11 +231,11 @@ def run_status_command(args) -> int:
             raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
                             "check the name or pass --tracking-uri")
     for experiment in experiments:
-        print_sweep_status(client, experiment)
+        print_sweep_status(client, experiment, args.tracking_uri)
     return 0
 
 
-def print_sweep_status(client, experiment) -> None:
+def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     """One line per study of the sweep's spec (stored with its experiment), against its N trials: a study with no
     run yet is listed too, so the lines show what the sweep still has to do."""
     from .layout import sweep_of
@@ -256,6 +256,13 @@ def print_sweep_status(client, experiment) -> None:
               f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
     if rows and spec and (waiting := sorted({s.name for s in spec.studies} - set(rows))):
         print(f"  no trial yet: {', '.join(waiting)}")
+    if spec and any(row["running"] for row in rows.values()):
+        from .lease import driver_gone
+        from .sweep import resume_command
+
+        if driver_gone(spec.storage, spec.name, tracking_uri):  # the runs say RUNNING until the next driver
+            print(f"  no driver runs it now (it was killed): nothing trains the running trials; continue with "
+                  f"`{resume_command(spec)}`")
 
 
 def stored_spec_of(experiment):

@@ -170,6 +170,19 @@ def lease_for(storage: str, sweep: str, tracking_uri: str | None):
     return StoreLease(open_store(tracking_uri), layout.lease_experiment(sweep))
 
 
+def driver_gone(storage: str, sweep: str, tracking_uri: str | None) -> bool:
+    """Whether no driver holds the sweep now, as far as this machine can tell: False when its storage folder is not
+    visible here (a local path of another machine) or the lease cannot be read."""
+    if (path := lease_path(storage, sweep)) is not None and not (path.parent / sweep).is_dir():
+        return False
+    try:
+        lease = lease_for(storage, sweep, tracking_uri)
+        holder = _current(lease) if lease is not None else {}
+    except Exception:  # noqa: BLE001 - a store that refuses the read: unknown
+        return False
+    return holder is None or not _alive(holder, lease)
+
+
 @contextmanager
 def sweep_lease(storage: str, sweep: str, out=sys.stderr, on_error: Callable[[str], None] | None = None,
                 tracking_uri: str | None = None):
