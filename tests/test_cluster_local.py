@@ -150,6 +150,7 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     finally:
         spec.unlink()
     assert submitted.returncode == 0, submitted.stderr
+    assert "INFO" not in submitted.stderr, submitted.stderr  # Ray's packaging lines: with -v only
     assert (state / "token").read_text().strip() not in submitted.stdout + submitted.stderr  # never printed
     job_id = submitted.stdout.strip()
 

@@ -283,6 +283,9 @@ def jobs_client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from .logs import quiet_ray
+
+    quiet_ray()
     token = auth_token()
     try:
         return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)

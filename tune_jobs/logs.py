@@ -54,6 +54,19 @@ def configure_logging(verbose: bool = False) -> None:
     optuna.logging.set_verbosity(level)
 
 
+def quiet_ray() -> None:
+    """Ray gives its logger a handler of its own at INFO when imported: its INFO lines (a job's packaging, file by
+    file) follow -v as every library's do, and its notice that .git and .venv are left out of a job is dropped
+    (the job needs neither)."""
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the Jobs client's sets INFO for itself
+        logging.getLogger(name).setLevel(logging.getLogger().level)
+    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(_not_a_default_exclude_notice)
+
+
+def _not_a_default_exclude_notice(record: logging.LogRecord) -> bool:
+    return "is now ignored by default" not in record.getMessage()
+
+
 class VerboseFlag(argparse.Action):
     """``-v/--verbose``: the libraries' INFO lines back, from the moment it is parsed (before any command runs)."""
 
