@@ -230,3 +230,24 @@ def test_a_study_write_the_optuna_storage_refuses_stops_the_sweep_instead_of_bei
         assert "t0" not in searcher.searches[NAMES[0]]._completed_trials  # a resume tells it again
     finally:
         infra.clear()
+
+
+def test_a_failed_trial_that_a_resume_runs_again_reaches_its_study_and_counts_against_the_cap(tmp_path):
+    # Tune runs failed trials again on resume (resume_errored): their results were dropped, so the study kept FAIL for
+    # a trial MLflow showed finished, and they ran beside max_concurrent new ones
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url, trials=2, cap=2)
+    params = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", None, error=True)
+    searcher.suggest("t1")
+    complete(searcher, "t1", 10.0)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = make_searcher(storage_url=url, trials=2, cap=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.live == {"t0"}
+    assert restored.suggest("t2") is not None and restored.suggest("t3") is None  # t0 and t2 fill the cap of 2
+    complete(restored, "t0", 30.0)
+    trials = optuna.load_study(study_name=f"sw/{params[STUDY_KEY]}", storage=url).trials
+    mine = [t for t in trials if t.user_attrs["tune_trial_id"] == "t0"]
+    assert [t.state.name for t in mine] == ["FAIL", "COMPLETE"] and mine[1].value == 30.0
+    assert mine[0].params == mine[1].params

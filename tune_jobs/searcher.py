@@ -37,6 +37,7 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.best: dict[str, float] = {}  # trial id -> its best epoch's metric so far
         self.told: set[str] = set()  # trials a killed driver told after its last snapshot (set on restore)
+        self.failed: set[str] = set()  # trials told FAIL (failed for good), which a resume runs again (rerun)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -73,6 +74,20 @@ class StudySearch(OptunaSearch):
         the trial stayed RUNNING in the study, lost to TPE, and a resume marked it FAIL)."""
         if self._stored(trial_id, "its end", self._ot_study.tell, self._ot_trials[trial_id], value, state=state):
             self._completed_trials.add(trial_id)  # noqa: SLF001
+            if state == TrialState.FAIL:
+                self.failed.add(trial_id)
+
+    def rerun(self, trial_id: str) -> None:
+        """A trial that failed for good, which a resume runs again (Tune's resume_errored): a new Optuna trial with
+        its params takes its results, and the failed one stays as the attempt it was. Its results were dropped, so
+        the study kept FAIL for a trial MLflow showed finished."""
+        params = self._ot_trials[trial_id].params
+        self._ot_study.enqueue_trial(params, skip_if_exists=False)
+        del self._ot_trials[trial_id]
+        self.suggest(trial_id)  # asks the enqueued params back
+        self.failed.discard(trial_id)
+        self._completed_trials.discard(trial_id)  # noqa: SLF001
+        self.best.pop(trial_id, None)
 
     def _stored(self, trial_id: str, what: str, write, *args, **kwargs) -> bool:
         """Make one write to the study; a failure is reported as the sweep's infrastructure problem (infra.py):
@@ -138,5 +153,9 @@ class MultiStudySearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         for search in self.searches.values():
+            search.__dict__.setdefault("failed", set())  # a searcher saved before failed trials were kept
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
                 search.told = settle_restored(search._storage, search._study_name, self.live)  # noqa: SLF001
+            for trial_id in sorted(search.failed):  # Tune runs them again (resume_errored): the cap counts them
+                search.rerun(trial_id)
+                self.live.add(trial_id)
