@@ -254,6 +254,7 @@ def test_without_v_the_servers_print_no_info_lines_and_nothing_goes_into_home(ui
     ui["ui"].stop()  # ended by the test above, else by Ctrl-C: the servers' whole output, their stopping too
     log = Path(ui["ui"].log.name).read_text()
     assert "INFO" not in log and "DeprecationWarning" not in log and "Uvicorn running" not in log, log
+    assert "Security middleware" not in log  # MLflow's hint on opening the server to other hosts
     assert "Registry store URI" not in ui["output"]
     assert not (ui["home"] / ".gunicorn").exists()
 

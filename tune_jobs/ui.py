@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ STOP_S = 10  # how long a server may take to stop after SIGTERM before it is kil
 DONE = "done\n"  # what this process tells its watchdog once it has stopped the servers itself
 # MLflow's own import of a Starlette module; nothing a user of the UI can act on
 QUIET_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated:UserWarning"
+# MLflow's start-up hint on how to open its server to other hosts: this one stays on 127.0.0.1 (README: Security)
+NOISE = ("[MLflow] Security middleware enabled",)
 
 
 def default_optuna_storage(tracking_uri: str) -> str | None:
@@ -103,7 +106,7 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
                                            "--host", HOST, "--port", str(optuna_port),
                                            *([] if verbose else ["--quiet"])]  # gunicorn's errors only
         return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port),
-                         private, server_environment(tracking_uri, private, verbose))
+                         private, server_environment(tracking_uri, private, verbose), () if verbose else NOISE)
 
 
 def server_environment(tracking_uri: str, private: str, verbose: bool) -> dict[str, str]:
@@ -132,27 +135,33 @@ def print_addresses(base: str, addresses: dict[str, str], storage: str | None, o
     print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
 
 
-def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready, private: str, env: dict[str, str]) -> int:
-    """Run the servers until Ctrl-C (0) or until one ends (the others are stopped; 1); ``ready`` once all answer."""
+def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready, private: str, env: dict[str, str],
+              drop: tuple[str, ...] = ()) -> int:
+    """Run the servers until Ctrl-C (0) or until one ends (the others are stopped; 1); ``ready`` once all answer.
+    ``drop``: the beginnings of the servers' stderr lines not to pass on."""
     # Ctrl-C, `kill` or a closed terminal stop the servers (a shell starts a background job with SIGINT ignored)
     wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _interrupt, signal.SIGHUP: _interrupt}
     handlers = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     try:
         with watchdog(private) as guard:
-            return run_servers(servers, ports, ready, env, guard)
+            return run_servers(servers, ports, ready, env, guard, drop)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
 
-def run_servers(servers: dict[str, list[str]], ports: dict[str, int], ready, env: dict[str, str], guard) -> int:
+def run_servers(servers: dict[str, list[str]], ports: dict[str, int], ready, env: dict[str, str], guard,
+                drop: tuple[str, ...] = ()) -> int:
     """Start the servers, each in a process group of its own (in this session) that ``guard`` learns, and watch
     them; stop them all however this ends."""
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in servers.items():
-            processes[name] = subprocess.Popen(command, env=env, process_group=0)
+            processes[name] = subprocess.Popen(command, env=env, process_group=0, text=True,
+                                               stderr=subprocess.PIPE if drop else None)
             guard(processes[name].pid)
+            if drop:
+                threading.Thread(target=_pass_on, args=(processes[name].stderr, drop), daemon=True).start()
         waiting = dict.fromkeys(processes)
         deadline = time.monotonic() + START_S
         while True:
@@ -176,6 +185,14 @@ def run_servers(servers: dict[str, list[str]], ports: dict[str, int], ready, env
         return 0
     finally:
         end({process.pid: process.poll for process in processes.values()})
+
+
+def _pass_on(stream, drop: tuple[str, ...]) -> None:
+    """A server's stderr to ours, line by line, but for the lines ``drop`` begins."""
+    for line in stream:
+        if not line.startswith(drop):
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _interrupt(signum, frame):
