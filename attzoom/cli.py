@@ -127,6 +127,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.best:  # none when epoch 1 diverged: a best.pt there is another run's, or missing
         test = best_test_metrics(ckpt, data, config.device)
         epochs = f"{result.epochs} epoch{'' if result.epochs == 1 else 's'}"
+        if not bar.trained:  # the same command again: its last.pt had ended, so this only tested best.pt
+            epochs += f" (its last.pt in {ckpt} had ended: nothing trained now; --restart trains it again)"
         print(f"{result.status} after {epochs}; best epoch {result.best['epoch']}: "
               f"val top-1 {result.best['val_top1']:.2f} %, top-5 {result.best['val_top5']:.2f} %; "
               f"test top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} %")
@@ -156,8 +158,10 @@ class EpochBar:
         from tqdm import tqdm
 
         self.bar = tqdm(total=epochs, desc=label, unit="epoch", file=sys.stderr)
+        self.trained = 0  # epochs this command trained (a finished last.pt: none)
 
     def __call__(self, metrics: dict, _checkpoint_dir) -> None:
+        self.trained += 1
         self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", top1=f"{metrics['val_top1']:.1f}",
                              img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
         self.bar.update(metrics["epoch"] - self.bar.n)

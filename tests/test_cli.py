@@ -65,7 +65,10 @@ def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_i
     assert main([*args, "1", "--lr", "0.05"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "lr: 0.001 in it, 0.05 now" in lines[0] and "--restart" in lines[0], lines
-    assert main([*args, "1"]) == 0 and capsys.readouterr().out == out.stdout  # its own command still resumes it
+    assert main([*args, "1"]) == 0  # its own command still resumes it; it had ended, which it says (it did not)
+    again = capsys.readouterr().out
+    assert again.startswith("completed after 1 epoch (its last.pt in") and "nothing trained now" in again
+    assert again.split("; best epoch", 1)[-1] == out.stdout.split("; best epoch", 1)[-1]  # the same numbers
     last = tmp_path / "run" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     out = attzoom(*args, "1", cwd=tmp_path)
