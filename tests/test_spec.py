@@ -492,6 +492,10 @@ def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_n
     save_spec(spec)
     (Path(spec.storage) / spec.name / "experiment_state-2026-11-30_19-00-00.json").write_text("{}")  # Tune's
     database = Path(spec.tracking_uri[len("sqlite:///"):])
+    from tune_jobs.sweep import check_stores_kept
+
+    check_stores_kept(spec, searcher=False)  # stopped before its first trial: it may not have made its experiment
+    (Path(spec.storage) / spec.name / f"{spec.studies[0].name}-1a2b3c4d").mkdir()  # a trial started: its run too
     resume = ["resume", spec.name, "--storage", spec.storage]
     capsys.readouterr()
     assert cli.main(resume) == 2
@@ -508,8 +512,6 @@ def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_n
     url = f"sqlite:///{database.parent / 'optuna.db'}"
     for study in spec.studies:
         optuna.create_study(storage=url, study_name=optuna_study_name(spec.name, study.name))
-    from tune_jobs.sweep import check_stores_kept
-
     check_stores_kept(spec)  # both stores where they were: the resume goes on
 
 

@@ -203,11 +203,15 @@ def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
 
 
 def _kept_in_tracking_store(spec: Spec) -> bool:
-    """False only when the store answers without the sweep's experiment and no MLflow write waits in the journal (a
-    sweep started during an outage makes its experiment from there)."""
+    """False only when a trial has started (its folder is there), no MLflow write waits in the journal, and the store
+    answers without the sweep's experiment: that trial's run was made in it, so it is another store now. A sweep
+    stopped before its first trial, or during an outage, may not have made its experiment yet."""
     from .mlflow_callback import journal_path
     from .tracking import sweep_experiment
 
+    prefixes = tuple(f"{study.name}-" for study in spec.studies)
+    if not any(name.startswith(prefixes) for name in folder_names(spec.storage, spec.name, folders_only=True)):
+        return True
     journal = journal_path(spec)
     if journal.is_file() and journal.stat().st_size:
         return True
