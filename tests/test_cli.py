@@ -357,5 +357,5 @@ def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
         assert "no driver" not in capsys.readouterr().out
     assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "running 1" in out and "no driver runs it now (it was killed)" in out
+    assert "running 1" in out and "no driver runs it now (it stopped or was killed)" in out
     assert f"continue with `attzoom resume k --storage {storage}`" in out

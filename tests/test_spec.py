@@ -501,7 +501,7 @@ def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_n
     assert cli.main(resume) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the tracking store sqlite:///" in err and "holds no experiment of sweep" in err
-    assert "put it back, or set tracking_uri in" in err and not database.exists(), err
+    assert "put it back where it was" in err and not database.exists(), err
 
     MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
     assert cli.main(resume) == 2

@@ -261,8 +261,8 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
         from .sweep import resume_command
 
         if driver_gone(spec.storage, spec.name, tracking_uri):  # the runs say RUNNING until the next driver
-            print(f"  no driver runs it now (it was killed): nothing trains the running trials; continue with "
-                  f"`{resume_command(spec)}`")
+            print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
+                  f"with `{resume_command(spec)}`")
 
 
 def stored_spec_of(experiment):

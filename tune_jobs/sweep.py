@@ -192,14 +192,15 @@ def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
     and the driver hung. ``searcher`` False: the Optuna storage is not needed (confirm)."""
     if not any(name.startswith("experiment_state-") for name in folder_names(spec.storage, spec.name)):
         return  # nothing to restore: the sweep starts (a first demo) and makes its stores
-    source = f"{sweep_location(spec.storage, spec.name)}/{SPEC_FILE}"
-    results = f"whose results are in {sweep_location(spec.storage, spec.name)}: it was moved or deleted; put it back"
+    # Tune restores the callbacks and the searcher with the stores they began with: the store must come back there
+    results = (f"whose results are in {sweep_location(spec.storage, spec.name)}: it was moved, deleted or replaced; "
+               "put it back where it was (a resume goes on in the stores the sweep began in)")
     if not _kept_in_tracking_store(spec):
         raise SpecError(f"the tracking store {hide_password(spec.tracking_uri)} holds no experiment of sweep "
-                        f"{spec.name!r}, {results}, or set tracking_uri in {source} to where it is now")
+                        f"{spec.name!r}, {results}")
     if searcher and (missing := _missing_studies(spec)):
         raise SpecError(f"the Optuna storage {hide_password(optuna_storage_url(spec))} holds no study {missing[0]!r} "
-                        f"of sweep {spec.name!r}, {results}, or set optuna_storage in {source} to where it is now")
+                        f"of sweep {spec.name!r}, {results}")
 
 
 def _kept_in_tracking_store(spec: Spec) -> bool:
@@ -209,6 +210,8 @@ def _kept_in_tracking_store(spec: Spec) -> bool:
     from .mlflow_callback import journal_path
     from .tracking import sweep_experiment
 
+    if is_remote(spec.storage):  # its unmade writes travel in the snapshot, not in a journal here (mlflow_callback)
+        return True
     prefixes = tuple(f"{study.name}-" for study in spec.studies)
     if not any(name.startswith(prefixes) for name in folder_names(spec.storage, spec.name, folders_only=True)):
         return True
@@ -262,7 +265,10 @@ def resume_command(spec: Spec) -> str:
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     try:
         if address:  # first: a cluster that refuses this driver (no token, too few GPUs) stores nothing
-            start_ray(spec, address)
+            try:
+                start_ray(spec, address)
+            except KeyboardInterrupt:  # nothing is saved yet: there is no sweep to resume
+                raise KeyboardInterrupt("interrupted before the sweep started; run the same command again") from None
         save_spec(spec)  # then: a sweep stopped while a local Ray starts can be resumed as its Ctrl-C line says
         apply_tune_settings(spec)
         # The store's migration overlaps the imports, a local Ray's start and the first trial's start; only the
