@@ -238,6 +238,7 @@ def test_a_failed_trial_that_a_resume_runs_again_reaches_its_study_and_counts_ag
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     searcher = make_searcher(storage_url=url, trials=2, cap=2)
     params = searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"val_top1": 60.0, "epoch": 1, "training_iteration": 1})
     searcher.on_trial_complete("t0", None, error=True)
     searcher.suggest("t1")
     complete(searcher, "t1", 10.0)
@@ -246,8 +247,27 @@ def test_a_failed_trial_that_a_resume_runs_again_reaches_its_study_and_counts_ag
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.live == {"t0"}
     assert restored.suggest("t2") is not None and restored.suggest("t3") is None  # t0 and t2 fill the cap of 2
-    complete(restored, "t0", 30.0)
+    # that resume is stopped too while t0 runs on from its checkpoint: the next one must still take its results
+    restored.on_trial_result("t0", {"val_top1": 50.0, "epoch": 2, "training_iteration": 2})
+    restored.save(str(tmp_path / "searcher.pkl"))
+    again = make_searcher(storage_url=url, trials=2, cap=2)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_result("t0", {"val_top1": 45.0, "epoch": 3, "training_iteration": 3})
+    again.on_trial_complete("t0", {"val_top1": 45.0, "training_iteration": 3})
     trials = optuna.load_study(study_name=f"sw/{params[STUDY_KEY]}", storage=url).trials
     mine = [t for t in trials if t.user_attrs["tune_trial_id"] == "t0"]
-    assert [t.state.name for t in mine] == ["FAIL", "COMPLETE"] and mine[1].value == 30.0
-    assert mine[0].params == mine[1].params
+    assert [t.state.name for t in mine] == ["FAIL", "COMPLETE"] and mine[0].params == mine[1].params
+    assert mine[1].value == 60.0 and mine[1].intermediate_values == {1: 60.0, 2: 50.0, 3: 45.0}  # its best epoch's
+
+
+def test_a_searcher_saved_before_failed_trials_were_kept_finds_them_in_its_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    params = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", None, error=True)
+    for search in searcher.searches.values():
+        del search.__dict__["failed"]  # as an older version pickled it
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.live == {"t0"} and restored.searches[params[STUDY_KEY]].failed == set()

@@ -78,16 +78,23 @@ class StudySearch(OptunaSearch):
                 self.failed.add(trial_id)
 
     def rerun(self, trial_id: str) -> None:
-        """A trial that failed for good, which a resume runs again (Tune's resume_errored): a new Optuna trial with
-        its params takes its results, and the failed one stays as the attempt it was. Its results were dropped, so
-        the study kept FAIL for a trial MLflow showed finished."""
-        params = self._ot_trials[trial_id].params
-        self._ot_study.enqueue_trial(params, skip_if_exists=False)
-        del self._ot_trials[trial_id]
+        """A trial that failed for good, which a resume runs again from its checkpoint (Tune's resume_errored): a
+        new Optuna trial with its params and the epochs it had reported takes its results, and the failed one stays
+        as the attempt it was. Its results were dropped, so the study kept FAIL for a trial MLflow showed finished."""
+        old = self._ot_trials.pop(trial_id)
+        self._ot_study.enqueue_trial(old.params, skip_if_exists=False)
         self.suggest(trial_id)  # asks the enqueued params back
+        new = self._ot_trials[trial_id]
+        for step, value in sorted(self._ot_study._storage.get_trial(old._trial_id).intermediate_values.items()):
+            new.report(value, step)
         self.failed.discard(trial_id)
         self._completed_trials.discard(trial_id)  # noqa: SLF001
-        self.best.pop(trial_id, None)
+
+    def failed_before(self) -> set[str]:
+        """The trials told FAIL, read from the study: a searcher saved before it kept them (failed) had none."""
+        storage = self._ot_study._storage
+        return {t for t in self._completed_trials if t in self._ot_trials  # noqa: SLF001
+                and storage.get_trial(self._ot_trials[t]._trial_id).state == TrialState.FAIL}
 
     def _stored(self, trial_id: str, what: str, write, *args, **kwargs) -> bool:
         """Make one write to the study; a failure is reported as the sweep's infrastructure problem (infra.py):
@@ -153,7 +160,8 @@ class MultiStudySearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         for search in self.searches.values():
-            search.__dict__.setdefault("failed", set())  # a searcher saved before failed trials were kept
+            if "failed" not in search.__dict__:  # a searcher saved before failed trials were kept
+                search.failed = search.failed_before()
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
                 search.told = settle_restored(search._storage, search._study_name, self.live)  # noqa: SLF001
             for trial_id in sorted(search.failed):  # Tune runs them again (resume_errored): the cap counts them

@@ -30,11 +30,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def trial_of(storage, study_id: int, tune_trial_id: str):
-    """The Optuna trial (a FrozenTrial) that Tune trial ``tune_trial_id`` was asked as, or None."""
-    for trial in storage.get_all_trials(study_id, deepcopy=False):
-        if trial.user_attrs.get(TUNE_TRIAL_ATTR) == tune_trial_id:
-            return trial
-    return None
+    """The Optuna trial (a FrozenTrial) that Tune trial ``tune_trial_id`` was last asked as, or None (a trial that
+    failed for good and ran again on a resume was asked anew: searcher.StudySearch.rerun)."""
+    return _latest(storage.get_all_trials(study_id, deepcopy=False)).get(tune_trial_id)
+
+
+def _latest(trials) -> dict:
+    """Tune trial id -> the last Optuna trial asked for it."""
+    return {trial.user_attrs.get(TUNE_TRIAL_ATTR): trial for trial in sorted(trials, key=lambda t: t.number)}
 
 
 def attach_run(url: str, study_name: str, tune_trial_id: str, run_id: str) -> None:
@@ -54,12 +57,14 @@ def settle_restored(storage, study_name: str, live: set[str]) -> set[str]:
     trial has already finished (that driver told it after its last snapshot; Tune runs the trial on from its
     checkpoint, and Optuna refuses a second report or tell)."""
     study_id = storage.get_study_id_from_name(study_name)
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    latest = _latest(trials)
     told = set()
-    for trial in storage.get_all_trials(study_id, deepcopy=False):
+    for trial in trials:
         owner = trial.user_attrs.get(TUNE_TRIAL_ATTR)
-        if trial.state == optuna.trial.TrialState.RUNNING and owner not in live:
+        if trial.state == optuna.trial.TrialState.RUNNING and (owner not in live or latest[owner] is not trial):
             storage.set_trial_state_values(_storage_id(storage, study_id, trial), optuna.trial.TrialState.FAIL)
-        elif trial.state.is_finished() and owner in live:
+        elif trial.state.is_finished() and owner in live and latest[owner] is trial:
             told.add(owner)
     return told
 
