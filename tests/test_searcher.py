@@ -227,9 +227,15 @@ def test_a_study_write_the_optuna_storage_refuses_stops_the_sweep_instead_of_bei
         infra.clear()
         searcher.on_trial_complete("t0", {"val_top1": 20.0, "training_iteration": 2})
         assert f"Optuna storage {url} failed to record its end of trial t0" in (infra.problem() or "")
-        assert "t0" not in searcher.searches[NAMES[0]]._completed_trials  # a resume tells it again
+        assert "t0" not in searcher.searches[NAMES[0]]._completed_trials
+        searcher.save(str(tmp_path / "searcher.pkl"))  # a snapshot may come before the sweep stops: Tune has t0 ended
     finally:
         infra.clear()
+    optuna.storages.RDBStorage(url)  # the storage is fixed (its missing tables made again)
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))  # the resume tells it, as Tune will not run t0 again
+    [trial] = optuna.load_study(study_name=f"sw/{NAMES[0]}", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 20.0 and infra.problem() is None
 
 
 def test_a_failed_trial_that_a_resume_runs_again_reaches_its_study_and_counts_against_the_cap(tmp_path):

@@ -38,6 +38,7 @@ class StudySearch(OptunaSearch):
         self.best: dict[str, float] = {}  # trial id -> its best epoch's metric so far
         self.told: set[str] = set()  # trials a killed driver told after its last snapshot (set on restore)
         self.failed: set[str] = set()  # trials told FAIL (failed for good), which a resume runs again (rerun)
+        self.untold: dict[str, tuple] = {}  # trial -> (value, state) the storage refused: told again on restore
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -71,8 +72,15 @@ class StudySearch(OptunaSearch):
 
     def _tell(self, trial_id: str, value: float | None, state: TrialState) -> None:
         """OptunaSearch's tell, but one the storage refuses stops the sweep (OptunaSearch logged it and went on:
-        the trial stayed RUNNING in the study, lost to TPE, and a resume marked it FAIL)."""
+        the trial stayed RUNNING in the study, lost to TPE, and a resume marked it FAIL). The refused tell is kept
+        with the searcher's state, which a snapshot may save before the sweep stops: the restore tells it again."""
+        self.untold[trial_id] = (value, state)
+        self.retell(trial_id)
+
+    def retell(self, trial_id: str) -> None:
+        value, state = self.untold[trial_id]
         if self._stored(trial_id, "its end", self._ot_study.tell, self._ot_trials[trial_id], value, state=state):
+            del self.untold[trial_id]
             self._completed_trials.add(trial_id)  # noqa: SLF001
             if state == TrialState.FAIL:
                 self.failed.add(trial_id)
@@ -162,6 +170,8 @@ class MultiStudySearcher(Searcher):
         for search in self.searches.values():
             if "failed" not in search.__dict__:  # a searcher saved before failed trials were kept
                 search.failed = search.failed_before()
+            for trial_id in list(search.__dict__.setdefault("untold", {})):
+                search.retell(trial_id)
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
                 search.told = settle_restored(search._storage, search._study_name, self.live)  # noqa: SLF001
             for trial_id in sorted(search.failed):  # Tune runs them again (resume_errored): the cap counts them
