@@ -105,8 +105,9 @@ class StudySearch(OptunaSearch):
                 and storage.get_trial(self._ot_trials[t]._trial_id).state == TrialState.FAIL}
 
     def _stored(self, trial_id: str, what: str, write, *args, **kwargs) -> bool:
-        """Make one write to the study; a failure is reported as the sweep's infrastructure problem (infra.py):
-        the sweep stops there, and its resume, from the snapshot before, makes the write again."""
+        """Make one write to the study; a failure is reported as the sweep's infrastructure problem (infra.py), so
+        the sweep stops there (a refused tell is made again on restore: retell; a refused epoch value is lost to
+        the study's curve only, which TPE does not read)."""
         try:
             write(*args, **kwargs)
             return True
