@@ -422,8 +422,10 @@ def test_on_cloud_storage_the_snapshot_carries_the_unmade_writes_to_a_driver_on_
     logger.on_experiment_end([])
     infra.clear()
 
-    monkeypatch.setenv("HOME", str(tmp_path / "second-host"))  # no journal here
+    monkeypatch.setenv("HOME", str(tmp_path / "second-host"))
     up = replace(demo, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    journal_path(up).parent.mkdir(parents=True)  # an older driver's journal here: the newer snapshot's writes win
+    journal_path(up).write_text('{"op": "epoch", "trial": "stale", "step": 1, "metrics": {}, "tags": {}}\n')
     experiment, parents = prepare_tracking(up)
     resumed = MlflowCallback(SweepContext(up), lambda: (experiment, parents))
     resumed.set_state(state)  # Tune restores the callbacks' state before their setup

@@ -71,16 +71,16 @@ class MlflowCallback(tune.Callback):
         self._runs: TrialRuns | None = None
         self._outbox: Outbox | None = None
         self._opened: set[str] = set()  # trials whose run this driver has queued an open for
-        self._kept: list[dict] = []  # cloud storage: the writes the restored experiment snapshot carried
+        self._kept: list[dict] | None = None  # cloud storage: the writes the restored experiment snapshot carried
 
     def __getstate__(self) -> dict:
         # Tune pickles the run config. The store connection, the outbox and the pending preparation stay in this
         # process; a logger restored from that pickle (a resumed sweep) finds the experiment and parent runs again.
-        return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set(), "_kept": []}
+        return {**self.__dict__, "_runs": None, "store": None, "_outbox": None, "_opened": set(), "_kept": None}
 
     def __setstate__(self, state: dict) -> None:
         # a logger pickled by an older version (before the outbox) lacks the newer fields
-        self.__dict__.update({"_outbox": None, "_opened": set(), "_kept": [], **state})
+        self.__dict__.update({"_outbox": None, "_opened": set(), "_kept": None, **state})
 
     @property
     def runs(self) -> TrialRuns:
@@ -112,7 +112,7 @@ class MlflowCallback(tune.Callback):
         return {"unmade": self.outbox.unmade()} if local_path(self.sweep.spec.storage) is None else None
 
     def set_state(self, state: dict) -> None:
-        self._kept = state.get("unmade", [])  # before setup, which opens the outbox
+        self._kept = state.get("unmade")  # before setup, which opens the outbox
 
     def on_experiment_end(self, trials, **info):
         """At the end of the sweep, wait for every write (a summary follows). When the run is stopped (a failure,

@@ -31,17 +31,20 @@ class Outbox:
     """Ordered, durable, exactly-once delivery of the driver's writes to one tracking store."""
 
     def __init__(self, path: Path, make: Callable[[dict], None], unreachable: Callable[[BaseException], bool],
-                 store: str, deadline_s: float, out=sys.stderr, kept: list[dict] = ()):
-        """``kept``: the writes a killed driver on another host had not made (its journal stayed there), made when
-        this host's journal holds none."""
+                 store: str, deadline_s: float, out=sys.stderr, kept: list[dict] | None = None):
+        """``kept``: the writes the restored experiment snapshot carries (cloud storage, where the journal stays on
+        its driver's host). They replace this host's journal, which may be an older driver's: Tune redoes all that
+        came after the snapshot, so its writes are the ones to make."""
         self.path, self.make, self.unreachable = path, make, unreachable
         self.store, self.deadline_s, self.out = store, deadline_s, out
         self._file = None
         self._pending = deque(self._load())
-        if not self._pending and kept:
-            self._pending.extend(kept)
-            self._journal().writelines(json.dumps(write) + "\n" for write in kept)
-            self._journal().flush()
+        if kept is not None:
+            self._pending = deque(kept)
+            journal = self._journal()
+            journal.truncate(0)
+            journal.writelines(json.dumps(write) + "\n" for write in kept)
+            journal.flush()
         self._cond = threading.Condition()
         self._stopped = False  # gave up: the sweep stops, the journal stays for the next driver
         self._closed = False  # every write made and the writer gone (close)
