@@ -240,7 +240,7 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     run yet is listed too, so the lines show what the sweep still has to do."""
     from .layout import sweep_of
     from .naming import counted
-    from .summary import summarize
+    from .summary import closed, summarize
 
     rows = summarize(client, experiment.experiment_id)
     spec = stored_spec_of(experiment)
@@ -250,7 +250,7 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     for study, row in sorted(rows.items()):
         best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
         stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
-        done = ", done" if spec and row["finished"] + row["failed"] >= spec.trials else ""
+        done = ", done" if spec and closed(row) >= spec.trials else ""
         pruned = f" ({row['pruned']} stopped early by the scheduler)" if row["pruned"] else ""
         print(f"  {study}: finished {row['finished']}{pruned}, running {row['running']}, failed {row['failed']}"
               f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")

@@ -38,9 +38,8 @@ class Outbox:
         self.path, self.make, self.unreachable = path, make, unreachable
         self.store, self.deadline_s, self.out = store, deadline_s, out
         self._file = None
-        self._pending = deque(self._load())
+        self._pending = deque(self._load() if kept is None else kept)
         if kept is not None:
-            self._pending = deque(kept)
             journal = self._journal()
             journal.truncate(0)
             journal.writelines(json.dumps(write) + "\n" for write in kept)

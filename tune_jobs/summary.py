@@ -53,8 +53,7 @@ def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
             metrics[best] = row["best_top1"]
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
-        done = row.get("finished", 0) + row.get("failed", 0) >= spec.trials
-        client.set_terminated(run_id, "FINISHED" if done else "KILLED")
+        client.set_terminated(run_id, "FINISHED" if closed(row) >= spec.trials else "KILLED")
     return summary
 
 
@@ -78,7 +77,7 @@ def closing(spec: Spec, summary: dict, elapsed_s: float) -> tuple[str, int]:
               f"{spec.storage}/{spec.name}")
     if empty:
         return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
-                f"({failed} of {sum(r.get('failed', 0) + r.get('finished', 0) for r in summary.values())} trials "
+                f"({failed} of {sum(map(closed, summary.values()))} trials "
                 f"failed); {errors}"), 1
     if short := unrecorded(spec, summary):
         return (f"sweep {spec.name} ended in {elapsed_s:.0f} s, but the tracking store "
@@ -96,6 +95,10 @@ def complete(spec: Spec, summary: dict) -> bool:
 
 def unrecorded(spec: Spec, summary: dict) -> list[str]:
     """Studies whose trial runs in the store are fewer than N finished or failed, at a sweep's normal end."""
-    closed = {s.name: summary.get(s.name, {}).get("finished", 0) + summary.get(s.name, {}).get("failed", 0)
-              for s in spec.studies}
-    return [f"{name} has {closed[name]} of {spec.trials}" for name in closed if closed[name] < spec.trials]
+    counts = {s.name: closed(summary.get(s.name, {})) for s in spec.studies}
+    return [f"{name} has {n} of {spec.trials}" for name, n in counts.items() if n < spec.trials]
+
+
+def closed(row: dict) -> int:
+    """A study's trials that have ended, finished or failed: it is done once they reach N."""
+    return row.get("finished", 0) + row.get("failed", 0)

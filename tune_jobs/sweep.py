@@ -163,14 +163,11 @@ FIXED_ON_RESUME = ("backbones", "datasets", "variants", "trials", "epochs", "pat
 def check_unchanged_since_start(spec: Spec) -> None:
     """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
     summary and the store take the new one): compared with the spec the sweep stored in its experiment."""
-    from .tracking import stored_spec
-
     try:
-        if spec.tracking_uri.startswith(("http://", "https://")):
-            check_store_exists(spec.tracking_uri)
-        text = stored_spec(spec.tracking_uri, spec.name)
+        experiment = _sweep_experiment(spec)
     except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
         return
+    text = experiment.tags.get(layout.SPEC) if experiment else None
     try:
         started, now = json.loads(text or "null"), json.loads(spec_json(spec))
     except ValueError:  # a tag that is no JSON: nothing to compare with
@@ -208,22 +205,28 @@ def _kept_in_tracking_store(spec: Spec) -> bool:
     answers without the sweep's experiment: that trial's run was made in it, so it is another store now. A sweep
     stopped before its first trial, or during an outage, may not have made its experiment yet."""
     from .mlflow_callback import journal_path
-    from .tracking import sweep_experiment
 
     if is_remote(spec.storage):  # its unmade writes travel in the snapshot, not in a journal here (mlflow_callback)
         return True
-    prefixes = tuple(f"{study.name}-" for study in spec.studies)
-    if not any(name.startswith(prefixes) for name in folder_names(spec.storage, spec.name, folders_only=True)):
+    if not trial_folders(spec):
         return True
     journal = journal_path(spec)
     if journal.is_file() and journal.stat().st_size:
         return True
     try:
-        if spec.tracking_uri.startswith(("http://", "https://")):
-            check_store_exists(spec.tracking_uri)
-        return sweep_experiment(spec.tracking_uri, spec.name) is not None
+        return _sweep_experiment(spec) is not None
     except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
         return True
+
+
+def _sweep_experiment(spec: Spec):
+    """The sweep's MLflow experiment, or None when the store answers without one; raises when it does not answer
+    (an HTTP server is asked for its health first: MLflow's own client retries for minutes)."""
+    from .tracking import sweep_experiment
+
+    if spec.tracking_uri.startswith(("http://", "https://")):
+        check_store_exists(spec.tracking_uri)
+    return sweep_experiment(spec.tracking_uri, spec.name)
 
 
 def _missing_studies(spec: Spec) -> list[str]:
@@ -361,10 +364,15 @@ def drop_orphan_folders(spec: Spec, known: set[str]) -> None:
     Such a trial began training, in ``work/`` inside its folder, before the driver died; its
     epochs are run again by the trial suggested in its place.
     """
-    prefixes = tuple(f"{study.name}-" for study in spec.studies)
-    for trial in folder_names(spec.storage, spec.name, folders_only=True):
-        if trial.startswith(prefixes) and trial not in known:
+    for trial in trial_folders(spec):
+        if trial not in known:
             remove_folder(spec.storage, spec.name, trial)
+
+
+def trial_folders(spec: Spec) -> list[str]:
+    """The names of the sweep's trial folders in its storage (trial_dirname: ``<study>-<trial id>``)."""
+    prefixes = tuple(f"{study.name}-" for study in spec.studies)
+    return [name for name in folder_names(spec.storage, spec.name, folders_only=True) if name.startswith(prefixes)]
 
 
 def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> None:
