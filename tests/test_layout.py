@@ -63,10 +63,24 @@ def test_the_layout_module_loads_no_torch_ray_or_mlflow():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
-def test_best_epoch_is_the_highest_top1_then_top5_not_the_last():
+def test_best_epoch_is_the_first_with_the_highest_top1_as_in_best_pt_not_the_last():
+    """Training keeps best.pt only on a strictly higher top-1 (train.EarlyStopping): a later epoch that ties on top-1
+    with a better top-5 is not the checkpoint the test split scores, so it is not the best epoch either."""
     assert layout.best_epoch({1: 50.0, 2: 70.0, 3: 70.0, 4: 60.0}, {1: 80.0, 2: 90.0, 3: 91.0, 4: 99.0}) == \
-        {"epoch": 3, "val_top1": 70.0, "val_top5": 91.0}
+        {"epoch": 2, "val_top1": 70.0, "val_top5": 90.0}
     assert layout.best_epoch({}, {}) is None
+
+
+def test_the_run_summary_follows_the_epoch_best_pt_holds():
+    from attzoom.train import EarlyStopping
+    from tune_jobs.tracking import RunSummary
+
+    stopping, summary = EarlyStopping(patience=5), RunSummary()
+    for step, (top1, top5) in enumerate([(80.0, 90.0), (80.0, 95.0), (70.0, 99.0)], start=1):
+        stopping.update(step, top1)
+        summary = summary.after(step, {"val_top1": top1, "val_top5": top5})
+    assert summary.best == {"epoch": stopping.best_epoch, "val_top1": 80.0, "val_top5": 90.0}
+    assert stopping.best_epoch == 1
 
 
 def test_best_of_takes_the_earliest_of_tied_trials_and_never_one_without_an_epoch():

@@ -112,7 +112,8 @@ def tag_filter(key: str, value: str) -> str:
 
 
 def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
-    """The epoch with the highest validation top-1, ties by top-5: the epoch ``best.pt`` holds.
+    """The first epoch with the highest validation top-1: the epoch ``best.pt`` holds (training keeps a new best
+    only on a strictly higher top-1, so a later epoch that ties on top-1 with a better top-5 is not in it).
 
     The maximum over the run's history, not the last logged value (what MLflow's own sort and
     filters use): with early stopping the last epochs are the ones that did not improve.
@@ -120,7 +121,7 @@ def best_epoch(top1: dict[int, float], top5: dict[int, float]) -> dict | None:
     """
     if not top1:
         return None
-    step = max(top1, key=lambda s: (top1[s], top5.get(s, 0.0)))
+    step = max(top1, key=lambda s: (top1[s], -s))
     return {"epoch": step, "val_top1": top1[step], "val_top5": top5.get(step, 0.0)}
 
 
@@ -133,8 +134,8 @@ def summary_of(metrics: dict[str, float]) -> dict | None:
 
 
 def improves(epoch: dict, best: dict | None) -> bool:
-    """Whether an epoch beats the best so far by best_epoch's rule (top-1, ties by top-5; the earlier stays)."""
-    return best is None or (epoch["val_top1"], epoch["val_top5"]) > (best["val_top1"], best["val_top5"])
+    """Whether an epoch beats the best so far by best_epoch's rule (a strictly higher top-1; the earlier stays)."""
+    return best is None or epoch["val_top1"] > best["val_top1"]
 
 
 def best_of(candidates: Iterable[tuple[T, dict | None]]) -> T | None:
