@@ -14,7 +14,7 @@ from tune_jobs.layout import SEED, STUDY
 
 from .runs import Sweep
 from .testset import test_metrics
-from .verdict import Seeds, difference, noise_verdict
+from .verdict import Seeds, difference, noise_verdict, with_interval
 
 
 def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, dict[int, float]], list[str]]:
@@ -62,7 +62,7 @@ def confirm_rows(sweep: Sweep, scores: dict[str, dict[int, float]]) -> list[dict
         base = baselines.get((study.backbone, study.dataset))
         if study.variant != "baseline" and base in seeds:
             diff, low, high = difference(ours, seeds[base])
-            row["Δ vs baseline [95 % CI]"] = f"{diff:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]")
+            row["Δ vs baseline [95 % CI]"] = with_interval(diff, low, high)
             row["seed noise"] = noise_verdict(low, high)
         rows.append(row)
     return rows

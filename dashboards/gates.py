@@ -48,7 +48,8 @@ def gate_row(gates: dict, study, seeds: list[float]) -> tuple[dict, str | None]:
     epoch, last = best.best["epoch"], opened[max(opened)]
     row.update({"open at best epoch (%)": _pct(opened.get(epoch)), "open at last epoch (%)": _pct(last),
                 "mean σ(A) at best epoch": _num(sigma.get(epoch)),
-                "seeds 1.., open at last epoch (%)": ", ".join(f"{v:.1f}" for v in seeds) or "–"})
+                "mean σ(A) at last epoch": _num(sigma.get(max(opened))),
+                "seed re-runs, open at last epoch (%)": ", ".join(f"{v:.1f}" for v in seeds) or "–"})
     seed_mean = statistics.mean(seeds) if seeds else None
     if last <= OPEN_LIMIT and (seed_mean is None or seed_mean <= OPEN_LIMIT):
         return row, None

@@ -71,8 +71,9 @@ def build(tracking_uri: str, sweep_name: str, data_root: str | None = None, with
 
 
 def best_rows(best: pd.DataFrame) -> list[dict]:
-    return [{"study": r.study, "trials (ok / failed / running)": f"{r.trials_finished} / {r.trials_failed} / "
-             f"{r.trials_running}" + (f" ({r.trials_pruned} stopped early by ASHA)" if r.trials_pruned else ""),
+    return [{"study": r.study, "trials (ok / failed / stopped / running)": f"{r.trials_finished} / {r.trials_failed} / "
+             f"{r.trials_stopped} / {r.trials_running}"
+             + (f" ({r.trials_pruned} stopped early by ASHA)" if r.trials_pruned else ""),
              "best trial": _text(r.trial_id),
              "epoch": "–" if pd.isna(r.best_epoch) else int(r.best_epoch),
              "val top-1 / top-5": pair(r.val_top1, r.val_top5), "test top-1 / top-5": pair(r.test_top1, r.test_top5),
@@ -140,7 +141,7 @@ def _spent(runs: list) -> dict:
 def unfinished_rows(sweep: Sweep) -> list[dict]:
     return [{"study": s.name, "parent run": s.parent.info.status if s.parent else "missing",
              "finished": s.count("FINISHED"), "failed": s.count("FAILED"), "stopped": s.count("KILLED"),
-             "running": len(s.trials) - s.count("FINISHED") - s.count("FAILED") - s.count("KILLED")}
+             "running": s.running}
             for s in sweep.unfinished]
 
 

@@ -82,6 +82,11 @@ class Study:
         return sum(t.status == status for t in self.trials)
 
     @property
+    def running(self) -> int:
+        """Trials still open: not finished, failed or stopped (KILLED: a Ctrl-C'd sweep's, waiting for a resume)."""
+        return len(self.trials) - self.count("FINISHED") - self.count("FAILED") - self.count("KILLED")
+
+    @property
     def pruned(self) -> int:
         """Finished trials the scheduler (ASHA) stopped early: counted as finished, with fewer epochs."""
         return sum(layout.stopped_early(t.status, t.run.data.tags) for t in self.trials)

@@ -14,7 +14,7 @@ import pandas as pd
 from tune_jobs.layout import TRIAL
 from tune_jobs.space import GATED, SEARCHABLE
 
-from .published import published
+from .published import protocol_differences, published
 from .runs import Sweep
 from .testset import test_metrics
 
@@ -29,7 +29,7 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
         row = {"study": study.name, "backbone": study.backbone, "dataset": study.dataset, "variant": study.variant,
                "study_finished": study.finished, "trials_finished": study.count("FINISHED"),
                "trials_failed": study.count("FAILED"),
-               "trials_running": len(study.trials) - study.count("FINISHED") - study.count("FAILED"),
+               "trials_stopped": study.count("KILLED"), "trials_running": study.running,
                "trials_pruned": study.pruned,
                "run_id": None, "trial_id": None, "best_epoch": math.nan, "val_top1": math.nan, "val_top5": math.nan,
                "test_top1": math.nan, "test_top5": math.nan}
@@ -42,6 +42,10 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
             row.update({key: best.params.get(key) if applies(key, best.params, study.variant) else None
                         for key in HYPERPARAMETERS})
         paper = published(study.backbone, study.dataset, study.variant)
+        if paper and best is not None and (differences := protocol_differences(best.params)):
+            notes.append(f"{study.name}: its best trial was trained with {', '.join(differences)}; the paper's "
+                         "numbers beside it were not (ImageNet stem, augmentation, 50 epochs), so the gap to them "
+                         "measures the protocol as much as the layer")
         row["paper_top1"], row["paper_top5"] = (paper[0], paper[1] if paper[1] is not None else math.nan) if paper \
             else (math.nan, math.nan)
         rows.append(row)

@@ -26,7 +26,7 @@ from .runs import Sweep
 AGAINST = COMPARED_WITH
 LEVEL = 0.95
 NO_DIFFERENCE = "–"  # a comparison with a side that has no test score yet (no finished trial, or none scored)
-RULE = ("Test top-1 (%) of each study's best config re-trained with seeds 1..K (`attzoom confirm`), mean ± sample "
+RULE = ("Test top-1 (%) of each study's best config re-trained with K new seeds (`attzoom confirm`), mean ± sample "
         "std over n seeds. Δ is AttZoom's seed mean minus the other's, with its 95 % confidence interval (Welch's "
         "t): beyond noise when the interval excludes 0, within noise when it does not.")
 
@@ -70,6 +70,11 @@ def difference(a: Seeds, b: Seeds, level: float = LEVEL) -> tuple[float, float, 
     return diff, diff - half, diff + half
 
 
+def with_interval(diff: float, low: float, high: float) -> str:
+    """The difference and its interval; the difference alone where there is no interval (NaN bounds)."""
+    return f"{diff:+.2f}" + ("" if math.isnan(low) or math.isnan(high) else f" [{low:+.2f}, {high:+.2f}]")
+
+
 def noise_verdict(low: float, high: float) -> str:
     if math.isnan(low) or math.isnan(high):
         return "unknown (too few seeds, or no spread)"
@@ -97,7 +102,7 @@ def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, fl
     if len(ours) >= 2 and len(theirs) >= 2:
         a, b = Seeds(tuple(ours.values())), Seeds(tuple(theirs.values()))
         diff, low, high = difference(a, b)
-        row.update({"AttZoom": str(a), "other": str(b), "Δ [95 % CI]": f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]",
+        row.update({"AttZoom": str(a), "other": str(b), "Δ [95 % CI]": with_interval(diff, low, high),
                     "verdict": noise_verdict(low, high)})
     else:
         diff = best.get(study.name, math.nan) - best.get(other.name, math.nan)

@@ -224,7 +224,21 @@ def test_real_checkpoint_scored_on_test_split_and_logged(store, small_report):
     assert row.trial_id == "b2" and 0 <= row.test_top1 <= row.test_top5 <= 100
     logged = MlflowClient(store["uri"]).get_run(row.run_id).data.metrics
     assert (logged["test_top1"], logged["test_top5"]) == (row.test_top1, row.test_top5)
-    assert not report.notes
+    assert all("the paper's numbers beside it were not" in note for note in report.notes)  # none on scoring
+
+
+def test_paper_numbers_beside_another_protocol_are_flagged(small_report):
+    # a CIFAR-stem ResNet-50 (~75 %) beside the paper's ImageNet-stem 58.5 % read as the layer's doing
+    from dashboards.published import protocol_differences
+
+    report, paths = small_report
+    notes = [note for note in report.notes if "the paper's numbers beside it were not" in note]
+    assert sorted(note.split(":")[0] for note in notes) == ["resnet50.cifar100.attzoom", "resnet50.cifar100.baseline"]
+    assert all("its best trial was trained with 8 epochs;" in note for note in notes)  # the fixture's runs: 8
+    assert notes[0] in paths["md"].read_text()
+    assert protocol_differences({"cifar_stem": "True", "augment": "False", "epochs": "50", "lr": "0.1"}) == [
+        "the CIFAR stem", "no augmentation"]
+    assert protocol_differences({"cifar_stem": "False", "augment": "True", "epochs": "50"}) == []
 
 
 def test_differences_from_baseline(small_report):
@@ -301,8 +315,10 @@ def test_the_headline_is_attzoom_against_baseline_and_every_control_from_seed_me
     gates = {row["study"]: row for row in report.gates}
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["threshold"] == "0.40"
     assert gates["tiny_resnet.cluttered-digits.attzoom"]["open at best epoch (%)"] == "100.0"
-    assert gates["tiny_resnet.cluttered-digits.attzoom"]["seeds 1.., open at last epoch (%)"] == "99.9, 99.8, 99.7"
+    assert gates["tiny_resnet.cluttered-digits.attzoom"]["seed re-runs, open at last epoch (%)"] == "99.9, 99.8, 99.7"
     assert gates["tiny_resnet.cluttered-digits.attention-only"]["open at last epoch (%)"] == "42.0"
+    # as the README says: σ(A) at the best and the last epoch
+    assert gates["tiny_resnet.cluttered-digits.attention-only"]["mean σ(A) at last epoch"] == "0.710"
     assert len(report.warnings) == 1  # attention-only's gate, open at 42 %, did its job
 
 
@@ -340,7 +356,7 @@ def test_confirm_runs_of_an_earlier_best_config_are_neither_skipped_nor_counted(
     assert verdict["verdict"] == "not confirmed"  # one seed of the new best, not three of the old
     assert any(f"{att}: 3 confirm runs re-trained an earlier best config" in note for note in report.notes)
     assert {row["study"]: row for row in report.compute}[att]["confirm runs"] == 4  # still counted as compute
-    assert {row["study"]: row for row in report.gates}[att]["seeds 1.., open at last epoch (%)"] == "30.0"
+    assert {row["study"]: row for row in report.gates}[att]["seed re-runs, open at last epoch (%)"] == "30.0"
 
 
 def test_without_seed_reruns_the_headline_says_unconfirmed_and_gives_the_command(small_report):
@@ -430,6 +446,8 @@ def odd(store):
     onesided.study("tiny_resnet", "cluttered-digits", "baseline")
     att = onesided.study("tiny_resnet", "cluttered-digits", "attzoom")
     onesided.trial(att, "a1", [(60, 85)], ADAM, test=(59.0, 84.0))
+    onesided.trial(att, "a2", [(30, 70)], ADAM, status="KILLED")  # a Ctrl-C'd sweep's trial, waiting for a resume
+    onesided.trial(att, "a3", [(35, 72)], ADAM, status="RUNNING")
 
     asha = SweepWriter(uri, "asha", tmp / "artifacts" / "asha")
     for variant in ("baseline", "attzoom"):
@@ -497,6 +515,40 @@ def test_a_comparison_with_an_empty_side_says_so_and_counts_each_study(odd):
     assert "tiny_resnet.cluttered-digits.baseline has no finished trial" in verdict, verdict
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("capsh"), reason="root without capsh ignores permissions")
+def test_a_report_on_a_read_only_store_scores_the_best_trial_and_says_it_could_not_log_it(store, tmp_path):
+    # the checkpoint was scored on the test split (minutes at paper scale), then the write ended it in a traceback
+    from test_sweep_e2e import start
+
+    folder = tmp_path / "ro"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    writer = SweepWriter(uri, "ro", tmp_path / "artifacts")
+    study = writer.study("tiny_resnet", "cluttered-digits", "baseline")
+    writer.trial(study, "b1", [(50, 82)], SGD, checkpoint=store["tmp"] / "trained" / "best.pt")
+    writer.finish_study(study, 1, 0)
+    folder.chmod(0o555)
+    try:
+        report = start("report", "ro", "--tracking-uri", uri, "--out", str(tmp_path / "out"), cwd=tmp_path,
+                       stderr=subprocess.PIPE, without_override=True)  # as any other user: the folder is read-only
+        out, err = report.communicate(timeout=300)
+    finally:
+        folder.chmod(0o755)
+    assert report.returncode == 0 and "Traceback" not in err, err[-3000:]
+    [row] = pd.read_csv(tmp_path / "out" / "best_trials.csv").itertuples()
+    assert 0 <= row.test_top1 <= 100
+    assert "test scores of run" in out and "not logged, so the next report computes them again" in out, out[-3000:]
+    assert "test_top1" not in MlflowClient(uri).get_run(row.run_id).data.metrics
+
+
+def test_a_stopped_trial_is_counted_as_stopped_not_as_running(odd, tmp_path):
+    # a Ctrl-C'd sweep's KILLED trial read "running", beside the unfinished-studies table that said "stopped"
+    report = build(odd["uri"], "onesided", with_figures=False)
+    row = {r["study"]: r for r in report.best_rows}["tiny_resnet.cluttered-digits.attzoom"]
+    assert row["trials (ok / failed / stopped / running)"] == "1 / 0 / 1 / 1"
+    csv = pd.read_csv(write(report, tmp_path)["csv"]).set_index("study")
+    assert csv.loc["tiny_resnet.cluttered-digits.attzoom", ["trials_stopped", "trials_running"]].tolist() == [1, 1]
+
+
 def test_best_of_n_counts_per_study_when_they_differ(small_report):
     report, paths = small_report
     text = paths["md"].read_text()
@@ -508,9 +560,9 @@ def test_best_of_n_counts_per_study_when_they_differ(small_report):
 def test_trials_stopped_early_by_asha_are_counted(odd, tmp_path):
     report = build(odd["uri"], "asha", with_figures=False)
     rows = {row["study"]: row for row in report.best_rows}
-    assert rows["tiny_resnet.cluttered-digits.attzoom"]["trials (ok / failed / running)"] == \
-        "4 / 0 / 0 (2 stopped early by ASHA)"
-    assert rows["tiny_resnet.cluttered-digits.baseline"]["trials (ok / failed / running)"] == "4 / 0 / 0"
+    assert rows["tiny_resnet.cluttered-digits.attzoom"]["trials (ok / failed / stopped / running)"] == \
+        "4 / 0 / 0 / 0 (2 stopped early by ASHA)"
+    assert rows["tiny_resnet.cluttered-digits.baseline"]["trials (ok / failed / stopped / running)"] == "4 / 0 / 0 / 0"
     paths = write(report, tmp_path)
     csv = pd.read_csv(paths["csv"]).set_index("study")
     assert csv.trials_pruned.to_dict() == {"tiny_resnet.cluttered-digits.baseline": 0,
