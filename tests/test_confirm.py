@@ -35,6 +35,7 @@ def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path
 name = "c"
 trials = 1
 epochs = 1
+seed = 2
 data_root = "{digits_root}"
 storage = "{tmp_path / 'ray_results'}"
 tracking_uri = "sqlite:///{tmp_path / 'mlflow.db'}"
@@ -53,7 +54,7 @@ lr = [1e-3, 1e-2]
     cli("sweep", str(spec), cwd=tmp_path)
     shutil.rmtree(tmp_path / "ray_results" / "c")  # confirm reads the spec and the best configs from MLflow alone
     out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
-    assert "trained seeds 1, 2, 3" in out
+    assert "trained seeds 1, 3, 4" in out  # never the sweep's own seed (2): its best trial trained with it
     assert "final  tiny_resnet.cluttered-digits.attzoom  done 3/3" in out  # progress: the final summary, per study
     assert "Failed to fetch metrics" not in out
 
@@ -75,7 +76,7 @@ lr = [1e-3, 1e-2]
                {k: v for k, v in best.items() if k != "seed"}
         assert [a.path for a in client.list_artifacts(run.info.run_id, CHECKPOINT_DIR)] == [CHECKPOINT]
     for runs in by_study.values():
-        assert sorted(int(r.data.tags[SEED]) for r in runs) == list(range(1, SEEDS + 1))
+        assert sorted(int(r.data.tags[SEED]) for r in runs) == [1, 3, 4]
 
     # confirming again trains nothing new
     assert "trained seeds" not in cli("confirm", "c", "--seeds", str(SEEDS), "--storage",
@@ -91,7 +92,7 @@ lr = [1e-3, 1e-2]
         top1 = [client.get_run(r.info.run_id).data.metrics["test_top1"] for r in runs]  # logged by the report
         stats[study] = (statistics.mean(top1), statistics.stdev(top1))
         assert rows[study]["test top-1 mean ± std"] == f"{stats[study][0]:.2f} ± {stats[study][1]:.2f}"
-        assert rows[study]["seeds"] == "1, 2, 3"
+        assert rows[study]["seeds"] == "1, 3, 4"
     base, att = stats["tiny_resnet.cluttered-digits.baseline"], stats["tiny_resnet.cluttered-digits.attzoom"]
     row = rows["tiny_resnet.cluttered-digits.attzoom"]
     assert row["Δ vs baseline [95 % CI]"].startswith(f"{att[0] - base[0]:+.2f} [")
@@ -115,6 +116,27 @@ def test_welch_interval_and_the_noise_words():
     assert noise_verdict(*difference(Seeds((1.0,)), Seeds((1.5, 2.5)))[1:]) == unknown
     # two seeds each, identical scores: no estimate of the noise, not "beyond noise"
     assert noise_verdict(*difference(Seeds((3.0, 3.0)), Seeds((2.0, 2.0)))[1:]) == unknown
+
+
+def test_confirm_never_trains_the_sweep_seed_again():
+    """With `seed = 1` in the spec, confirm's seed 1 re-ran the selected trial itself (same config, same seed):
+    its best-of-N luck came back as one of the seeds the verdict averages."""
+    from tune_jobs.confirm import confirm_seeds
+
+    assert confirm_seeds(0, 3) == [1, 2, 3]  # the default sweep seed is 0
+    assert confirm_seeds(1, 3) == [2, 3, 4] and confirm_seeds(2, 3) == [1, 3, 4] and confirm_seeds(9, 2) == [1, 2]
+
+
+def test_a_verdict_without_spread_shows_no_nan_interval():
+    # identical seed scores on both sides (a small test split): the verdict row read "+1.00 [+nan, +nan]"
+    from types import SimpleNamespace
+
+    from dashboards.verdict import compare
+
+    ours, theirs = (SimpleNamespace(name=f"tiny_resnet.cluttered-digits.{v}", backbone="tiny_resnet",
+                                    dataset="cluttered-digits", variant=v) for v in ("attzoom", "baseline"))
+    row = compare(ours, theirs, {ours.name: {1: 3.0, 2: 3.0}, theirs.name: {1: 2.0, 2: 2.0}}, {})
+    assert row["Δ [95 % CI]"] == "+1.00" and row["verdict"] == "unknown (too few seeds, or no spread)"
 
 
 def test_confirm_says_complete_only_when_every_seed_run_finished():

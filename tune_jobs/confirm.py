@@ -1,7 +1,8 @@
 """``attzoom confirm SWEEP``: re-train each study's best config with new seeds, as Tune trials.
 
 A single best-of-30 trial mixes the config's merit with its lucky seed. Each study's best
-trial (layout.best_of: the rule the report uses) is trained again with seeds 1..K, every
+trial (layout.best_of: the rule the report uses) is trained again with seeds 1..K (K+1 where the
+sweep itself trained with one of them: its seed is skipped, it picked the best trial), every
 other setting unchanged (same epochs, data split and resources as the sweep's saved spec).
 The best configs are read from the trials' MLflow runs, so confirm needs no Tune trial folder.
 Each re-run is a Tune trial logged by the same driver-side callback (tune_jobs/mlflow_callback.py)
@@ -29,9 +30,10 @@ from .spec import Spec, SpecError, hide_password
 
 
 def add_confirm_command(sub) -> None:
-    confirm = sub.add_parser("confirm", help="re-train each study's best config with seeds 1..K (seed noise)")
+    confirm = sub.add_parser("confirm", help="re-train each study's best config with K new seeds (seed noise)")
     confirm.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
-    confirm.add_argument("--seeds", type=int, default=3, help="seeds 1..K per study (default 3)")
+    confirm.add_argument("--seeds", type=int, default=3,
+                         help="seeds per study: 1..K, skipping the sweep's own seed (default 3)")
     confirm.add_argument("--storage", default="ray_results")
     confirm.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                          help="where the sweep's runs are (its spec is read there when its folder is gone)")
@@ -176,8 +178,14 @@ def run_confirm_trial(config: dict, sweep, params: dict) -> None:
     run_trial(*confirm_trial(config, sweep, params))
 
 
+def confirm_seeds(sweep_seed: int, count: int) -> list[int]:
+    """The first ``count`` seeds from 1, skipping the sweep's own: the selected trial trained with that one, so
+    re-training it would put its best-of-N luck back among the seeds the verdict averages."""
+    return [seed for seed in range(1, count + 2) if seed != sweep_seed][:count]
+
+
 def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dict[str, list[int]], list, list]:
-    """Re-train every study's best config with seeds 1..``seeds``; returns ({study: seeds trained now}, the
+    """Re-train every study's best config with ``seeds`` seeds (confirm_seeds); returns ({study: seeds trained now}, the
     (study, seed) runs that failed, the studies with no finished trial to confirm)."""
     from collections import Counter
     from functools import partial
@@ -198,7 +206,8 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
         raise SpecError(f"sweep {spec.name!r} has no finished trial yet; run or resume it before confirming")
     unfinished = [study.name for study in spec.studies if study.name not in params]
     done, earlier = confirm_pairs(spec.tracking_uri, experiment_id, params)
-    todo = [(study, seed) for study in params for seed in range(1, seeds + 1) if (study, seed) not in done]
+    wanted = confirm_seeds(spec.seed, seeds)
+    todo = [(study, seed) for study in params for seed in wanted if (study, seed) not in done]
     for study in sorted({s for s, _ in earlier} & {s for s, _ in todo}):
         print(f"{study}: its best config changed since its last confirm runs (a resume found a better one); "
               "re-training the new one", file=sys.stderr, flush=True)
@@ -212,7 +221,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
         logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
                                                                                    params=params))
         progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
-                                 done_before=Counter(study for study, seed in done if seed <= seeds),
+                                 done_before=Counter(study for study, seed in done if seed in wanted),
                                  continued_by="confirm")
         callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
         tuner = tune.Tuner(
