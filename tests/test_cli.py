@@ -52,8 +52,8 @@ def test_readers_on_a_missing_store_say_so_in_one_line_and_create_nothing(tmp_pa
 
 def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_is_one_line_naming_it(tmp_path,
                                                                                                        capsys,
-                                                                                                       digits_root):
-    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(digits_root), "--variant", "attzoom",
+                                                                                                       few_digits_root):
+    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(few_digits_root), "--variant", "attzoom",
             "--batch-size", "256", "--no-augment", "--checkpoint-dir", str(tmp_path / "run"), "--epochs"]
     out = attzoom(*args, "1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -78,14 +78,15 @@ def test_train_prints_final_metrics_and_a_truncated_or_another_configs_last_pt_i
     assert attzoom(*args, "1", "--restart", cwd=tmp_path).returncode == 0  # the way out it names works
 
 
-def test_ctrl_c_in_train_says_to_run_the_same_command_again(tmp_path, digits_root):
+def test_ctrl_c_in_train_says_to_run_the_same_command_again(tmp_path, few_digits_root):
     # it said "continue with `attzoom resume`", which then wanted a sweep
     import signal
     import time
 
     run = tmp_path / "run"
     train = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "train", "--dataset", "cluttered-digits",
-                              "--data-root", str(digits_root), "--batch-size", "256", "--no-augment", "--epochs", "50",
+                              "--data-root", str(few_digits_root), "--batch-size", "256", "--no-augment",
+                              "--epochs", "50",
                               "--checkpoint-dir", str(run)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run / "last.pt").exists() and train.poll() is None and time.monotonic() < deadline:

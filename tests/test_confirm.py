@@ -29,14 +29,14 @@ def cli(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path, digits_root):
+def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path, few_digits_root):
     spec = tmp_path / "spec.toml"
     spec.write_text(f"""
 name = "c"
 trials = 1
 epochs = 1
 seed = 2
-data_root = "{digits_root}"
+data_root = "{few_digits_root}"
 storage = "{tmp_path / 'ray_results'}"
 tracking_uri = "sqlite:///{tmp_path / 'mlflow.db'}"
 max_concurrent = 2

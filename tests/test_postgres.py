@@ -85,13 +85,13 @@ def trial_runs_in(tracking_uri: str):
 
 @pytest.mark.slow
 def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_each_epoch_once(
-        tmp_path, digits_root, postgres_server, monkeypatch):
+        tmp_path, few_digits_root, postgres_server, monkeypatch):
     # passwords in both URLs (the server trusts loopback, so it ignores them): never printed, never in MLflow
     tracking, optuna_storage = (postgres_server.database(name).replace("attzoom@", f"attzoom:{SECRET}@")
                                 for name in ("mlflow", "optuna"))
     trial_runs, engine = trial_runs_in(tracking)
     monkeypatch.setattr(e2e, "trial_runs", trial_runs)  # the e2e helpers below read this store, not SQLite
-    spec = e2e.write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=2, tracking_uri=tracking)
+    spec = e2e.write_spec(tmp_path / "spec.toml", few_digits_root, trials=2, epochs=2, tracking_uri=tracking)
     storage = tmp_path / "ray_results"
     try:
         first = e2e.start("sweep", str(spec), "--optuna-storage", optuna_storage, cwd=tmp_path)

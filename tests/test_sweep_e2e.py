@@ -278,10 +278,10 @@ def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:
     return next(state for state in pickle.loads(newest).values() if state and "pruned" in state)
 
 
-def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, digits_root):
+def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, few_digits_root):
 
     data = tmp_path / "data"
-    shutil.copytree(digits_root, data)
+    shutil.copytree(few_digits_root, data)
     (data / "cifar-100-python").mkdir()
     for part in ("train", "test", "meta"):
         (data / "cifar-100-python" / part).write_bytes(b"\x80\x04\x95 truncated")  # present but malformed
@@ -309,8 +309,9 @@ def no_failure_recorded(spec_dir: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("capsh"), reason="root without capsh ignores permissions")
-def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resume_is_exact(tmp_path, digits_root):
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=4, variants=("baseline",))
+def test_storage_that_turns_read_only_stops_the_sweep_charges_no_trial_and_resume_is_exact(tmp_path,
+                                                                                           few_digits_root):
+    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=2, epochs=4, variants=("baseline",))
     storage = tmp_path / "ray_results"
     sweep = start("sweep", str(spec), cwd=tmp_path, stderr=subprocess.PIPE, without_override=True)
     wait_for(lambda: any(storage.glob("t/*/checkpoint_000000")), every=0.2)
@@ -432,12 +433,12 @@ def test_four_quarter_gpu_trials_share_one_logical_gpu(tmp_path, digits_root):
 
 
 def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_ctrl_c_resumes_exactly(
-        tmp_path, digits_root, s3):
+        tmp_path, few_digits_root, s3):
     # cloud storage: a real S3 server on loopback (conftest.s3); one ASHA rung, at epoch 1: a trial below the best
     # quarter of its own study's trials there is pruned
     client, bucket = s3
     storage = f"s3://{bucket}/results"
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=4, epochs=2, max_concurrent=2,
+    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=4, epochs=2, max_concurrent=2,
                       scheduler="[scheduler]\nkind = 'asha'\ngrace_period = 1\nreduction_factor = 4")
     first = start("sweep", str(spec), "--storage", storage, cwd=tmp_path)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
