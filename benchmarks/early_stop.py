@@ -8,9 +8,10 @@ their MLflow stores: the epochs trained (the trial runs' epochs_done) and each s
 top-1. Issue 16's target: at least 2.5x fewer epochs, and the best val top-1 within seed noise.
 
 Seed noise is measured, not assumed: ``attzoom confirm`` re-trains the plain sweep's best config
-of each study with seeds 1..K, and a study's best is judged within noise when the two searches'
-bests differ by at most two standard deviations of those seeds' best val top-1 (the spread one
-config shows from its seed alone). Prints one JSON object; progress goes to stderr.
+of each study with K new seeds (1..K, without the sweep's own), and a study's best is judged
+within noise when the two searches' bests differ by at most two standard deviations of those
+seeds' best val top-1 (the spread one config shows from its seed alone). Prints one JSON object;
+progress goes to stderr.
 
     .venv/bin/python benchmarks/early_stop.py [--trials 12] [--seeds 3] [--grace-period 1] [--reduction-factor 4]
         [--epochs 8] [--patience 3]   # the trial length: the demo's by default, the paper's is 50 and 5
@@ -84,7 +85,7 @@ def sweep(folder: Path, scheduler: str, args) -> dict:
 
 
 def seed_noise(folder: Path, plain: dict, seeds: int) -> dict[str, dict]:
-    """Each study's best config of the plain sweep, re-trained with seeds 1..K: the seeds' best val top-1."""
+    """Each study's best config of the plain sweep, re-trained with K new seeds: the seeds' best val top-1."""
     log(f"attzoom confirm with {seeds} seeds ...")
     cli("confirm", "demo", "--seeds", str(seeds), "--storage", str(folder / "ray_results"), "--tracking-uri",
         plain["tracking_uri"], cwd=folder)

@@ -23,8 +23,13 @@ def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, d
     scores: dict[str, dict[int, float]] = {}
     notes = []
     for study in sweep.studies:
-        current = study.best_confirms
-        stale = sum(t.status == "FINISHED" for t in study.confirms) - len(current)
+        current, repeats = study.best_confirms, study.repeated_confirms
+        stale = sum(t.status == "FINISHED" for t in study.confirms) - len(current) - len(repeats)
+        if repeats:
+            seeds = ", ".join(sorted({t.run.data.tags.get(SEED, "?") for t in repeats}))
+            notes.append(f"{study.name}: the confirm run(s) of seed {seeds} left out: the sweep trained its best trial "
+                         "with that seed, so they repeat the selected trial and its luck; `attzoom confirm` trains "
+                         "another seed")
         if stale:
             runs = "runs" if stale > 1 else "run"
             notes.append(f"{study.name}: {stale} confirm {runs} re-trained an earlier best config, left out; "
@@ -38,10 +43,11 @@ def _score(sweep: Sweep, runs: list, scores: dict[str, dict[int, float]], data_r
     notes = []
     for run in runs:
         result, note = test_metrics(sweep.tracking_uri, run.info.run_id, data_root)
-        if note:
-            notes.append(f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}: {note}")
-        elif math.isnan(result["test_top1"]):
-            notes.append(f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}: no test score; left out")
+        which = f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}"
+        if note:  # a score that could not be logged still counts; one that could not be computed does not
+            notes.append(f"{which}: {note}")
+        if math.isnan(result["test_top1"]):
+            notes += [] if note else [f"{which}: no test score; left out"]
         else:
             scores.setdefault(run.data.tags[STUDY], {})[int(run.data.tags[SEED])] = result["test_top1"]
     return notes

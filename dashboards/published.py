@@ -78,11 +78,11 @@ def published_config(backbone: str, dataset: str, variant: str) -> dict | None:
 
 # The paper's training protocol (DESIGN.md), as a run's logged params (strings): what its numbers stand on.
 PROTOCOL = {"cifar_stem": ("False", "the CIFAR stem"), "augment": ("True", "no augmentation"),
-            "epochs": ("50", "{} epochs")}
+            "epochs": ("50", "{} epochs"), "patience": ("5", "patience {}")}
 
 
 def protocol_differences(params: dict[str, str]) -> list[str]:
-    """How a run was trained otherwise than the paper (ImageNet stem, augmentation, 50 epochs), in words.
+    """How a run was trained otherwise than the paper (ImageNet stem, augmentation, 50 epochs, patience 5), in words.
 
     The CIFAR stem alone lifts a ResNet-50 on CIFAR-100 from the paper's 58.5 % towards 77 %: beside the paper's
     numbers, such a run's gap measures the protocol, not the layer."""

@@ -98,12 +98,24 @@ class Study:
 
     @property
     def best_confirms(self) -> list[Trial]:
-        """Its finished seed re-runs of its best trial's config: not those of an earlier best that a resume beat."""
+        """Its finished seed re-runs of its best trial's config: not those of an earlier best that a resume beat, nor
+        those with the seed the best trial itself trained with (an older confirm trained it: tune_jobs.confirm)."""
+        return [t for t in self._confirms_of_best() if not self._repeats_best(t)]
+
+    @property
+    def repeated_confirms(self) -> list[Trial]:
+        """Finished re-runs of its best config with the best trial's own seed: the selected trial again."""
+        return [t for t in self._confirms_of_best() if self._repeats_best(t)]
+
+    def _confirms_of_best(self) -> list[Trial]:
         best = self.best
         if best is None:
             return []
         config = searched_values(best.params)
         return [t for t in self.confirms if t.status == "FINISHED" and same_config(t.params, config)]
+
+    def _repeats_best(self, confirm: Trial) -> bool:
+        return confirm.run.data.tags.get(layout.SEED) == self.best.params.get("seed")
 
 
 @dataclass
@@ -138,11 +150,21 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     for run, trial_history in zip(runs, _histories(client, runs)):
         name = run.data.tags[STUDY]
         study = studies.setdefault(name, _study(run.data.tags, None))
-        best = layout.summary_of(run.data.metrics) or best_epoch(trial_history["val_top1"], trial_history["val_top5"])
+        best = _summary(run, trial_history["val_top1"]) or best_epoch(trial_history["val_top1"],
+                                                                      trial_history["val_top5"])
         trial = Trial(run, trial_history, best)
         (study.confirms if run.data.tags.get(layout.ROLE) == layout.CONFIRM_ROLE else study.trials).append(trial)
     ordered = sorted(studies.values(), key=lambda s: (s.dataset, s.backbone, s.variant != "baseline", s.variant))
     return Sweep(sweep, tracking_uri, eid, ordered)
+
+
+def _summary(run: Run, top1: dict[int, float]) -> dict | None:
+    """The run's summary, unless it names another epoch than the one best.pt holds (its history says which): a
+    version before this rule summed a later top-1 tie with a better top-5 as the best epoch."""
+    summary = layout.summary_of(run.data.metrics)
+    if summary is not None and top1 and summary["epoch"] != best_epoch(top1, {})["epoch"]:
+        return None
+    return summary
 
 
 def _study(tags: dict, parent: Run | None) -> Study:
@@ -152,10 +174,12 @@ def _study(tags: dict, parent: Run | None) -> Study:
 
 def _histories(client: MlflowClient, runs: list[Run]) -> list[dict[str, dict[int, float]]]:
     """Each run's val_top1 and epoch_time by epoch, in one bulk read per metric; val_top5 only for runs
-    without a summary (written by an older version), whose best epoch is found from their history."""
+    without a summary it can take (none, or an older version's: _summary), whose best epoch is found from their
+    history."""
     ids = [run.info.run_id for run in runs]
     by_key = {key: histories(client, ids, key) for key in ("val_top1", "epoch_time")}
-    unsummarised = [run.info.run_id for run in runs if layout.summary_of(run.data.metrics) is None]
+    unsummarised = [run.info.run_id for run in runs
+                    if _summary(run, by_key["val_top1"].get(run.info.run_id, {})) is None]
     by_key["val_top5"] = histories(client, unsummarised, "val_top5") if unsummarised else {}
     return [{key: found.get(run_id, {}) for key, found in by_key.items()} for run_id in ids]
 

@@ -44,8 +44,8 @@ def best_trials(sweep: Sweep, data_root: str | None = None) -> tuple[pd.DataFram
         paper = published(study.backbone, study.dataset, study.variant)
         if paper and best is not None and (differences := protocol_differences(best.params)):
             notes.append(f"{study.name}: its best trial was trained with {', '.join(differences)}; the paper's "
-                         "numbers beside it were not (ImageNet stem, augmentation, 50 epochs), so the gap to them "
-                         "measures the protocol as much as the layer")
+                         "numbers beside it were not (ImageNet stem, augmentation, 50 epochs, patience 5), so the gap "
+                         "to them measures the protocol as much as the layer")
         row["paper_top1"], row["paper_top5"] = (paper[0], paper[1] if paper[1] is not None else math.nan) if paper \
             else (math.nan, math.nan)
         rows.append(row)

@@ -30,8 +30,9 @@ from mlflow.tracking import MlflowClient
 
 from dashboards.published import CONFIGS, RESULTS, published
 from dashboards.report import build, to_markdown, write
-from tune_jobs.layout import (CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, PRUNED_AT, PRUNED_STATUS, ROLE, SEED, STATUS,
-                              STUDY, SWEEP, TRIAL, TRIAL_ROLE, experiment_name, runs_filter, tag_filter)
+from tune_jobs.layout import (BEST_EPOCH, BEST_TOP1, BEST_TOP5, CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, PRUNED_AT,
+                              PRUNED_STATUS, ROLE, SEED, STATUS, STUDY, SWEEP, TRIAL, TRIAL_ROLE, experiment_name,
+                              runs_filter, tag_filter)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000_000
@@ -525,6 +526,8 @@ def test_a_report_on_a_read_only_store_scores_the_best_trial_and_says_it_could_n
     writer = SweepWriter(uri, "ro", tmp_path / "artifacts")
     study = writer.study("tiny_resnet", "cluttered-digits", "baseline")
     writer.trial(study, "b1", [(50, 82)], SGD, checkpoint=store["tmp"] / "trained" / "best.pt")
+    writer.trial(study, "b1-s1", [(50, 82)], SGD, checkpoint=store["tmp"] / "trained" / "best.pt", role=CONFIRM_ROLE,
+                 seed=1)
     writer.finish_study(study, 1, 0)
     folder.chmod(0o555)
     try:
@@ -538,6 +541,51 @@ def test_a_report_on_a_read_only_store_scores_the_best_trial_and_says_it_could_n
     assert 0 <= row.test_top1 <= 100
     assert "test scores of run" in out and "not logged, so the next report computes them again" in out, out[-3000:]
     assert "test_top1" not in MlflowClient(uri).get_run(row.run_id).data.metrics
+    # the confirm run's score, computed the same way, counts too (it was computed, then left out)
+    assert "confirm tiny_resnet.cluttered-digits.baseline seed 1: test scores of run" in out
+    assert [r["seeds"] for r in report_rows(tmp_path / "out" / "report.md", "## Seed confirmation")] == ["1"]
+
+
+def report_rows(markdown: Path, heading: str) -> list[dict]:
+    """The rows of the first Markdown table under a heading of a written report."""
+    text = markdown.read_text()
+    lines = [line for line in text[text.index(heading):].splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    end = next((i for i, line in enumerate(lines[2:], 2) if not line.startswith("|")), len(lines))
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:end]]
+
+
+def test_old_summaries_and_confirm_runs_of_the_best_trials_own_seed_are_not_taken_at_their_word(tmp_path):
+    """A summary an older version wrote named a later top-1 tie as the best epoch (not the one best.pt holds); a
+    confirm run an older version trained with the sweep's own seed repeats the selected trial and its luck."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    writer = SweepWriter(uri, "old", tmp_path / "artifacts")
+    study = writer.study("tiny_resnet", "cluttered-digits", "baseline")
+    best = writer.trial(study, "b1", [(80, 90), (80, 95)], {**ADAM, "seed": 1}, test=(70.0, 90.0))
+    writer.client.log_batch(best, metrics=[Metric(key, value, writer.tick(), 2) for key, value in
+                                           ((BEST_TOP1, 80.0), (BEST_TOP5, 95.0), (BEST_EPOCH, 2))])  # the old rule
+    for seed, top1 in ((1, 70.0), (2, 60.0), (3, 62.0)):
+        writer.trial(study, f"b1-s{seed}", [(70, 90)], {**ADAM, "seed": seed}, test=(top1, 90.0), role=CONFIRM_ROLE,
+                     seed=seed)
+    writer.finish_study(study, 1, 0)
+    report = build(uri, "old", with_figures=False)
+    [row] = report.best_rows
+    assert row["epoch"] == 1 and row["val top-1 / top-5"] == "80.00 / 90.00"
+    [confirm] = report.confirm
+    assert confirm["seeds"] == "2, 3" and confirm["test top-1 mean ± std"] == "61.00 ± 1.41"
+    assert any("the confirm run(s) of seed 1 left out" in note for note in report.notes), report.notes
+
+
+def test_the_gate_table_reads_sigma_at_the_best_and_at_the_last_epoch():
+    from types import SimpleNamespace
+
+    from dashboards.gates import gate_row
+
+    best = SimpleNamespace(params={"threshold": "0.5"}, best={"epoch": 1})
+    study = SimpleNamespace(name="s", variant="attention-only", best=best)
+    row, _ = gate_row({"gate_open": {1: 40.0, 2: 42.0}, "gate_sigma": {1: 0.6, 2: 0.7}}, study, [])
+    assert (row["mean σ(A) at best epoch"], row["mean σ(A) at last epoch"]) == ("0.600", "0.700")
+    assert (row["open at best epoch (%)"], row["open at last epoch (%)"]) == ("40.0", "42.0")
 
 
 def test_a_stopped_trial_is_counted_as_stopped_not_as_running(odd, tmp_path):
