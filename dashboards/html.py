@@ -99,10 +99,10 @@ def page(report) -> str:
     if report.confirm:
         from .verdict import RULE
 
-        parts += ["<h2>Seed confirmation</h2>", f"<p class='note'>{escape(RULE)}</p>",
+        parts += ["<h2>Seed confirmation</h2>", f"<p class='note'>{markdown_code(RULE)}</p>",
                   table(report.confirm, id="confirm")]
     if report.notes:
-        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in report.notes] + ["</ul>"]
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{markdown_code(n)}</li>" for n in report.notes] + ["</ul>"]
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
             f"<title>AttZoom report: {escape(sweep.name)}</title><style>{STYLE}</style></head>\n"

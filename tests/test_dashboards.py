@@ -358,6 +358,11 @@ def test_confirm_runs_of_an_earlier_best_config_are_neither_skipped_nor_counted(
     assert any(f"{att}: 3 confirm runs re-trained an earlier best config" in note for note in report.notes)
     assert {row["study"]: row for row in report.compute}[att]["confirm runs"] == 4  # still counted as compute
     assert {row["study"]: row for row in report.gates}[att]["seed re-runs, open at last epoch (%)"] == "30.0"
+    from dashboards.html import page
+
+    html = page(report)  # the notes and the seed rule name commands: as code, not Markdown's backticks
+    for part in (section(html, "Seed confirmation"), section(html, "Notes")):
+        assert "<code>attzoom confirm</code>" in part and "`" not in part, part
 
 
 def test_without_seed_reruns_the_headline_says_unconfirmed_and_gives_the_command(small_report):
@@ -586,6 +591,25 @@ def test_the_gate_table_reads_sigma_at_the_best_and_at_the_last_epoch():
     row, _ = gate_row({"gate_open": {1: 40.0, 2: 42.0}, "gate_sigma": {1: 0.6, 2: 0.7}}, study, [])
     assert (row["mean σ(A) at best epoch"], row["mean σ(A) at last epoch"]) == ("0.600", "0.700")
     assert (row["open at best epoch (%)"], row["open at last epoch (%)"]) == ("40.0", "42.0")
+
+
+def test_an_open_gate_is_judged_on_the_seed_re_runs_the_verdict_uses():
+    # a best trial open at 99.2 % but seed re-runs at 82 % on average read "attzoom acted as the zoom-only control"
+    from types import SimpleNamespace
+
+    from dashboards.gates import gate_row
+
+    study = SimpleNamespace(name="s", variant="attzoom", best=SimpleNamespace(params={"threshold": "0.55"},
+                                                                              best={"epoch": 1}))
+    gates = {"gate_open": {1: 99.2}, "gate_sigma": {1: 0.9}}
+    _, warning = gate_row(gates, study, [94.8, 99.0, 74.3, 79.3, 62.6])
+    assert "the seed verdict stands" in warning and "82.0 % on average" in warning
+    assert "more than 99 % of validation positions; gate threshold 0.55" in warning
+    _, warning = gate_row(gates, study, [99.5, 99.9])
+    assert "attzoom acted as the zoom-only control here" in warning
+    assert gate_row(gates, study, [])[1].startswith("s: the gate ended fully open (f(A) = 1) at 99.2 % in the best")
+    assert gate_row({"gate_open": {1: 90.0}, "gate_sigma": {1: 0.9}}, study, [99.5, 99.9])[1] is not None
+    assert gate_row({"gate_open": {1: 90.0}, "gate_sigma": {1: 0.9}}, study, [50.0])[1] is None
 
 
 def test_a_stopped_trial_is_counted_as_stopped_not_as_running(odd, tmp_path):
