@@ -30,6 +30,10 @@ def seed_scores(sweep: Sweep, data_root: str | None = None) -> tuple[dict[str, d
             notes.append(f"{study.name}: the confirm run(s) of seed {seeds} left out: the sweep trained its best trial "
                          "with that seed, so they repeat the selected trial and its luck; `attzoom confirm` trains "
                          "another seed")
+        if cut := study.unfinished_confirm_seeds:
+            notes.append(f"{study.name}: confirm seed {', '.join(cut)} did not finish (stopped, failed or still "
+                         f"running), so its seed mean stands on {len(current)} seed(s); run `attzoom confirm` again "
+                         "with the same --seeds to finish it")
         if stale:
             runs = "runs" if stale > 1 else "run"
             notes.append(f"{study.name}: {stale} confirm {runs} re-trained an earlier best config, left out; "

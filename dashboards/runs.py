@@ -107,12 +107,20 @@ class Study:
         """Finished re-runs of its best config with the best trial's own seed: the selected trial again."""
         return [t for t in self._confirms_of_best() if self._repeats_best(t)]
 
-    def _confirms_of_best(self) -> list[Trial]:
+    @property
+    def unfinished_confirm_seeds(self) -> list[str]:
+        """Seeds of its best config whose confirm runs all stopped, failed or still run: a confirm cut short."""
+        finished = {t.run.data.tags.get(layout.SEED) for t in self._confirms_of_best()}
+        return sorted({t.run.data.tags.get(layout.SEED, "?") for t in self._confirms_of_best(finished=False)}
+                      - finished, key=lambda seed: (len(seed), seed))
+
+    def _confirms_of_best(self, finished: bool = True) -> list[Trial]:
         best = self.best
         if best is None:
             return []
         config = searched_values(best.params)
-        return [t for t in self.confirms if t.status == "FINISHED" and same_config(t.params, config)]
+        return [t for t in self.confirms
+                if (t.status == "FINISHED") == finished and same_config(t.params, config)]
 
     def _repeats_best(self, confirm: Trial) -> bool:
         return confirm.run.data.tags.get(layout.SEED) == self.best.params.get("seed")

@@ -572,6 +572,9 @@ def test_old_summaries_and_confirm_runs_of_the_best_trials_own_seed_are_not_take
     for seed, top1 in ((1, 70.0), (2, 60.0), (3, 62.0)):
         writer.trial(study, f"b1-s{seed}", [(70, 90)], {**ADAM, "seed": seed}, test=(top1, 90.0), role=CONFIRM_ROLE,
                      seed=seed)
+    for seed in (2, 4):  # a confirm cut short: seed 2's killed try was run again, seed 4's was not
+        writer.trial(study, f"b1-s{seed}-killed", [(70, 90)], {**ADAM, "seed": seed}, status="KILLED",
+                     role=CONFIRM_ROLE, seed=seed)
     writer.finish_study(study, 1, 0)
     report = build(uri, "old", with_figures=False)
     [row] = report.best_rows
@@ -579,6 +582,9 @@ def test_old_summaries_and_confirm_runs_of_the_best_trials_own_seed_are_not_take
     [confirm] = report.confirm
     assert confirm["seeds"] == "2, 3" and confirm["test top-1 mean ± std"] == "61.00 ± 1.41"
     assert any("the confirm run(s) of seed 1 left out" in note for note in report.notes), report.notes
+    # a half-finished confirm said nothing: the verdict compared unequal seed counts without a word
+    assert any("confirm seed 4 did not finish" in note and "stands on 2 seed(s)" in note for note in report.notes)
+    assert not any("confirm seed 2" in note for note in report.notes)
 
 
 def test_the_gate_table_reads_sigma_at_the_best_and_at_the_last_epoch():
