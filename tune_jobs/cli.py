@@ -179,9 +179,8 @@ def run_demo_command(args) -> int:
         check_name_in_store(spec, None)
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
-    print(f"\nre-training each study's best config with seeds 1-{DEMO_SEEDS}, for a verdict beyond one lucky trial",
-          file=sys.stderr, flush=True)
-    confirmed = confirm_sweep(spec, DEMO_SEEDS, args.address)
+    print(file=sys.stderr)
+    confirmed = confirm_sweep(spec, DEMO_SEEDS, args.address)  # says what it re-trains, if anything (a second demo)
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
     line, code = demo_closing(spec, summary, *confirmed, time.time() - started)

@@ -213,6 +213,8 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
         return {}, [], unfinished
+    print(f"re-training each study's best config with seeds {', '.join(map(str, wanted))} "
+          f"({counted(len(todo), 'run')} to train), for a verdict beyond one lucky trial", file=sys.stderr, flush=True)
     try:
         start_ray(spec, address)
         context = SweepContext(spec)
