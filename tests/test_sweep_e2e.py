@@ -346,7 +346,9 @@ def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
                                "--port", str(port), "--workers", "1", "--backend-store-uri",
                                f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
                                str(folder / "mlartifacts")], cwd=folder, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              # as `attzoom ui` runs it: without the GenAI job runner's seven worker processes
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=120, every=0.3)
     return server
 
