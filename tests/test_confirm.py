@@ -154,10 +154,13 @@ def test_confirm_says_complete_only_when_every_seed_run_finished():
     assert code == 1 and "tiny_resnet.cluttered-digits.attzoom has no finished trial" in line
     assert "attzoom resume demo --storage" in line
     line, code = confirm_closing(spec, 3, [])
-    assert code == 0 and "are complete (3 seeds per study); see the verdict in" in line
+    # it said "complete (2 seeds per study)" after `--seeds 2` where an earlier confirm had trained 3, which the
+    # report then averaged
+    assert code == 0 and "are complete (seeds 1, 2, 3 of each study finished); see the verdict, over every " \
+        "finished seed, in" in line
     # a sweep of baselines only has no verdict to see (the line pointed at one)
     for variants, verdict in ((("baseline",), False), (("baseline", "zoom-only"), False),
                               (("attzoom", "zoom-only"), True)):  # the report's: AttZoom against baseline or control
         line, code = confirm_closing(replace(spec, variants=variants), 1, [])
-        assert code == 0 and "complete (1 seed per study); see " in line
+        assert code == 0 and "complete (seed 1 of each study finished); see " in line
         assert ("see the verdict" in line) == verdict and ("mean and spread" in line) != verdict, (variants, line)

@@ -87,7 +87,10 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
                 f"confirm yet; finish the sweep (`{resume_command(spec)}`), then "
                 f"confirm again"), 1
     verdict = "the verdict" if has_pairs(spec) else "each study's mean and spread over the seeds"
-    return (f"confirm runs of {spec.name} are complete ({counted(seeds, 'seed')} per study); see {verdict} in "
+    wanted = ", ".join(map(str, confirm_seeds(spec.seed, seeds)))
+    # not "K seeds per study": an earlier confirm may have trained more, and the report averages every one
+    return (f"confirm runs of {spec.name} are complete (seed{'s' if seeds > 1 else ''} {wanted} of each study "
+            f"finished); see {verdict}, over every finished seed, in "
             f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
 
 
