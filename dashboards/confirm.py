@@ -50,10 +50,10 @@ def _score(sweep: Sweep, runs: list, scores: dict[str, dict[int, float]], data_r
         which = f"confirm {run.data.tags[STUDY]} seed {run.data.tags.get(SEED)}"
         if note:  # a score that could not be logged still counts; one that could not be computed does not
             notes.append(f"{which}: {note}")
-        if math.isnan(result["test_top1"]):
-            notes += [] if note else [f"{which}: no test score; left out"]
-        else:
+        if not math.isnan(result["test_top1"]):
             scores.setdefault(run.data.tags[STUDY], {})[int(run.data.tags[SEED])] = result["test_top1"]
+        elif not note:
+            notes.append(f"{which}: no test score; left out")
     return notes
 
 

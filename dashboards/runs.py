@@ -100,12 +100,12 @@ class Study:
     def best_confirms(self) -> list[Trial]:
         """Its finished seed re-runs of its best trial's config: not those of an earlier best that a resume beat, nor
         those with the seed the best trial itself trained with (an older confirm trained it: tune_jobs.confirm)."""
-        return [t for t in self._confirms_of_best() if not self._repeats_best(t)]
+        return self._confirms_of_best(own_seed=False)
 
     @property
     def repeated_confirms(self) -> list[Trial]:
         """Finished re-runs of its best config with the best trial's own seed: the selected trial again."""
-        return [t for t in self._confirms_of_best() if self._repeats_best(t)]
+        return self._confirms_of_best(own_seed=True)
 
     @property
     def unfinished_confirm_seeds(self) -> list[str]:
@@ -114,16 +114,16 @@ class Study:
         return sorted({t.run.data.tags.get(layout.SEED, "?") for t in self._confirms_of_best(finished=False)}
                       - finished, key=lambda seed: (len(seed), seed))
 
-    def _confirms_of_best(self, finished: bool = True) -> list[Trial]:
+    def _confirms_of_best(self, finished: bool = True, own_seed: bool | None = None) -> list[Trial]:
+        """Its confirm runs of its best config, finished or not; ``own_seed``: only those with (True) or without
+        (False) the seed the best trial trained with."""
         best = self.best
         if best is None:
             return []
-        config = searched_values(best.params)
+        config, seed = searched_values(best.params), best.params.get("seed")
         return [t for t in self.confirms
-                if (t.status == "FINISHED") == finished and same_config(t.params, config)]
-
-    def _repeats_best(self, confirm: Trial) -> bool:
-        return confirm.run.data.tags.get(layout.SEED) == self.best.params.get("seed")
+                if (t.status == "FINISHED") == finished and same_config(t.params, config)
+                and (own_seed is None or (t.run.data.tags.get(layout.SEED) == seed) == own_seed)]
 
 
 @dataclass
