@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -148,8 +149,8 @@ def unfinished_rows(sweep: Sweep) -> list[dict]:
 def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
     """Learning curves and optimisation history per (data set, backbone); importance per study.
 
-    The groups are drawn side by side in forked processes, one per core: at paper scale the figures and
-    fANOVA are most of the report's time, and each group needs nothing of the others.
+    The groups are drawn side by side in processes, one per core: at paper scale the figures and fANOVA are
+    most of the report's time, and each group needs nothing of the others.
     """
     groups: dict[tuple[str, str], list[Study]] = {}
     for study in sweep.studies:
@@ -159,11 +160,17 @@ def draw(sweep: Sweep) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
              for (dataset, backbone), studies in groups.items()]
     workers = min(len(tasks), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=figure_processes()) as pool:
             drawn = list(pool.map(draw_group, *zip(*tasks)))
     else:
         drawn = [draw_group(*task) for task in tasks]
     return [image for images, _ in drawn for image in images], [row for _, rows in drawn for row in rows]
+
+
+def figure_processes() -> multiprocessing.context.BaseContext:
+    """Forked workers on Linux, where forking is safe and starts at once; spawned ones elsewhere: forking a
+    process that has threads (MLflow's, matplotlib's) can hang or crash on macOS, and Windows cannot fork."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def draw_group(title: str, studies: list[Study], best_curves: dict) -> tuple[list, list[dict]]:

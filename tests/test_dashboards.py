@@ -501,6 +501,28 @@ def test_an_empty_importance_section_says_how_many_finished_trials_it_needs(odd,
     assert "no finished trial yet" not in page(bare) and "built without its figures" in page(bare)
 
 
+def test_figures_are_drawn_in_spawned_processes_where_forking_is_unsafe(odd, monkeypatch):
+    # the groups were drawn in forked workers everywhere: forking a process with threads can hang on macOS, and
+    # Windows cannot fork at all
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dashboards import report as module
+
+    started = []
+
+    def pool(workers, mp_context):
+        started.append(mp_context.get_start_method())
+        return ProcessPoolExecutor(workers, mp_context=mp_context)
+
+    monkeypatch.setattr(module, "ProcessPoolExecutor", pool)
+    on_linux = build(odd["uri"], "baselines").images  # two groups: one per backbone
+    monkeypatch.setattr(sys, "platform", "darwin")
+    on_macos = build(odd["uri"], "baselines").images
+    assert started == ["fork", "spawn"]
+    assert [(kind, caption) for kind, caption, _ in on_macos] == [(kind, caption) for kind, caption, _ in on_linux]
+    assert len(on_macos) >= 2 and all(png.startswith(b"\x89PNG") for _, _, png in on_macos)
+
+
 def test_a_sweep_without_a_verdict_does_not_point_at_one(odd, tmp_path):
     report = build(odd["uri"], "baselines", with_figures=False)
     assert report.verdict == []
