@@ -74,6 +74,7 @@ def check_out(out: Path | None, default: Path) -> None:
     """The output folder can be made and written, checked before any work and without creating anything: a file in
     its place or a folder the user cannot write would otherwise end the finished work in a traceback."""
     import os
+    import tempfile
 
     folder, where = (out, "--out") if out else (default, "the default output folder")
     for existing in (folder, *folder.parents):
@@ -83,9 +84,11 @@ def check_out(out: Path | None, default: Path) -> None:
             raise ReportError(f"{where} {folder}: {existing} is a broken symbolic link; pass --out with a folder")
     if not existing.is_dir():
         raise ReportError(f"{where} {folder}: {existing} is not a folder; pass --out with a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ReportError(f"{where} {folder}: {existing.resolve()} is not writable by you; pass --out with a folder "
-                          "you can write")
+    try:  # make a folder there and remove it: permission bits say nothing of /proc, a read-only mount, or root
+        os.rmdir(tempfile.mkdtemp(prefix=".attzoom-probe-", dir=existing))
+    except OSError as e:
+        raise ReportError(f"{where} {folder}: cannot make a folder in {existing.resolve()} ({e.strerror}); pass "
+                          "--out with a folder you can write") from None
 
 
 def check_store(tracking_uri: str) -> None:

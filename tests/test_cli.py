@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["report", "explain"])
-@pytest.mark.parametrize("case", ["a file", "below a file", "read-only"])
+@pytest.mark.parametrize("case", ["a file", "below a file", "read-only", "in /proc"])
 def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2_before_any_work(started_sweep, tmp_path, capsys,
                                                                                      command, case):
     import os
@@ -272,7 +273,8 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2_before_any_w
         pytest.skip("root writes a read-only folder anyway")
     (tmp_path / "afile").write_text("kept")
     (tmp_path / "ro").mkdir(mode=0o555)
-    out = {"a file": tmp_path / "afile", "below a file": tmp_path / "afile" / "sub", "read-only": tmp_path / "ro"}[case]
+    out = {"a file": tmp_path / "afile", "below a file": tmp_path / "afile" / "sub", "read-only": tmp_path / "ro",
+           "in /proc": Path("/proc/attzoom-report")}[case]  # /proc passed the permission check, then a traceback
     # a real sweep for the report (it used to be computed, then end in a traceback); explain fails before its store
     args = ["t1", "--tracking-uri", started_sweep] if command == "report" else ["abc", "--tracking-uri",
                                                                                 f"sqlite:///{tmp_path}/none.db"]
