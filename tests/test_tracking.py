@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tune_jobs.layout import ERROR, GPU_IDS, STUDY, TRIAL, tag_filter
+from tune_jobs.layout import EARLIER_ERROR, ERROR, GPU_IDS, STATUS, STUDY, TRIAL, tag_filter
 
 OPEN = """
 import sys
@@ -50,6 +50,12 @@ def test_trial_runs_keep_one_run_per_trial_and_each_epoch_once(tmp_path):
     assert [m.step for m in runs.client.get_metric_history(run.info.run_id, "failures")] == [1]
     runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})  # Tune retries it
     assert runs.client.get_run(run.info.run_id).info.status == "RUNNING" and runs.runs["t1"] == run.info.run_id
+    assert STATUS not in runs.client.get_run(run.info.run_id).data.tags  # running again, no longer "error"
+    runs.log_epoch("t1", 4, {"val_top1": 40.0}, {})
+    runs.finish("t1", "completed", None)
+    # the finished run showed the first attempt's error and kept it through every later retry
+    tags = runs.client.get_run(run.info.run_id).data.tags
+    assert ERROR not in tags and tags[EARLIER_ERROR] == "ValueError: bad" and tags[STATUS] == "completed"
 
 
 def test_each_trial_run_carries_its_summary_so_a_reader_needs_no_history(tmp_path):

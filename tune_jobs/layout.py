@@ -29,6 +29,7 @@ STUDY = "attzoom.study"
 TRIAL = "attzoom.trial_id"
 ROLE = "attzoom.role"
 ERROR = "attzoom.error"  # a failed trial's exception, "Type: message"
+EARLIER_ERROR = "attzoom.earlier_error"  # a retried trial's last failed attempt's error (its ERROR, moved)
 STATUS = "attzoom.status"  # how fit ended, as the trial reported it: FIT_STATUSES, ERROR_STATUS
 GPU_IDS = "attzoom.gpu_ids"  # the GPUs the trial's process was given ("" on CPU)
 SEED = "attzoom.seed"  # a confirm run's seed
@@ -47,8 +48,8 @@ EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 # On the experiment: a view of the runs table (columns, order) that the printed address opens by its share key
 # (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
 SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
-TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER, NOTE,
-        GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER,
+        NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
 # What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
 COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")

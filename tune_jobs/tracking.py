@@ -252,11 +252,21 @@ class TrialRuns:
         run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
         run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id},
                                 lambda: self._name(trial_id, study, run_tags, params))
-        existing = self.client.get_run(run_id).data.params
-        new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
+        existing = self.client.get_run(run_id).data
+        new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing.params]
         _retry(self.client.log_batch, run_id, params=new)
+        self._retried(run_id, existing.tags)
         self.client.update_run(run_id, status="RUNNING")
         self._known(trial_id, run_id)
+
+    def _retried(self, run_id: str, tags: dict) -> None:
+        """A failed run opened again (Tune retries it): its error becomes an earlier attempt's, or the run would
+        show an error, and an "error" status, once it has finished. ``failures`` still counts every attempt."""
+        if ERROR in tags:
+            _retry(self.client.log_batch, run_id, tags=[RunTag(layout.EARLIER_ERROR, tags[ERROR])])
+            self.client.delete_tag(run_id, ERROR)
+        if tags.get(STATUS) == layout.ERROR_STATUS:
+            self.client.delete_tag(run_id, STATUS)
 
     def _name(self, trial_id: str, study: str, tags: dict, params: dict) -> tuple[str, dict]:
         """A new run's (name, more tags): a trial is numbered within its study in creation order, counting deleted
