@@ -107,6 +107,25 @@ def test_the_state_survives_a_snapshot_and_a_restore_before_the_trials_are_added
     assert epoch(fresh, third, 1, 30.0) == CONTINUE  # what a resume without the state would have decided
 
 
+def test_a_trial_pruned_just_before_a_kill_stays_pruned_when_the_resume_runs_it_again():
+    # the snapshot held the scheduler's decision but the trial still running: Tune restarts it from its checkpoint,
+    # and ASHA, whose rung already holds it, let it train to the last epoch
+    scheduler = asha()
+    first, second = trial("t1"), trial("t2")
+    add(scheduler, first, second)
+    epoch(scheduler, first, 1, 70.0)
+    assert epoch(scheduler, second, 1, 10.0) == STOP
+    restored = asha()
+    PrunedTrials(restored).set_state(pickle.loads(pickle.dumps(PrunedTrials(scheduler).get_state())))
+    add(restored, first, second)  # t2 comes back PAUSED, not TERMINATED
+    result = {"epoch": 2, "val_top1": 95.0}
+    assert restored.on_trial_result(None, second, result) == STOP
+    result["done"] = True
+    PrunedTrials(restored).on_trial_result(0, [], second, result)
+    assert result[STATUS_KEY] == PRUNED_STATUS and restored.pruned == {"t2": 1}
+    assert epoch(restored, first, 2, 71.0) == CONTINUE
+
+
 def test_the_marker_ends_only_the_trials_the_scheduler_stopped():
     scheduler = asha()
     marker = PrunedTrials(scheduler)

@@ -56,6 +56,8 @@ class StudyASHA(FIFOScheduler):
         # a restart's; and a trial at its last epoch ends by itself
         if epoch is None or STATUS_KEY in result or RESTART_KEY in result or epoch >= self.max_epochs:
             return TrialScheduler.CONTINUE
+        if trial.trial_id in self.pruned:  # stopped just before a kill whose snapshot still had it running: its
+            return TrialScheduler.STOP  # rung is recorded, so ASHA alone would let it train to the end
         decision = self._asha(trial).on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP:
             self.pruned[trial.trial_id] = int(epoch)
