@@ -444,7 +444,9 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
                       scheduler="[scheduler]\nkind = 'asha'\ngrace_period = 1\nreduction_factor = 4")
     first = start("sweep", str(spec), "--storage", storage, cwd=tmp_path)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
-    first.send_signal(signal.SIGINT)  # Tune ends the run itself; the sweep must not then say "done"
+    # SIGTERM (`ray job stop`, Kubernetes) takes Ctrl-C's way: Tune ends the run itself, and the sweep must not then
+    # say "done"; Ray's handler in the driver printed a crash dump and died, exit -15, runs left RUNNING
+    first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
     assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
