@@ -70,8 +70,12 @@ class Runtime:
 
 
 def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Callback | None = None,
-        checkpoint_dir: str | Path | None = None, resume: bool = True) -> FitResult:
-    """Train one model; with ``resume`` and a ``last.pt`` in ``checkpoint_dir``, continue it exactly."""
+        checkpoint_dir: str | Path | None = None, resume: bool = True,
+        between_steps: Callable[[], None] | None = None) -> FitResult:
+    """Train one model; with ``resume`` and a ``last.pt`` in ``checkpoint_dir``, continue it exactly.
+
+    ``between_steps`` runs before every training step: what it raises stops training there, leaving the last
+    finished epoch's checkpoint as it was (a sweep's trial stops so when its process exits)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -97,13 +101,18 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     status = "early_stopped" if stop.should_stop else "completed"
 
     with EpochWriter() as writer:
+        def checks() -> None:  # before every step: what the last epoch end raised, then the caller's own check
+            writer.raise_if_failed()
+            if between_steps:
+                between_steps()
+
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             if stop.should_stop:
                 break
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train_loss, seen = train_one_epoch(train_model, train_set, cfg, rt, optimizer, scheduler, scaler,
-                                               augment, generator, writer.raise_if_failed)
+                                               augment, generator, checks)
             if not math.isfinite(train_loss):
                 status = "diverged"
                 break

@@ -449,6 +449,7 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
+    assert "Fatal Python error" not in out and "SIGABRT" not in out, out[-3000:]  # trials stopped between steps
     assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
                         rf"{re.escape(storage)}", out.rstrip().splitlines()[-1]), out[-3000:]
     assert "RUNNING" not in statuses(tmp_path)  # the stopped trials' runs: KILLED, not "running" for ever

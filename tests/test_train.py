@@ -111,6 +111,50 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, optimizer
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_between_two_steps_keeps_the_last_finished_epoch_and_the_resume_is_exact(tmp_path):
+    # a sweep's trial stops so when its process exits (tune_jobs/trainable.py): mid-epoch, not after a report
+    cfg, data, calls = config(epochs=3), small_splits(), []
+
+    def stop_in_epoch_two():  # 96 images in batches of 16: six steps per epoch
+        calls.append(1)
+        if len(calls) == 9:
+            raise Killed
+
+    straight = fit(cfg, data, checkpoint_dir=tmp_path / "straight")
+    with pytest.raises(Killed):
+        fit(cfg, data, checkpoint_dir=tmp_path / "stopped", between_steps=stop_in_epoch_two)
+    assert [m["epoch"] for m in torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["history"]] == [1]
+    resumed = fit(cfg, data, checkpoint_dir=tmp_path / "stopped")
+    assert without_timing(resumed.history) == without_timing(straight.history)
+
+
+def test_a_trials_exiting_process_stops_its_training_thread_between_two_steps(monkeypatch):
+    # Tune let the process exit while its daemon thread trained: Python ended the thread inside torch, which
+    # aborted the process with a crash dump in the sweep's output
+    import threading
+
+    from tune_jobs import trainable
+
+    monkeypatch.setattr(trainable, "_exiting", threading.Event())
+    monkeypatch.setattr(trainable, "_training", set())
+    steps, ended = [], []
+
+    def train():
+        try:
+            fit(config(epochs=10_000), small_splits(), between_steps=lambda: (steps.append(1),
+                                                                              trainable.stop_if_exiting()))
+        except trainable.ProcessExiting as e:
+            ended.append(e)
+
+    thread = threading.Thread(target=train, daemon=True)
+    trainable._training.add(thread)
+    thread.start()
+    while len(steps) < 3 and thread.is_alive():
+        thread.join(0.05)
+    trainable._stop_training()  # what atexit calls, before Python finalises
+    assert not thread.is_alive() and len(ended) == 1
+
+
 def test_resume_false_starts_over(tmp_path):
     data = small_splits()
     fit(config(epochs=2), data, checkpoint_dir=tmp_path)

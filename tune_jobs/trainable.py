@@ -10,9 +10,11 @@ more writes reports that instead of raising, and the driver stops the sweep (tun
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from .spec import Spec
 GPU_IDS_KEY, STATUS_KEY = "gpu_ids", "fit_status"
 RESTART_KEY = "restarted"  # in a trial's report: its checkpoint could not be read, so it starts over (why)
 STOP_WAIT_S = 600.0  # how long a try that reported a storage failure waits for the driver to stop it
+
+EXIT_JOIN_S = 30.0  # how long a trial's exiting process waits for its training thread to stop
 
 # A trial's worker imports this module before Tune restores the trial in it: Tune's "Restored on <ip> from
 # checkpoint: Checkpoint(<path>)" for every resumed trial is then not forwarded to the driver, whose progress
@@ -53,14 +57,51 @@ def stop_if_storage_failed(error: BaseException, metric: str) -> None:
         time.sleep(STOP_WAIT_S)  # the driver stops every trial now; one that does not (an older driver) fails it
 
 
+class ProcessExiting(Exception):
+    """Raised in a trial's training thread, between two steps, when its process exits (Tune stops the trial)."""
+
+
+_exiting = threading.Event()
+_training: set[threading.Thread] = set()
+
+
+def stop_if_exiting() -> None:
+    if _exiting.is_set():
+        raise ProcessExiting("the trial's process is exiting; its last finished epoch's checkpoint stands")
+
+
+@functools.cache
+def stop_training_at_exit() -> None:
+    """Tune runs a trial in a daemon thread and lets the process exit while it trains (a sweep stopped with
+    Ctrl-C or SIGTERM). Python then ends the thread mid-step, in torch's C++, which aborts the process: a crash dump
+    of dozens of lines per trial in the driver's output. At exit the thread is stopped between two steps, and waited
+    for, before Python finalises. Registered once per process (Tune reuses a trial's process for the next)."""
+    atexit.register(_stop_training)
+
+
+def _stop_training() -> None:
+    _exiting.set()
+    for thread in list(_training):
+        thread.join(timeout=EXIT_JOIN_S)
+
+
 def run_trial(config: dict, sweep: SweepContext) -> None:
     """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
-    from attzoom.config import CheckpointError
-    from attzoom.train import fit  # in the trial process only: the driver never loads torch
-
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     study, _, train_config = trial_config(config, sweep)
     extra = {STUDY_KEY: study.name, GPU_IDS_KEY: ",".join(map(str, ray.get_gpu_ids()))}
+    stop_training_at_exit()
+    _training.add(threading.current_thread())
+    try:
+        _run(sweep, train_config, extra)
+    finally:
+        _training.discard(threading.current_thread())
+
+
+def _run(sweep: SweepContext, train_config: dict, extra: dict) -> None:
+    from attzoom.config import CheckpointError
+    from attzoom.train import fit  # in the trial process only: the driver never loads torch
+
     with working_folder(sweep.spec.metric) as work:
         checkpoint = tune.get_checkpoint()
 
@@ -70,7 +111,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         data = cached_data(train_config)
         try:
             restore(checkpoint, work)
-            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=True)
+            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=True,
+                         between_steps=stop_if_exiting)
         except CheckpointError as damaged:
             if not checkpoint:
                 raise
@@ -79,7 +121,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             tune.report({sweep.spec.metric: 0.0, **extra, RESTART_KEY: str(damaged)})
             for stale in work.iterdir():
                 stale.unlink()
-            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=False)
+            result = fit(train_config, data=data, callback=report, checkpoint_dir=work, resume=False,
+                         between_steps=stop_if_exiting)
         # fit reports finished epochs; the last report says how it ended, with the metrics Tune expects in every one
         last = result.history[-1] if result.history else {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0}
         tune.report({**last, **extra, STATUS_KEY: result.status})
