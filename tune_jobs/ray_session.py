@@ -43,6 +43,9 @@ def apply_tune_settings(spec: Spec) -> None:
     for key, value in tune_settings(spec).items():
         os.environ.setdefault(key, value)
     quiet_metrics_fetch_warning()
+    from .snapshots import whole_file_snapshots
+
+    whole_file_snapshots()
 
 
 def quiet_metrics_fetch_warning() -> None:

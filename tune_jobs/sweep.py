@@ -287,6 +287,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         from .progress import StudyProgress
         from .scheduler import early_stopping
         from .searcher import MultiStudySearcher
+        from .snapshots import check_snapshot_readable
         from .space import study_space
         from .summary import finish_studies
         from .trainable import SweepContext, ended, run_trial
@@ -298,6 +299,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         if resume and tune.Tuner.can_restore(path):
+            check_snapshot_readable(path)
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
             # so the preparation finishes first and the two never race.
             tracking.result()

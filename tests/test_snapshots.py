@@ -1,0 +1,92 @@
+"""Tune's experiment snapshot in the storage (tune_jobs/snapshots.py): a killed copy leaves whole files only."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tune_jobs.spec import SpecError
+
+COPY = """
+import sys
+import pyarrow.fs
+from ray.train._internal.storage import _FilesystemSyncer
+if sys.argv[3] == "whole":
+    from tune_jobs.snapshots import whole_file_snapshots
+    whole_file_snapshots()
+syncer = _FilesystemSyncer(storage_filesystem=pyarrow.fs.LocalFileSystem(), sync_period=0, sync_timeout=600)
+fn, kwargs = syncer._sync_up_command(local_path=sys.argv[1], uri=sys.argv[2])
+print("copying", flush=True)
+fn(**kwargs)
+"""
+SIZE = 400 * 2 ** 20
+NAME = "experiment_state-2026-12-01_00-00-00.json"
+
+
+def killed_mid_copy(tmp_path, how: str) -> bytes:
+    """Copy a snapshot file over an older one as the driver's Tune syncer does; SIGKILL it mid-copy."""
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    staging.mkdir()
+    storage.mkdir()
+    with open(staging / NAME, "wb") as f:
+        f.truncate(SIZE)  # sparse: read at once, written at the disk's pace
+    (storage / NAME).write_bytes(b'{"old": true}')
+    copy = subprocess.Popen([sys.executable, "-c", COPY, str(staging), str(storage), how], stdout=subprocess.PIPE,
+                            text=True)
+    assert copy.stdout.readline() == "copying\n"
+    while copy.poll() is None and sum(p.stat().st_size for p in storage.iterdir()) <= len(b'{"old": true}'):
+        pass  # until the copy has written its first bytes
+    copy.send_signal(signal.SIGKILL)
+    copy.wait(timeout=60)
+    if copy.returncode == 0:
+        pytest.skip("the copy ended before the kill landed")
+    return (storage / NAME).read_bytes()
+
+
+def test_a_driver_killed_while_tune_copies_its_snapshot_leaves_the_old_file_whole(tmp_path):
+    # Tune overwrote each file in place: the kill left a JSON cut short, and the resume started the search over
+    left = killed_mid_copy(tmp_path, "whole")
+    assert left == b'{"old": true}'
+
+
+def test_the_copy_replaces_every_file_of_the_folder(tmp_path):
+    from tune_jobs.snapshots import PART, replace_files
+
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    (staging / "trial-1").mkdir(parents=True)
+    (staging / NAME).write_text("new state")
+    (staging / "trial-1" / "result.json").write_text("{}\n{}\n")
+    (storage / "trial-1").mkdir(parents=True)
+    (storage / NAME).write_text("old state, longer than the new one")
+    (storage / "kept.txt").write_text("not Tune's")
+    replace_files(str(staging), str(storage))
+    files = {str(p.relative_to(storage)): p.read_text() for p in storage.rglob("*") if p.is_file()}
+    assert files == {NAME: "new state", "trial-1/result.json": "{}\n{}\n", "kept.txt": "not Tune's"}
+    assert not [p for p in storage.rglob(f"*{PART}")]
+    # the next copies: a file written since is copied, one just written is copied again (a write in the same clock
+    # tick as the copy would not move its time stamp), a file quiet since its copy is left alone
+    (staging / NAME).write_text("newer state")
+    os.utime(staging / "trial-1" / "result.json", ns=(0, 0))  # quiet for decades
+    replace_files(str(staging), str(storage))
+    (storage / "trial-1" / "result.json").write_text("marker")
+    os.utime(staging / NAME, ns=(0, 0))  # the snapshot's content changes, its time stamp does not
+    (staging / NAME).write_text("newest")
+    os.utime(staging / NAME, ns=(0, 0))
+    replace_files(str(staging), str(storage))
+    assert (storage / NAME).read_text() == "newest"  # copied the time before: it was written within the second
+    replace_files(str(staging), str(storage))
+    assert (storage / "trial-1" / "result.json").read_text() == "marker"  # quiet, unchanged: not copied again
+
+
+def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):
+    from tune_jobs.snapshots import check_snapshot_readable
+
+    (tmp_path / NAME).write_text('{"trial_data": [["{\\"trial_id\\": \\"ab')  # cut short
+    with pytest.raises(SpecError, match=f"Tune snapshot {tmp_path / NAME} cannot be read .*new name"):
+        check_snapshot_readable(str(tmp_path))
+    (tmp_path / NAME).write_text('{"trial_data": []}')
+    check_snapshot_readable(str(tmp_path))
+    os.remove(tmp_path / NAME)
+    check_snapshot_readable(str(tmp_path))  # a sweep Tune never snapshotted: nothing to check
