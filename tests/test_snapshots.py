@@ -87,6 +87,8 @@ def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):
     with pytest.raises(SpecError, match=f"Tune snapshot {tmp_path / NAME} cannot be read .*new name"):
         check_snapshot_readable(str(tmp_path))
     (tmp_path / NAME).write_text('{"trial_data": []}')
+    (tmp_path / f".{NAME}.attzoom-part").write_text('{"trial_da')  # the copy a kill cut short
     check_snapshot_readable(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
     os.remove(tmp_path / NAME)
     check_snapshot_readable(str(tmp_path))  # a sweep Tune never snapshotted: nothing to check

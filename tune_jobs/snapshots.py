@@ -67,10 +67,14 @@ def replace_files(source: str, target: str) -> None:
 
 def check_snapshot_readable(folder: str) -> None:
     """The newest experiment state Tune would restore parses; a damaged one is one line, not a restart."""
+    from pyarrow.fs import LocalFileSystem
     from ray.train._internal.storage import get_fs_and_path
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 
     fs, path = get_fs_and_path(folder)
+    if isinstance(fs, LocalFileSystem):
+        for part in Path(path).rglob(f".*{PART}"):  # a copy the last driver was killed in: the file it replaced stands
+            part.unlink(missing_ok=True)
     newest = _find_newest_experiment_checkpoint(path, fs=fs)
     if newest is None:
         return
