@@ -197,6 +197,8 @@ def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_i
     try:
         info = client.get_job_info(job_id)
         assert token not in info.entrypoint and token not in json.dumps(info.runtime_env or {})
+        # a `ray job stop` gives the sweep time to stop as after Ctrl-C before Ray's SIGKILL (3 s by default)
+        assert info.runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
         status = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "status", "--job", job_id, "--address",
                                  address, "--tracking-uri", f"sqlite:///{tmp_path / 'status.db'}"],
                                 env=user, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -326,7 +326,10 @@ def run_submit_command(args) -> int:
     command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
     command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
-                                                          "mlruns/", "data/", "runs/", "*.db", "*.pt"]}
+                                                          "mlruns/", "data/", "runs/", "*.db", "*.pt"],
+                   # `ray job stop` sends SIGTERM, which the sweep takes as Ctrl-C (trials stopped, snapshot saved,
+                   # runs KILLED), then SIGKILL after this many seconds: Ray's 3 s cut that short
+                   "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "60")}}
     job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
                                metadata={SWEEP: spec.name})
     print(job_id)
