@@ -146,6 +146,11 @@ BAD = {
     "optuna database down": ("optuna_storage", "postgresql://127.0.0.1:1/x", "--optuna-storage"),  # blamed MLflow
     "tracking database down": ("tracking_uri", "postgresql://127.0.0.1:1/x", "--tracking-uri"),  # a traceback
     "data root without cifar100": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train"),
+    # each passed, then every trial failed, retried, in pages of tracebacks
+    "cifar100 without its test file": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/test is missing"),
+    "cifar100 cut short": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train cannot be read"),
+    "tinyimagenet class without images": ("matrix.datasets", ["tinyimagenet"],
+                                          "{tmp}/empty/tiny-imagenet-200/train/n02/images holds no images"),
 }
 
 
@@ -156,9 +161,26 @@ def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
     spec = edit(base_spec(tmp_path), key, value)
     if "a file" in case:
         (tmp_path / "f").write_text("a regular file, not a folder")
-    if case == "data root without cifar100":
+    if case == "data root without cifar100" or case.startswith(("cifar100", "tinyimagenet")):
         (tmp_path / "empty").mkdir()
         spec["data_root"] = str(tmp_path / "empty")
+    if case.startswith("cifar100"):
+        from conftest import _write_cifar100
+
+        _write_cifar100(tmp_path / "empty")
+        train = tmp_path / "empty" / "cifar-100-python" / "train"
+        if case == "cifar100 cut short":
+            train.write_bytes(train.read_bytes()[:2000])
+        else:
+            (train.parent / "test").unlink()
+    if case == "tinyimagenet class without images":
+        tiny = tmp_path / "empty" / "tiny-imagenet-200"
+        (tiny / "val").mkdir(parents=True)
+        (tiny / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t63\t63\n")
+        (tiny / "wnids.txt").write_text("n01\nn02\n")
+        (tiny / "train" / "n01" / "images").mkdir(parents=True)
+        (tiny / "train" / "n01" / "images" / "n01_0.JPEG").write_bytes(b"jpeg")
+        (tiny / "train" / "n02" / "images").mkdir(parents=True)
     if case == "tracking_uri an Optuna database":  # a real one: MLflow would add its tables to it
         import optuna
 

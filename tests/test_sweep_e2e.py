@@ -5,6 +5,7 @@ Slow by nature (each test starts Ray and trains small models); marked ``slow`` a
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -283,8 +284,9 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
     data = tmp_path / "data"
     shutil.copytree(few_digits_root, data)
     (data / "cifar-100-python").mkdir()
-    for part in ("train", "test", "meta"):
-        (data / "cifar-100-python" / part).write_bytes(b"\x80\x04\x95 truncated")  # present but malformed
+    for part in ("train", "test", "meta"):  # present, readable, but malformed: found by the trial, not before
+        with open(data / "cifar-100-python" / part, "wb") as f:
+            pickle.dump({b"data": [[0] * 10], b"fine_labels": [0]}, f)
     spec = write_spec(tmp_path / "spec.toml", data, trials=1, epochs=1, datasets=("cifar100", "cluttered-digits"),
                       variants=("baseline",), max_retries=2)
     sweep = start("sweep", str(spec), cwd=tmp_path)

@@ -308,17 +308,62 @@ def check_cluster_cpus(spec: Spec, available: float, where: str) -> None:
 
 
 def check_data(spec: Spec) -> None:
-    """The data root must hold each data set the matrix names (cluttered digits are generated)."""
+    """The data root must hold each data set the matrix names, whole enough to train on (cluttered digits are
+    generated): else every trial fails the same way, each retried, in pages of tracebacks."""
     root = Path(spec.data_root).expanduser()
-    expected = {"cifar100": ("cifar-100-python/train", "cifar-100-python/{train,test,meta}"),
-                "tinyimagenet": ("tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/ (wnids.txt, train/, val/)")}
     for dataset in spec.datasets:
-        if dataset in expected and not (root / expected[dataset][0]).exists():
-            raise SpecError(f"data_root: {root} does not hold {dataset} ({root / expected[dataset][0]} is missing); "
-                            f"put {expected[dataset][1]} there or set data_root to where it is")
-        if dataset == "cluttered-digits" and not _writable(root):
+        if dataset == "cifar100":
+            _check_cifar100(root)
+        elif dataset == "tinyimagenet":
+            _check_tinyimagenet(root)
+        elif dataset == "cluttered-digits" and not _writable(root):
             raise SpecError(f"data_root: {root} is not writable, and cluttered digits are generated there; "
                             "set data_root to a writable folder")
+
+
+def _missing(root: Path, dataset: str, path: Path, layout: str) -> SpecError:
+    return SpecError(f"data_root: {root} does not hold {dataset} ({path} is missing); put {layout} there or set "
+                     "data_root to where it is")
+
+
+def _check_cifar100(root: Path) -> None:
+    """Both pickles a trial reads are there and unpickle (a copy cut short does not); not torch: the driver."""
+    import pickle
+
+    for part in ("train", "test"):
+        path = root / "cifar-100-python" / part
+        if not path.is_file():
+            raise _missing(root, "cifar100", path, "cifar-100-python/{train,test,meta}")
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            ok = isinstance(entry, dict) and b"data" in entry and b"fine_labels" in entry
+        except Exception as e:  # noqa: BLE001 - damaged bytes make pickle raise nearly anything
+            ok, why = False, f"{type(e).__name__}: {str(e)[:100]}"
+        else:
+            why = "no b'data' and b'fine_labels' in it"
+        if not ok:
+            raise SpecError(f"data_root: {path} cannot be read as CIFAR-100 ({why}); copy cifar-100-python/ again "
+                            "from the published archive")
+
+
+def _check_tinyimagenet(root: Path) -> None:
+    """The lists and every class's image folder are there (the images themselves are decoded by the first trial)."""
+    folder = root / "tiny-imagenet-200"
+    layout = "tiny-imagenet-200/ (wnids.txt, train/, val/)"
+    for path in (folder / "wnids.txt", folder / "val" / "val_annotations.txt"):
+        if not path.is_file():
+            raise _missing(root, "tinyimagenet", path, layout)
+    try:
+        wnids = [w.strip() for w in (folder / "wnids.txt").read_text(encoding="utf-8").splitlines() if w.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"data_root: {folder / 'wnids.txt'} is unreadable ({type(e).__name__}); copy "
+                        "tiny-imagenet-200/ again") from None
+    for wnid in wnids:
+        images = folder / "train" / wnid / "images"
+        if not images.is_dir() or not any(images.glob("*.JPEG")):
+            raise SpecError(f"data_root: {images} holds no images for class {wnid[:40]} of "
+                            f"{folder / 'wnids.txt'}; copy tiny-imagenet-200/ again")
 
 
 def check_writable(key: str, location: str) -> None:
