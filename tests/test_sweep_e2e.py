@@ -64,17 +64,19 @@ tracking_outage_minutes = {outage_minutes}
     return path
 
 
-def start(*args, cwd, stderr=subprocess.STDOUT, without_override=False) -> subprocess.Popen:
+def start(*args, cwd, stderr=subprocess.STDOUT, without_override=False, sigint_blocked=False) -> subprocess.Popen:
     """The CLI in a session of its own, so a 'crash' can take the driver and its local Ray down together.
 
     ``without_override``: as root, drop the capability that lets root write where permissions forbid it, so a
-    folder made read-only is read-only for the sweep too (as for any other user).
+    folder made read-only is read-only for the sweep too (as for any other user). ``sigint_blocked``: as a Ray
+    job's driver started by bash runs (Ray blocks SIGINT in its processes, and bash passes the mask on).
     """
     command = [sys.executable, "-m", "tune_jobs.cli", *args]
     if without_override and os.geteuid() == 0:
         command = ["capsh", "--drop=cap_dac_override", "--", "-c", 'exec "$0" "$@"', *command]
+    block = (lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})) if sigint_blocked else None
     return subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True)
+                            text=True, preexec_fn=block)
 
 
 def crash(proc: subprocess.Popen) -> None:
@@ -444,10 +446,11 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     storage = f"s3://{bucket}/results"
     spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=4, epochs=2, max_concurrent=2,
                       scheduler="[scheduler]\nkind = 'asha'\ngrace_period = 1\nreduction_factor = 4")
-    first = start("sweep", str(spec), "--storage", storage, cwd=tmp_path)
+    first = start("sweep", str(spec), "--storage", storage, cwd=tmp_path, sigint_blocked=True)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path), every=0.3)
     # SIGTERM (`ray job stop`, Kubernetes) takes Ctrl-C's way: Tune ends the run itself, and the sweep must not then
-    # say "done"; Ray's handler in the driver printed a crash dump and died, exit -15, runs left RUNNING
+    # say "done"; Ray's handler in the driver printed a crash dump and died, exit -15, runs left RUNNING. Raising
+    # SIGINT instead was lost where SIGINT is blocked, as in a Ray job's driver
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]

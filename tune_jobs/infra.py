@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -113,11 +114,12 @@ def _chain(error: BaseException):
 @contextmanager
 def stops_on_problems(resume: str, tracking_uri: str):
     """Run a driver's body; a storage or tracking-store failure becomes one InfrastructureError line, and a
-    Ctrl-C that does not say how to go on (one before any trial) names ``resume``.
+    Ctrl-C (or SIGTERM, sigterm_as_interrupt) that does not say how to go on (one before any trial) names ``resume``.
 
     ``resume`` is the command that continues the work once the cause is fixed.
     """
     clear()
+    previous = sigterm_as_interrupt()
     try:
         yield
     except KeyboardInterrupt as e:
@@ -129,8 +131,30 @@ def stops_on_problems(resume: str, tracking_uri: str):
         if message is None:
             raise
         raise InfrastructureError(_stopped(message, resume)) from error
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if (message := problem()) is not None:
         raise InfrastructureError(_stopped(message, resume))
+
+
+def sigterm_as_interrupt():
+    """SIGTERM (`ray job stop`, Kubernetes ending the pod, `kill PID`, `timeout`) stops the driver as Ctrl-C does:
+    Tune stops the trials and saves its snapshot, the runs end KILLED, and the last line says how to go on; Ray's
+    own handler printed a crash dump and died mid-write. The SIGINT handler is called, not SIGINT raised: a Ray
+    job's driver may have SIGINT blocked or ignored. Returns the handler it replaced (None off the main thread,
+    where Python sets none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _as_interrupt)
+
+
+def _as_interrupt(signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGINT)  # Tune's during its run: it stops the run; else Python's
+    if callable(handler) and handler is not _as_interrupt:
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a driver started with & by a script): SIGTERM still stops it
+        raise KeyboardInterrupt
 
 
 def raise_if_problem() -> None:

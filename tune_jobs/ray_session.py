@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from contextlib import contextmanager
 
+from .infra import sigterm_as_interrupt
 from .spec import Spec, SpecError, check_cluster_cpus, check_cluster_gpus
 
 
@@ -104,7 +103,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
-    stop_on_sigterm()
+    sigterm_as_interrupt()  # again: ray.init put its own handler in place, which dumps a crash report and dies
     resources = ray.cluster_resources()
     if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
         check_cluster_cpus(spec, resources.get("CPU", 0.0), where)
@@ -145,16 +144,6 @@ def stop_ray() -> None:
     import ray
 
     ray.shutdown()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (`ray job stop`, Kubernetes ending the pod, `kill PID`, `timeout`) stops the work as Ctrl-C does:
-    Tune stops the trials and saves its snapshot, the runs end KILLED, and the last line says how to go on. Ray's
-    own handler, which ray.init installs in the driver, printed a crash dump and died mid-write. Set after it."""
-    if threading.current_thread() is threading.main_thread():  # Python's signal handlers live there only
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 @contextmanager
