@@ -2,9 +2,10 @@
 
 At the paper's scale (720 trials) the driver's staging folder holds a multi-megabyte experiment state and a
 folder per trial with the loggers' files. Tune copies all of it every second, overwriting in place; the sweep
-writes each changed file beside its place and renames it (a kill leaves whole files), skipping files unchanged
-since its last copy. Between two copies, the experiment state and the running trials' results change. Prints one
-JSON object: seconds per copy for each, and their ratio.
+writes each changed file beside its place, syncs the snapshot's own files to disk, checks that the experiment
+state parses, and renames it (a kill leaves whole files), skipping files unchanged since its last copy. Between
+two copies, the experiment state and the running trials' results change. Prints one JSON object: seconds per copy
+for each, and their ratio.
 
     .venv/bin/python benchmarks/snapshot_sync.py [--trials 720] [--running 8] [--state-mb 3] [--repeats 5]
 """
@@ -32,7 +33,12 @@ def staging(folder: Path, trials: int, state_mb: float) -> None:
         trial.mkdir(parents=True)
         for name in LOGGER_FILES:
             (trial / name).write_text("x" * 3000)
-    (folder / "experiment_state-0.json").write_text("y" * int(state_mb * 2 ** 20))
+    (folder / "experiment_state-0.json").write_text(state(state_mb, "y"))
+
+
+def state(mb: float, fill: str) -> str:
+    """An experiment state of about ``mb`` megabytes, JSON as Tune's (the sweep checks it parses before the rename)."""
+    return json.dumps({"trial_data": [fill * 4000] * int(mb * 2 ** 20 / 4000)})
 
 
 def between_copies(folder: Path, running: int, state_mb: float) -> None:
@@ -40,7 +46,7 @@ def between_copies(folder: Path, running: int, state_mb: float) -> None:
     for t in range(running):
         with open(folder / f"trial-{t:04d}" / "result.json", "a") as f:
             f.write("{}\n")
-    (folder / "experiment_state-0.json").write_text("z" * int(state_mb * 2 ** 20))
+    (folder / "experiment_state-0.json").write_text(state(state_mb, "z"))
 
 
 def seconds_per_copy(copy, source: Path, running: int, state_mb: float, repeats: int) -> float:

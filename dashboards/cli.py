@@ -71,8 +71,9 @@ def run_report_command(args) -> int:
 
 
 def check_out(out: Path | None, default: Path) -> None:
-    """The output folder can be made and written, checked before any work and without creating anything: a file in
-    its place or a folder the user cannot write would otherwise end the finished work in a traceback."""
+    """The output folder can be made and written, checked before any work and leaving nothing behind (a probe
+    folder is made and removed): a file in its place or a folder the user cannot write would otherwise end the
+    finished work in a traceback."""
     import os
     import tempfile
 

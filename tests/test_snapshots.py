@@ -1,9 +1,11 @@
 """Tune's experiment snapshot in the storage (tune_jobs/snapshots.py): a killed copy leaves whole files only."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +23,7 @@ fn, kwargs = syncer._sync_up_command(local_path=sys.argv[1], uri=sys.argv[2])
 print("copying", flush=True)
 fn(**kwargs)
 """
-SIZE = 400 * 2 ** 20
+SIZE = 200 * 2 ** 20
 NAME = "experiment_state-2026-12-01_00-00-00.json"
 
 
@@ -42,7 +44,10 @@ def killed_mid_copy(tmp_path, how: str) -> bytes:
     copy.wait(timeout=60)
     if copy.returncode == 0:
         pytest.skip("the copy ended before the kill landed")
-    return (storage / NAME).read_bytes()
+    left = (storage / NAME).read_bytes()
+    shutil.rmtree(staging)  # pytest keeps the last runs' folders: not 200 MB each
+    shutil.rmtree(storage)
+    return left
 
 
 def test_a_driver_killed_while_tune_copies_its_snapshot_leaves_the_old_file_whole(tmp_path):
@@ -56,28 +61,58 @@ def test_the_copy_replaces_every_file_of_the_folder(tmp_path):
 
     staging, storage = tmp_path / "staging", tmp_path / "storage"
     (staging / "trial-1").mkdir(parents=True)
-    (staging / NAME).write_text("new state")
+    (staging / NAME).write_text('"new state"')
     (staging / "trial-1" / "result.json").write_text("{}\n{}\n")
     (storage / "trial-1").mkdir(parents=True)
-    (storage / NAME).write_text("old state, longer than the new one")
+    (storage / NAME).write_text('"old state, longer than the new one"')
     (storage / "kept.txt").write_text("not Tune's")
     replace_files(str(staging), str(storage))
     files = {str(p.relative_to(storage)): p.read_text() for p in storage.rglob("*") if p.is_file()}
-    assert files == {NAME: "new state", "trial-1/result.json": "{}\n{}\n", "kept.txt": "not Tune's"}
+    assert files == {NAME: '"new state"', "trial-1/result.json": "{}\n{}\n", "kept.txt": "not Tune's"}
     assert not [p for p in storage.rglob(f"*{PART}")]
     # the next copies: a file written since is copied, one just written is copied again (a write in the same clock
     # tick as the copy would not move its time stamp), a file quiet since its copy is left alone
-    (staging / NAME).write_text("newer state")
+    (staging / NAME).write_text('"newer state"')
     os.utime(staging / "trial-1" / "result.json", ns=(0, 0))  # quiet for decades
     replace_files(str(staging), str(storage))
     (storage / "trial-1" / "result.json").write_text("marker")
     os.utime(staging / NAME, ns=(0, 0))  # the snapshot's content changes, its time stamp does not
-    (staging / NAME).write_text("newest")
+    (staging / NAME).write_text('"newest"')
     os.utime(staging / NAME, ns=(0, 0))
     replace_files(str(staging), str(storage))
-    assert (storage / NAME).read_text() == "newest"  # copied the time before: it was written within the second
+    assert (storage / NAME).read_text() == '"newest"'  # copied the time before: it was written within the second
     replace_files(str(staging), str(storage))
     assert (storage / "trial-1" / "result.json").read_text() == "marker"  # quiet, unchanged: not copied again
+    (storage / "trial-1" / "result.json").unlink()
+    (staging / ".c4f1-tmp-searcher-state").write_text("Tune's, for a moment")
+    replace_files(str(staging), str(storage))
+    assert (storage / "trial-1" / "result.json").read_text() == "{}\n{}\n"  # its copy is gone: copied again
+    assert not (storage / ".c4f1-tmp-searcher-state").exists()
+
+
+def test_a_snapshot_rewritten_while_it_is_copied_is_not_published(tmp_path, monkeypatch):
+    # Tune writes the next snapshot in place while the last one's copy may still run: the half-written file
+    # passed the rename whole
+    from tune_jobs import snapshots
+
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    staging.mkdir()
+    storage.mkdir()
+    (staging / NAME).write_text('{"trial_data": [1, 2, 3]}')
+    (storage / NAME).write_text('{"trial_data": [1, 2]}')
+    copy = shutil.copyfile
+
+    def copy_while_tune_writes(source, target):
+        copy(source, target)
+        Path(target).write_text('{"trial_da')  # what a copy taken mid-write holds
+        Path(source).write_text('{"trial_data": [1, 2, 3, 4]}')
+
+    monkeypatch.setattr(snapshots.shutil, "copyfile", copy_while_tune_writes)
+    snapshots.replace_files(str(staging), str(storage))
+    assert (storage / NAME).read_text() == '{"trial_data": [1, 2]}' and sorted(os.listdir(storage)) == [NAME]
+    monkeypatch.setattr(snapshots.shutil, "copyfile", copy)
+    snapshots.replace_files(str(staging), str(storage))  # the next snapshot's copy
+    assert (storage / NAME).read_text() == '{"trial_data": [1, 2, 3, 4]}'
 
 
 def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):

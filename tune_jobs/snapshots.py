@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -53,16 +54,45 @@ def replace_files(source: str, target: str) -> None:
         into = Path(target, os.path.relpath(folder, source))
         into.mkdir(parents=True, exist_ok=True)
         for name in files:
-            path, copy = Path(folder, name), into / name
-            stat = path.stat()
-            version = (stat.st_size, stat.st_mtime_ns)
-            if _copied.get(str(copy)) == version and copy.exists():
+            if name.startswith("."):  # Tune's own temporary files, there for a moment
                 continue
-            part = into / f".{name}{PART}"
-            shutil.copyfile(path, part)
-            os.replace(part, copy)
-            quiet = time.time_ns() - stat.st_mtime_ns > QUIET_NS
-            _copied[str(copy)] = version if quiet else None
+            try:
+                _replace(Path(folder, name), into / name, durable=folder == source)
+            except FileNotFoundError:  # gone since the listing: the next snapshot has what replaced it
+                continue
+
+
+def _replace(path: Path, copy: Path, durable: bool) -> None:
+    """One file; ``durable``: on disk before the rename (the snapshot's own files: a host crash after the rename
+    must not leave an empty one). A file Tune rewrote during the copy is left for the next snapshot."""
+    stat = path.stat()
+    version = (stat.st_size, stat.st_mtime_ns)
+    if _copied.get(str(copy)) == version and copy.exists():
+        return
+    part = copy.with_name(f".{copy.name}.{os.getpid()}-{threading.get_ident()}{PART}")  # one per copying thread
+    try:
+        shutil.copyfile(path, part)
+        if durable:
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != version or not _parses(part):
+            return  # rewritten while copied: the storage keeps the whole file it has
+        os.replace(part, copy)
+    finally:
+        part.unlink(missing_ok=True)
+    _copied[str(copy)] = version if time.time_ns() - stat.st_mtime_ns > QUIET_NS else None
+
+
+def _parses(part: Path) -> bool:
+    """An experiment state is whole JSON (a rewrite within the copy's clock tick leaves the time stamp alone)."""
+    if not part.name.startswith(".experiment_state-"):
+        return True
+    try:
+        json.loads(part.read_bytes())
+        return True
+    except ValueError:
+        return False
 
 
 def check_snapshot_readable(folder: str) -> None:
@@ -73,8 +103,9 @@ def check_snapshot_readable(folder: str) -> None:
 
     fs, path = get_fs_and_path(folder)
     if isinstance(fs, LocalFileSystem):
-        for part in Path(path).rglob(f".*{PART}"):  # a copy the last driver was killed in: the file it replaced stands
-            part.unlink(missing_ok=True)
+        for pattern in (f".*{PART}", f"*/.*{PART}"):  # a copy the last driver was killed in: its file stands
+            for part in Path(path).glob(pattern):
+                part.unlink(missing_ok=True)
     newest = _find_newest_experiment_checkpoint(path, fs=fs)
     if newest is None:
         return

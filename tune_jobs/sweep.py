@@ -274,6 +274,10 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
                 raise KeyboardInterrupt("interrupted before the sweep started; run the same command again") from None
         save_spec(spec)  # then: a sweep stopped while a local Ray starts can be resumed as its Ctrl-C line says
         apply_tune_settings(spec)
+        if resume:  # before a local Ray starts: a damaged snapshot is one line
+            from .snapshots import check_snapshot_readable
+
+            check_snapshot_readable(sweep_location(spec.storage, spec.name))
         # The store's migration overlaps the imports, a local Ray's start and the first trial's start; only the
         # driver's MLflow callback waits for it, when the first trial has started.
         pool = ThreadPoolExecutor(max_workers=1)
@@ -287,7 +291,6 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         from .progress import StudyProgress
         from .scheduler import early_stopping
         from .searcher import MultiStudySearcher
-        from .snapshots import check_snapshot_readable
         from .space import study_space
         from .summary import finish_studies
         from .trainable import SweepContext, ended, run_trial
@@ -299,7 +302,6 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         if resume and tune.Tuner.can_restore(path):
-            check_snapshot_readable(path)
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
             # so the preparation finishes first and the two never race.
             tracking.result()

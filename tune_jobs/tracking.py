@@ -264,9 +264,9 @@ class TrialRuns:
         show an error, and an "error" status, once it has finished. ``failures`` still counts every attempt."""
         if ERROR in tags:
             _retry(self.client.log_batch, run_id, tags=[RunTag(layout.EARLIER_ERROR, tags[ERROR])])
-            self.client.delete_tag(run_id, ERROR)
+            _retry(self.client.delete_tag, run_id, ERROR)
         if tags.get(STATUS) == layout.ERROR_STATUS:
-            self.client.delete_tag(run_id, STATUS)
+            _retry(self.client.delete_tag, run_id, STATUS)
 
     def _name(self, trial_id: str, study: str, tags: dict, params: dict) -> tuple[str, dict]:
         """A new run's (name, more tags): a trial is numbered within its study in creation order, counting deleted
