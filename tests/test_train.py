@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,31 +129,43 @@ def test_a_stop_between_two_steps_keeps_the_last_finished_epoch_and_the_resume_i
     assert without_timing(resumed.history) == without_timing(straight.history)
 
 
-def test_a_trials_exiting_process_stops_its_training_thread_between_two_steps(monkeypatch):
+EXITING_TRIAL = """
+import sys, threading
+from tune_jobs import trainable
+trainable.stop_training_at_exit()  # what run_trial does first, before fit's modules are imported
+from attzoom.config import TrainConfig
+from attzoom.train import fit
+from tests.test_train import small_splits
+
+steps, ended = [], []
+
+def step():
+    steps.append(1)
+    trainable.stop_if_exiting()
+
+def train():  # as Tune runs a trial: in a daemon thread, which it leaves running when the process exits
+    try:
+        fit(TrainConfig(backbone="tiny_resnet", dataset="cluttered-digits", batch_size=16, epochs=10_000),
+            small_splits(), between_steps=step)
+    except trainable.ProcessExiting:
+        print("stopped between two steps", flush=True)
+
+thread = threading.Thread(target=train, daemon=True)
+trainable._training.add(thread)
+thread.start()
+while len(steps) < 3 and thread.is_alive():
+    thread.join(0.05)
+sys.exit(0)
+"""
+
+
+def test_a_trials_exiting_process_stops_its_training_thread_between_two_steps():
     # Tune let the process exit while its daemon thread trained: Python ended the thread inside torch, which
     # aborted the process with a crash dump in the sweep's output
-    import threading
-
-    from tune_jobs import trainable
-
-    monkeypatch.setattr(trainable, "_exiting", threading.Event())
-    monkeypatch.setattr(trainable, "_training", set())
-    steps, ended = [], []
-
-    def train():
-        try:
-            fit(config(epochs=10_000), small_splits(), between_steps=lambda: (steps.append(1),
-                                                                              trainable.stop_if_exiting()))
-        except trainable.ProcessExiting as e:
-            ended.append(e)
-
-    thread = threading.Thread(target=train, daemon=True)
-    trainable._training.add(thread)
-    thread.start()
-    while len(steps) < 3 and thread.is_alive():
-        thread.join(0.05)
-    trainable._stop_training()  # what atexit calls, before Python finalises
-    assert not thread.is_alive() and len(ended) == 1
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", EXITING_TRIAL], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout == "stopped between two steps\n", done.stderr[-3000:]
 
 
 def test_resume_false_starts_over(tmp_path):

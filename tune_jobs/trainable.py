@@ -75,8 +75,13 @@ def stop_training_at_exit() -> None:
     """Tune runs a trial in a daemon thread and lets the process exit while it trains (a sweep stopped with
     Ctrl-C or SIGTERM). Python then ends the thread mid-step, in torch's C++, which aborts the process: a crash dump
     of dozens of lines per trial in the driver's output. At exit the thread is stopped between two steps, and waited
-    for, before Python finalises. Registered once per process (Tune reuses a trial's process for the next)."""
-    atexit.register(_stop_training)
+    for, before Python finalises. Registered once per process (Tune reuses a trial's process for the next), as a
+    threading exit hook where there is one: those run before atexit's, and one of them shuts down the thread pools
+    that fit's epoch ends run in."""
+    import concurrent.futures.thread  # noqa: F401 - its hook registered first: the hooks run last first
+
+    register = getattr(threading, "_register_atexit", atexit.register)  # noqa: SLF001 - Python 3.9+
+    register(_stop_training)
 
 
 def _stop_training() -> None:
