@@ -499,6 +499,28 @@ def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_w
     check_unchanged_since_start(load_saved_spec(spec.name, spec.storage))
 
 
+def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work(tmp_path, capsys, no_side_effects):
+    # MLflow keeps a deleted experiment's name: a new sweep of that name started Ray and trained, then stopped at its
+    # first write (exit 3, "continue with attzoom resume"); that resume ended in a traceback
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import SPEC, experiment_name
+    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.sweep import save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    client = MlflowClient(spec.tracking_uri)
+    experiment = client.create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
+    client.delete_experiment(experiment)
+    capsys.readouterr()
+    assert cli.main(["sweep", str(tmp_path / "spec.toml")]) == 2
+    save_spec(spec)
+    assert cli.main(["resume", spec.name, "--storage", spec.storage]) == 2
+    for line in capsys.readouterr().err.strip().splitlines():
+        assert f"MLflow experiment attzoom-{spec.name} (id {experiment}) is deleted" in line, line
+        assert "restore it in the MLflow UI" in line and f"--experiment-ids {experiment}`" in line, line
+
+
 def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_none(tmp_path, capsys):
     # a moved mlflow.db was made afresh and empty: the resumed trials' runs held only the epochs still to come and the
     # sweep said "done" with wrong bests; a moved optuna.db ended in a Tune traceback and a driver that hung

@@ -163,10 +163,13 @@ FIXED_ON_RESUME = ("backbones", "datasets", "variants", "trials", "epochs", "pat
 def check_unchanged_since_start(spec: Spec) -> None:
     """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
     summary and the store take the new one): compared with the spec the sweep stored in its experiment."""
+    from .tracking import check_not_deleted
+
     try:
         experiment = _sweep_experiment(spec)
     except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
         return
+    check_not_deleted(experiment, spec.tracking_uri)
     text = experiment.tags.get(layout.SPEC) if experiment else None
     try:
         started, now = json.loads(text or "null"), json.loads(spec_json(spec))

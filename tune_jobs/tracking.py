@@ -131,6 +131,16 @@ def sweep_experiment(tracking_uri: str, sweep: str):
     return open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
 
 
+def check_not_deleted(experiment, tracking_uri: str) -> None:
+    """MLflow keeps a deleted experiment's name, and refuses every write to it: the sweep would start, then stop at
+    its first write (a new sweep of that name) or end in a traceback (a resume)."""
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise SpecError(f"the sweep's MLflow experiment {experiment.name} (id {experiment.experiment_id}) is deleted "
+                        f"in {hide_password(tracking_uri)}, which keeps its name: restore it in the MLflow UI to go "
+                        f"on with it, or remove it for good with `mlflow gc --backend-store-uri "
+                        f"{hide_password(tracking_uri)} --experiment-ids {experiment.experiment_id}`")
+
+
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
     """The storage of a sweep of this name whose experiment already holds trial runs ("" if it did not say);
     None when there is none. Nothing is created (a new store has no sweep yet); a store that does not answer or
@@ -149,9 +159,12 @@ def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
     try:
         client = open_store(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name(sweep))
+        check_not_deleted(experiment, tracking_uri)
         if experiment is None or not client.search_runs([experiment.experiment_id],
                                                         layout.runs_filter(layout.TRIAL_ROLE), max_results=1):
             return None
+    except SpecError:
+        raise
     except Exception as e:  # noqa: BLE001 - a server that answers but refuses (401, 5xx): one line, not a traceback
         raise SpecError(f"cannot read the tracking store {hide_password(tracking_uri)} ({short_error(e)}); check "
                         "that it is an MLflow store you may read, or fix --tracking-uri") from None
