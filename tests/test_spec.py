@@ -132,6 +132,8 @@ BAD = {
     "train threshold 2": ("train.threshold", 2, "threshold"),
     "train kernel_size wrong type": ("train.kernel_size", "3", "train.kernel_size"),
     "train unknown position": ("train.position", "head", "position"),
+    "train threshold also searched": ("train.threshold", 0.7, "train.threshold fixes what search.threshold searches"),
+    "train position also searched": ("train.position", "stem", "train.position fixes what search.positions"),
     "train on cuda without a GPU": ("train.device", "cuda", "resources.gpus = 0"),  # every trial failed, "done"
     "name with /": ("name", "a/b", "name"),
     "name ..": ("name", "..", "name"),
@@ -186,6 +188,8 @@ def bad_spec_file(tmp_path: Path, case: str) -> tuple[Path, str]:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    if case.endswith("also searched"):  # the search won, silently: the baseline ran with 0.7, AttZoom with 0.39
+        spec["search"] = {**spec.get("search", {}), "threshold": [0.3, 0.9], "positions": ["stem", "stage1"]}
     if case == "gpus above local_gpus":
         spec["resources"]["gpus"] = 2
     return write_spec(tmp_path, spec), expected.replace("{tmp}", str(tmp_path))
@@ -397,6 +401,7 @@ def test_paper_spec_with_the_controls_switched_on_validates():
     raw = tomllib.loads((SPECS / "paper.toml").read_text())
     raw["matrix"]["variants"] = ["baseline", "attzoom", "zoom-only", "attention-only", "resize2x"]
     raw["search"].update(threshold=[0.3, 0.7], positions=["stem", "stage1"])
+    del raw["train"]["position"]  # searched now (a fixed one as well is refused)
     spec = parse_spec(raw)
     validate(spec)
     assert len(spec.studies) == 60

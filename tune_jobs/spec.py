@@ -612,6 +612,9 @@ def _validate_search(search: SearchSpace, fail) -> None:
 
 def _validate_train(spec: Spec, fail) -> None:
     annotations = {f.name: str(f.type) for f in fields(TrainConfig)}  # e.g. "float | None"
+    for fixed, searched in (("threshold", "threshold"), ("position", "positions")):
+        if fixed in spec.train and getattr(spec.search, searched) is not None:  # the search won, silently
+            fail(f"train.{fixed} fixes what search.{searched} searches; keep one of the two")
     for key, value in spec.train.items():
         kinds = annotations[key].replace(" ", "").split("|")
         if not any(_is_a(value, kind) for kind in kinds):
