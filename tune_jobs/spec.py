@@ -150,7 +150,12 @@ def load_spec(path: str | Path, scheduler: str | None = None, **overrides) -> Sp
         given["scheduler"] = scheduler
     # a bad value may be an option's, not the file's: the line names both
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
-    validate(spec, source=f"{path} with {hide_password(options)}" if given else str(path))
+    source = f"{path} with {hide_password(options)}" if given else str(path)
+    validate(spec, source=source)
+    for fixed, searched in (("threshold", "threshold"), ("position", "positions")):
+        if fixed in spec.train and getattr(spec.search, searched) is not None:  # the search won, silently
+            # a new sweep's only: an older one that started so resumes as it began
+            raise SpecError(f"{source}: train.{fixed} fixes what search.{searched} searches; keep one of the two")
     return spec
 
 
@@ -612,9 +617,6 @@ def _validate_search(search: SearchSpace, fail) -> None:
 
 def _validate_train(spec: Spec, fail) -> None:
     annotations = {f.name: str(f.type) for f in fields(TrainConfig)}  # e.g. "float | None"
-    for fixed, searched in (("threshold", "threshold"), ("position", "positions")):
-        if fixed in spec.train and getattr(spec.search, searched) is not None:  # the search won, silently
-            fail(f"train.{fixed} fixes what search.{searched} searches; keep one of the two")
     for key, value in spec.train.items():
         kinds = annotations[key].replace(" ", "").split("|")
         if not any(_is_a(value, kind) for kind in kinds):
