@@ -526,6 +526,27 @@ def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work
         assert "restore it in the MLflow UI" in line and f"--experiment-ids {experiment}`" in line, line
 
 
+def test_a_resume_takes_the_data_sets_new_place(tmp_path, capsys, no_side_effects):
+    # it said "set data_root to where it is", and resume had no option for it: only editing attzoom-spec.json did
+    from conftest import _write_cifar100
+
+    from tune_jobs.sweep import load_saved_spec, save_spec
+
+    _write_cifar100(tmp_path / "data")
+    spec = preflight(load_spec(write_spec(tmp_path, {**base_spec(tmp_path), "data_root": str(tmp_path / "data"),
+                                                     "matrix": {**base_spec(tmp_path)["matrix"],
+                                                                "datasets": ["cifar100"]}})))
+    save_spec(spec)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["resume", spec.name, "--storage", spec.storage]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not hold cifar100" in err and "(--data-root)" in err, err
+    with pytest.raises(AssertionError, match="reached Ray or MLflow"):  # past every check, to the sweep itself
+        cli.main(["resume", spec.name, "--storage", spec.storage, "--data-root", str(tmp_path / "moved")])
+    assert load_saved_spec(spec.name, spec.storage).data_root == str(tmp_path / "moved")
+
+
 def test_a_resume_whose_stores_are_gone_is_refused_before_any_work_and_creates_none(tmp_path, capsys):
     # a moved mlflow.db was made afresh and empty: the resumed trials' runs held only the epochs still to come and the
     # sweep said "done" with wrong bests; a moved optuna.db ended in a Tune traceback and a driver that hung

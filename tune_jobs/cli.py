@@ -59,6 +59,7 @@ def build_parser() -> Parser:
     resume.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
     resume.add_argument("--storage", default="ray_results")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    resume.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
     resume.set_defaults(run=run_resume_command)
 
     demo = sub.add_parser("demo", help="the embedded demo sweep: cluttered digits, baseline vs AttZoom")
@@ -158,7 +159,12 @@ def run_resume_command(args) -> int:
     from .summary import closing, print_summary
     from .sweep import load_saved_spec, preflight, run_sweep
 
-    spec = preflight(load_saved_spec(args.sweep, args.storage))
+    from dataclasses import replace
+
+    spec = load_saved_spec(args.sweep, args.storage)
+    if args.data_root:  # where things are may change between drivers; the search may not
+        spec = replace(spec, data_root=args.data_root)
+    spec = preflight(spec)
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)

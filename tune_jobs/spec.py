@@ -327,8 +327,8 @@ def check_data(spec: Spec) -> None:
 
 
 def _missing(root: Path, dataset: str, path: Path, layout: str) -> SpecError:
-    return SpecError(f"data_root: {root} does not hold {dataset} ({path} is missing); put {layout} there or set "
-                     "data_root to where it is")
+    return SpecError(f"data_root: {root} does not hold {dataset} ({path} is missing); put {layout} there, or point "
+                     "data_root (--data-root) to where it is")
 
 
 def _check_cifar100(root: Path) -> None:
