@@ -1,7 +1,8 @@
 """The best trial of every study and the comparison shaped like the paper's Tables 1 and 2.
 
 Our numbers are test-set top-1 / top-5 (%) of each study's best trial, the trial chosen on
-validation top-1 (ties by top-5); each variant is compared with the baseline of the same
+validation top-1 (between trials, ties by top-5; a trial's best epoch is its first at its best
+top-1, the epoch of its checkpoint); each variant is compared with the baseline of the same
 backbone and data set, and the paper's published numbers stand beside ours where it has them.
 """
 
