@@ -150,9 +150,13 @@ def _best_of(sweep: Sweep, rows: list[dict]) -> str:
     studies = _sides(sweep, rows)
     counts = [s.count("FINISHED") for s in studies]  # best of N: of finished trials only
     n = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
-    pruned = sum(s.pruned for s in studies)
-    return f"best of {n} single-seed trials" + (f" (N includes {pruned} that ASHA stopped early, after fewer "
-                                                 "epochs)" if pruned else "")
+    pruned = [(s.name, s.pruned) for s in studies if s.pruned]
+    if not pruned:
+        return f"best of {n} single-seed trials"
+    counts = [s.pruned for s in studies]  # per study, as N is: a sum over studies read as one study's share of N
+    stopped = ", ".join(f"{k} in {name}" for name, k in pruned) if len(pruned) <= 2 else \
+        f"{min(counts)} to {max(counts)} per study"
+    return f"best of {n} single-seed trials (of which ASHA stopped early, after fewer epochs: {stopped})"
 
 
 def _gaps(sweep: Sweep, rows: list[dict]) -> str:

@@ -674,7 +674,9 @@ def test_trials_stopped_early_by_asha_are_counted(odd, tmp_path):
         assert "(2 stopped early by ASHA)" in text
         assert "counts the 2 trials that ASHA stopped early as finished" in text, text
     verdict = to_markdown(report).split("## Verdict")[1].split("## Best of N")[0]
-    assert "best of 4 single-seed trials (N includes 2 that ASHA stopped early, after fewer epochs)" in verdict
+    # it summed the studies' ("N includes 5" beside N = 4): each study's own count
+    assert ("best of 4 single-seed trials (of which ASHA stopped early, after fewer epochs: 2 in "
+            "tiny_resnet.cluttered-digits.attzoom)") in verdict, verdict
     assert "stopped early" not in to_markdown(build(odd["uri"], "baselines", with_figures=False))
 
 
