@@ -237,6 +237,36 @@ def test_status_says_how_many_finished_trials_the_scheduler_stopped_early(tmp_pa
     assert "baseline: finished 3 (2 stopped early by the scheduler), running 0" in capsys.readouterr().out
 
 
+def test_status_says_done_only_for_a_study_none_of_whose_trials_failed(tmp_path, capsys):
+    # a study whose every trial failed was "done", beside a sweep that had ended "failed", exit 1
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.spec import load_spec, shared_spec_json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = Path(__file__).resolve().parent.parent
+    spec = replace(load_spec(root / "tune_jobs" / "specs" / "demo.toml"), name="f1", trials=2, tracking_uri=uri)
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("f1"), tags={SPEC: shared_spec_json(spec)})
+    ends = {"baseline": ["FAILED", "FAILED"], "attzoom": ["FINISHED", "FAILED"]}
+    for variant, statuses in ends.items():
+        for n, status in enumerate(statuses):
+            study = f"tiny_resnet.cluttered-digits.{variant}"
+            run = client.create_run(eid, tags={SWEEP: "f1", STUDY: study, ROLE: "trial", TRIAL: f"{variant}{n}"})
+            run = run.info.run_id
+            client.set_terminated(run, status)
+    capsys.readouterr()
+    assert attzoom_main(["status", "f1", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: finished 0, running 0, failed 2, epochs 0, best val_top1 -, failed: no trial finished" in out
+    assert "attzoom: finished 1, running 0, failed 1, epochs 0, best val_top1 -, ended with 1 failed" in out, out
+    assert ", done" not in out
+
+
 def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):
     # OSError: Read-only file system: 'mlflow.db.lock', a traceback
     import os

@@ -245,7 +245,7 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     run yet is listed too, so the lines show what the sweep still has to do."""
     from .layout import sweep_of
     from .naming import counted
-    from .summary import closed, summarize
+    from .summary import summarize
 
     rows = summarize(client, experiment.experiment_id)
     spec = stored_spec_of(experiment)
@@ -255,7 +255,7 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     for study, row in sorted(rows.items()):
         best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
         stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
-        done = ", done" if spec and closed(row) >= spec.trials else ""
+        done = ended(row, spec.trials) if spec else ""
         pruned = f" ({row['pruned']} stopped early by the scheduler)" if row["pruned"] else ""
         print(f"  {study}: finished {row['finished']}{pruned}, running {row['running']}, failed {row['failed']}"
               f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
@@ -268,6 +268,19 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
         if driver_gone(spec.storage, spec.name, tracking_uri):  # the runs say RUNNING until the next driver
             print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
                   f"with `{resume_command(spec)}`")
+
+
+def ended(row: dict, trials: int) -> str:
+    """How a study whose N trials have all ended ended: "done" only when none failed, as the sweep's closing line."""
+    from .summary import closed
+
+    if closed(row) < trials:
+        return ""
+    if not row["failed"]:
+        return ", done"
+    if not row["finished"]:
+        return ", failed: no trial finished (fix the cause; a resume runs the failed trials again)"
+    return f", ended with {row['failed']} failed (fix the cause; a resume runs them again)"
 
 
 def stored_spec_of(experiment):
