@@ -126,8 +126,11 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
     compared = [row for row in unconfirmed if row["Δ [95 % CI]"] != NO_DIFFERENCE]
     gaps = _gaps(sweep, unconfirmed)
     if not compared:
-        return (f"**No comparison yet.** {gaps} Report again once both sides of a comparison have a finished trial "
-                f"({progress}).")
+        if any(s.best is None for s in _sides(sweep, unconfirmed)):
+            return (f"**No comparison yet.** {gaps} Report again once both sides of a comparison have a finished "
+                    f"trial ({progress}).")
+        return (f"**No comparison yet.** {gaps} Report again once they can be scored (the notes say why not; a "
+                "data set not found is fixed with --data-root).")
     command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
     trials = _best_of(sweep, compared)
     if len(unconfirmed) < len(rows):

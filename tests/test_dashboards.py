@@ -29,7 +29,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dashboards.published import CONFIGS, RESULTS, published
-from dashboards.report import build, to_markdown, write
+from dashboards.report import build, to_markdown, verdict_intro, write
 from tune_jobs.layout import (BEST_EPOCH, BEST_TOP1, BEST_TOP5, CONFIRM_ROLE, ERROR, GPU_IDS, PARENT, PRUNED_AT,
                               PRUNED_STATUS, ROLE, SEED, STATUS, STUDY, SWEEP, TRIAL, TRIAL_ROLE, experiment_name,
                               runs_filter, tag_filter)
@@ -524,6 +524,19 @@ def test_figures_are_drawn_in_spawned_processes_where_forking_is_unsafe(odd, mon
     assert started == ["fork", "spawn"]
     assert [(kind, caption) for kind, caption, _ in on_macos] == [(kind, caption) for kind, caption, _ in on_linux]
     assert len(on_macos) >= 2 and all(png.startswith(b"\x89PNG") for _, _, png in on_macos)
+
+
+def test_best_trials_that_cannot_be_scored_are_not_told_to_wait_for_a_finished_trial(store, tmp_path):
+    # with the data sets out of reach it said "Report again once both sides of a comparison have a finished trial"
+    # of two sides that had one each; the cause, and its fix, were in the notes only
+    unscored = SweepWriter(store["uri"], "unscored", store["tmp"] / "artifacts" / "unscored")
+    for variant in ("baseline", "attzoom"):
+        study = unscored.study("tiny_resnet", "cluttered-digits", variant)
+        unscored.trial(study, f"{variant}-1", [(50, 80)], ADAM, checkpoint=store["tmp"] / "trained" / "best.pt")
+        unscored.finish_study(study, 1, 0)
+    (tmp_path / "afile").write_text("not a folder")
+    intro = verdict_intro(build(store["uri"], "unscored", data_root=str(tmp_path / "afile"), with_figures=False))
+    assert "lack a test score" in intro and "have a finished trial" not in intro and "--data-root" in intro, intro
 
 
 def test_a_sweep_without_a_verdict_does_not_point_at_one(odd, tmp_path):
