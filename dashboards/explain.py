@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from tune_jobs.layout import CHECKPOINT, ROLE, STUDY, STUDY_ROLE, SWEEP
+from tune_jobs.layout import CHECKPOINT, DATASET, ROLE, STUDY, STUDY_ROLE, SWEEP
 from tune_jobs.spec import hide_password
 
 from .errors import ReportError
@@ -254,6 +254,7 @@ def draw(explanations: list[Explanation]) -> bytes:
 def write_explanations(tracking_uri: str, run_ids: list[str], n_images: int = 8, out: str | Path | None = None,
                        data_root: str | None = None, log: bool = True) -> Path:
     """Explain one run (or two side by side), write the PNG grid and log it to each run under ``explain/``."""
+    check_one_data_set(tracking_uri, run_ids)
     explanations = [explain(tracking_uri, r, n_images, data_root) for r in run_ids]
     folder = Path(out) if out else Path("reports") / "explain" / run_ids[0]
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,6 +266,20 @@ def write_explanations(tracking_uri: str, run_ids: list[str], n_images: int = 8,
         for run_id in run_ids:
             client.log_artifact(run_id, str(path), ARTIFACT_PATH)
     return path
+
+
+def check_one_data_set(tracking_uri: str, run_ids: list[str]) -> None:
+    """Two runs side by side explain the same images only when they trained on one data set: else the grid set
+    different images row by row as if they were a comparison. Unknown runs are left to explain() to name."""
+    client = MlflowClient(tracking_uri)
+    try:
+        datasets = [client.get_run(r).data.tags.get(DATASET) for r in run_ids]
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
+        return
+    if len(set(datasets)) > 1 and None not in datasets:
+        sides = " and ".join(f"{r} on {d}" for r, d in zip(run_ids, datasets))
+        raise ReportError(f"{sides}: runs side by side must have trained on one data set (the grid shows the same "
+                          "images for both); explain each alone")
 
 
 def logged_pngs(tracking_uri: str, run_id: str) -> list[tuple[str, bytes]]:

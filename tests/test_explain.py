@@ -180,3 +180,18 @@ def test_the_same_run_twice_is_refused_in_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "the same run twice" in err and not (tmp_path / "same").exists()
+
+
+def test_runs_of_two_data_sets_are_not_drawn_as_a_comparison(runs, tmp_path, capsys):
+    # a Tiny-ImageNet run beside a CIFAR-100 run: exit 0, a grid of different images row by row, logged to both
+    client = MlflowClient(runs["uri"])
+    client.set_tag(runs["baseline"], "dataset", "tinyimagenet")
+    try:
+        code = main(["explain", runs["baseline"], runs["attzoom"], "--out", str(tmp_path / "two"),
+                     "--tracking-uri", runs["uri"]])
+    finally:
+        client.set_tag(runs["baseline"], "dataset", "cluttered-digits")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{runs['baseline']} on tinyimagenet and {runs['attzoom']} on cluttered-digits" in err
+    assert not (tmp_path / "two").exists()
