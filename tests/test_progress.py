@@ -218,6 +218,18 @@ def test_a_terminal_gets_one_live_table_with_a_row_per_study_and_a_total():
     assert "elapsed" in text.getvalue() and "left" in text.getvalue()
 
 
+def test_the_last_table_after_a_stop_shows_the_unfinished_trials():
+    # after Ctrl-C on a terminal the last table read "running 0, failed 0" beside "done 2/3": the stopped trial
+    # showed nowhere (the log lines said "unfinished 1")
+    loop = Loop(StudyProgress(SPEC, out=io.StringIO(), live=True))
+    sweep(loop, stop_last=True)
+    text = io.StringIO()
+    Console(file=text, width=160).print(loop.callback.table(loop.trials, final=True))
+    assert "unfinished" in text.getvalue() and "running" not in text.getvalue()
+    total = next(line for line in text.getvalue().splitlines() if "total" in line)
+    assert re.search(r"total\s*│\s*4/6\s*│\s*2\s*│\s*0\s*│", total), text.getvalue()
+
+
 def test_a_warning_logged_under_the_live_table_comes_above_it_not_through_it():
     handler = StderrHandler()  # made before the table, as the command's own is
     logger = logging.getLogger("tests.progress.library")

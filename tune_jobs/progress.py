@@ -235,15 +235,17 @@ class StudyProgress(Callback):
         rows = self.rows(trials)
         elapsed = time.monotonic() - self._started
         left = "" if final else f", left {about(self.time_left(trials))}"
-        numbers = [Column(name, justify="right") for name in ("done", "running", "failed", f"best {self.metric}",
-                                                               "epochs/s")]
+        # once the run has ended nothing runs: the trials a stop left unfinished (which a resume runs on) show instead
+        live = "waiting" if final else "running"
+        numbers = [Column(name, justify="right") for name in ("done", "unfinished" if final else "running", "failed",
+                                                               f"best {self.metric}", "epochs/s")]
         table = Table(Column("study", overflow="fold"), *numbers, caption=f"elapsed {duration(elapsed)}{left}")
         for name, r in rows.items():
-            table.add_row(name, f"{r['done']}/{self.trials}", str(r["running"]), str(r["failed"]), fmt(r["best"]),
+            table.add_row(name, f"{r['done']}/{self.trials}", str(r[live]), str(r["failed"]), fmt(r["best"]),
                           rate(self._epochs[name], elapsed), end_section=name == self.studies[-1])
         bests = [r["best"] for r in rows.values() if r["best"] is not None]
         table.add_row("total", f"{sum(r['done'] for r in rows.values())}/{len(rows) * self.trials}",
-                      str(sum(r["running"] for r in rows.values())), str(sum(r["failed"] for r in rows.values())),
+                      str(sum(r[live] for r in rows.values())), str(sum(r["failed"] for r in rows.values())),
                       fmt(max(bests) if bests else None), rate(sum(self._epochs.values()), elapsed), style="bold")
         return table
 
