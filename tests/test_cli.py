@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attzoom.cli import main
+from tune_jobs.cli import attzoom_executable
 
 
 def attzoom(*args, cwd):
@@ -391,4 +392,4 @@ def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
     assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "running 1" in out and "no driver runs it now (it stopped or was killed)" in out
-    assert f"continue with `attzoom resume k --storage {storage}`" in out
+    assert f"continue with `{attzoom_executable()} resume k --storage {storage}`" in out

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from test_sweep_e2e import write_spec
+from tune_jobs.cli import attzoom_executable
 
 
 @pytest.mark.parametrize("storage,expected", [
@@ -54,7 +55,7 @@ def test_commands_and_artifacts_keep_a_storage_uris_query_intact():
     storage = "s3://b/r?endpoint_override=h:9000&scheme=http"
     spec = Spec(name="t", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
                 storage=storage)
-    assert resume_command(spec) == f"attzoom resume t --storage '{storage}'"
+    assert resume_command(spec) == f"{attzoom_executable()} resume t --storage '{storage}'"
     assert artifact_location("postgresql://h/db", "t", storage) == "s3://b/r/mlartifacts/t"
 
 

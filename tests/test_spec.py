@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tune_jobs import cli
+from tune_jobs.cli import attzoom_executable
 from tune_jobs.spec import (EarlyStopping, SearchSpace, SpecError, load_spec, parse_spec, spec_from_json,
                             spec_json, validate)
 from tune_jobs.sweep import preflight
@@ -708,7 +709,8 @@ def test_a_sweep_stopped_while_ray_starts_can_be_resumed_as_its_ctrl_c_line_says
     spec = load_spec(write_spec(tmp_path, base_spec(tmp_path)))
     with pytest.raises(KeyboardInterrupt) as stopped:
         run_sweep(spec)
-    assert f"continue with: attzoom resume tiny --storage {tmp_path / 'out' / 'ray_results'}" in str(stopped.value)
+    storage = tmp_path / "out" / "ray_results"
+    assert f"continue with: {attzoom_executable()} resume tiny --storage {storage}" in str(stopped.value)
     assert load_saved_spec("tiny", str(tmp_path / "out" / "ray_results")).name == "tiny"
     check_new_sweep(preflight(spec), Path("spec.toml"))  # running `sweep` again is fine too: nothing ran yet
 

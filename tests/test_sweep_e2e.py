@@ -22,6 +22,7 @@ import pytest
 
 from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY, TRIAL,
                               TRIAL_ROLE, experiment_name, runs_filter)
+from tune_jobs.cli import attzoom_executable
 from tune_jobs.lease import lease_path
 from tune_jobs.tracking import open_store
 from tune_jobs.spec import optuna_storage_url
@@ -455,8 +456,9 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
     assert "Fatal Python error" not in out and "SIGABRT" not in out, out[-3000:]  # trials stopped between steps
-    assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: attzoom resume t --storage "
-                        rf"{re.escape(storage)}", out.rstrip().splitlines()[-1]), out[-3000:]
+    resume = f"{attzoom_executable()} resume t --storage {storage}"  # the venv's: it is seldom activated
+    assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: {re.escape(resume)}",
+                        out.rstrip().splitlines()[-1]), out[-3000:]
     assert "RUNNING" not in statuses(tmp_path)  # the stopped trials' runs: KILLED, not "running" for ever
     # the spec beside the trials in the bucket (it went to a local folder named "s3:", which resume relied on)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock", "optuna.db",

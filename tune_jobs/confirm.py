@@ -102,7 +102,9 @@ def has_pairs(spec: Spec) -> bool:
 
 def confirm_command(spec: Spec, seeds: int) -> str:
     """The command that runs the seed re-runs still missing (after a stop or an interrupt)."""
-    return (f"attzoom confirm {spec.name} --storage {shlex.quote(spec.storage)} --tracking-uri "
+    from .cli import attzoom_executable
+
+    return (f"{attzoom_executable()} confirm {spec.name} --storage {shlex.quote(spec.storage)} --tracking-uri "
             f"{shlex.quote(hide_password(spec.tracking_uri))} --seeds {seeds}")
 
 

@@ -265,7 +265,10 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
 
 
 def resume_command(spec: Spec) -> str:
-    return f"attzoom resume {spec.name} --storage {shlex.quote(spec.storage)}"  # a URI's query may hold '&'
+    """As the user can type it: this environment's attzoom (the venv is seldom activated), a URI's '&' quoted."""
+    from .cli import attzoom_executable
+
+    return f"{attzoom_executable()} resume {spec.name} --storage {shlex.quote(spec.storage)}"
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
