@@ -76,6 +76,8 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
                     unfinished: list[str] = ()) -> tuple[str, int]:
     """Confirm's last line and exit code: "complete" only when every study had a best trial to confirm and every
     seed run finished."""
+    from .cli import attzoom_executable
+
     if failed:
         runs = ", ".join(f"{study} seed {seed}" for study, seed in failed)
         return (f"confirm runs of {spec.name} are incomplete: {len(failed)} failed ({runs}); each one's error is in "
@@ -91,7 +93,7 @@ def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
     # not "K seeds per study": an earlier confirm may have trained more, and the report averages every one
     return (f"confirm runs of {spec.name} are complete (seed{'s' if seeds > 1 else ''} {wanted} of each study "
             f"finished); see {verdict}, over every finished seed, in "
-            f"`attzoom report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
+            f"`{attzoom_executable()} report {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}`"), 0
 
 
 def has_pairs(spec: Spec) -> bool:
