@@ -15,24 +15,28 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from tune_jobs.layout import CHECKPOINT
+from tune_jobs.layout import CHECKPOINT, TEST_DATA
 
 UNKNOWN = {"test_top1": math.nan, "test_top5": math.nan}
 
 
 def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -> tuple[dict, str | None]:
-    """({test_top1, test_top5}, None) or (NaNs, why not): read from the run, else computed and logged.
+    """({test_top1, test_top5}, a note or None), or (NaNs, why not): read from the run, else computed and logged
+    with the data root they were computed on.
 
     ``data_root`` overrides the checkpoint's own (the laptop that writes the report may keep
-    the data sets somewhere else than the cluster that trained). Nothing is downloaded.
+    the data sets somewhere else than the cluster that trained); scores computed on another one are computed again
+    on it. Nothing is downloaded.
     """
     client = MlflowClient(tracking_uri)
-    logged = client.get_run(run_id).data.metrics
-    if "test_top1" in logged and "test_top5" in logged:
-        return {"test_top1": logged["test_top1"], "test_top5": logged["test_top5"]}, None
+    run = client.get_run(run_id)
+    logged, scored_on = run.data.metrics, run.data.tags.get(TEST_DATA)
+    wanted = str(Path(data_root).expanduser().resolve()) if data_root else None
+    if "test_top1" in logged and "test_top5" in logged and (wanted is None or wanted == scored_on):
+        return {"test_top1": logged["test_top1"], "test_top5": logged["test_top5"]}, _elsewhere(run, scored_on)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
@@ -48,19 +52,31 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
             config = torch.load(path, map_location="cpu", weights_only=True)["config"]
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: this study unscored, not the report lost
             return dict(UNKNOWN), f"run {run_id}'s {CHECKPOINT} cannot be read ({type(e).__name__}: {e})"
+        root = wanted or config["data_root"]
         try:
-            data = load(config["dataset"], data_root or config["data_root"], config["val_fraction"], download=False)
+            data = load(config["dataset"], root, config["val_fraction"], download=False)
         except DataError as e:
             return dict(UNKNOWN), f"test split of {config['dataset']} not found ({e}); pass --data-root"
         scores = best_test_metrics(path.parent, data, "auto")
     found = {"test_top1": scores["top1"], "test_top5": scores["top5"]}
     try:
         with silenced("mlflow.store.db.utils"):  # it logs a refused SQL write with its traceback, then raises
-            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in found.items()])
+            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in found.items()],
+                             tags=[RunTag(TEST_DATA, str(Path(root).expanduser().resolve()))])
     except Exception as e:  # noqa: BLE001 - a read-only store or user: the scores stand, only not kept for next time
         return found, (f"test scores of run {run_id} not logged, so the next report computes them again: the store "
                        f"refused the write ({type(e).__name__})")
     return found, None
+
+
+def _elsewhere(run, scored_on: str | None) -> str | None:
+    """A note when stored scores were computed on other data than the run trained beside (a report given another
+    --data-root once): read on, they would pass for the run's own."""
+    trained = run.data.params.get("data_root")
+    if not scored_on or not trained or Path(trained).expanduser().resolve() == Path(scored_on):
+        return None
+    return (f"the test scores of run {run.info.run_id} were computed on the data at {scored_on}, not where it trained "
+            f"({trained}); `--data-root {trained}` scores it there")
 
 
 @contextmanager

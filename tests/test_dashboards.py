@@ -539,6 +539,31 @@ def test_best_trials_that_cannot_be_scored_are_not_told_to_wait_for_a_finished_t
     assert "lack a test score" in intro and "have a finished trial" not in intro and "--data-root" in intro, intro
 
 
+def test_test_scores_follow_the_data_root_they_were_computed_on(store, tmp_path):
+    # one report with another --data-root stored scores on that data for good: later reports showed them as the
+    # run's own, and a --data-root given afterwards was ignored
+    from tune_jobs.layout import TEST_DATA
+
+    trained = str(store["data_root"])
+    other = tmp_path / "other"
+    shutil.copytree(store["data_root"], other)  # the same images here: what changes is where the scores came from
+    sweep = SweepWriter(store["uri"], "rescored", store["tmp"] / "artifacts" / "rescored")
+    study = sweep.study("tiny_resnet", "cluttered-digits", "baseline")
+    run_id = sweep.trial(study, "m1", [(50, 80)], {**ADAM, "data_root": trained},
+                         checkpoint=store["tmp"] / "trained" / "best.pt")
+    sweep.finish_study(study, 1, 0)
+    client = MlflowClient(store["uri"])
+
+    build(store["uri"], "rescored", data_root=str(other), with_figures=False)
+    assert client.get_run(run_id).data.tags[TEST_DATA] == str(other.resolve())
+    notes = build(store["uri"], "rescored", with_figures=False).notes
+    assert any(f"computed on the data at {other.resolve()}, not where it trained ({trained})" in n for n in notes)
+    build(store["uri"], "rescored", data_root=trained, with_figures=False)  # scored again, where it trained
+    assert client.get_run(run_id).data.tags[TEST_DATA] == str(Path(trained).resolve())
+    assert not [n for n in build(store["uri"], "rescored", with_figures=False).notes if "computed on the data" in n]
+    assert len(client.get_metric_history(run_id, "test_top1")) == 2
+
+
 def test_a_sweep_without_a_verdict_does_not_point_at_one(odd, tmp_path):
     report = build(odd["uri"], "baselines", with_figures=False)
     assert report.verdict == []

@@ -38,6 +38,7 @@ BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
 LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
 PRUNED_AT = "attzoom.pruned_at_epoch"  # a pruned trial's last epoch
+TEST_DATA = "attzoom.test_data_root"  # the data root whose test split test_top1/test_top5 were computed on
 TRIAL_NUMBER = "attzoom.trial_number"  # a trial's number within its study (1-based, creation order); names its run
 # MLflow's own tags (mlflow/utils/mlflow_tags.py) that the sweep sets, for the MLflow UI.
 NOTE = "mlflow.note.content"  # a run's (or the experiment's) description, shown above its details
@@ -49,7 +50,7 @@ EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 # (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
 SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
 TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER,
-        NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
+        TEST_DATA, NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
 # What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
 COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")
