@@ -35,8 +35,18 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     run = client.get_run(run_id)
     logged, scored_on = run.data.metrics, run.data.tags.get(TEST_DATA)
     wanted = str(Path(data_root).expanduser().resolve()) if data_root else None
-    if "test_top1" in logged and "test_top5" in logged and (wanted is None or wanted == scored_on):
-        return {"test_top1": logged["test_top1"], "test_top5": logged["test_top5"]}, _elsewhere(run, scored_on)
+    stored = {"test_top1": logged["test_top1"], "test_top5": logged["test_top5"]} \
+        if "test_top1" in logged and "test_top5" in logged else None
+    if stored and (wanted is None or wanted == scored_on):
+        return stored, _elsewhere(run, scored_on)
+    found, why = _compute(client, run_id, wanted)
+    if stored and math.isnan(found["test_top1"]):  # the root asked for does not serve: the stored scores stand
+        return stored, f"{why}; its stored test scores (computed on {scored_on or 'an unrecorded data root'}) stand"
+    return found, why
+
+
+def _compute(client: MlflowClient, run_id: str, wanted: str | None) -> tuple[dict, str | None]:
+    """The run's best.pt scored on the test split at ``wanted`` (else the checkpoint's own root), and logged."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
@@ -73,7 +83,9 @@ def _elsewhere(run, scored_on: str | None) -> str | None:
     """A note when stored scores were computed on other data than the run trained beside (a report given another
     --data-root once): read on, they would pass for the run's own."""
     trained = run.data.params.get("data_root")
-    if not scored_on or not trained or Path(trained).expanduser().resolve() == Path(scored_on):
+    if not scored_on or not trained or not Path(trained).is_absolute() or not Path(trained).is_dir():
+        return None  # the advice below could not be followed here (a laptop without the cluster's data)
+    if Path(trained).resolve() == Path(scored_on):
         return None
     return (f"the test scores of run {run.info.run_id} were computed on the data at {scored_on}, not where it trained "
             f"({trained}); `--data-root {trained}` scores it there")

@@ -562,6 +562,10 @@ def test_test_scores_follow_the_data_root_they_were_computed_on(store, tmp_path)
     assert client.get_run(run_id).data.tags[TEST_DATA] == str(Path(trained).resolve())
     assert not [n for n in build(store["uri"], "rescored", with_figures=False).notes if "computed on the data" in n]
     assert len(client.get_metric_history(run_id, "test_top1")) == 2
+    (tmp_path / "afile").write_text("no data sets here")  # a root that cannot serve: the stored scores stand
+    report = build(store["uri"], "rescored", data_root=str(tmp_path / "afile"), with_figures=False)
+    [row] = report.best_rows
+    assert "nan" not in str(row).lower() and any("its stored test scores" in n for n in report.notes), report.notes
 
 
 def test_a_sweep_without_a_verdict_does_not_point_at_one(odd, tmp_path):
