@@ -437,3 +437,24 @@ def test_on_cloud_storage_the_snapshot_carries_the_unmade_writes_to_a_driver_on_
     assert journal_path(up).read_text() == "" and infra.problem() is None
     assert MlflowCallback(SweepContext(up), None).get_state() == {"unmade": []}
     assert MlflowCallback(SweepContext(replace(up, storage=str(tmp_path / "r"))), None).get_state() is None
+
+
+def test_a_restored_logger_goes_on_with_the_resuming_drivers_spec(tmp_path, monkeypatch):
+    # `resume --data-root` moved the data, but Tune restored the logger pickled with the first driver's spec: it set
+    # the experiment's spec tag back to the old root, and the trials opened since got the old root as their param
+    import pickle
+    from dataclasses import replace
+
+    from tune_jobs import mlflow_callback
+    from tune_jobs.mlflow_callback import MlflowCallback, adopt
+    from tune_jobs.spec import load_spec
+    from tune_jobs.trainable import SweepContext
+
+    monkeypatch.setattr(mlflow_callback, "_driver", {})
+    demo = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml", storage=str(tmp_path / "r"))
+    pickled = pickle.dumps(MlflowCallback(SweepContext(replace(demo, data_root="/old/data")), None))
+    assert pickle.loads(pickled).sweep.spec.data_root == "/old/data"  # no resuming driver here: as pickled
+    adopt(SweepContext(replace(demo, data_root="/new/data")))
+    assert pickle.loads(pickled).sweep.spec.data_root == "/new/data"
+    adopt(SweepContext(replace(demo, name="other", data_root="/other")))  # another sweep's driver: not adopted
+    assert pickle.loads(pickled).sweep.spec.data_root == "/old/data"

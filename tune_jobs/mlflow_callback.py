@@ -63,6 +63,16 @@ def make_kept_writes(sweep: SweepContext, store: Store) -> None:
         box.close()
 
 
+_driver: dict[str, SweepContext] = {}  # by role: the context of the driver that restores a logger (adopt)
+
+
+def adopt(context: SweepContext) -> None:
+    """A logger that Tune restores from the experiment (a resume) takes this driver's context, not the first
+    driver's: where things are may have changed (``resume --data-root``), and the store tag, the trials' params
+    and the outbox follow the spec the sweep goes on with."""
+    _driver[context.role] = context
+
+
 class MlflowCallback(tune.Callback):
     """One MLflow child run per trial: params when it starts, metrics per epoch, status and best.pt at the end."""
 
@@ -81,6 +91,9 @@ class MlflowCallback(tune.Callback):
     def __setstate__(self, state: dict) -> None:
         # a logger pickled by an older version (before the outbox) lacks the newer fields
         self.__dict__.update({"_outbox": None, "_opened": set(), "_kept": None, **state})
+        current = _driver.get(self.sweep.role)
+        if current is not None and current.spec.name == self.sweep.spec.name:
+            self.sweep = current
 
     @property
     def runs(self) -> TrialRuns:

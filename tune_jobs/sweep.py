@@ -293,7 +293,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
         from .guard import SweepGuard
-        from .mlflow_callback import MlflowCallback
+        from .mlflow_callback import MlflowCallback, adopt
         from .progress import StudyProgress
         from .scheduler import early_stopping
         from .searcher import MultiStudySearcher
@@ -311,6 +311,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
             # so the preparation finishes first and the two never race.
             tracking.result()
+            adopt(context)  # the restored logger goes on with this driver's spec (a moved data root, say)
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
             scheduler, marks = early_stopping(spec)  # marks pruned trials after the logger saw their last epoch
