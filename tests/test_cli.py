@@ -393,3 +393,17 @@ def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "running 1" in out and "no driver runs it now (it stopped or was killed)" in out
     assert f"continue with `{attzoom_executable()} resume k --storage {storage}`" in out
+
+
+def test_hints_name_the_venvs_attzoom_quoted_and_a_jobs_plain(monkeypatch, tmp_path):
+    # bare `attzoom` is not on PATH unless the venv is activated; a Ray job's hints are read on another machine
+    import tune_jobs.cli as cli_module
+
+    folder = tmp_path / "my venv" / "bin"
+    folder.mkdir(parents=True)
+    (folder / "attzoom").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cli_module.sys, "executable", str(folder / "python"))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert attzoom_executable() == f"'{folder / 'attzoom'}'"  # a path with a space, pasted whole
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert attzoom_executable() == "attzoom"

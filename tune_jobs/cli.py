@@ -399,9 +399,13 @@ def run_ui_command(args) -> int:
 
 def attzoom_executable() -> str:
     """The `attzoom` of this environment, as a path that works from any folder (the demo runs in the project's,
-    and a user copies its hints into a shell that may be elsewhere); plain `attzoom` when it is not installed."""
+    and a user copies its hints into a shell that may be elsewhere), quoted for a shell; plain `attzoom` when it
+    is not installed, or in a Ray job's driver, whose hints are read (`attzoom logs`) on another machine."""
+    import shlex
+
     installed = Path(sys.executable).parent / "attzoom"
-    return str(installed) if installed.is_file() else "attzoom"
+    in_a_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # Ray sets it for a submitted job's driver
+    return shlex.quote(str(installed)) if installed.is_file() and not in_a_job else "attzoom"
 
 
 def ui_command(spec) -> str:

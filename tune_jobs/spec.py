@@ -333,23 +333,28 @@ def _missing(root: Path, dataset: str, path: Path, layout: str) -> SpecError:
 
 def _check_cifar100(root: Path) -> None:
     """Both pickles a trial reads are there and unpickle (a copy cut short does not); not torch: the driver."""
-    import pickle
-
     for part in ("train", "test"):
         path = root / "cifar-100-python" / part
         if not path.is_file():
             raise _missing(root, "cifar100", path, "cifar-100-python/{train,test,meta}")
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="bytes")
-            ok = isinstance(entry, dict) and b"data" in entry and b"fine_labels" in entry
-        except Exception as e:  # noqa: BLE001 - damaged bytes make pickle raise nearly anything
-            ok, why = False, f"{type(e).__name__}: {str(e)[:100]}"
-        else:
-            why = "no b'data' and b'fine_labels' in it"
-        if not ok:
+        info = path.stat()
+        if why := _unpickle_problem(str(path), info.st_size, info.st_mtime_ns):
             raise SpecError(f"data_root: {path} cannot be read as CIFAR-100 ({why}); copy cifar-100-python/ again "
                             "from the published archive")
+
+
+@functools.lru_cache(maxsize=8)
+def _unpickle_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why the pickle cannot be read as CIFAR-100's, or None; once per file version (preflight runs twice)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as e:  # noqa: BLE001 - damaged bytes make pickle raise nearly anything
+        return f"{type(e).__name__}: {str(e)[:100]}"
+    ok = isinstance(entry, dict) and b"data" in entry and b"fine_labels" in entry
+    return None if ok else "no b'data' and b'fine_labels' in it"
 
 
 def _check_tinyimagenet(root: Path) -> None:

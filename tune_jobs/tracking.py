@@ -135,10 +135,12 @@ def check_not_deleted(experiment, tracking_uri: str) -> None:
     """MLflow keeps a deleted experiment's name, and refuses every write to it: the sweep would start, then stop at
     its first write (a new sweep of that name) or end in a traceback (a resume)."""
     if experiment is not None and experiment.lifecycle_stage == "deleted":
+        store = hide_password(tracking_uri)
+        where = "the server's database" if tracking_uri.startswith(("http://", "https://")) else store
         raise SpecError(f"the sweep's MLflow experiment {experiment.name} (id {experiment.experiment_id}) is deleted "
-                        f"in {hide_password(tracking_uri)}, which keeps its name: restore it in the MLflow UI to go "
-                        f"on with it, or remove it for good with `mlflow gc --backend-store-uri "
-                        f"{hide_password(tracking_uri)} --experiment-ids {experiment.experiment_id}`")
+                        f"in {store}, which keeps its name: restore it in the MLflow UI to go on with it, remove it "
+                        f"for good with `mlflow gc --backend-store-uri {where} --experiment-ids "
+                        f"{experiment.experiment_id}`, or give the sweep another name")
 
 
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
