@@ -859,3 +859,24 @@ def test_a_study_that_trained_nothing_spent_no_gpu_hours_it_shows_a_dash():
     from dashboards.report import _spent
 
     assert _spent([]) == {"epochs": 0, "hours": "0.000", "GPU hours": "–"}
+
+
+def test_the_verdict_counts_asha_stopped_trials_per_study_not_summed():
+    # "best of 4 single-seed trials (N includes 5 ...)": 2 + 3 over the two studies it compared
+    from types import SimpleNamespace
+
+    from dashboards.verdict import _best_of
+
+    def study(variant, pruned, finished=4):
+        return SimpleNamespace(backbone="tiny_resnet", dataset="cluttered-digits", variant=variant, pruned=pruned,
+                               name=f"tiny_resnet.cluttered-digits.{variant}", count=lambda status: finished)
+
+    row = {"backbone": "tiny_resnet", "data set": "cluttered-digits", "AttZoom vs": "baseline"}
+    both = SimpleNamespace(studies=[study("baseline", 2), study("attzoom", 3)])
+    text = _best_of(both, [row])
+    assert text == ("best of 4 single-seed trials (of which ASHA stopped early, after fewer epochs: 2 in "
+                    "tiny_resnet.cluttered-digits.baseline, 3 in tiny_resnet.cluttered-digits.attzoom)"), text
+    controls = [dict(row, **{"AttZoom vs": v}) for v in ("baseline", "zoom-only", "resize2x")]
+    many = SimpleNamespace(studies=[study("baseline", 1), study("attzoom", 3), study("zoom-only", 0),
+                                    study("resize2x", 2)])
+    assert _best_of(many, controls).endswith("after fewer epochs: 0 to 3 per study)")
