@@ -151,15 +151,19 @@ def _best_of(sweep: Sweep, rows: list[dict]) -> str:
     """"best of N single-seed trials" with N as the compared studies have it (a range where they differ), and the
     trials among them that ASHA stopped early, which count as finished though they trained fewer epochs."""
     studies = _sides(sweep, rows)
-    counts = [s.count("FINISHED") for s in studies]  # best of N: of finished trials only
-    n = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    n = _span([s.count("FINISHED") for s in studies])  # best of N: of finished trials only
     pruned = [(s.name, s.pruned) for s in studies if s.pruned]
     if not pruned:
         return f"best of {n} single-seed trials"
-    counts = [s.pruned for s in studies]  # per study, as N is: a sum over studies read as one study's share of N
+    # per study, as N is: a sum over studies read as one study's share of N
     stopped = ", ".join(f"{k} in {name}" for name, k in pruned) if len(pruned) <= 2 else \
-        f"{min(counts)} to {max(counts)} per study"
+        f"{_span([s.pruned for s in studies])} per study"
     return f"best of {n} single-seed trials (of which ASHA stopped early, after fewer epochs: {stopped})"
+
+
+def _span(counts: list[int]) -> str:
+    """"4", or "2 to 4" where the studies differ."""
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
 
 
 def _gaps(sweep: Sweep, rows: list[dict]) -> str:

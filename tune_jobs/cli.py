@@ -159,12 +159,7 @@ def run_resume_command(args) -> int:
     from .summary import closing, print_summary
     from .sweep import load_saved_spec, preflight, run_sweep
 
-    from dataclasses import replace
-
-    spec = load_saved_spec(args.sweep, args.storage)
-    if args.data_root:  # where things are may change between drivers; the search may not
-        spec = replace(spec, data_root=args.data_root)
-    spec = preflight(spec)
+    spec = preflight(load_saved_spec(args.sweep, args.storage, data_root=args.data_root))
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)

@@ -49,10 +49,8 @@ def run_confirm_command(args) -> int:
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
-    spec = load_saved_spec(args.sweep, args.storage, args.tracking_uri)
-    if args.data_root:  # where the data sets are may change, as for resume
-        spec = replace(spec, data_root=args.data_root)
-    spec = preflight(spec, local=not args.address)
+    spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri, args.data_root),
+                     local=not args.address)
     check_unchanged_since_start(spec)  # confirm stores the spec it runs: an edited one would pass the next resume
     check_stores_kept(spec, searcher=False)  # confirm reads the sweep's runs, never its Optuna studies
     line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address))

@@ -130,9 +130,16 @@ def check_no_password_in_cloud(spec: Spec) -> None:
                                 "tracking server's as MLFLOW_TRACKING_PASSWORD)")
 
 
-def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri: str | None = None) -> Spec:
+def load_saved_spec(name_or_dir: str, storage: str = "ray_results", tracking_uri: str | None = None,
+                    data_root: str | None = None) -> Spec:
     """The spec a sweep was started with: from its folder, found by path or by name under ``storage``, or,
-    with ``tracking_uri``, from its MLflow experiment (where the Tune folder is gone or out of reach)."""
+    with ``tracking_uri``, from its MLflow experiment (where the Tune folder is gone or out of reach).
+    ``data_root``: where the data sets are now (where things are may change between drivers; the search may not)."""
+    spec = _saved_spec(name_or_dir, storage, tracking_uri)
+    return replace(spec, data_root=data_root) if data_root else spec
+
+
+def _saved_spec(name_or_dir: str, storage: str, tracking_uri: str | None) -> Spec:
     candidates = [(name_or_dir, ""), (storage, name_or_dir)]
     for folder, name in candidates:
         if is_remote(folder):
