@@ -155,11 +155,9 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     confirms = client.search_runs([eid], layout.runs_filter(layout.CONFIRM_ROLE), max_results=MAX_RUNS,
                                   order_by=["attributes.start_time ASC"])
     runs = [*trials, *confirms]
-    for run, trial_history in zip(runs, _histories(client, runs)):
+    for run, (trial_history, best) in zip(runs, _histories(client, runs)):
         name = run.data.tags[STUDY]
         study = studies.setdefault(name, _study(run.data.tags, None))
-        best = _summary(run, trial_history["val_top1"]) or best_epoch(trial_history["val_top1"],
-                                                                      trial_history["val_top5"])
         trial = Trial(run, trial_history, best)
         (study.confirms if run.data.tags.get(layout.ROLE) == layout.CONFIRM_ROLE else study.trials).append(trial)
     ordered = sorted(studies.values(), key=lambda s: (s.dataset, s.backbone, s.variant != "baseline", s.variant))
@@ -180,16 +178,18 @@ def _study(tags: dict, parent: Run | None) -> Study:
                  tags.get(layout.VARIANT, "?"), parent)
 
 
-def _histories(client: MlflowClient, runs: list[Run]) -> list[dict[str, dict[int, float]]]:
-    """Each run's val_top1 and epoch_time by epoch, in one bulk read per metric; val_top5 only for runs
-    without a summary it can take (none, or an older version's: _summary), whose best epoch is found from their
-    history."""
+def _histories(client: MlflowClient, runs: list[Run]) -> list[tuple[dict[str, dict[int, float]], dict]]:
+    """Each run's (history, best epoch): val_top1 and epoch_time by epoch, in one bulk read per metric; the best
+    epoch from its summary, or, for runs without a summary it can take (none, or an older version's: _summary),
+    from their history, with val_top5 read for those runs only."""
     ids = [run.info.run_id for run in runs]
     by_key = {key: histories(client, ids, key) for key in ("val_top1", "epoch_time")}
-    unsummarised = [run.info.run_id for run in runs
-                    if _summary(run, by_key["val_top1"].get(run.info.run_id, {})) is None]
+    summaries = [_summary(run, by_key["val_top1"].get(run_id, {})) for run, run_id in zip(runs, ids)]
+    unsummarised = [run_id for run_id, summary in zip(ids, summaries) if summary is None]
     by_key["val_top5"] = histories(client, unsummarised, "val_top5") if unsummarised else {}
-    return [{key: found.get(run_id, {}) for key, found in by_key.items()} for run_id in ids]
+    found = [{key: by_run.get(run_id, {}) for key, by_run in by_key.items()} for run_id in ids]
+    return [(history, summary or best_epoch(history["val_top1"], history["val_top5"]))
+            for history, summary in zip(found, summaries)]
 
 
 def curves(tracking_uri: str, run_ids: list[str], keys=("val_top1", "train_loss")) -> dict[str, dict]:
