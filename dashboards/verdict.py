@@ -125,12 +125,12 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
                 f"confirm; report again once trials have finished ({progress}).")
     compared = [row for row in unconfirmed if row["Δ [95 % CI]"] != NO_DIFFERENCE]
     gaps = _gaps(sweep, unconfirmed)
-    if not compared:
-        if any(s.best is None for s in _sides(sweep, unconfirmed)):
-            return (f"**No comparison yet.** {gaps} Report again once both sides of a comparison have a finished "
-                    f"trial ({progress}).")
-        return (f"**No comparison yet.** {gaps} Report again once they can be scored (the notes say why not; a "
-                "data set not found is fixed with --data-root).")
+    if not compared:  # each row waits for a finished trial, or for its best trials' test scores: say each cause
+        waits = [f"both sides of a comparison have a finished trial ({progress})"] if _idle(sweep, unconfirmed) else []
+        if _unscored(sweep, unconfirmed):
+            waits.append("the best trials can be scored (the notes say why not; a data set not found is fixed with "
+                         "--data-root)")
+        return f"**No comparison yet.** {gaps} Report again once {' and '.join(waits)}."
     command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
     trials = _best_of(sweep, compared)
     if len(unconfirmed) < len(rows):
@@ -168,15 +168,27 @@ def _span(counts: list[int]) -> str:
 
 def _gaps(sweep: Sweep, rows: list[dict]) -> str:
     """Why some rows show no difference: a side without a finished trial, or best trials without a test score."""
-    empty = [row for row in rows if row["Δ [95 % CI]"] == NO_DIFFERENCE]
-    idle = [s.name for s in _sides(sweep, empty) if s.best is None]
-    unscored = [row for row in empty if all(s.best for s in _sides(sweep, [row]))]
+    idle, unscored = _idle(sweep, rows), _unscored(sweep, rows)
     said = [f"No difference to show where {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no finished "
             "trial yet."] if idle else []
     if unscored:
         said.append(f"No difference to show for {len(unscored)} comparison(s) whose best trials lack a test score "
                     "(see the notes).")
     return " ".join(said)
+
+
+def _idle(sweep: Sweep, rows: list[dict]) -> list[str]:
+    """The studies without a finished trial on a side of a comparison that shows no difference."""
+    return [s.name for s in _sides(sweep, _empty(rows)) if s.best is None]
+
+
+def _unscored(sweep: Sweep, rows: list[dict]) -> list[dict]:
+    """The comparisons that show no difference though both sides have a best trial: it lacks a test score."""
+    return [row for row in _empty(rows) if all(s.best for s in _sides(sweep, [row]))]
+
+
+def _empty(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if row["Δ [95 % CI]"] == NO_DIFFERENCE]
 
 
 def _one(value: float | None) -> str:

@@ -539,6 +539,21 @@ def test_best_trials_that_cannot_be_scored_are_not_told_to_wait_for_a_finished_t
     assert "lack a test score" in intro and "have a finished trial" not in intro and "--data-root" in intro, intro
 
 
+def test_no_comparison_yet_names_both_causes_when_both_hold(store, tmp_path):
+    # one comparison waiting for a finished trial and another for test scores: the advice named the first only
+    mixed = SweepWriter(store["uri"], "mixed", store["tmp"] / "artifacts" / "mixed")
+    mixed.study("tiny_resnet", "cluttered-digits", "baseline")  # no trial yet
+    waiting = mixed.study("tiny_resnet", "cluttered-digits", "attzoom")
+    mixed.trial(waiting, "w1", [(50, 80)], ADAM, test=(49.0, 79.0))
+    for variant in ("baseline", "attzoom"):
+        study = mixed.study("resnet50", "cluttered-digits", variant)
+        mixed.trial(study, f"{variant}-1", [(50, 80)], ADAM, checkpoint=store["tmp"] / "trained" / "best.pt")
+        mixed.finish_study(study, 1, 0)
+    (tmp_path / "afile").write_text("not a folder")
+    intro = verdict_intro(build(store["uri"], "mixed", data_root=str(tmp_path / "afile"), with_figures=False))
+    assert "have a finished trial" in intro and "can be scored" in intro and "--data-root" in intro, intro
+
+
 def test_test_scores_follow_the_data_root_they_were_computed_on(store, tmp_path):
     # one report with another --data-root stored scores on that data for good: later reports showed them as the
     # run's own, and a --data-root given afterwards was ignored
