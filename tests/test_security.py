@@ -5,9 +5,11 @@ The cluster checks share one real head started by cluster/local.sh (module fixtu
 marked slow. The checkpoint and path checks run in-process and are fast.
 """
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -274,6 +276,9 @@ def test_attzoom_ui_listens_on_loopback_only(tmp_path):
         assert {ip for _, _, ip, _ in sockets} <= LOOPBACK, sockets
         assert get(f"http://127.0.0.1:{port}/health") == 200
     finally:
+        ui.send_signal(signal.SIGINT)  # as Ctrl-C: a kill -9 of the whole session left its private folder in /tmp
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ui.wait(timeout=60)
         kill_session(ui.pid)
         ui.wait(timeout=30)
 
