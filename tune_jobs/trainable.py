@@ -14,6 +14,7 @@ import atexit
 import functools
 import logging
 import shutil
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -85,6 +86,11 @@ def stop_training_at_exit() -> None:
 
 
 def _stop_training() -> None:
+    if threading.current_thread() is threading.main_thread():
+        # Ray's raylet sends SIGTERM to a worker slow to exit, and Ray's handler raises SystemExit wherever the main
+        # thread is: in this wait it ended the thread mid-step after all, in a callback it printed "Exception
+        # ignored". The process is exiting anyway, within EXIT_JOIN_S.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exiting.set()
     for thread in list(_training):
         thread.join(timeout=EXIT_JOIN_S)
