@@ -10,8 +10,6 @@ that CIFAR-sized sets live on the training device whole and are augmented there.
 from __future__ import annotations
 
 import hashlib
-import pickle
-import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import DataError  # noqa: F401 - re-exported
+from .datafiles import TINY_SIZE, files_key, read_cifar_part, tiny_files, tiny_wnids, unreadable_image, wrong_size
 from .names import DATASETS
 
 
@@ -91,7 +90,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 # --- CIFAR-100 (python pickle layout) -------------------------------------------------
 
-CIFAR100_LAYOUT = "cifar-100-python/{train,test,meta} pickles as published by the CIFAR authors"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
@@ -105,31 +103,13 @@ def load_cifar100(root: Path, download: bool = True) -> tuple[ImageSet, ImageSet
 
 
 def _cifar_part(folder: Path, part: str, note: str = "") -> ImageSet:
-    path = folder / part
-    if not path.is_file():
-        raise DataError(f"CIFAR-100 not found: {path} is missing{note}; put {CIFAR100_LAYOUT} under {folder.parent}")
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
-    except Exception as e:  # noqa: BLE001 - damaged bytes can make pickle raise nearly anything
-        # (OverflowError for a bogus FRAME length, ImportError, LookupError, MemoryError, ...)
-        raise DataError(f"CIFAR-100 file {path} is truncated or malformed ({_reason(e)}); "
-                        f"expected a pickled dict with b'data' (N x 3072 uint8) and b'fine_labels'") from e
-    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),) or not len(data):
-        raise DataError(f"CIFAR-100 file {path} is malformed: data shape {data.shape}, "
-                        f"labels shape {labels.shape}; expected N x 3072 and N labels, N > 0")
-    if labels.min() < 0 or labels.max() >= 100:
-        raise DataError(f"CIFAR-100 file {path} is malformed: labels outside 0..99")
+    data, labels = read_cifar_part(folder / part, note)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return ImageSet(images, torch.from_numpy(labels))
 
 
 # --- Tiny-ImageNet (folder layout) ----------------------------------------------------
 
-TINY_LAYOUT = ("tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and "
-               "val/images/*.JPEG with val/val_annotations.txt")
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
@@ -138,20 +118,10 @@ def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, Imag
     note = ""
     if not (folder / "wnids.txt").exists() and download:
         note = _try_download(TINY_URL, root, None)
-    wnids_file = folder / "wnids.txt"
-    if not wnids_file.is_file():
-        raise DataError(f"Tiny-ImageNet not found: {wnids_file} is missing{note}; put {TINY_LAYOUT} under {root}")
-    wnids = [w.strip() for w in _read_text(wnids_file, "one wnid such as 'n01443537' a line").splitlines()
-             if w.strip()]
-    bad = [w for w in wnids if not re.fullmatch(r"[A-Za-z0-9_-]+", w)]
-    if bad or not wnids or len(set(wnids)) < len(wnids):
-        what = f"lists {bad[0][:40]!r}" if bad else "repeats a wnid" if wnids else "lists no wnids"
-        raise DataError(f"Tiny-ImageNet malformed: {wnids_file} {what}; expected one wnid such as 'n01443537' "
-                        "a line, each with a folder train/<wnid>/images")
-    index = {w: i for i, w in enumerate(wnids)}
-    train_files, test_files = _tiny_train_files(folder, wnids, index), _tiny_val_files(folder, index)
-    cache, key = _cache_file(folder, "tiny"), _files_key(folder, train_files + test_files)
-    if cached := _read_cache(cache, 64, len(wnids), key):
+    wnids = tiny_wnids(folder, note)
+    train_files, test_files = tiny_files(folder, wnids)
+    cache, key = _cache_file(folder, "tiny"), files_key(folder, train_files + test_files)
+    if cached := _read_cache(cache, TINY_SIZE, len(wnids), key):
         return *cached, len(wnids)
     train, test = _read_images(train_files), _read_images(test_files)
     _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
@@ -159,74 +129,20 @@ def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, Imag
     return train, test, len(wnids)
 
 
-def _files_key(folder: Path, files: list[tuple[Path, int]]) -> str:
-    """What the decoded set was built from: each image's path, label, size and time of change. A copy completed
-    or fixed later is decoded again (the cache kept serving the old images)."""
-    digest = hashlib.sha1()
-    for path, label in files:
-        info = path.stat()
-        digest.update(f"{path.relative_to(folder)}\t{label}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _tiny_train_files(folder: Path, wnids: list[str], index: dict[str, int]) -> list[tuple[Path, int]]:
-    files = []
-    for wnid in wnids:
-        images = folder / "train" / wnid / "images"
-        found = sorted(images.glob("*.JPEG"))
-        if not found:
-            raise DataError(f"Tiny-ImageNet malformed: no images in {images} for wnid {wnid} of "
-                            f"{folder / 'wnids.txt'}; expected {TINY_LAYOUT}")
-        files += [(p, index[wnid]) for p in found]
-    return files
-
-
-def _tiny_val_files(folder: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
-    annotations = folder / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-        raise DataError(f"Tiny-ImageNet malformed: {annotations} is missing; expected {TINY_LAYOUT}")
-    expected = "'<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>' lines"
-    images = folder / "val" / "images"
-    present = {p.name for p in images.iterdir()} if images.is_dir() else set()
-    files = []
-    for n, line in enumerate(_read_text(annotations, expected).splitlines(), 1):
-        fields = line.split("\t")
-        if not line.strip():
-            continue
-        if len(fields) < 2 or fields[1] not in index:
-            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} is {line[:100]!r}; "
-                            f"expected {expected} with a wnid from {folder / 'wnids.txt'}")
-        if fields[0] not in present:  # also keeps names such as '../x' or '/x' out of the path
-            raise DataError(f"Tiny-ImageNet malformed: {annotations} line {n} names "
-                            f"{str(images / fields[0][:100])!r}, which is missing")
-        files.append((images / fields[0], index[fields[1]]))
-    if not files:
-        raise DataError(f"Tiny-ImageNet malformed: {annotations} lists no images; expected {expected}")
-    return files
-
-
-def _read_text(path: Path, expected: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except Exception as e:  # noqa: BLE001 - UnicodeDecodeError for binary junk, OSError for an unreadable file
-        raise DataError(f"Tiny-ImageNet file {path} is unreadable ({_reason(e)}); expected {expected}") from e
-
-
 def _read_images(files: list[tuple[Path, int]]) -> ImageSet:
     from PIL import Image
 
-    images = np.empty((len(files), 64, 64, 3), dtype=np.uint8)
+    images = np.empty((len(files), TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(files):
         try:
             with Image.open(path) as im:
                 size = im.size  # checked before decoding, so a damaged header cannot ask for a huge image
-                if size == (64, 64):
+                if size == (TINY_SIZE, TINY_SIZE):
                     images[i] = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            raise DataError(f"Tiny-ImageNet image {path} is missing or unreadable ({_reason(e)}); "
-                            "expected a 64x64 JPEG") from e
-        if size != (64, 64):
-            raise DataError(f"Tiny-ImageNet image {path} is {size[0]}x{size[1]}, expected 64x64")
+            raise unreadable_image(path, e) from e
+        if size != (TINY_SIZE, TINY_SIZE):
+            raise wrong_size(path, size)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
 
@@ -339,12 +255,6 @@ def _read_cache(path: Path, size: int, classes: int, key: str | None = None) -> 
                 and 0 <= int(p.labels.min()) and int(p.labels.max()) < classes):
             return None
     return parts
-
-
-def _reason(e: BaseException) -> str:
-    """A decoder's complaint on one short line, to quote in a DataError."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def _save_cache(path: Path, **arrays) -> None:

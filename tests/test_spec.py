@@ -151,9 +151,10 @@ BAD = {
     "data root without cifar100": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train"),
     # each passed, then every trial failed, retried, in pages of tracebacks
     "cifar100 without its test file": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/test is missing"),
-    "cifar100 cut short": ("matrix.datasets", ["cifar100"], "{tmp}/empty/cifar-100-python/train cannot be read"),
+    "cifar100 cut short": ("matrix.datasets", ["cifar100"],
+                           "CIFAR-100 file {tmp}/empty/cifar-100-python/train is truncated"),
     "tinyimagenet class without images": ("matrix.datasets", ["tinyimagenet"],
-                                          "{tmp}/empty/tiny-imagenet-200/train/n02/images holds no images"),
+                                          "no images in {tmp}/empty/tiny-imagenet-200/train/n02/images for wnid n02"),
 }
 
 
@@ -376,6 +377,68 @@ def test_cifar100_data_root_that_holds_it_passes(tmp_path, write_cifar100):
     write_cifar100(tmp_path / "data")
     spec = edit(edit(base_spec(tmp_path), "matrix.datasets", ["cifar100"]), "data_root", str(tmp_path / "data"))
     preflight(load_spec(write_spec(tmp_path, spec)))
+
+
+def _damage(data: Path, damage: str) -> Path:
+    """One of the defects the trial's loader refuses (tests/test_data.py), made in a fresh copy under ``data``;
+    returns the path the refusal must name."""
+    import pickle
+
+    from conftest import _write_cifar100
+    from test_data import WNIDS, _jpeg, write_tinyimagenet
+
+    if damage.startswith("cifar"):
+        part = _write_cifar100(data)["train"]
+        bad = {"cifar-shape": {b"data": part[b"data"][:, :1000]}, "cifar-labels": {b"fine_labels": [200] * 50}}
+        with open(data / "cifar-100-python" / "train", "wb") as f:
+            pickle.dump({**part, **bad[damage]}, f)
+        return data / "cifar-100-python" / "train"
+    folder = write_tinyimagenet(data)
+    image = folder / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_2.JPEG"
+    if damage in ("garbage", "truncated", "empty"):
+        raw = image.read_bytes()
+        image.write_bytes({"garbage": b"not a jpeg" * 30, "truncated": raw[:300], "empty": b""}[damage])
+    elif damage == "small":
+        _jpeg(image, (0, 0, 0), size=32)
+    elif damage == "val-missing":
+        image = folder / "val" / "images" / "val_3.JPEG"
+        image.unlink()
+    elif damage == "unknown-wnid":
+        image = folder / "val" / "val_annotations.txt"
+        image.write_text(image.read_text().replace(WNIDS[0], "n09999999", 1))
+    return image
+
+
+@pytest.mark.parametrize("damage", ["cifar-shape", "cifar-labels", "garbage", "truncated", "empty", "small",
+                                    "val-missing", "unknown-wnid"])
+def test_data_a_trial_would_refuse_is_refused_before_the_sweep(tmp_path, damage, capsys, no_side_effects):
+    # the sweep started, and every trial of the data set failed, retried, in pages of tracebacks: the driver's
+    # check looked for the files only
+    damaged = _damage(tmp_path / "data", damage)
+    dataset = "cifar100" if damage.startswith("cifar") else "tinyimagenet"
+    spec = edit(edit(base_spec(tmp_path), "matrix.datasets", [dataset]), "data_root", str(tmp_path / "data"))
+    capsys.readouterr()
+    assert cli.main(["sweep", str(write_spec(tmp_path, spec))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_root: " in err and str(damaged) in err and "copy " in err, err
+
+
+def test_a_whole_tinyimagenet_copy_passes_and_is_checked_once_per_version(tmp_path, monkeypatch):
+    from test_data import write_tinyimagenet
+
+    from attzoom import datafiles
+
+    folder = write_tinyimagenet(tmp_path / "data")
+    spec = load_spec(write_spec(tmp_path, edit(edit(base_spec(tmp_path), "matrix.datasets", ["tinyimagenet"]),
+                                               "data_root", str(tmp_path / "data"))))
+    checked = []
+    monkeypatch.setattr(datafiles, "check_images", lambda files: checked.append(len(files)))
+    preflight(spec)
+    preflight(spec)
+    assert checked == [3 * 4 + 6]
+    next(folder.glob("train/*/images/*.JPEG")).touch()  # another version of the files: checked again
+    preflight(spec)
+    assert checked == [18, 18]
 
 
 def test_paper_spec_is_the_papers_protocol():

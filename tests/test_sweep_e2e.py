@@ -273,8 +273,6 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
 
 def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:
     """The scheduler's state in the sweep's newest experiment snapshot (Tune's callback state file)."""
-    import pickle
-
     # one file per driver, named by its start time (Tune copies them all again at the end: no use in mtimes)
     states = {name: path for name, path in sweep_entries(spec_dir, storage).items()
               if name.startswith("callback-states-") and name.endswith(".pkl")}
@@ -284,26 +282,35 @@ def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path, few_digits_root):
 
+    from test_data import write_tinyimagenet
+
     data = tmp_path / "data"
     shutil.copytree(few_digits_root, data)
-    (data / "cifar-100-python").mkdir()
-    for part in ("train", "test", "meta"):  # present, readable, but malformed: found by the trial, not before
-        with open(data / "cifar-100-python" / part, "wb") as f:
-            pickle.dump({b"data": [[0] * 10], b"fine_labels": [0]}, f)
-    spec = write_spec(tmp_path / "spec.toml", data, trials=1, epochs=1, datasets=("cifar100", "cluttered-digits"),
-                      variants=("baseline",), max_retries=2)
+    image = next((write_tinyimagenet(data) / "val" / "images").glob("*.JPEG"))
+    damage_huffman_table(image)  # its header and end are whole: found by the trial's decoding, not before
+    spec = write_spec(tmp_path / "spec.toml", data, trials=1, epochs=1,
+                      datasets=("tinyimagenet", "cluttered-digits"), variants=("baseline",), max_retries=2)
     sweep = start("sweep", str(spec), cwd=tmp_path)
     out, _ = sweep.communicate(timeout=900)
     last = out.strip().splitlines()[-1]  # a study without a finished trial: no comparison, so no "done", exit 1
     assert sweep.returncode == 1 and last.startswith("sweep t failed after"), out[-4000:]
-    assert "no trial of tiny_resnet.cifar100.baseline finished (1 of 2 trials failed)" in last
+    assert "no trial of tiny_resnet.tinyimagenet.baseline finished (1 of 2 trials failed)" in last
     client, runs = trial_runs(tmp_path)
     by_dataset = {r.data.tags["dataset"]: r for r in runs}
-    failed, ok = by_dataset["cifar100"], by_dataset["cluttered-digits"]
-    assert failed.info.status == "FAILED" and "CIFAR-100 file" in failed.data.tags[ERROR]
+    failed, ok = by_dataset["tinyimagenet"], by_dataset["cluttered-digits"]
+    assert failed.info.status == "FAILED" and f"Tiny-ImageNet image {image}" in failed.data.tags[ERROR]
     assert len(client.get_metric_history(failed.info.run_id, "failures")) == 3  # first try + 2 retries
     assert ok.info.status == "FINISHED" and ok.data.metrics["val_top1"] >= 0
-    assert "| tiny_resnet.cifar100.baseline | 0 | 1 | 0 |" in out
+    assert "| tiny_resnet.tinyimagenet.baseline | 0 | 1 | 0 |" in out
+
+
+def damage_huffman_table(jpeg: Path) -> None:
+    """Overwrite the JPEG's first Huffman table: it opens, is 64x64 and ends as a JPEG does, but cannot be decoded."""
+    raw = bytearray(jpeg.read_bytes())
+    start = raw.index(b"\xff\xc4") + 4
+    length = int.from_bytes(raw[start - 2:start], "big") - 2
+    raw[start:start + length] = b"\xff" * length
+    jpeg.write_bytes(bytes(raw))
 
 
 def no_failure_recorded(spec_dir: Path) -> None:

@@ -332,48 +332,51 @@ def _missing(root: Path, dataset: str, path: Path, layout: str) -> SpecError:
 
 
 def _check_cifar100(root: Path) -> None:
-    """Both pickles a trial reads are there and unpickle (a copy cut short does not); not torch: the driver."""
+    """Both pickles a trial reads are there and hold CIFAR-100 (the loader's own checks, without torch)."""
     for part in ("train", "test"):
         path = root / "cifar-100-python" / part
         if not path.is_file():
             raise _missing(root, "cifar100", path, "cifar-100-python/{train,test,meta}")
         info = path.stat()
-        if why := _unpickle_problem(str(path), info.st_size, info.st_mtime_ns):
-            raise SpecError(f"data_root: {path} cannot be read as CIFAR-100 ({why}); copy cifar-100-python/ again "
-                            "from the published archive")
+        if why := _cifar_problem(str(path), info.st_size, info.st_mtime_ns):
+            raise SpecError(f"data_root: {why}; copy cifar-100-python/ again from the published archive")
 
 
 @functools.lru_cache(maxsize=8)
-def _unpickle_problem(path: str, size: int, mtime_ns: int) -> str | None:
-    """Why the pickle cannot be read as CIFAR-100's, or None; once per file version (preflight runs twice)."""
-    import pickle
+def _cifar_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    """What a trial would refuse in the pickle, or None; once per file version (preflight runs twice)."""
+    from attzoom.config import DataError
+    from attzoom.datafiles import read_cifar_part
 
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-    except Exception as e:  # noqa: BLE001 - damaged bytes make pickle raise nearly anything
-        return f"{type(e).__name__}: {str(e)[:100]}"
-    ok = isinstance(entry, dict) and b"data" in entry and b"fine_labels" in entry
-    return None if ok else "no b'data' and b'fine_labels' in it"
+        read_cifar_part(Path(path))
+    except DataError as e:
+        return str(e)
+    return None
 
 
 def _check_tinyimagenet(root: Path) -> None:
-    """The lists and every class's image folder are there (the images themselves are decoded by the first trial)."""
+    """The lists, every file they name and every image's header and end: what the first trial would refuse in
+    decoding them (a cut-short or garbage JPEG, a wrong size, an annotation naming no file or no class)."""
+    from attzoom.config import DataError
+    from attzoom.datafiles import check_images, files_key, tiny_files, tiny_wnids
+
     folder = root / "tiny-imagenet-200"
     layout = "tiny-imagenet-200/ (wnids.txt, train/, val/)"
     for path in (folder / "wnids.txt", folder / "val" / "val_annotations.txt"):
         if not path.is_file():
             raise _missing(root, "tinyimagenet", path, layout)
     try:
-        wnids = [w.strip() for w in (folder / "wnids.txt").read_text(encoding="utf-8").splitlines() if w.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"data_root: {folder / 'wnids.txt'} is unreadable ({type(e).__name__}); copy "
-                        "tiny-imagenet-200/ again") from None
-    for wnid in wnids:
-        images = folder / "train" / wnid / "images"
-        if not images.is_dir() or not any(images.glob("*.JPEG")):
-            raise SpecError(f"data_root: {images} holds no images for class {wnid[:40]} of "
-                            f"{folder / 'wnids.txt'}; copy tiny-imagenet-200/ again")
+        train, test = tiny_files(folder, tiny_wnids(folder))
+        key = files_key(folder, train + test)
+        if key not in _whole_images:  # preflight runs twice; 110,000 images take seconds
+            check_images(train + test)
+            _whole_images.add(key)
+    except DataError as e:
+        raise SpecError(f"data_root: {e}; copy tiny-imagenet-200/ again") from None
+
+
+_whole_images: set[str] = set()  # the files keys of the Tiny-ImageNet copies checked whole in this process
 
 
 def check_writable(key: str, location: str) -> None:
