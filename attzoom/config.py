@@ -4,7 +4,10 @@ and the errors a user can fix. No torch import: the CLI checks input before load
 from __future__ import annotations
 
 import math
+import numbers
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 
 from .names import BACKBONES, DATASETS, POSITIONS, VARIANTS
@@ -77,6 +80,7 @@ class TrainConfig:
         return {key: _parse(text, kinds[key]) for key, text in values.items()}
 
     def validate(self) -> None:
+        check_types(self)
         _choice("backbone", self.backbone, BACKBONES)
         _choice("dataset", self.dataset, DATASETS)
         _choice("variant", self.variant, VARIANTS)
@@ -97,6 +101,60 @@ class TrainConfig:
         _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
         if self.gpu_memory_fraction is not None:
             _in_range("gpu_memory_fraction", self.gpu_memory_fraction, 0, 1, low_open=True)
+
+
+def check_types(config) -> None:
+    """Each field against its annotation: a wrong type (epochs="2", batch_size=64.0) passed the range checks and
+    failed as a bare TypeError deep in training, after the data had loaded."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _is_a(value, hints[f.name]):
+            expected = _describe(hints[f.name])
+            raise ConfigError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); pass {expected}"
+                              f" such as {f.name}={f.default!r}")
+
+
+def _is_a(value, kind) -> bool:
+    """Ints count as floats (lr=1); bools count as neither (True is an int to Python); numpy's numbers are numbers
+    (a sweep's sampled values)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in args)
+    if origin in (tuple, list):
+        return isinstance(value, origin) and _items_are(value, args)
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):
+        number = numbers.Integral if kind is int else numbers.Real
+        return isinstance(value, number) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _items_are(items, args) -> bool:
+    """tuple[int, ...], tuple[int, str] or list[int]: each item against its annotation."""
+    if (len(args) == 2 and args[1] is Ellipsis) or len(args) == 1:
+        return all(_is_a(item, args[0]) for item in items)
+    return not args or len(items) == len(args) and all(_is_a(i, a) for i, a in zip(items, args))
+
+
+TYPE_NAMES = {int: ["an integer"], float: ["a number"], bool: ["True", "False"], str: ["a string"],
+              type(None): ["None"]}
+
+
+def _describe(kind) -> str:
+    """'an integer', 'True, False or None': the annotation in words."""
+    words = _words(kind)
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
+def _words(kind) -> list[str]:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return [word for arg in args for word in _words(arg)]
+    if origin in (tuple, list):
+        return [f"a {origin.__name__}" + (f" (items: {_describe(args[0])})" if args else "")]
+    return TYPE_NAMES.get(kind, [getattr(kind, "__name__", str(kind))])
 
 
 def _parse(text: str, kinds: list[str]):

@@ -483,3 +483,31 @@ def test_a_corrupt_last_pt_is_told_in_whole_words_not_cut_mid_sentence(tmp_path)
         message = str(refused.value)
         assert re.search(r"\(RuntimeError: [^()]*central directory\); it is truncated", message), message
     assert train.first_line(RuntimeError("word " * 100)).endswith("word ...")
+
+
+# --- each field's type is checked before any data loads ----------------------------------
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("epochs", "2", "an integer"), ("epochs", 1.5, "an integer"), ("batch_size", 64.0, "an integer"),
+    ("epochs", True, "an integer"), ("lr", "1e-3", "a number"), ("threshold", "0.5", "a number"),
+    ("cifar_stem", "yes", "True or False"), ("augment", 0, "True or False"), ("data_root", 5, "a string"),
+    ("amp", "on", "True, False or None"), ("gpu_memory_fraction", "0.5", "a number or None"),
+])
+def test_a_value_of_the_wrong_type_is_a_config_error_naming_it_before_any_data_loads(monkeypatch, key, value,
+                                                                                      expected):
+    """They passed validate and failed after the data loaded, as a bare TypeError (epochs="2": 'can only
+    concatenate str'), or trained silently (cifar_stem="yes")."""
+    monkeypatch.setattr(train, "load", lambda *a: pytest.fail("the data loaded before the config was checked"))
+    with pytest.raises(ConfigError, match=rf"^{key} must be {expected}, got {re.escape(repr(value))} "):
+        fit({"epochs": 1, key: value})
+    with pytest.raises(ConfigError, match=rf"^{key} must be {expected}"):
+        config(**{key: value}).validate()
+
+
+def test_ints_for_floats_and_a_sweeps_numpy_numbers_pass_the_type_check():
+    import numpy as np
+
+    config(lr=1, threshold=0, gpu_memory_fraction=1, amp=None).validate()
+    config(lr=np.float64(0.01), batch_size=np.int64(32), momentum=np.float32(0.5), step_size=np.int32(3),
+           amp=True, channels_last=False).validate()
+    assert TrainConfig.from_dict(config(lr=0.5).to_dict()).lr == 0.5
