@@ -302,6 +302,9 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
     assert len(client.get_metric_history(failed.info.run_id, "failures")) == 3  # first try + 2 retries
     assert ok.info.status == "FINISHED" and ok.data.metrics["val_top1"] >= 0
     assert "| tiny_resnet.tinyimagenet.baseline | 0 | 1 | 0 |" in out
+    # one line per failed try, naming its error file: Tune's own report of each was a page of Ray's traceback
+    assert "Traceback" not in drivers_own(out) and "Trials did not complete" not in out, out[-6000:]
+    assert len(re.findall(r"trial \w+  failed.*error\.txt", out)) == 3, out[-6000:]
 
 
 def damage_huffman_table(jpeg: Path) -> None:

@@ -34,6 +34,9 @@ def tune_settings(spec: Spec) -> dict[str, str]:
         # MLflow prints "View run ... at: <server URL>" for every run a server-backed store finishes: one line per
         # trial, and the URL may carry a password
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        # Tune logs each failed try with Ray's traceback, a page each; the progress says it in one line that names
+        # the trial's error.txt, which holds the traceback
+        "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
     }
 
 
@@ -49,6 +52,13 @@ def apply_tune_settings(spec: Spec) -> None:
 
 def quiet_metrics_fetch_warning() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_not_a_metrics_fetch)
+    logging.getLogger("ray.tune.tune").addFilter(_not_a_trials_list)
+
+
+def _not_a_trials_list(record: logging.LogRecord) -> bool:
+    """Drop Tune's "Trials did not complete: [run_trial_9318885a, ...]": the sweep's closing line says which studies
+    lack finished trials, and the progress which trials failed, with their error files."""
+    return not record.getMessage().startswith("Trials did not complete")
 
 
 def _not_a_metrics_fetch(record: logging.LogRecord) -> bool:
