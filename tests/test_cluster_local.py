@@ -218,3 +218,34 @@ def test_start_refuses_the_dashboards_fixed_metrics_port_before_starting_anythin
     assert started.returncode == 2, started.stderr
     assert started.stderr.strip().count("\n") == 0 and "44227" in started.stderr
     assert not list((tmp_path / "cluster").glob("*.pid"))
+
+
+GPU_CEILING = """
+import json, ray
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_put
+from tune_jobs.ray_session import AUTOSCALING_STATUS, gpu_ceiling
+
+ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+         configure_logging=False)
+seen = [gpu_ceiling()]  # no autoscaler
+_internal_kv_put(AUTOSCALING_STATUS, json.dumps({"time": 1.0}), overwrite=True)  # v1's monitor, no autoscaler
+seen.append(gpu_ceiling())
+_internal_kv_put(AUTOSCALING_STATUS, json.dumps({"time": 1.0, "autoscaler_report": {}}), overwrite=True)  # v1's
+seen.append(gpu_ceiling())
+config = autoscaler_pb2.ClusterConfig()  # what autoscaler v2 stores: its node groups
+group = config.node_group_configs.add(name="gpu-workers", max_count=8)
+group.resources["CPU"], group.resources["GPU"] = 12, 1
+ray._private.worker.global_worker.gcs_client.internal_kv_put(
+    ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(), True,
+    ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+seen.append(gpu_ceiling())
+print(seen)
+"""
+
+
+def test_the_gpu_ceiling_is_read_from_what_rays_autoscalers_store():
+    # a real Ray GCS holding what each autoscaler writes (no autoscaler with a node provider runs here: the fake
+    # multi-node provider's defaults file is not in Ray's wheel)
+    done = subprocess.run([sys.executable, "-c", GPU_CEILING], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "[None, None, inf, 8.0]", done.stderr[-3000:]

@@ -441,6 +441,24 @@ def test_a_whole_tinyimagenet_copy_passes_and_is_checked_once_per_version(tmp_pa
     assert checked == [18, 18]
 
 
+def test_a_cluster_without_gpus_now_is_refused_only_where_no_autoscaler_can_add_them(tmp_path):
+    # `ray up` / KubeRay clusters start with no GPU worker (min_workers 0): the paper sweep was refused at once
+    import math
+
+    from tune_jobs.spec import check_cluster_gpus
+
+    spec = load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "resources.gpus", 0.25)))
+    where = "the cluster at 10.0.0.1:6379"
+    with pytest.raises(SpecError, match="resources.gpus = 0.25 but the cluster at 10.0.0.1:6379 has 0 GPU"):
+        check_cluster_gpus(spec, 0, where)  # no autoscaler: it would wait forever
+    with pytest.raises(SpecError, match="and its autoscaler adds at most 0; lower resources.gpus"):
+        check_cluster_gpus(spec, 0, where, ceiling=0.0)  # autoscaler v2 without a GPU node group
+    for ceiling in (8.0, math.inf):  # v2's node groups allow 8; v1 does not say
+        assert check_cluster_gpus(spec, 0, where, ceiling) == (f"{where} has 0 GPU(s) now; the trials (resources.gpus "
+                                                               "= 0.25) wait for its autoscaler to start GPU nodes")
+    assert check_cluster_gpus(spec, 1, where) is None
+
+
 def test_paper_spec_is_the_papers_protocol():
     spec = load_spec(SPECS / "paper.toml")
     assert len(spec.studies) == 24 == len({s.name for s in spec.studies})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 
 from .infra import sigterm_as_interrupt
@@ -117,7 +118,32 @@ def start_ray(spec: Spec, address: str | None) -> None:
     resources = ray.cluster_resources()
     if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
         check_cluster_cpus(spec, resources.get("CPU", 0.0), where)
-    check_cluster_gpus(spec, resources.get("GPU", 0.0), where)
+    gpus = resources.get("GPU", 0.0)
+    if wait := check_cluster_gpus(spec, gpus, where, gpu_ceiling() if address and spec.gpus > gpus else None):
+        print(f"attzoom: {wait}", file=sys.stderr, flush=True)
+
+
+def gpu_ceiling() -> float | None:
+    """The most GPUs the connected cluster's autoscaler may start: Ray's autoscaler v2 stores its node groups'
+    limits in the GCS; v1 only reports that it runs (inf: no limit known). None: no autoscaler (a fixed
+    cluster), or none that Ray's private state API (pinned Ray) can show."""
+    import json
+    import math
+
+    try:
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        limits = state.get_max_resources_from_cluster_config()
+        if limits is not None:
+            return float(limits.get("GPU", 0))
+        status = _internal_kv_get(AUTOSCALING_STATUS)
+        return math.inf if status and "autoscaler_report" in json.loads(status) else None
+    except Exception:  # noqa: BLE001 - an API that moved: the check refuses as for a fixed cluster
+        return None
+
+
+AUTOSCALING_STATUS = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, the v1 monitor's
 
 
 def send_token_when_given() -> None:

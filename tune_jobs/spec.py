@@ -299,11 +299,20 @@ def _validate_scheduler(spec: Spec, fail) -> None:
              f"{early.reduction_factor!r}")
 
 
-def check_cluster_gpus(spec: Spec, available: float, where: str) -> None:
-    """A trial asking for more GPU than the cluster has would wait forever: refuse it up front."""
-    if spec.gpus > available:
+def check_cluster_gpus(spec: Spec, available: float, where: str, ceiling: float | None = None) -> str | None:
+    """A trial asking for more GPU than the cluster has, and can get, would wait forever: refuse it up front.
+    ``ceiling``: the most GPUs the cluster's autoscaler may bring up (inf where it does not say), None without
+    one. Returns what to tell the user when the trials must wait for the autoscaler."""
+    if spec.gpus <= available:
+        return None
+    if ceiling is None:
         raise SpecError(f"resources.gpus = {spec.gpus} but {where} has {available:g} GPU(s); lower resources.gpus "
                         "or run on a cluster with GPUs (for a local run without one, set resources.gpus = 0)")
+    if spec.gpus > ceiling:
+        raise SpecError(f"resources.gpus = {spec.gpus} but {where} has {available:g} GPU(s) and its autoscaler adds "
+                        f"at most {ceiling:g}; lower resources.gpus or let the autoscaler start GPU nodes")
+    return (f"{where} has {available:g} GPU(s) now; the trials (resources.gpus = {spec.gpus}) wait for its "
+            "autoscaler to start GPU nodes")
 
 
 def check_cluster_cpus(spec: Spec, available: float, where: str) -> None:
