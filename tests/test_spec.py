@@ -459,6 +459,24 @@ def test_a_cluster_without_gpus_now_is_refused_only_where_no_autoscaler_can_add_
     assert check_cluster_gpus(spec, 1, where) is None
 
 
+def test_a_gpu_memory_cap_above_a_trials_share_is_refused_and_one_below_is_kept(tmp_path):
+    # gpus = 0.25 with gpu_memory_fraction = 0.9 passed, and the 0.9 was replaced by 0.25 without a word
+    from tune_jobs.space import STUDY_KEY
+    from tune_jobs.trainable import SweepContext, trial_config
+
+    def shared(cap):
+        raw = edit(base_spec(tmp_path), "resources.gpus", 0.25)
+        return load_spec(write_spec(tmp_path, edit(raw, "train.gpu_memory_fraction", cap) if cap else raw))
+
+    with pytest.raises(SpecError, match=r"train.gpu_memory_fraction = 0.9 is more than a trial's share of its GPU "
+                                        r"\(resources.gpus = 0.25\), which caps it; drop it or set it to 0.25"):
+        shared(0.9)
+    for asked, kept in ((0.2, 0.2), (None, 0.25)):
+        spec = shared(asked)
+        config = {STUDY_KEY: spec.studies[0].name, "lr": 1e-3, "batch_size": 32}
+        assert trial_config(config, SweepContext(spec))[2].gpu_memory_fraction == kept
+
+
 def test_paper_spec_is_the_papers_protocol():
     spec = load_spec(SPECS / "paper.toml")
     assert len(spec.studies) == 24 == len({s.name for s in spec.studies})

@@ -156,6 +156,10 @@ def load_spec(path: str | Path, scheduler: str | None = None, **overrides) -> Sp
         if fixed in spec.train and getattr(spec.search, searched) is not None:  # the search won, silently
             # a new sweep's only: an older one that started so resumes as it began
             raise SpecError(f"{source}: train.{fixed} fixes what search.{searched} searches; keep one of the two")
+    cap = spec.train.get("gpu_memory_fraction")
+    if cap is not None and 0 < spec.gpus < cap:  # the trial's share won, silently: trials sharing a GPU must
+        raise SpecError(f"{source}: train.gpu_memory_fraction = {cap} is more than a trial's share of its GPU "
+                        f"(resources.gpus = {spec.gpus}), which caps it; drop it or set it to {spec.gpus} or less")
     return spec
 
 

@@ -204,8 +204,8 @@ def trial_config(config: dict, sweep: SweepContext):
     study = next(s for s in sweep.spec.studies if s.name == config[STUDY_KEY])
     params = {k: v for k, v in config.items() if k != STUDY_KEY}
     train_config = sweep.spec.train_config(study, params)
-    if 0 < sweep.spec.gpus < 1:
-        train_config.gpu_memory_fraction = sweep.spec.gpus
+    if 0 < sweep.spec.gpus < 1:  # a trial sharing a GPU keeps to its share of the memory, or to less if asked
+        train_config.gpu_memory_fraction = min(train_config.gpu_memory_fraction or 1.0, sweep.spec.gpus)
     return study, params, train_config
 
 
