@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import OPTIMIZERS, SCHEDULERS, ConfigError, DataError, TrainConfig
+from .config import OPTIMIZERS, SCHEDULERS, CheckpointError, ConfigError, DataError, TrainConfig
 from .names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 EXIT_USAGE = 2
@@ -71,8 +73,10 @@ def add_train_command(sub) -> None:
     train.add_argument("--checkpoint-dir", type=Path, default=None,
                        help="where last.pt / best.pt go (default: runs/<backbone>-<dataset>-<variant>)")
     train.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming it")
-    train.set_defaults(run=run_train, on_interrupt="interrupted; run the same command again to resume from its "
-                                                   "last.pt (--restart starts over)")
+    train.set_defaults(run=run_train, on_interrupt=RESUME_HINT)
+
+
+RESUME_HINT = "interrupted; run the same command again to resume from its last.pt (--restart starts over)"
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -112,18 +116,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """train, with a library error's Python-API hint ("(resume=False in fit)") cut: here only the option applies."""
+    try:
+        return train_and_report(args)
+    except ConfigError as e:
+        raise type(e)(re.sub(r" \([^()]* in fit\)", "", str(e))) from e
+
+
+def train_and_report(args: argparse.Namespace) -> int:
     from .data import load
-    from .train import best_test_metrics, check_checkpoint_dir, check_resumable, fit, resolve_device
+    from .train import best_test_metrics, check_checkpoint_dir, fit, resolve_device
 
     config = config_from_args(args)
     resolve_device(config.device)
     ckpt = args.checkpoint_dir or Path("runs") / f"{config.backbone}-{config.dataset}-{config.variant}"
     check_checkpoint_dir(ckpt)
-    if not args.restart and (ckpt / "last.pt").exists():
-        check_resumable(ckpt / "last.pt", config)
-    data = load(config.dataset, config.data_root, config.val_fraction)
-    with EpochBar(config.epochs, config.variant) as bar:
-        result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=not args.restart)
+    last, before = ckpt / "last.pt", file_stamp(ckpt / "last.pt")
+    try:
+        if not args.restart and before:
+            check_resumable(last, config)
+        data = load(config.dataset, config.data_root, config.val_fraction)
+        with EpochBar(config.epochs, config.variant) as bar:
+            result = fit(config, data, callback=bar, checkpoint_dir=ckpt, resume=not args.restart)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(last, before, args.restart)) from None
     if result.best:  # none when epoch 1 diverged: a best.pt there is another run's, or missing
         test = best_test_metrics(ckpt, data, config.device)
         epochs = f"{result.epochs} epoch{'' if result.epochs == 1 else 's'}"
@@ -137,6 +153,42 @@ def run_train(args: argparse.Namespace) -> int:
         print(diverged_message(result, config), file=sys.stderr)
         return 1
     return 0
+
+
+def check_resumable(last: Path, config: TrainConfig) -> None:
+    """train.check_resumable, but a file that is no zip archive at all (garbage, empty, cut at its start) is told
+    as such: torch's words for it ("mmap can only be used with files saved with ...") are its internals."""
+    from .train import check_resumable as check
+
+    try:
+        check(last, config)
+    except CheckpointError as e:
+        if "mmap can only be used" not in str(e.__cause__):
+            raise
+        raise CheckpointError(f"cannot resume from {last}: it is not a checkpoint torch can read (truncated or not "
+                              "a checkpoint); start over with --restart or pass another --checkpoint-dir") from e
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when there is none: each checkpoint save replaces last.pt, so the stamp
+    changes when an epoch finished."""
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def interrupted_message(last: Path, before: tuple[int, int] | None, restart: bool) -> str:
+    """How to go on after Ctrl-C: a resume needs a last.pt this command can continue; before any epoch finished
+    there is none (or, with --restart, only the old one it ignores)."""
+    now = file_stamp(last)
+    if now is None or (restart and now == before):
+        return ("interrupted before any epoch finished, so nothing was saved: the same command starts again from "
+                "the beginning")
+    if restart:  # the same command would start over again
+        return "interrupted; run the same command without --restart to resume from its last.pt"
+    return RESUME_HINT
 
 
 def diverged_message(result, config: TrainConfig) -> str:

@@ -407,3 +407,84 @@ def test_hints_name_the_venvs_attzoom_quoted_and_a_jobs_plain(monkeypatch, tmp_p
     assert attzoom_executable() == f"'{folder / 'attzoom'}'"  # a path with a space, pasted whole
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     assert attzoom_executable() == "attzoom"
+
+
+# --- attzoom train: how to go on after Ctrl-C, a damaged last.pt, no Python-API hints -------------------------
+
+def tiny_splits():
+    """32 training and 16 validation images of 4 classes: an epoch of tiny_resnet in well under a second."""
+    from attzoom.data import ImageSet, Splits
+
+    gen = torch.Generator().manual_seed(0)
+
+    def part(n):
+        return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8),
+                        torch.randint(4, (n,), generator=gen))
+
+    return Splits(part(32), part(16), part(16), 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@pytest.fixture
+def train_in_process(tmp_path, monkeypatch, capsys):
+    """``attzoom train`` in this process on tiny data, Ctrl-C pressed in epoch ``ctrl_c_in`` (None: never):
+    returns (exit code, last line of stderr)."""
+    from attzoom import train
+
+    monkeypatch.setattr("attzoom.data.load", lambda *a: tiny_splits())
+    one_epoch = train.train_one_epoch
+
+    def attzoom_train(*args, ctrl_c_in=None):
+        epochs = []
+
+        def epoch(*a, **k):
+            epochs.append(1)
+            if len(epochs) == ctrl_c_in:
+                raise KeyboardInterrupt
+            return one_epoch(*a, **k)
+
+        monkeypatch.setattr(train, "train_one_epoch", epoch)
+        code = main(["train", "--checkpoint-dir", str(tmp_path / "run"), "--batch-size", "16", "--no-augment",
+                     "--epochs", "3", *args])
+        return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+    return attzoom_train
+
+
+def test_ctrl_c_before_any_epoch_finished_says_the_same_command_starts_over(train_in_process, tmp_path):
+    """It said 'run the same command again to resume from its last.pt' when there was none."""
+    code, line = train_in_process(ctrl_c_in=1)
+    assert code == 130 and not (tmp_path / "run" / "last.pt").exists()
+    assert "before any epoch finished" in line and "starts again from the beginning" in line, line
+    assert "resume" not in line
+    code, line = train_in_process(ctrl_c_in=2)  # epoch 1 is in last.pt now
+    assert (code, line) == (130, "interrupted; run the same command again to resume from its last.pt "
+                                 "(--restart starts over)")
+    code, line = train_in_process("--restart", ctrl_c_in=1)  # the old last.pt is ignored, as it will be again
+    assert code == 130 and "starts again from the beginning" in line, line
+    code, line = train_in_process("--restart", ctrl_c_in=2)  # a new last.pt, which --restart would ignore
+    assert (code, line) == (130, "interrupted; run the same command without --restart to resume from its last.pt")
+
+
+def test_train_errors_name_the_option_not_the_python_api(train_in_process, tmp_path, capsys):
+    """'start over with --restart (resume=False in fit)': on the command line only --restart applies."""
+    assert train_in_process("--epochs", "1")[0] == 0
+    code, line = train_in_process("--epochs", "1", "--lr", "0.05")  # another config's last.pt
+    assert code == 2 and "lr: 0.001 in it, 0.05 now" in line and "--restart" in line, line
+    assert "in fit" not in line and "resume=False" not in line
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--checkpoint-dir", str(tmp_path / "afile" / "run")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "afile is a file" in line and "--checkpoint-dir" in line and "in fit" not in line, line
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", bytes(range(256)) * 8])
+def test_a_last_pt_of_garbage_is_one_line_without_torchs_internals(train_in_process, tmp_path, content):
+    """It quoted torch: 'mmap can only be used with files saved with torch.save(_use_new_zipfile_serialization=...'."""
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(content)
+    code, line = train_in_process()
+    assert code == 2 and str(last) in line and "--restart" in line, line
+    assert "not a checkpoint torch can read (truncated or not a checkpoint)" in line, line
+    assert "mmap" not in line and "torch.save" not in line and "in fit" not in line
+    assert train_in_process("--restart", "--epochs", "1")[0] == 0  # the way out it names works
