@@ -477,6 +477,19 @@ def test_a_gpu_memory_cap_above_a_trials_share_is_refused_and_one_below_is_kept(
         assert trial_config(config, SweepContext(spec))[2].gpu_memory_fraction == kept
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine where torch sees no GPU")
+def test_a_trial_given_a_gpu_that_torch_cannot_use_fails_instead_of_training_on_the_cpu(tmp_path):
+    # device "auto" fell back to the CPU without a word (a node whose NVIDIA driver is too old for torch's CUDA)
+    from tune_jobs.trainable import check_gpu_usable
+
+    spec = load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "resources.gpus", 0.25)))
+    with pytest.raises(RuntimeError, match=r"resources.gpus = 0.25 but torch .* sees no usable GPU on .*nvidia-smi"):
+        check_gpu_usable(spec, "auto")
+    check_gpu_usable(replace(spec, local_gpus=1), "auto")  # logical GPUs of a local run: packing tried on CPUs
+    check_gpu_usable(spec, "cpu")  # asked for by name
+    check_gpu_usable(replace(spec, gpus=0), "auto")
+
+
 def test_paper_spec_is_the_papers_protocol():
     spec = load_spec(SPECS / "paper.toml")
     assert len(spec.studies) == 24 == len({s.name for s in spec.studies})

@@ -13,8 +13,10 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -100,6 +102,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     study, _, train_config = trial_config(config, sweep)
+    check_gpu_usable(sweep.spec, train_config.device)
     extra = {STUDY_KEY: study.name, GPU_IDS_KEY: ",".join(map(str, ray.get_gpu_ids()))}
     stop_training_at_exit()
     _training.add(threading.current_thread())
@@ -107,6 +110,19 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         _run(sweep, train_config, extra)
     finally:
         _training.discard(threading.current_thread())
+
+
+def check_gpu_usable(spec: Spec, device: str) -> None:
+    """A trial that Ray gave a GPU trains on it: where torch sees none (a driver too old for torch's CUDA build,
+    a container without the GPU), ``device = "auto"`` fell back to the CPU, tens of times slower, without a
+    word. Logical GPUs of a local run (resources.local_gpus, for trying GPU packing) are let through."""
+    import torch
+
+    if spec.gpus > 0 and spec.local_gpus is None and device == "auto" and not torch.cuda.is_available():
+        raise RuntimeError(f"resources.gpus = {spec.gpus} but torch {torch.__version__} (CUDA "
+                           f"{torch.version.cuda or 'none'}) sees no usable GPU on {socket.gethostname()} "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); check the "
+                           "node's NVIDIA driver with nvidia-smi: it must support that CUDA version")
 
 
 def _run(sweep: SweepContext, train_config: dict, extra: dict) -> None:
