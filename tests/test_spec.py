@@ -120,6 +120,10 @@ BAD = {
     "momentum above 1": ("search.momentum", [0.9, 1.5], "search.momentum"),
     "batch size 0": ("search.batch_sizes", [0, 32], "search.batch_sizes"),
     "batch sizes not a list": ("search.batch_sizes", 32, "search.batch_sizes"),
+    # it said 'must be a list such as ["a", "b"]' of a list of numbers, and quoted ranges as Python tuples
+    "batch sizes as floats": ("search.batch_sizes", [32.0, 64.0], "such as [32, 64] (whole numbers), got [32.0, 64.0]"),
+    "lr as strings": ("search.lr", ["1e-5", "1e-1"], "search.lr must be [low, high], two numbers with > 0"),
+    "lr as strings, shown as given": ("search.lr", ["1e-5", "1e-1"], "got ['1e-5', '1e-1']"),
     "step_size not integers": ("search.step_size", [1.5, 30], "search.step_size"),
     "unknown optimizer": ("search.optimizers", ["adam", "lamb"], "search.optimizers"),
     "empty schedulers": ("search.schedulers", [], "search.schedulers"),

@@ -659,7 +659,8 @@ def _range(key, value, fail, low, high, log=False) -> None:
     ok = isinstance(value, tuple) and len(value) == 2 and all(_number(v) for v in value)
     if not ok or not (low <= value[0] <= value[1] <= high) or (log and value[0] <= 0):
         bound = "> 0" if log else f">= {low}"
-        fail(f"{key} must be [low, high] with {bound}, low <= high <= {high}; got {list(value) if ok else value!r}")
+        shown = list(value) if isinstance(value, tuple) else value  # as the TOML array it came from
+        fail(f"{key} must be [low, high], two numbers with {bound}, low <= high <= {high}; got {shown!r}")
 
 
 def _positive_int(spec: Spec, key: str, fail) -> None:
@@ -683,7 +684,8 @@ def _number(value) -> bool:
 
 def _check_list(value, key: str, source: str) -> None:
     if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
-        raise SpecError(f"{source}: {key} must be a list such as [\"a\", \"b\"], got {value!r}")
+        example = "[32, 64] (whole numbers)" if key.endswith("batch_sizes") else '["a", "b"] (names)'
+        raise SpecError(f"{source}: {key} must be a list such as {example}, got {value!r}")
 
 
 def _check_keys(table: dict, valid: set, source: str, prefix: str) -> None:
