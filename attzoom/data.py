@@ -10,6 +10,7 @@ that CIFAR-sized sets live on the training device whole and are augmented there.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 from dataclasses import dataclass
@@ -120,11 +121,12 @@ def load_tinyimagenet(root: Path, download: bool = True) -> tuple[ImageSet, Imag
         note = _try_download(TINY_URL, root, None)
     wnids = tiny_wnids(folder, note)
     train_files, test_files = tiny_files(folder, wnids)
-    cache, key = _cache_file(folder, "tiny"), files_key(folder, train_files + test_files)
-    if cached := _read_cache(cache, TINY_SIZE, len(wnids), key):
-        return *cached, len(wnids)
+    caches, key = _tiny_caches(folder), files_key(folder, train_files + test_files)
+    for cache in caches:
+        if cached := _read_cache(cache, TINY_SIZE, len(wnids), key):
+            return *cached, len(wnids)
     train, test = _read_images(train_files), _read_images(test_files)
-    _save_cache(cache, train_x=train.images.numpy(), train_y=train.labels.numpy(),
+    _save_cache(caches[-1], train_x=train.images.numpy(), train_y=train.labels.numpy(),
                 test_x=test.images.numpy(), test_y=test.labels.numpy(), key=np.array(key))
     return train, test, len(wnids)
 
@@ -226,6 +228,21 @@ def _spec_key(spec: ClutterSpec) -> str:
 
 
 # --- caching and download -------------------------------------------------------------
+
+def _tiny_caches(folder: Path) -> list[Path]:
+    """Where the decoded set may be, the one to write last: beside the data set, and where that folder is read-only
+    (a shared volume mounted so) in the user's cache folder too; else every new trial process decoded the 110,000
+    images again."""
+    own = _cache_file(folder, "tiny")
+    if _writable(folder):
+        return [own]
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [own, home / "attzoom" / f"tiny-{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]}.npz"]
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
 
 def _cache_file(folder: Path, key: str) -> Path:
     return folder / f".attzoom-{key}.npz"

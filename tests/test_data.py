@@ -262,6 +262,23 @@ def test_tinyimagenet_cache_is_used_and_identical(tmp_path, monkeypatch):
         assert b.images.dtype == torch.uint8 and b.labels.dtype == torch.int64
 
 
+def test_tinyimagenet_on_a_read_only_folder_is_cached_in_the_users_cache_folder(tmp_path, monkeypatch):
+    # the KubeRay manifests mount the data read-only: the cache was never written, and every new trial process
+    # decoded the 110,000 images again
+    folder = write_tinyimagenet(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_writable", lambda path: path != folder)  # as a read-only mount (root writes anyway)
+    first = data.load_tinyimagenet(tmp_path / "data", download=False)
+    assert not (folder / ".attzoom-tiny.npz").exists() and len(list((tmp_path / "cache" / "attzoom").glob("*"))) == 1
+
+    def decode(files):
+        raise AssertionError("decoded the images again")
+
+    monkeypatch.setattr(data, "_read_images", decode)
+    second = data.load_tinyimagenet(tmp_path / "data", download=False)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first[:2], second[:2]))
+
+
 def test_tinyimagenet_missing_names_path_and_layout(tmp_path):
     with pytest.raises(DataError) as info:
         load("tinyimagenet", tmp_path, download=False)
