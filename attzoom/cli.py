@@ -79,30 +79,44 @@ def add_train_command(sub) -> None:
 RESUME_HINT = "interrupted; run the same command again to resume from its last.pt (--restart starts over)"
 
 
+DEFAULT = " (default: %(default)s)"
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The TrainConfig fields as options, each with a line of help and its default (the README points at --help)."""
     d = TrainConfig()
-    p.add_argument("--backbone", choices=list(BACKBONES), default=d.backbone)
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    p.add_argument("--variant", choices=VARIANTS, default=d.variant)
-    p.add_argument("--position", choices=POSITIONS, default=d.position)
+    p.add_argument("--backbone", choices=list(BACKBONES), default=d.backbone, help="network to train" + DEFAULT)
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="data set" + DEFAULT)
+    p.add_argument("--variant", choices=VARIANTS, default=d.variant,
+                   help="baseline, AttZoom or one of its controls" + DEFAULT)
+    p.add_argument("--position", choices=POSITIONS, default=d.position,
+                   help="where the AttZoom layer goes, unless baseline" + DEFAULT)
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without pooling (small images)")
-    p.add_argument("--kernel-size", type=int, default=d.kernel_size)
-    p.add_argument("--threshold", type=float, default=d.threshold)
-    p.add_argument("--zoom", type=int, default=d.zoom)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
-    p.add_argument("--step-size", type=int, default=d.step_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data-root", default=d.data_root)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size,
+                   help="odd size k of the AttZoom layer's k x k attention and zoom convolutions" + DEFAULT)
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help="gate threshold in [0, 1]: where the attention reaches it, features pass whole" + DEFAULT)
+    p.add_argument("--zoom", type=int, default=d.zoom, help="upsampling factor of the AttZoom layer" + DEFAULT)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training images per step" + DEFAULT)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate, the peak of onecycle" + DEFAULT)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay" + DEFAULT)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer" + DEFAULT)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD's momentum" + DEFAULT)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="learning-rate schedule" + DEFAULT)
+    p.add_argument("--step-size", type=int, default=d.step_size,
+                   help="epochs between the step schedule's decays" + DEFAULT)
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs to train at most; early stopping may end sooner" + DEFAULT)
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="epochs without a new best validation top-1 before stopping early" + DEFAULT)
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train without random crop, flip and AutoAugment")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and augmentation" + DEFAULT)
+    p.add_argument("--data-root", default=d.data_root,
+                   help="folder holding the data sets; missing ones are downloaded or generated there" + DEFAULT)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the training set held out for validation" + DEFAULT)
+    p.add_argument("--device", default=d.device, help="auto (CUDA when there is one), cpu, cuda or cuda:N" + DEFAULT)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (on CUDA: as CUDA graphs)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="with --compile on CUDA: compiled kernels without CUDA graphs")

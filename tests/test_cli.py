@@ -488,3 +488,24 @@ def test_a_last_pt_of_garbage_is_one_line_without_torchs_internals(train_in_proc
     assert "not a checkpoint torch can read (truncated or not a checkpoint)" in line, line
     assert "mmap" not in line and "torch.save" not in line and "in fit" not in line
     assert train_in_process("--restart", "--epochs", "1")[0] == 0  # the way out it names works
+
+
+# --- attzoom train --help -------------------------------------------------------------------------------------
+
+def test_train_help_explains_every_option_and_shows_the_defaults(capsys):
+    """--epochs, --data-root, --kernel-size, --threshold and --zoom had no help, and no option showed its default."""
+    import argparse
+
+    from attzoom.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    options = [a for a in subparsers.choices["train"]._actions if a.dest != "help"]  # noqa: SLF001
+    assert [a.option_strings for a in options if not a.help] == []
+    takes_value = [a for a in options if a.nargs != 0]
+    assert [a.option_strings for a in takes_value if "default" not in a.help] == []
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps where it likes
+    for default in ("(default: 0.001)", "(default: 128)", "(default: 50)", "(default: data)", "(default: 0.5)"):
+        assert default in text, default
