@@ -509,3 +509,19 @@ def test_train_help_explains_every_option_and_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps where it likes
     for default in ("(default: 0.001)", "(default: 128)", "(default: 50)", "(default: data)", "(default: 0.5)"):
         assert default in text, default
+
+
+def test_sweep_and_submit_help_say_that_the_specs_values_are_the_defaults():
+    # --tracking-uri said "(default: sqlite:///mlflow.db)" though the spec's tracking_uri wins (paper.toml's is an
+    # MLflow server), and --epochs, --data-root and resume's --storage had no help
+    import argparse
+
+    from tune_jobs.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    for command in ("sweep", "submit", "resume"):
+        options = [a for a in subparsers.choices[command]._actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+        assert [a.option_strings for a in options if not a.help] == [], command
+    overrides = {a.dest: a.help for a in subparsers.choices["sweep"]._actions}  # noqa: SLF001
+    for dest in ("storage", "tracking_uri", "optuna_storage", "trials", "epochs", "max_concurrent", "data_root"):
+        assert "(default: the spec's" in overrides[dest], (dest, overrides[dest])

@@ -57,7 +57,7 @@ def build_parser() -> Parser:
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
-    resume.add_argument("--storage", default="ray_results")
+    resume.add_argument("--storage", default="ray_results", help="where the sweep's folder is (default: ray_results)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     resume.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
     resume.set_defaults(run=run_resume_command)
@@ -119,14 +119,20 @@ def port(text: str) -> int:
 def add_overrides(p, address: bool = True) -> None:
     if address:
         p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray on 127.0.0.1)")
-    p.add_argument("--storage", default=None, help="Tune storage: a folder, shared file system path or cloud URI")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    # each defaults to the spec's own value: the spec's comments say what it is when the spec leaves it out
+    p.add_argument("--storage", default=None, help="Tune storage: a folder, shared file system path or cloud URI "
+                   "(default: the spec's storage)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the spec's tracking_uri, else sqlite:///mlflow.db)")
     p.add_argument("--optuna-storage", default=None,
-                   help="SQLAlchemy URL of the Optuna studies (default: sqlite:///optuna.db beside the MLflow store)")
-    p.add_argument("--trials", type=int, default=None, help="trials per study")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-concurrent", type=int, default=None, help="global cap on concurrent trials")
-    p.add_argument("--data-root", default=None)
+                   help="SQLAlchemy URL of the Optuna studies (default: the spec's optuna_storage, else "
+                        "sqlite:///optuna.db beside a sqlite:/// MLflow store)")
+    p.add_argument("--trials", type=int, default=None, help="trials per study (default: the spec's trials)")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs per trial (default: the spec's epochs)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="global cap on concurrent trials (default: the spec's max_concurrent)")
+    p.add_argument("--data-root", default=None, help="the folder holding the data sets (default: the spec's "
+                   "data_root)")
     p.add_argument("--local-gpus", type=int, default=None, help="logical GPUs for a local Ray instance")
     p.add_argument("--scheduler", choices=SCHEDULER_KINDS, default=None,
                    help="early stopping of hopeless trials, rungs per study (default: [scheduler] kind, else none)")
