@@ -841,3 +841,21 @@ def test_status_of_a_sweep_without_any_trial_run_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["status", "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out == "early:\n  no trial has started yet\n"
+
+
+def test_check_prints_what_the_sweep_would_run_and_starts_and_stores_nothing(tmp_path, monkeypatch, capsys,
+                                                                            no_side_effects):
+    # there was no way to see a spec's size and stores, or to check it, without starting it
+    spec_file = write_spec(tmp_path, edit(base_spec(tmp_path), "scheduler.kind", "asha"))
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", str(spec_file), "--check", "--trials", "3"]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(spec_file, trials=3)
+    trials = len(spec.studies) * 3
+    assert out.startswith(f"sweep {spec.name}: {len(spec.studies)} studies x 3 trials = {trials} trials of up to "
+                          f"{spec.epochs} epochs"), out
+    assert "early stopping of hopeless trials: asha" in out and f"tracking   {spec.tracking_uri}" in out, out
+    assert "nothing was started or stored" in out.splitlines()[-1]
+    assert tree(tmp_path) == before
+    assert cli.main(["sweep", str(spec_file), "--check", "--trials", "0"]) == 2  # a bad spec: refused as ever

@@ -53,6 +53,8 @@ def build_parser() -> Parser:
     sweep = sub.add_parser("sweep", help="run a sweep spec (TOML) to the end")
     sweep.add_argument("spec", type=Path)
     add_overrides(sweep)
+    sweep.add_argument("--check", action="store_true", help="check the spec, stores and data, print what the sweep "
+                       "would run, and exit without starting or storing anything")
     sweep.set_defaults(run=run_sweep_command)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
@@ -152,6 +154,13 @@ def run_sweep_command(args) -> int:
 
     spec = preflight(spec_from_args(args))
     check_new_sweep(spec, args.spec)
+    if args.check:
+        from .plan import sweep_plan
+        from .ray_session import check_address
+
+        check_address(args.address)
+        print(sweep_plan(preflight(spec, local=not args.address), args.address))
+        return 0
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)

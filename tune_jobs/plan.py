@@ -1,0 +1,36 @@
+"""What a sweep would run, said before anything runs (`attzoom sweep SPEC --check`).
+
+A paper-scale sweep holds a cluster for a day: its size, its resources and where it writes are read
+here from the checked spec, so a wrong edit shows before the GPUs are paid for.
+"""
+
+from __future__ import annotations
+
+from .layout import experiment_name
+from .spec import Spec, hide_password, optuna_storage_url
+from .storage import sweep_location
+
+
+def sweep_plan(spec: Spec, address: str | None) -> str:
+    """The sweep's size, resources and stores, and what was checked, as lines for a terminal."""
+    trials = len(spec.studies) * spec.trials
+    stopping = f"patience {spec.patience}; early stopping of hopeless trials: {spec.scheduler.kind}"
+    optuna = optuna_storage_url(spec)
+    rows = [
+        ("backbones", ", ".join(spec.backbones)),
+        ("data sets", f"{', '.join(spec.datasets)} (in {spec.data_root})"),
+        ("variants", ", ".join(spec.variants)),
+        ("per trial", f"{spec.cpus:g} CPU, {spec.gpus:g} GPU; at most {spec.max_concurrent} trials at once"),
+        ("storage", sweep_location(spec.storage, spec.name)),
+        ("tracking", f"{hide_password(spec.tracking_uri)} (experiment {experiment_name(spec.name)})"),
+        ("studies", hide_password(optuna) if optuna else "in memory only (give optuna_storage to keep them)"),
+    ]
+    where = ("the cluster's CPUs and GPUs are checked once the sweep connects to it" if address else
+             "this machine's CPUs and GPUs")
+    return "\n".join([
+        f"sweep {spec.name}: {len(spec.studies)} studies x {spec.trials} trials = {trials} trials of up to "
+        f"{spec.epochs} epochs ({trials * spec.epochs:,} trial-epochs at most; {stopping})",
+        *(f"  {label:<10} {value}" for label, value in rows),
+        f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets and {where}",
+        "nothing was started or stored; run the same command without --check to start it",
+    ])
