@@ -127,7 +127,7 @@ Ray cluster up: head + $WORKERS worker node(s) on $IP (token authentication on; 
   Jobs API and dashboard: http://$IP:$DASHBOARD_PORT
   Ray address (GCS):      $IP:$RAY_PORT
 Use it from this shell with:
-  export RAY_AUTH_TOKEN_PATH=$STATE/token
+  export RAY_AUTH_TOKEN_PATH=$STATE/token RAY_AUTH_MODE=token   # the token for Ray's own CLI too (ray job stop)
   attzoom submit tune_jobs/specs/demo.toml --address http://$IP:$DASHBOARD_PORT
 Stop it with: cluster/local.sh stop
 EOF

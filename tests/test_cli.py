@@ -525,3 +525,19 @@ def test_sweep_and_submit_help_say_that_the_specs_values_are_the_defaults():
     overrides = {a.dest: a.help for a in subparsers.choices["sweep"]._actions}  # noqa: SLF001
     for dest in ("storage", "tracking_uri", "optuna_storage", "trials", "epochs", "max_concurrent", "data_root"):
         assert "(default: the spec's" in overrides[dest], (dest, overrides[dest])
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--resume", "t", "--storage", "ray_results"], "--resume needs --storage: the sweep's storage as an absolute"),
+    (["--resume", "t"], "--resume needs --storage"),
+    (["--resume", "t", "--storage", "/mnt/shared/r", "--trials", "3"], "leave out --trials"),
+    (["tune_jobs/specs/demo.toml", "--resume", "t", "--storage", "/mnt/shared/r"], "leave out a spec"),
+    ([], "give the spec to run, or --resume SWEEP"),
+])
+def test_submit_resume_is_refused_in_one_line_where_the_job_could_not_run(argv, expected, capsys):
+    # before any cluster is reached: the address is never called
+    from tune_jobs.cli import main as attzoom_main
+
+    assert attzoom_main(["submit", *argv, "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err

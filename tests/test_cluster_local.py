@@ -104,7 +104,8 @@ def cluster(tmp_path):
     sessions = set()
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        assert f"export RAY_AUTH_TOKEN_PATH={state / 'token'}" in started.stdout
+        # RAY_AUTH_MODE=token too: without it Ray's own CLI sent no token, and `ray job stop` was refused
+        assert f"export RAY_AUTH_TOKEN_PATH={state / 'token'} RAY_AUTH_MODE=token" in started.stdout
         sessions = {int(f.read_text()) for f in state.glob("*.pid")}
         assert len(sessions) == 3
         yield env, f"http://127.0.0.1:{env['ATTZOOM_DASHBOARD_PORT']}"
@@ -207,6 +208,22 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "sweep t done" in resumed.stdout, resumed.stderr[-3000:]
     assert "INFO" not in resumed.stderr  # Ray's "Connecting to existing Ray cluster" and Tune's lines: with -v only
+
+    # ... and as a job, from a machine that cannot see the storage: `submit` had no way to resume a sweep, and
+    # submitting its spec again failed in the job ("already exists")
+    token = {**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}
+    submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", "--resume", "t", "--storage",
+                                str(storage), "--address", address], env=token, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=180)
+    assert submitted.returncode == 0, submitted.stderr
+    logs = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "logs", submitted.stdout.strip(), "--address",
+                           address], env=token, capture_output=True, text=True, timeout=300)
+    assert "SUCCEEDED" in logs.stderr and "sweep t done" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=1)
+    # Ray's own CLI (`ray job stop` in the README) with what `start` prints to export
+    listed = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "list", "--address", address],
+                            env={**token, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr[-2000:]
 
 
 def test_start_refuses_the_dashboards_fixed_metrics_port_before_starting_anything(tmp_path):

@@ -75,9 +75,13 @@ def build_parser() -> Parser:
     status.add_argument("--address", default=None, help="the Jobs API of --job's cluster, e.g. http://HEAD:8265")
     status.set_defaults(run=run_status_command)
 
-    submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a job")
-    submit.add_argument("spec", type=Path)
+    submit = sub.add_parser("submit", help="submit a sweep, or the resume of a stopped one, to a Ray cluster as a job")
+    submit.add_argument("spec", type=Path, nargs="?", help="the spec to run (inside this folder, which is shipped as "
+                        "the job's working dir)")
     submit.add_argument("--address", required=True, help="the Jobs API, e.g. http://HEAD:8265")
+    submit.add_argument("--resume", metavar="SWEEP", default=None,
+                        help="continue this stopped sweep on the cluster instead (with --storage as the cluster sees "
+                             "it, and --data-root if the data sets moved)")
     add_overrides(submit, address=False)
     submit.set_defaults(run=run_submit_command)
 
@@ -231,7 +235,7 @@ def run_status_command(args) -> int:
         raise SpecError("--job needs --address, the Jobs API of the cluster that runs it (e.g. --address "
                         "http://127.0.0.1:8265)")
     if args.job:
-        print(f"job {args.job}: {jobs_client(args.address).get_job_status(args.job)}")
+        print(f"job {args.job}: {job_status(jobs_client(args.address), args.job, args.address)}")
     try:
         check_store_exists(args.tracking_uri)
     except SpecError:
@@ -272,12 +276,13 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
     if rows and spec and (waiting := sorted({s.name for s in spec.studies} - set(rows))):
         print(f"  no trial yet: {', '.join(waiting)}")
     if spec and any(row["running"] for row in rows.values()):
+        from .layout import ADDRESS
         from .lease import driver_gone
         from .sweep import resume_command
 
         if driver_gone(spec.storage, spec.name, tracking_uri):  # the runs say RUNNING until the next driver
             print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
-                  f"with `{resume_command(spec)}`")
+                  f"with `{resume_command(spec, experiment.tags.get(ADDRESS))}`")
 
 
 def ended(row: dict, trials: int) -> str:
@@ -337,9 +342,43 @@ def run_submit_command(args) -> int:
     import shlex
 
     from .layout import SWEEP
-    from .sweep import absolute
 
     root = Path(__file__).resolve().parent.parent
+    name, command = resume_job(args) if args.resume else sweep_job(args, root)
+    runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
+                                                          "mlruns/", "data/", "runs/", "*.db", "*.pt"],
+                   # `ray job stop` sends SIGTERM, which the sweep takes as Ctrl-C (trials stopped, snapshot saved,
+                   # runs KILLED), then SIGKILL after this many seconds: Ray's 3 s cut that short
+                   "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "60")}}
+    job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
+                               metadata={SWEEP: name})
+    print(job_id)
+    print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
+    return 0
+
+
+SPEC_ONLY = ("tracking_uri", "optuna_storage", "trials", "epochs", "max_concurrent", "local_gpus", "scheduler")
+
+
+def resume_job(args) -> tuple[str, list[str]]:
+    """`attzoom resume` as the job's command: the sweep's storage as the cluster sees it (nothing here can check
+    it, so it must be absolute or a URI); the saved spec says the rest."""
+    if args.spec is not None or (given := [k for k in SPEC_ONLY if getattr(args, k) is not None]):
+        what = f"a spec ({args.spec})" if args.spec is not None else f"--{given[0].replace('_', '-')}"
+        raise SpecError(f"--resume continues a sweep as it began, from its saved spec: leave out {what}")
+    if not args.storage or not (args.storage.startswith("/") or "://" in args.storage):
+        raise SpecError(f"--resume needs --storage: the sweep's storage as an absolute path or URI on the cluster "
+                        f"(e.g. /mnt/shared/ray_results), got {args.storage!r}")
+    command = ["python", "-m", "tune_jobs.cli", "resume", args.resume, "--storage", args.storage, "--address", "auto"]
+    return args.resume, command + (["--data-root", args.data_root] if args.data_root else [])
+
+
+def sweep_job(args, root: Path) -> tuple[str, list[str]]:
+    """`attzoom sweep` as the job's command, the spec's local paths made absolute."""
+    from .sweep import absolute
+
+    if args.spec is None:
+        raise SpecError("give the spec to run, or --resume SWEEP to continue a stopped sweep")
     spec_path = args.spec.resolve()
     if not spec_path.is_relative_to(root):
         raise SpecError(f"{args.spec}: a submitted spec must live inside {root}, which is shipped as the job's "
@@ -353,17 +392,7 @@ def run_submit_command(args) -> int:
     if args.scheduler:
         options["scheduler"] = args.scheduler
     command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
-    command += [part for key, value in options.items() for part in (f"--{key}", str(value))]
-    runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
-                                                          "mlruns/", "data/", "runs/", "*.db", "*.pt"],
-                   # `ray job stop` sends SIGTERM, which the sweep takes as Ctrl-C (trials stopped, snapshot saved,
-                   # runs KILLED), then SIGKILL after this many seconds: Ray's 3 s cut that short
-                   "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "60")}}
-    job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
-                               metadata={SWEEP: spec.name})
-    print(job_id)
-    print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
-    return 0
+    return spec.name, command + [part for key, value in options.items() for part in (f"--{key}", str(value))]
 
 
 def refuse_passwords(spec) -> None:
@@ -391,6 +420,7 @@ def run_logs_command(args) -> int:
     import asyncio
 
     client = jobs_client(args.address)
+    job_status(client, args.job_id, args.address)  # a job id the cluster does not know: one line, not aiohttp's 404
 
     async def follow():
         async for lines in client.tail_job_logs(args.job_id):
@@ -399,6 +429,23 @@ def run_logs_command(args) -> int:
     asyncio.run(follow())
     print(f"job {args.job_id}: {client.get_job_status(args.job_id)}", file=sys.stderr)
     return 0
+
+
+def job_status(client, job_id: str, address: str | None):
+    """The job's state; SpecError naming the job id and how to list the cluster's jobs when it has no such job
+    (Ray raised a RuntimeError, and tailing its logs an aiohttp handshake error: tracebacks)."""
+    try:
+        return client.get_job_info(job_id).status
+    except RuntimeError as e:
+        if "404" not in str(e) and "does not exist" not in str(e):
+            raise
+    where = address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")
+    import shlex
+
+    ray = Path(sys.executable).parent / "ray"  # this environment's, as attzoom_executable
+    ray = shlex.quote(str(ray)) if ray.is_file() else "ray"
+    raise SpecError(f"the Ray cluster at {where} has no job {job_id!r}; list its jobs with "
+                    f"`{ray} job list --address {shlex.quote(str(where))}`")
 
 
 def run_ui_command(args) -> int:
