@@ -413,6 +413,7 @@ def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_
     assert last.startswith("attzoom sweep: stopped: tracking store http://") and "unreachable for 0.4 min" in last
     assert "attzoom resume t --storage" in last and "Traceback" not in drivers_own(err), err[-3000:]
     assert "sweep t done" not in out
+    assert "Retrying (" not in err, err[-3000:]  # urllib3's warning per request, every few seconds of the outage
 
     server = start_tracking_server(tmp_path, port)
     try:

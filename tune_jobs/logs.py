@@ -49,9 +49,18 @@ def configure_logging(verbose: bool = False) -> None:
     root.setLevel(level)
     for name in ("alembic", "mlflow"):  # not sqlalchemy: at INFO it echoes every statement
         logging.getLogger(name).setLevel(level)
+    pool = logging.getLogger("urllib3.connectionpool")
+    if verbose:
+        pool.removeFilter(_not_a_retry)
+    else:  # a line per request during a tracking-server outage, which the outbox already reports once
+        pool.addFilter(_not_a_retry)
     import optuna.logging  # Optuna sets its logger to INFO on import: its own setter is the way to quiet it
 
     optuna.logging.set_verbosity(level)
+
+
+def _not_a_retry(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Retrying (")
 
 
 def quiet_ray() -> None:
