@@ -23,7 +23,7 @@ import torch
 
 from test_cluster_local import LOCAL_SH, ROOT, cluster_env, free_port, kill_session, stop_cluster
 from test_spec import base_spec, write_spec as write_spec_file
-from test_sweep_e2e import wait_for
+from test_sweep_e2e import _answers as answers, wait_for
 from test_train import config as train_config
 from test_train import small_splits
 
@@ -361,3 +361,58 @@ def test_trial_folders_and_mlflow_artifacts_stay_under_their_roots(tmp_path):
     experiment = MlflowClient(spec.tracking_uri).get_experiment(prepare_store(spec.tracking_uri, spec.name))
     artifacts = Path(experiment.artifact_location.removeprefix("file://")).resolve()
     assert artifacts.is_relative_to(Path(spec.tracking_uri.removeprefix("sqlite:///")).parent)
+
+
+# ---------------------------------------------------------------- a real MLflow server with basic-auth
+
+LOGIN = ("admin", "attzoom-admin-pw-7")  # MLflow asks for 12 characters at least
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """One `mlflow server --app-name basic-auth` (as cluster/mlflow runs it), holding sweep srv4 with one run:
+    every login check below shares it."""
+    folder = tmp_path_factory.mktemp("auth-mlflow")
+    (folder / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/auth.db\n"
+                                     f"admin_username = {LOGIN[0]}\nadmin_password = {LOGIN[1]}\n")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
+                                   f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+                                   str(folder / "mlartifacts")], cwd=folder, env=env, start_new_session=True,
+                                  stdout=log, stderr=log)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for(lambda: server.poll() is not None or answers(f"{uri}/health"), timeout=180, every=0.3)
+        assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in zip(LOGIN_ENV, LOGIN):
+                patch.setenv(name, value)
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            run_id = client.create_run(client.create_experiment("attzoom-srv4")).info.run_id
+        yield {"uri": uri, "port": port, "run_id": run_id, "folder": folder}
+    finally:
+        kill_session(server.pid)
+
+
+def reader(*args: str, login: tuple[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """An attzoom command run as a user runs it, with ``login`` (else none) in MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    env = {k: v for k, v in os.environ.items() if k not in LOGIN_ENV}
+    env.update(zip(LOGIN_ENV, login) if login else {})
+    return subprocess.run([sys.executable, "-m", "tune_jobs.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_tracking_uri_carrying_its_login_is_read_as_mlflow_reads_it(auth_server):
+    """http://user:password@host: the health probe sends the login as basic auth instead of taking it for the host,
+    and nothing prints the password."""
+    uri = auth_server["uri"].replace("http://", f"http://{LOGIN[0]}:{LOGIN[1]}@")
+    done = reader("status", "srv4", "--tracking-uri", uri)
+    assert done.returncode == 0 and "srv4" in done.stdout, done.stderr[-2000:]
+    assert LOGIN[1] not in done.stdout + done.stderr

@@ -460,24 +460,46 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
     if database is not None:
         _check_sqlite_store(database)
     if tracking_uri.startswith(("http://", "https://")):
-        import http.client
-        import urllib.error
-        import urllib.request
-
-        try:  # MLflow's /health answers "OK" without a login, also on a basic-auth server
-            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as answer:
-                healthy = answer.read(16).strip() == b"OK"
-        except urllib.error.HTTPError as e:
-            healthy = e.code in (401, 403)  # a login in front of the whole server: it answered, as MLflow may
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", e)
-            raise SpecError(f"the tracking server {hide_password(tracking_uri)} does not answer ({reason}); start it, "
-                            "or fix --tracking-uri") from None
-        if not healthy:
-            raise SpecError(f"{hide_password(tracking_uri)} answers, but not as an MLflow tracking server (its /health "
-                            "is not MLflow's); fix --tracking-uri (optuna-dashboard's address is not the store)")
+        _check_tracking_server(tracking_uri, timeout_s)
     if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
+
+
+def _check_tracking_server(tracking_uri: str, timeout_s: float) -> None:
+    """The server answers, as MLflow: MLflow's own client would retry one that does not for minutes."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    address, login = split_login(tracking_uri)
+    request = urllib.request.Request(f"{address.rstrip('/')}/health", headers=login)
+    try:  # MLflow's /health answers "OK" without a login, also on a basic-auth server
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            healthy = answer.read(16).strip() == b"OK"
+    except urllib.error.HTTPError as e:
+        healthy = e.code in (401, 403)  # a login in front of the whole server: it answered, as MLflow may
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise SpecError(f"the tracking server {hide_password(tracking_uri)} does not answer ({reason}); start it, "
+                        "or fix --tracking-uri") from None
+    if not healthy:
+        raise SpecError(f"{hide_password(tracking_uri)} answers, but not as an MLflow tracking server (its /health "
+                        "is not MLflow's); fix --tracking-uri (optuna-dashboard's address is not the store)")
+
+
+def split_login(url: str) -> tuple[str, dict[str, str]]:
+    """An http(s) URL without its user:password@ (urllib would take them for part of the host name), and the
+    basic-auth header that carries them, as MLflow's client (requests) sends a URL's login."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    login, host = parts.netloc.rsplit("@", 1)
+    user, _, password = login.partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
 
 
 def _check_sqlite_store(database: Path) -> None:
