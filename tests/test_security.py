@@ -416,3 +416,17 @@ def test_a_tracking_uri_carrying_its_login_is_read_as_mlflow_reads_it(auth_serve
     done = reader("status", "srv4", "--tracking-uri", uri)
     assert done.returncode == 0 and "srv4" in done.stdout, done.stderr[-2000:]
     assert LOGIN[1] not in done.stdout + done.stderr
+
+
+def test_readers_say_in_one_line_that_the_server_refused_the_login(auth_server, tmp_path):
+    """status, report, explain and ui with a wrong password, and status with none: one line, exit 2, before any work
+    (explain said "no run" of a run that exists)."""
+    uri, wrong = auth_server["uri"], (LOGIN[0], "not-the-password")
+    for args, login in ((["status"], None), (["status"], wrong), (["report", "srv4", "--out", str(tmp_path)], wrong),
+                        (["explain", auth_server["run_id"], "--out", str(tmp_path)], wrong),
+                        (["ui", "srv4", "--port", str(free_port()), "--optuna-port", str(free_port())], wrong)):
+        done = reader(*args, "--tracking-uri", uri, login=login)
+        why = "wrong user name or password" if login else "no login given"
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr[-3000:])
+        assert f"{uri} refused the login (HTTP 401, {why}); set MLFLOW_TRACKING_USERNAME and " in done.stderr, args
+    assert list(tmp_path.iterdir()) == []

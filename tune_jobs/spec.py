@@ -461,8 +461,12 @@ def check_store_exists(tracking_uri: str, timeout_s: float = 5.0) -> None:
         _check_sqlite_store(database)
     if tracking_uri.startswith(("http://", "https://")):
         _check_tracking_server(tracking_uri, timeout_s)
+        _check_login(tracking_uri)
     if database_backend(tracking_uri) in ("postgresql", "mysql"):
         _check_database(tracking_uri, timeout_s)
+
+
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # where MLflow's client takes a login from
 
 
 def _check_tracking_server(tracking_uri: str, timeout_s: float) -> None:
@@ -500,6 +504,32 @@ def split_login(url: str) -> tuple[str, dict[str, str]]:
     user, _, password = login.partition(":")
     token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
     return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
+
+
+def _check_login(tracking_uri: str) -> None:
+    """One read with the login the readers use: a basic-auth server answers /health to anyone, then refuses their
+    first request with a 40-line traceback (explain: with "no run"), when the login is missing or wrong."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.get_http_status_code() not in (401, 403):
+            raise
+        raise SpecError(login_refused(tracking_uri, e.get_http_status_code())) from None
+
+
+def login_refused(tracking_uri: str, code: int) -> str:
+    """What is wrong with the login, in one line, without the password."""
+    if code == 403:
+        why = "the user may not read it"
+    elif split_login(tracking_uri)[1] or any(os.environ.get(name) for name in MLFLOW_LOGIN):
+        why = "wrong user name or password"
+    else:
+        why = "no login given"
+    return (f"the tracking server {hide_password(tracking_uri)} refused the login (HTTP {code}, {why}); set "
+            f"{' and '.join(MLFLOW_LOGIN)} to the name and password of an MLflow user who may read the sweep")
 
 
 def _check_sqlite_store(database: Path) -> None:
