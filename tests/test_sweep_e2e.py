@@ -419,6 +419,7 @@ def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_
     try:
         out = finish(start("resume", "t", "--storage", str(storage), cwd=tmp_path))
         assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out
+        assert f"ui t --tracking-uri http://127.0.0.1:{port}" in out.splitlines()[-1]  # as a sweep's last line says
         assert "View run" not in out  # MLflow's line per run a server store finishes (its URL may hold a password)
         assert_exactly_once(tmp_path, trials_per_study=2, epochs=10, studies=1)
         no_failure_recorded(tmp_path)

@@ -153,7 +153,7 @@ def spec_from_args(args):
 
 
 def run_sweep_command(args) -> int:
-    from .summary import closing, print_summary
+    from .summary import print_summary
     from .sweep import check_new_sweep, preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
@@ -168,22 +168,27 @@ def run_sweep_command(args) -> int:
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)
-    line, code = closing(spec, summary, time.time() - started)
-    print(f"\n{line}; see its runs (MLflow UI) and studies (optuna-dashboard) with `{ui_command(spec)}`, which "
-          "prints the addresses to open")
-    return code
+    return print_closing(spec, summary, started)
 
 
 def run_resume_command(args) -> int:
-    from .summary import closing, print_summary
+    from .summary import print_summary
     from .sweep import load_saved_spec, preflight, run_sweep
 
     spec = preflight(load_saved_spec(args.sweep, args.storage, data_root=args.data_root))
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)
+    return print_closing(spec, summary, started)
+
+
+def print_closing(spec, summary: dict, started: float) -> int:
+    """A sweep's or resume's last line, with where to look at the runs; returns the exit code it says."""
+    from .summary import closing
+
     line, code = closing(spec, summary, time.time() - started)
-    print(f"\n{line}")
+    print(f"\n{line}; see its runs (MLflow UI) and studies (optuna-dashboard) with `{ui_command(spec)}`, which "
+          "prints the addresses to open")
     return code
 
 
