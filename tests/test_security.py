@@ -185,13 +185,17 @@ def test_submit_reads_the_token_from_the_environment_and_never_prints_or_ships_i
     user = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
     user.update(RAY_AUTH_TOKEN=token, RAY_AUTH_TOKEN_PATH=str(tmp_path / "absent"))
     try:
-        submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address", address],
-                                   env=user, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        submitted = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "submit", str(spec), "--address", address,
+                                    "--storage", "ray_results"], env=user, cwd=tmp_path, capture_output=True, text=True,
+                                   timeout=180)
     finally:
         spec.unlink()
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     assert token not in submitted.stdout + submitted.stderr
+    # a relative path names this machine's folder in the job: said, as it is wrong on a cluster elsewhere
+    assert f"relative paths were made absolute on this machine: storage {tmp_path / 'ray_results'};" in \
+        submitted.stderr, submitted.stderr
 
     from ray.job_submission import JobSubmissionClient
 
@@ -430,3 +434,35 @@ def test_readers_say_in_one_line_that_the_server_refused_the_login(auth_server, 
         assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr[-3000:])
         assert f"{uri} refused the login (HTTP 401, {why}); set MLFLOW_TRACKING_USERNAME and " in done.stderr, args
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_beside_an_mlflow_server_prints_its_addresses_and_starts_only_optuna_dashboard(auth_server, tmp_path):
+    """The command a sweep prints: no local MLflow UI (MLflow refused an http store for its model registry and ui
+    exited 1), the server's own runs-table link without the login; without an Optuna storage nothing starts."""
+    import optuna
+
+    from test_ui import Ui
+    from tune_jobs.spec import split_login
+
+    uri, port = auth_server["uri"], free_port()
+    experiment = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=attzoom-srv4",
+        headers=split_login(uri.replace("//", f"//{LOGIN[0]}:{LOGIN[1]}@"))[1]), timeout=30))["experiment"]
+    link = f"  srv4  runs table: {uri}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+    done = reader("ui", "srv4", "--tracking-uri", uri.replace("//", f"//{LOGIN[0]}:{LOGIN[1]}@"))
+    assert done.returncode == 0 and f"MLflow UI (the tracking server's own): {uri}\n{link}" in done.stdout, done
+    assert "nothing to start" in done.stdout and LOGIN[1] not in done.stdout + done.stderr
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=storage, study_name="srv4/tiny_resnet.digits.baseline")
+    env = {**os.environ, **dict(zip(LOGIN_ENV, LOGIN))}
+    ui = Ui("srv4", "--tracking-uri", uri, "--optuna-storage", storage, "--optuna-port", str(port),
+            log=tmp_path / "stderr.txt", env=env)
+    try:
+        output = ui.wait_for("Ctrl-C")
+        assert link in output and f"optuna-dashboard: http://127.0.0.1:{port}/dashboard/" in output, output
+        names = {Path(part).name for p in ui.servers() for part in p.cmdline()[:2]}
+        assert "optuna-dashboard" in names and "mlflow" not in names, names
+        ui.process.send_signal(signal.SIGINT)
+        assert ui.process.wait(60) == 0
+    finally:
+        ui.stop()

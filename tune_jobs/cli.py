@@ -349,7 +349,7 @@ def run_submit_command(args) -> int:
     from .layout import SWEEP
 
     root = Path(__file__).resolve().parent.parent
-    name, command = resume_job(args) if args.resume else sweep_job(args, root)
+    name, command, note = resume_job(args) if args.resume else sweep_job(args, root)
     runtime_env = {"working_dir": str(root), "excludes": [".venv/", ".git/", "ray_results/", "mlartifacts/",
                                                           "mlruns/", "data/", "runs/", "*.db", "*.pt"],
                    # `ray job stop` sends SIGTERM, which the sweep takes as Ctrl-C (trials stopped, snapshot saved,
@@ -358,16 +358,17 @@ def run_submit_command(args) -> int:
     job_id = submit_when_ready(jobs_client(args.address), entrypoint=shlex.join(command), runtime_env=runtime_env,
                                metadata={SWEEP: name})
     print(job_id)
-    print(f"follow it with `attzoom logs {job_id} --address {args.address}`", file=sys.stderr)
+    print(f"follow it with `attzoom logs {job_id} --address {args.address}`" + (f" ({note})" if note else ""),
+          file=sys.stderr)
     return 0
 
 
 SPEC_ONLY = ("tracking_uri", "optuna_storage", "trials", "epochs", "max_concurrent", "local_gpus", "scheduler")
 
 
-def resume_job(args) -> tuple[str, list[str]]:
+def resume_job(args) -> tuple[str, list[str], str]:
     """`attzoom resume` as the job's command: the sweep's storage as the cluster sees it (nothing here can check
-    it, so it must be absolute or a URI); the saved spec says the rest."""
+    it, so it must be absolute or a URI); the saved spec says the rest. No note."""
     if args.spec is not None or (given := [k for k in SPEC_ONLY if getattr(args, k) is not None]):
         what = f"a spec ({args.spec})" if args.spec is not None else f"--{given[0].replace('_', '-')}"
         raise SpecError(f"--resume continues a sweep as it began, from its saved spec: leave out {what}")
@@ -375,11 +376,11 @@ def resume_job(args) -> tuple[str, list[str]]:
         raise SpecError(f"--resume needs --storage: the sweep's storage as an absolute path or URI on the cluster "
                         f"(e.g. /mnt/shared/ray_results), got {args.storage!r}")
     command = ["python", "-m", "tune_jobs.cli", "resume", args.resume, "--storage", args.storage, "--address", "auto"]
-    return args.resume, command + (["--data-root", args.data_root] if args.data_root else [])
+    return args.resume, command + (["--data-root", args.data_root] if args.data_root else []), ""
 
 
-def sweep_job(args, root: Path) -> tuple[str, list[str]]:
-    """`attzoom sweep` as the job's command, the spec's local paths made absolute."""
+def sweep_job(args, root: Path) -> tuple[str, list[str], str]:
+    """`attzoom sweep` as the job's command, the spec's local paths made absolute (and a note saying so)."""
     from .sweep import absolute
 
     if args.spec is None:
@@ -388,8 +389,13 @@ def sweep_job(args, root: Path) -> tuple[str, list[str]]:
     if not spec_path.is_relative_to(root):
         raise SpecError(f"{args.spec}: a submitted spec must live inside {root}, which is shipped as the job's "
                         "working dir; copy it into tune_jobs/specs/")
-    spec = absolute(spec_from_args(args))
+    given = spec_from_args(args)
+    spec = absolute(given)
     refuse_passwords(spec)
+    moved = [f"{key} {getattr(spec, key)}" for key in ("storage", "tracking_uri", "data_root")
+             if getattr(spec, key) != getattr(given, key)]  # not relative to the job's working dir, a temporary copy
+    note = (f"relative paths were made absolute on this machine: {', '.join(moved)}; on a cluster that does not "
+            "share this file system, give them as the cluster sees them") if moved else ""
     options = {"storage": spec.storage, "tracking-uri": spec.tracking_uri, "data-root": spec.data_root,
                "trials": spec.trials, "epochs": spec.epochs, "max-concurrent": spec.max_concurrent}
     if spec.optuna_storage:
@@ -397,7 +403,7 @@ def sweep_job(args, root: Path) -> tuple[str, list[str]]:
     if args.scheduler:
         options["scheduler"] = args.scheduler
     command = ["python", "-m", "tune_jobs.cli", "sweep", str(spec_path.relative_to(root)), "--address", "auto"]
-    return spec.name, command + [part for key, value in options.items() for part in (f"--{key}", str(value))]
+    return spec.name, command + [part for key, value in options.items() for part in (f"--{key}", str(value))], note
 
 
 def refuse_passwords(spec) -> None:
