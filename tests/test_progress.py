@@ -400,3 +400,16 @@ def test_the_demo_says_done_only_when_its_sweep_and_confirm_runs_both_are(sweep_
     summary = {study: {"finished": 3 - sweep_failed, "failed": sweep_failed} for study in STUDIES}
     line, code = demo_closing(SPEC, summary, confirm_failed, [], 42.4)
     assert line.startswith(ending) and code == (0 if ending.startswith("demo done") else 1), line
+
+
+def test_a_trial_stopped_before_its_first_epoch_shows_no_best():
+    # its last report (how fit ended, with metric 0 and epoch 0) read "best val_top1 0.00" beside the other
+    # studies' "-" in the progress of a sweep stopped during its first epochs
+    out = io.StringIO()
+    loop = Loop(StudyProgress(SPEC, out=out))
+    stopped, trained = loop.start(STUDIES[0]), loop.start(STUDIES[1])
+    stopped.update_last_result({"epoch": 0, "val_top1": 0.0, STATUS_KEY: "interrupted", "training_iteration": 1})
+    loop.epoch(trained, 1, 40.0)
+    trained.update_last_result({"epoch": 1, "val_top1": 0.0, "storage_problem": "x", "training_iteration": 2})
+    rows = loop.callback.rows(loop.trials)
+    assert rows[STUDIES[0]]["best"] is None and rows[STUDIES[1]]["best"] == 40.0

@@ -91,7 +91,7 @@ class StudyProgress(Callback):
         # Tune calls this before it sets TERMINATED: the trial is ending, and finished if fit said how it ended
         last = trial.last_result or {}
         if STATUS_KEY in last:
-            best = trial.metric_analysis.get(self.metric, {}).get("max")
+            best = best_of(trial, self.metric)
             ended = "pruned (trailing its study)" if last[STATUS_KEY] == PRUNED_STATUS else "finished"
             self._event(trial, f"{ended}: best {self.metric} {fmt(best)} in {counted(last.get('epoch', '?'), 'epoch')}")
         else:
@@ -133,7 +133,7 @@ class StudyProgress(Callback):
             if row is None:
                 continue
             row[state_of(trial)] += 1
-            best = trial.metric_analysis.get(self.metric, {}).get("max")
+            best = best_of(trial, self.metric)
             if best is not None and (row["best"] is None or best > row["best"]):
                 row["best"] = best
         return rows
@@ -271,6 +271,15 @@ def error_file(trial) -> str:
     """Where Tune wrote the trial's error: its folder in the storage, where a person finds the rest of it."""
     name = trial.run_metadata.error_filename
     return f": see {trial.path}/{name}" if name and trial.storage is not None else ""
+
+
+def best_of(trial, metric: str) -> float | None:
+    """The best ``metric`` of the trial's finished epochs, or None before its first: a trial stopped before one
+    ends with a report of 0 (as does a storage problem's), which read "best 0.00" beside studies' "-". Such a
+    report is never above a real epoch's value, so the max over all reports is the max over epochs."""
+    if trial.metric_analysis.get("epoch", {}).get("max", 0) < 1:
+        return None
+    return trial.metric_analysis.get(metric, {}).get("max")
 
 
 def epoch_of(trial) -> int:
