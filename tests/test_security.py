@@ -377,6 +377,8 @@ LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 def auth_server(tmp_path_factory):
     """One `mlflow server --app-name basic-auth` (as cluster/mlflow runs it), holding sweep srv4 with one run:
     every login check below shares it."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (mlflow[auth]; pyproject's "
+                        "test extra)")
     folder = tmp_path_factory.mktemp("auth-mlflow")
     (folder / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/auth.db\n"
                                      f"admin_username = {LOGIN[0]}\nadmin_password = {LOGIN[1]}\n")

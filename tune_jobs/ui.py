@@ -4,7 +4,9 @@ The MLflow UI shows the runs (one parent per study, one child per trial); optuna
 the same studies as Optuna sees them (``<sweep>/<study>`` in the sweep's Optuna storage: the
 search's history, parameter importances, intermediate values). What is printed are the
 addresses to open: each sweep's runs table in MLflow's machine-learning view (MLflow 3.17
-opens an experiment on its GenAI overview otherwise; tune_jobs/naming.py) and the dashboard.
+opens an experiment on its GenAI overview otherwise; tune_jobs/naming.py) and the dashboard. An
+``mlflow server`` (an http(s) tracking URI) has a UI of its own: its addresses are printed, and only
+optuna-dashboard starts (nothing at all without an Optuna storage).
 
 Both servers run in their own process groups, so stopping one stops every process it started;
 Ctrl-C (or SIGTERM) stops both, and when one of them ends the other is stopped and the command
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import layout, naming
-from .spec import SpecError, check_store_exists, hide_password, sqlite_file
+from .spec import SpecError, check_store_exists, hide_password, split_login, sqlite_file
 
 HOST = "127.0.0.1"
 START_S = 180  # how long a server may take to answer (MLflow imports a lot: a minute on a busy small machine)
@@ -69,6 +71,8 @@ def sweep_addresses(tracking_uri: str, sweep: str | None, base: str) -> dict[str
 
 def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str | None, optuna_port: int) -> int:
     check_store_exists(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        return run_beside_server(tracking_uri, sweep, optuna_storage, optuna_port)
     storage = optuna_storage or default_optuna_storage(tracking_uri)
     database = sqlite_file(storage) if storage else None
     if database is not None and not database.is_file():
@@ -98,32 +102,67 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
                              *([] if verbose else ["--uvicorn-opts", "--log-level warning"])]}
     with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700; the watchdog's to remove if need be
         if storage:
-            # The stores' URLs (a password in them) stay off the servers' command lines, which every local user can
-            # read: MLflow takes its store from the environment, optuna-dashboard from a file only this user can read.
-            config = Path(private) / "optuna-dashboard.toml"
-            config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage, ensure_ascii=False)}\n")
-            servers["optuna-dashboard"] = [str(bin_dir / "optuna-dashboard"), "--from-config", str(config),
-                                           "--host", HOST, "--port", str(optuna_port),
-                                           *([] if verbose else ["--quiet"])]  # gunicorn's errors only
+            servers["optuna-dashboard"] = dashboard_command(storage, private, optuna_port, verbose)
         return supervise(servers, ports, lambda: print_addresses(base, addresses, storage, optuna_port),
                          private, server_environment(tracking_uri, private, verbose), () if verbose else NOISE)
 
 
+def run_beside_server(tracking_uri: str, sweep: str | None, optuna_storage: str | None, optuna_port: int) -> int:
+    """An MLflow server shows its runs in its own UI (a local `mlflow ui` cannot serve an http(s) store: MLflow
+    refuses it for the model registry): its addresses, without the login, and only optuna-dashboard to start."""
+    database = sqlite_file(optuna_storage) if optuna_storage else None
+    if database is not None and not database.is_file():
+        raise SpecError(f"no Optuna storage at {database}; pass --optuna-storage with the sweep's storage URL")
+    if optuna_storage and not free(optuna_port):
+        raise SpecError(f"port {optuna_port} on {HOST} is in use (another `attzoom ui`?); pass --optuna-port with a "
+                        "free one")
+    base = split_login(tracking_uri)[0].rstrip("/")
+    addresses = sweep_addresses(tracking_uri, sweep, base)
+    title = "MLflow UI (the tracking server's own)"
+    if not optuna_storage:
+        print_addresses(base, addresses, None, optuna_port, title, "no Optuna storage given (pass --optuna-storage URL "
+                        "to see the studies in optuna-dashboard): nothing to start; open the addresses above")
+        return 0
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)  # attzoom -v (tune_jobs/logs.py)
+    with tempfile.TemporaryDirectory(prefix="attzoom-ui-") as private:  # mode 700; the watchdog's to remove if need be
+        servers = {"optuna-dashboard": dashboard_command(optuna_storage, private, optuna_port, verbose)}
+        return supervise(servers, {"optuna-dashboard": optuna_port},
+                         lambda: print_addresses(base, addresses, optuna_storage, optuna_port, title,
+                                                 "Ctrl-C stops optuna-dashboard."),
+                         private, dashboard_environment(private, verbose))
+
+
+def dashboard_command(storage: str, private: str, optuna_port: int, verbose: bool) -> list[str]:
+    """optuna-dashboard's command line. The stores' URLs (a password in them) stay off the servers' command lines,
+    which every local user can read: MLflow takes its store from the environment, optuna-dashboard from a file only
+    this user can read."""
+    config = Path(private) / "optuna-dashboard.toml"
+    config.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage, ensure_ascii=False)}\n")
+    return [str(Path(sys.executable).parent / "optuna-dashboard"), "--from-config", str(config), "--host", HOST,
+            "--port", str(optuna_port), *([] if verbose else ["--quiet"])]  # gunicorn's errors only
+
+
 def server_environment(tracking_uri: str, private: str, verbose: bool) -> dict[str, str]:
-    """The servers' environment: the MLflow store (off the command line), and gunicorn's control socket in the
-    private folder, not in ~/.gunicorn (optuna-dashboard cannot switch it off); without -v, no warning meant for the
-    libraries' authors."""
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri, "XDG_RUNTIME_DIR": private}
+    """The servers' environment: the MLflow store (off the command line), and what optuna-dashboard needs."""
+    env = {**dashboard_environment(private, verbose), "MLFLOW_BACKEND_STORE_URI": tracking_uri}
     env.setdefault("MLFLOW_REGISTRY_STORE_URI", tracking_uri)  # as MLflow does, without printing that it does
     # MLflow's job runner serves GenAI features only (and keeps files of its own)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def dashboard_environment(private: str, verbose: bool) -> dict[str, str]:
+    """gunicorn's control socket in the private folder, not in ~/.gunicorn (optuna-dashboard cannot switch it off);
+    without -v, no warning meant for the libraries' authors."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": private}
     if not verbose:
         env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
     return env
 
 
-def print_addresses(base: str, addresses: dict[str, str], storage: str | None, optuna_port: int) -> None:
-    print(f"MLflow UI: {base}")
+def print_addresses(base: str, addresses: dict[str, str], storage: str | None, optuna_port: int,
+                    title: str = "MLflow UI", ending: str | None = None) -> None:
+    print(f"{title}: {base}")
     width = max(map(len, addresses), default=0)
     for sweep, address in addresses.items():
         print(f"  {sweep:<{width}}  runs table: {address}")
@@ -132,7 +171,7 @@ def print_addresses(base: str, addresses: dict[str, str], storage: str | None, o
     if storage:
         print(f"optuna-dashboard: http://{HOST}:{optuna_port}/dashboard/  (studies <sweep>/<study> in "
               f"{hide_password(storage)})")
-    print("Ctrl-C stops both." if storage else "Ctrl-C stops it.", flush=True)
+    print(ending or ("Ctrl-C stops both." if storage else "Ctrl-C stops it."), flush=True)
 
 
 def supervise(servers: dict[str, list[str]], ports: dict[str, int], ready, private: str, env: dict[str, str],
