@@ -90,10 +90,11 @@ def build_parser() -> Parser:
     logs.add_argument("--address", required=True)
     logs.set_defaults(run=run_logs_command)
 
-    ui = sub.add_parser("ui", help="the MLflow UI and optuna-dashboard on 127.0.0.1; prints the addresses to open")
+    ui = sub.add_parser("ui", help="the MLflow UI and optuna-dashboard on 127.0.0.1 (beside an MLflow server: its "
+                        "address, and optuna-dashboard only); prints the addresses to open")
     ui.add_argument("sweep", nargs="?", help="a sweep name: print its runs table's address (default: every sweep's)")
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ui.add_argument("--port", type=port, default=5000, help="the MLflow UI's port (default 5000)")
+    ui.add_argument("--port", type=port, default=5000, help="the MLflow UI's port, for a database store (default 5000)")
     ui.add_argument("--optuna-storage", default=None,
                     help="SQLAlchemy URL of the sweep's Optuna studies (default: sqlite:///optuna.db beside a "
                          "sqlite:/// MLflow store; none there: only the MLflow UI starts)")
