@@ -228,7 +228,7 @@ def best_of_n_note(report: Report) -> str:
 
 
 def verdict_intro(report: Report) -> str:
-    return intro(report.sweep, report.verdict)
+    return intro(report.sweep, report.verdict, {row["study"]: len(row["seeds"].split(", ")) for row in report.confirm})
 
 
 def to_markdown(report: Report) -> str:

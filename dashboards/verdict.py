@@ -113,8 +113,9 @@ def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, fl
     return row
 
 
-def intro(sweep: Sweep, rows: list[dict]) -> str:
-    """What the verdict table stands on, in words; the command that confirms what is not confirmed yet."""
+def intro(sweep: Sweep, rows: list[dict], seeds: dict[str, int] | None = None) -> str:
+    """What the verdict table stands on, in words; the command that confirms what is not confirmed yet.
+    ``seeds``: {study: its confirm runs}, to say why too few of them confirm nothing."""
     unconfirmed = [row for row in rows if row["verdict"] == "not confirmed"]
     if not unconfirmed:
         return RULE
@@ -132,6 +133,9 @@ def intro(sweep: Sweep, rows: list[dict]) -> str:
                          "--data-root)")
         return f"**No comparison yet.** {gaps} Report again once {' and '.join(waits)}."
     command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
+    if few := [f"{s.name} ({seeds[s.name]})" for s in _sides(sweep, compared) if 0 < (seeds or {}).get(s.name, 0) < 2]:
+        command += (f" The seed re-runs of {', '.join(few)} are too few to count: a comparison needs 2 or more on "
+                    "each side.")
     trials = _best_of(sweep, compared)
     if len(unconfirmed) < len(rows):
         return (f"{RULE} Rows marked *not confirmed* lack seed re-runs on one side and compare each study's {trials} "

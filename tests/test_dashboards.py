@@ -554,6 +554,23 @@ def test_no_comparison_yet_names_both_causes_when_both_hold(store, tmp_path):
     assert "have a finished trial" in intro and "can be scored" in intro and "--data-root" in intro, intro
 
 
+def test_a_one_seed_confirm_is_said_to_be_too_few_to_count(store):
+    # after `attzoom confirm --seeds 1` the verdict still said "Unconfirmed ... re-train with 3 seeds", without
+    # saying why the seed re-runs it had were not used
+    writer = SweepWriter(store["uri"], "oneseed", store["tmp"] / "artifacts" / "oneseed")
+    for variant, top1 in (("baseline", 70.0), ("attzoom", 74.0)):
+        study = writer.study("tiny_resnet", "cluttered-digits", variant)
+        writer.trial(study, f"{variant}-t", [(top1 - 1, 90.0)], ADAM, test=(top1, 95.0))
+        writer.trial(study, f"{variant}-s2", [(top1 - 2, 90.0)], ADAM, test=(top1 - 1, 95.0), role=CONFIRM_ROLE,
+                     seed=2)
+        writer.finish_study(study, 1, 0)
+    report = build(store["uri"], "oneseed", with_figures=False)
+    assert [row["seeds"] for row in report.confirm] == ["2", "2"]
+    intro = verdict_intro(report)
+    assert "--seeds 3" in intro and "tiny_resnet.cluttered-digits.baseline (1)" in intro, intro
+    assert "too few to count: a comparison needs 2 or more on each side" in intro, intro
+
+
 def test_test_scores_follow_the_data_root_they_were_computed_on(store, tmp_path):
     # one report with another --data-root stored scores on that data for good: later reports showed them as the
     # run's own, and a --data-root given afterwards was ignored
