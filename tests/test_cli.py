@@ -541,3 +541,24 @@ def test_submit_resume_is_refused_in_one_line_where_the_job_could_not_run(argv, 
     assert attzoom_main(["submit", *argv, "--address", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_status_says_to_resume_a_cluster_sweep_with_its_address(tmp_path, capsys):
+    # "no driver runs it now ... continue with `attzoom resume k --storage ...`": no --address, so following it moved
+    # the cluster's sweep onto a private local Ray
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, STUDY, SWEEP, TRIAL
+    from tune_jobs.spec import Spec
+    from tune_jobs.tracking import prepare_tracking
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
+    spec = Spec(name="k", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                trials=2, tracking_uri=uri, storage=storage)
+    eid, _ = prepare_tracking(spec, "127.0.0.1:6379")  # what the driver records as it starts
+    MlflowClient(uri).create_run(eid, tags={SWEEP: "k", STUDY: spec.studies[0].name, ROLE: "trial", TRIAL: "a-1"})
+    (tmp_path / "ray_results" / "k").mkdir(parents=True)
+    assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"continue with `{attzoom_executable()} resume k --storage {storage} --address 127.0.0.1:6379`" in out, out

@@ -859,3 +859,83 @@ def test_check_prints_what_the_sweep_would_run_and_starts_and_stores_nothing(tmp
     assert "nothing was started or stored" in out.splitlines()[-1]
     assert tree(tmp_path) == before
     assert cli.main(["sweep", str(spec_file), "--check", "--trials", "0"]) == 2  # a bad spec: refused as ever
+
+
+# --- --address: the hints name it; one that is no Ray cluster is one line, exit 2, before any folder --------------
+
+@pytest.mark.parametrize("address,in_a_job,hint", [
+    ("127.0.0.1:6379", False, " --address 127.0.0.1:6379"), ("auto", False, " --address auto"),
+    ("ray://head:10001", False, " --address ray://head:10001"), ("10.0.0.5:6379", True, " --address auto"),
+])
+def test_ctrl_c_on_a_cluster_says_to_resume_with_its_address(tmp_path, monkeypatch, address, in_a_job, hint):
+    # the line left --address out: following it moved the cluster's sweep onto a private local Ray
+    from tune_jobs import sweep
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "check_address", lambda address: None)
+    monkeypatch.setattr(sweep, "start_ray", lambda spec, address: None)  # joined
+    monkeypatch.setattr(sweep, "stop_ray", lambda: None)
+    monkeypatch.setattr(sweep, "save_spec", ctrl_c)
+    if in_a_job:  # `attzoom submit`: the job's driver runs on the head, where auto finds the cluster
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        sweep.run_sweep(load_spec(write_spec(tmp_path, base_spec(tmp_path))), address=address)
+    assert str(stopped.value).endswith(f"resume tiny --storage {tmp_path / 'out' / 'ray_results'}{hint}"), stopped
+
+
+def recorded_sweep(tmp_path, address: str | None):
+    """Sweep tiny as its driver left it: a trial folder in its storage, its experiment with a trial run, and the
+    --address it ran with recorded (None: an older sweep, which recorded none)."""
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import ROLE, TRIAL
+    from tune_jobs.tracking import prepare_tracking
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    experiment_id, _ = prepare_tracking(spec, address)
+    MlflowClient(spec.tracking_uri).create_run(experiment_id, tags={ROLE: "trial", TRIAL: "a-1"})
+    (Path(spec.storage) / "tiny" / f"{spec.studies[0].name}-a").mkdir(parents=True)
+    return spec
+
+
+def test_the_duplicate_name_error_says_resume_with_the_address_or_that_the_sweep_runs_now(tmp_path):
+    # it advised `attzoom resume` without --address, and for a sweep running right now, a resume the lease refuses
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.sweep import check_new_sweep
+
+    spec = recorded_sweep(tmp_path, "127.0.0.1:6379")
+    with pytest.raises(SpecError) as exists:
+        check_new_sweep(spec, Path("spec.toml"))
+    assert f"`{attzoom_executable()} resume tiny --storage {spec.storage} --address 127.0.0.1:6379`" in \
+        str(exists.value)
+    with sweep_lease(spec.storage, spec.name), pytest.raises(SpecError) as running:
+        check_new_sweep(spec, Path("spec.toml"))
+    message = str(running.value)
+    assert f"it is running now (pid {os.getpid()} on " in message and "resume" not in message, message
+    assert f"follow it with `{attzoom_executable()} status tiny --tracking-uri {spec.tracking_uri}`" in message
+
+
+def test_the_recorded_address_follows_the_last_driver_and_a_local_one_records_none(tmp_path):
+    from tune_jobs.sweep import recorded_address
+    from tune_jobs.tracking import prepare_tracking
+
+    spec = recorded_sweep(tmp_path, "auto")
+    assert recorded_address(spec) == "auto"
+    prepare_tracking(spec)  # a restored logger, which does not know it: kept
+    assert recorded_address(spec) == "auto"
+    prepare_tracking(spec, "")  # resumed on a local Ray
+    assert recorded_address(spec) == ""
+
+
+def test_confirms_hints_name_the_drivers_address(tmp_path):
+    from tune_jobs.confirm import confirm_closing, confirm_command
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    assert confirm_command(spec, 3, "127.0.0.1:6379").endswith(" --seeds 3 --address 127.0.0.1:6379")
+    assert confirm_command(spec, 3).endswith(" --seeds 3")
+    line, _ = confirm_closing(spec, 3, [], [spec.studies[0].name], address="ray://head:10001")
+    assert f"resume tiny --storage {spec.storage} --address ray://head:10001`" in line, line
+    line, _ = confirm_closing(spec, 3, [(spec.studies[0].name, 2)], address="auto")
+    assert line.split("retry them with `", 1)[1].startswith(confirm_command(spec, 3, "auto")), line

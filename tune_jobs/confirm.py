@@ -53,7 +53,8 @@ def run_confirm_command(args) -> int:
                      local=not args.address)
     check_unchanged_since_start(spec)  # confirm stores the spec it runs: an edited one would pass the next resume
     check_stores_kept(spec, searcher=False)  # confirm reads the sweep's runs, never its Optuna studies
-    line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address))
+    line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address),
+                                 address=args.address)
     print(line)
     return code
 
@@ -75,20 +76,19 @@ def tracking_after_kept_writes(spec: Spec) -> tuple[str, dict[str, str]]:
 
 
 def confirm_closing(spec: Spec, seeds: int, failed: list[tuple[str, int]],
-                    unfinished: list[str] = ()) -> tuple[str, int]:
+                    unfinished: list[str] = (), address: str | None = None) -> tuple[str, int]:
     """Confirm's last line and exit code: "complete" only when every study had a best trial to confirm and every
-    seed run finished."""
+    seed run finished. ``address``: the driver's --address, which its hints name."""
     from .cli import attzoom_executable
+    from .sweep import driver_address, resume_command
 
     if failed:
         runs = ", ".join(f"{study} seed {seed}" for study, seed in failed)
         return (f"confirm runs of {spec.name} are incomplete: {len(failed)} failed ({runs}); each one's error is in "
-                f"its MLflow run (tag {layout.ERROR}); retry them with `{confirm_command(spec, seeds)}`"), 1
+                f"its MLflow run (tag {layout.ERROR}); retry them with `{confirm_command(spec, seeds, address)}`"), 1
     if unfinished:
-        from .sweep import resume_command
-
         return (f"confirm runs of {spec.name} are incomplete: {', '.join(unfinished)} has no finished trial to "
-                f"confirm yet; finish the sweep (`{resume_command(spec)}`), then "
+                f"confirm yet; finish the sweep (`{resume_command(spec, driver_address(address))}`), then "
                 f"confirm again"), 1
     verdict = "the verdict" if has_pairs(spec) else "each study's mean and spread over the seeds"
     wanted = ", ".join(map(str, confirm_seeds(spec.seed, seeds)))
@@ -104,18 +104,22 @@ def has_pairs(spec: Spec) -> bool:
     return "attzoom" in spec.variants and any(v in layout.COMPARED_WITH for v in spec.variants)
 
 
-def confirm_command(spec: Spec, seeds: int) -> str:
-    """The command that runs the seed re-runs still missing (after a stop or an interrupt)."""
+def confirm_command(spec: Spec, seeds: int, address: str | None = None) -> str:
+    """The command that runs the seed re-runs still missing (after a stop or an interrupt), on the cluster the
+    driver joined (``address``), if any."""
     from .cli import attzoom_executable
+    from .sweep import driver_address
 
-    return (f"{attzoom_executable()} confirm {spec.name} --storage {shlex.quote(spec.storage)} --tracking-uri "
-            f"{shlex.quote(hide_password(spec.tracking_uri))} --seeds {seeds}")
+    command = (f"{attzoom_executable()} confirm {spec.name} --storage {shlex.quote(spec.storage)} --tracking-uri "
+               f"{shlex.quote(hide_password(spec.tracking_uri))} --seeds {seeds}")
+    where = driver_address(address)
+    return f"{command} --address {shlex.quote(where)}" if where else command
 
 
 def confirm_sweep(spec: Spec, seeds: int, address: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``run_confirm`` as the sweep's one driver (its lease), stopping cleanly on infrastructure failures; returns
     the (study, seed) runs that failed and the studies with no finished trial to confirm."""
-    with stops_on_problems(confirm_command(spec, seeds), spec.tracking_uri), \
+    with stops_on_problems(confirm_command(spec, seeds, address), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         trained, failed, unfinished = run_confirm(spec, seeds, address)
     for study, done in trained.items():
@@ -248,7 +252,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     finally:
         stop_ray()
     raise_if_problem()
-    raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds))
+    raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds, address))
     trained: dict[str, list[int]] = {}
     now = done_pairs(spec.tracking_uri, experiment_id, params)
     for study, seed in sorted(now - done):

@@ -37,6 +37,7 @@ PARENT = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its stu
 BACKBONE, DATASET, VARIANT = "backbone", "dataset", "variant"
 LEASE = "attzoom.lease"  # on a sweep's lease experiment (cloud storage): the driver holding it, as JSON
 SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (confirm needs no Tune folder)
+ADDRESS = "attzoom.address"  # on the experiment: the --address its last driver joined ("" for a local Ray)
 PRUNED_AT = "attzoom.pruned_at_epoch"  # a pruned trial's last epoch
 TEST_DATA = "attzoom.test_data_root"  # the data root whose test split test_top1/test_top5 were computed on
 TRIAL_NUMBER = "attzoom.trial_number"  # a trial's number within its study (1-based, creation order); names its run
@@ -49,8 +50,8 @@ EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 # On the experiment: a view of the runs table (columns, order) that the printed address opens by its share key
 # (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
 SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
-TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, SPEC, LEASE, PRUNED_AT, TRIAL_NUMBER,
-        TEST_DATA, NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
+TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, SPEC, ADDRESS, LEASE, PRUNED_AT,
+        TRIAL_NUMBER, TEST_DATA, NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
 
 # What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
 COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")

@@ -78,8 +78,25 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     before Ray started: free) and in its tracking store (check_name_in_store)."""
     if any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
         raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
-                        f"continue it with `{resume_command(spec)}` or change name in {spec_file}")
+                        f"{how_to_go_on(spec)} or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
+
+
+def how_to_go_on(spec: Spec) -> str:
+    """For a sweep of this name that exists: it runs now (a live driver holds its lease, which says where), so a
+    resume would be refused; else its resume command, with the --address its last driver recorded."""
+    from .cli import attzoom_executable
+    from .lease import describe, driver_gone, lease_for
+
+    try:
+        holder = None if driver_gone(spec.storage, spec.name, spec.tracking_uri) else \
+            lease_for(spec.storage, spec.name, spec.tracking_uri).read()
+    except Exception:  # noqa: BLE001 - a lease that cannot be read: as if none held it
+        holder = None
+    if not holder:
+        return f"continue it with `{resume_command(spec, recorded_address(spec))}`"
+    status = f"{attzoom_executable()} status {spec.name} --tracking-uri {shlex.quote(hide_password(spec.tracking_uri))}"
+    return f"it is running now ({describe(holder)}); follow it with `{status}`"
 
 
 def check_name_in_store(spec: Spec, spec_file: Path | None) -> None:
@@ -94,8 +111,8 @@ def check_name_in_store(spec: Spec, spec_file: Path | None) -> None:
     store = f"a sweep named {spec.name!r} already has runs in the tracking store {hide_password(spec.tracking_uri)}"
     other = f"change name in {spec_file}" if spec_file else "pass another --tracking-uri"
     if storage and ("://" in storage or Path(storage, spec.name).is_dir()):
-        raise SpecError(f"{store} (its results are in {storage}); continue it with "
-                        f"`{resume_command(replace(spec, storage=storage))}` or {other}")
+        raise SpecError(f"{store} (its results are in {storage}); {how_to_go_on(replace(spec, storage=storage))} "
+                        f"or {other}")
     raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; {other} (a new sweep under "
                     "that name would delete those runs)")
 
@@ -266,16 +283,35 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
     if resume:  # resume, or a demo run again: on the search as it began, in the stores it began in
         check_unchanged_since_start(spec)
         check_stores_kept(spec)
-    with stops_on_problems(resume_command(spec), spec.tracking_uri), \
+    with stops_on_problems(resume_command(spec, driver_address(address)), spec.tracking_uri), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         return _run_sweep(spec, address, resume)
 
 
-def resume_command(spec: Spec) -> str:
-    """As the user can type it: this environment's attzoom (the venv is seldom activated), a URI's '&' quoted."""
+def resume_command(spec: Spec, address: str | None = None) -> str:
+    """As the user can type it: this environment's attzoom (the venv is seldom activated), a URI's '&' quoted, and
+    the cluster's --address (without it the resume would move a cluster's sweep onto a private local Ray)."""
     from .cli import attzoom_executable
 
-    return f"{attzoom_executable()} resume {spec.name} --storage {shlex.quote(spec.storage)}"
+    command = f"{attzoom_executable()} resume {spec.name} --storage {shlex.quote(spec.storage)}"
+    return f"{command} --address {shlex.quote(address)}" if address else command
+
+
+def driver_address(address: str | None) -> str:
+    """The --address a hint names for a driver that joined ``address`` ("" for a local Ray): as given, but `auto`
+    inside a Ray job (`attzoom submit`), whose driver runs on the head, where `auto` finds the cluster."""
+    if not address or address == "local":
+        return ""
+    return "auto" if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else address
+
+
+def recorded_address(spec: Spec) -> str | None:
+    """The --address the sweep's last driver recorded in its experiment (prepare_tracking); None when unknown."""
+    try:
+        experiment = _sweep_experiment(spec)
+    except Exception:  # noqa: BLE001 - a store out of reach: the hint goes without it
+        return None
+    return experiment.tags.get(layout.ADDRESS) if experiment else None
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
@@ -294,7 +330,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         # The store's migration overlaps the imports, a local Ray's start and the first trial's start; only the
         # driver's MLflow callback waits for it, when the first trial has started.
         pool = ThreadPoolExecutor(max_workers=1)
-        tracking = pool.submit(_prepare_tracking, spec)
+        tracking = pool.submit(_prepare_tracking, spec, driver_address(address))
         pool.shutdown(wait=False)
         from ray import tune
         from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -342,30 +378,31 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     finally:
         stop_ray()
     raise_if_problem()  # the MLflow writes could not all be made: no summary, no "done"
-    experiment_id, parents = _tracking_ids(tracking, spec)
+    experiment_id, parents = _tracking_ids(tracking, spec, driver_address(address))
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     drop_orphan_folders(spec, {Path(r.path).name for r in results})
     summary = finish_studies(spec, experiment_id, parents)  # an interrupted sweep's unfinished studies: KILLED
-    raise_if_interrupted(ended(results), spec.trials * len(spec.studies), resume_command(spec))
+    raise_if_interrupted(ended(results), spec.trials * len(spec.studies),
+                         resume_command(spec, driver_address(address)))
     return summary
 
 
-def _prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
+def _prepare_tracking(spec: Spec, address: str) -> tuple[str, dict[str, str]]:
     """The modules run_sweep needs next (Tune, Optuna, MLflow), imported while ray.init waits; then the store."""
     from . import mlflow_callback, progress, searcher, space, trainable  # noqa: F401
     from .tracking import prepare_tracking
 
-    return prepare_tracking(spec)
+    return prepare_tracking(spec, address)
 
 
-def _tracking_ids(tracking, spec: Spec) -> tuple[str, dict[str, str]]:
+def _tracking_ids(tracking, spec: Spec, address: str) -> tuple[str, dict[str, str]]:
     """The store's ids; prepared again if the first preparation failed (the tracking server was down then)."""
     try:
         return tracking.result()
     except Exception:  # noqa: BLE001 - the outbox has since made every write, so the store answers again
         from .tracking import prepare_tracking
 
-        return prepare_tracking(spec)
+        return prepare_tracking(spec, address)
 
 
 def trial_dirname(trial) -> str:

@@ -96,12 +96,17 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
     return layout.study_tags(spec.name, study.backbone, study.dataset, study.variant)
 
 
-def prepare_tracking(spec: Spec) -> tuple[str, dict[str, str]]:
-    """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id})."""
+def prepare_tracking(spec: Spec, address: str | None = None) -> tuple[str, dict[str, str]]:
+    """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id}).
+
+    ``address``: the driver's --address as its hints name it ("" for a local Ray), kept for `attzoom status`, which
+    reads only the store; None leaves the recorded one (a restored logger does not know it)."""
     experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage)
     client = MlflowClient(spec.tracking_uri)
     # also on an older sweep's experiment
     tags = {layout.SPEC: shared_spec_json(spec), **naming.experiment_tags(spec.name)}
+    if address is not None:
+        tags[layout.ADDRESS] = address
     for key, value in tags.items():
         client.set_experiment_tag(experiment_id, key, value)
     stop_leftover_runs(client, experiment_id)
