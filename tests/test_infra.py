@@ -458,3 +458,21 @@ def test_a_restored_logger_goes_on_with_the_resuming_drivers_spec(tmp_path, monk
     assert pickle.loads(pickled).sweep.spec.data_root == "/new/data"
     adopt(SweepContext(replace(demo, name="other", data_root="/other")))  # another sweep's driver: not adopted
     assert pickle.loads(pickled).sweep.spec.data_root == "/old/data"
+
+
+def test_a_ray_connection_failure_is_not_told_as_a_tracking_store_outage():
+    # `--address` of something that is not Ray: "stopped: tracking store sqlite:///... unreachable (ConnectionError:
+    # Failed to connect to Ray cluster at ...)", exit 3, for a cluster that was never joined
+    from tune_jobs.spec import SpecError
+
+    with pytest.raises(SpecError, match="cannot join"):  # join_cluster's one line, raised from Ray's ConnectionError
+        with stops_on_problems("attzoom resume s --address 10.0.0.5:6379", "sqlite:///m.db"):
+            try:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+            except ConnectionError:
+                raise SpecError("cannot join the Ray cluster at --address 10.0.0.5:6379") from None
+    with pytest.raises(InfrastructureError) as lost:  # a cluster lost mid-sweep is the cluster's, not the store's
+        with stops_on_problems("attzoom resume s --address 10.0.0.5:6379", "sqlite:///m.db"):
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+    assert str(lost.value).startswith("the Ray cluster does not answer (ConnectionError: Failed to connect to Ray")
+    assert "tracking store" not in str(lost.value) and "--address 10.0.0.5:6379" in str(lost.value)

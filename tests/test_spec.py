@@ -863,6 +863,63 @@ def test_check_prints_what_the_sweep_would_run_and_starts_and_stores_nothing(tmp
 
 # --- --address: the hints name it; one that is no Ray cluster is one line, exit 2, before any folder --------------
 
+@pytest.fixture
+def not_ray():
+    """Ports where something answers that is not a Ray GCS: an HTTP server (a dashboard) and a silent listener."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    yield {"http": f"127.0.0.1:{http.server_port}", "silent": f"127.0.0.1:{silent.getsockname()[1]}"}
+    http.shutdown()
+    silent.close()
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("jobs api", "is a Jobs API address, which `attzoom submit` takes"),
+    ("http", "answers, but not as a Ray cluster (it does not speak gRPC"),
+    ("silent", "answers, but not as a Ray cluster (no answer to gRPC's handshake within"),
+])
+def test_an_address_that_is_no_ray_gcs_is_one_line_exit_2_before_any_folder(tmp_path, capsys, not_ray, kind, expected):
+    # a Jobs API URL: ValueError traceback, exit 1, an empty storage folder; a dashboard's port: Ray retried 120 s+
+    import time
+
+    address = f"http://{not_ray['http']}" if kind == "jobs api" else not_ray[kind]
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))
+    started = time.monotonic()
+    assert cli.main(["sweep", str(spec_file), "--address", address]) == 2
+    assert time.monotonic() - started < 30
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "HOST:6379" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_that_refuses_the_driver_is_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    # it said "stopped: tracking store sqlite:///... unreachable (ConnectionError: Failed to connect to Ray cluster",
+    # exit 3, with a resume that found no sweep; the lease had made the storage folder
+    from tune_jobs import ray_session, sweep
+
+    def ray_init_fails(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+
+    monkeypatch.setattr(sweep, "check_address", lambda address: None)  # something answered at the port
+    monkeypatch.setattr("ray.init", ray_init_fails)
+    monkeypatch.setattr(ray_session, "stop_ray", lambda: None)
+    assert cli.main(["sweep", str(write_spec(tmp_path, base_spec(tmp_path))), "--address", "10.0.0.5:6379"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot join the Ray cluster at --address 10.0.0.5:6379" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("address,in_a_job,hint", [
     ("127.0.0.1:6379", False, " --address 127.0.0.1:6379"), ("auto", False, " --address auto"),
     ("ray://head:10001", False, " --address ray://head:10001"), ("10.0.0.5:6379", True, " --address auto"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from contextlib import contextmanager, suppress
 
-from .spec import hide_password
+from .spec import SpecError, hide_password
 
 INFRA_EXIT = 3  # bad input is 2 (attzoom.cli.EXIT_USAGE), an interrupt 130
 STORAGE_KEY = "storage_error"  # in a trial's report: the storage failure it hit, instead of raising
@@ -166,13 +166,22 @@ def _stopped(message: str, resume: str) -> str:
     return f"{message}. No trial was charged for it; once the cause is fixed, continue with: {resume}"
 
 
+def ray_connection_lost(error: BaseException) -> bool:
+    """Ray's own "Failed to connect to Ray cluster at ...": a plain ConnectionError, which is no tracking outage."""
+    return isinstance(error, ConnectionError) and "Ray cluster" in str(error)
+
+
 def _infrastructure(error: BaseException, tracking_uri: str) -> str | None:
     """What an exception that escaped the driver says about the storage or the tracking store, if anything."""
     from .tracking import unreachable  # MLflow: the driver has it loaded by now
 
+    if isinstance(error, SpecError):  # bad input (a cluster that is not there): its own line, exit 2; not the store
+        return None
     for cause in _chain(error):
         if isinstance(cause, InfrastructureError):
             return str(cause)
+        if ray_connection_lost(cause):
+            return f"the Ray cluster does not answer ({short_error(cause)})"
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
             return os_problem(cause)
         if unreachable(cause):

@@ -69,22 +69,52 @@ def _not_a_metrics_fetch(record: logging.LogRecord) -> bool:
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:
-    """A cluster address that nothing answers at: one line at once (ray.init would wait a minute and more on the
-    GCS, printing warnings). "auto" and "local" are Ray's own look-ups, left to it."""
+    """A cluster address that nothing answers at, or something that is not Ray: one line at once (ray.init would
+    wait a minute and more on the GCS, printing warnings, or hang on a dashboard's port). "local" is left to Ray."""
     import socket
 
     if not address or address == "local":
         return
+    if address.startswith(("http://", "https://")):
+        raise SpecError(f"--address {address} is a Jobs API address, which `attzoom submit` takes; sweep, resume and "
+                        "confirm join the cluster itself: pass the GCS address of its head, HOST:6379 (or "
+                        "ray://HOST:10001)")
     where = _resolved(address).split("://", 1)[-1].rstrip("/")
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():
         raise SpecError(f"--address {address!r} is no Ray cluster address; pass HOST:PORT of its head (e.g. "
                         "10.0.0.5:6379), ray://HOST:10001, or auto")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as connection:
+            answer = grpc_answer(connection)
     except OSError as e:
         raise SpecError(f"no Ray cluster answers at --address {address} ({e.strerror or e}); start it "
                         "(`ray start --head`) or fix --address") from None
+    if answer is not None:
+        raise SpecError(f"--address {address} answers, but not as a Ray cluster ({answer}); pass the GCS address of "
+                        "its head, HOST:6379 (the dashboard's HOST:8265 is for `attzoom submit`), or ray://HOST:10001")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
+def grpc_answer(connection) -> str | None:
+    """None when the server speaks gRPC (Ray's GCS and client server do: it answers HTTP/2's preface with its
+    SETTINGS frame), else what it did instead. A TLS cluster (RAY_USE_TLS) is left to Ray."""
+    import socket
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    connection.sendall(HTTP2_PREFACE)
+    reply = b""
+    try:
+        while len(reply) < 4 and (chunk := connection.recv(64)):
+            reply += chunk
+    except socket.timeout:
+        return f"no answer to gRPC's handshake within {connection.gettimeout():.0f} s"
+    if len(reply) >= 4 and reply[3] == 4:
+        return None
+    return "it closed the connection" if not reply else "it does not speak gRPC: a dashboard's or web server's port?"
 
 
 def _resolved(address: str) -> str:

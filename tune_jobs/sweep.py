@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,8 +285,29 @@ def run_sweep(spec: Spec, address: str | None = None, resume: bool = False) -> d
         check_unchanged_since_start(spec)
         check_stores_kept(spec)
     with stops_on_problems(resume_command(spec, driver_address(address)), spec.tracking_uri), \
+            cluster_joined(spec, address), \
             sweep_lease(spec.storage, spec.name, on_error=report_problem, tracking_uri=spec.tracking_uri):
         return _run_sweep(spec, address, resume)
+
+
+@contextmanager
+def cluster_joined(spec: Spec, address: str | None):
+    """Join the cluster first: one that refuses this driver (not Ray, no token, too few GPUs) leaves nothing behind,
+    not even the lease's folder; left when the body ends. A local Ray starts later, in _run_sweep."""
+    if not address:
+        yield
+        return
+    joined = False
+    try:
+        start_ray(spec, address)
+        joined = True
+        yield
+    except KeyboardInterrupt:
+        if joined:
+            raise
+        raise KeyboardInterrupt("interrupted before the sweep started; run the same command again") from None
+    finally:
+        stop_ray()
 
 
 def resume_command(spec: Spec, address: str | None = None) -> str:
@@ -315,12 +337,7 @@ def recorded_address(spec: Spec) -> str | None:
 
 
 def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
-    try:
-        if address:  # first: a cluster that refuses this driver (no token, too few GPUs) stores nothing
-            try:
-                start_ray(spec, address)
-            except KeyboardInterrupt:  # nothing is saved yet: there is no sweep to resume
-                raise KeyboardInterrupt("interrupted before the sweep started; run the same command again") from None
+    try:  # a cluster is joined by now (cluster_joined)
         save_spec(spec)  # then: a sweep stopped while a local Ray starts can be resumed as its Ctrl-C line says
         apply_tune_settings(spec)
         if resume:  # before a local Ray starts: a damaged snapshot is one line
