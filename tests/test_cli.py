@@ -543,6 +543,49 @@ def test_submit_resume_is_refused_in_one_line_where_the_job_could_not_run(argv, 
     assert err.count("\n") == 1 and expected in err, err
 
 
+@pytest.fixture
+def jobs_api():
+    """A Ray Jobs API that knows no job, as a cluster's answers it: /api/version, and 404 "Job X does not exist."."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import ray
+
+    class Jobs(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/api/version":
+                body, code = json.dumps({"version": "4", "ray_version": ray.__version__, "ray_commit": "x"}), 200
+            else:
+                body, code = f"Job {self.path.split('/')[3]} does not exist.", 404
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    server = HTTPServer(("127.0.0.1", 0), Jobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("command", [["logs", "raysubmit_nope"], ["status", "--job", "raysubmit_nope"]])
+def test_a_job_id_the_cluster_does_not_know_is_one_line_naming_it_and_how_to_list_them(jobs_api, tmp_path, capsys,
+                                                                                       command):
+    # logs: a 29-line aiohttp WSServerHandshakeError 404 traceback; status: RuntimeError "Job ... does not exist."
+    from tune_jobs.cli import main as attzoom_main
+
+    assert attzoom_main([*command, "--address", jobs_api, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+                        if command[0] == "status" else [*command, "--address", jobs_api]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no job 'raysubmit_nope'" in lines[0], lines
+    assert lines[0].endswith(f"ray job list --address {jobs_api}`"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_status_says_to_resume_a_cluster_sweep_with_its_address(tmp_path, capsys):
     # "no driver runs it now ... continue with `attzoom resume k --storage ...`": no --address, so following it moved
     # the cluster's sweep onto a private local Ray
