@@ -413,3 +413,13 @@ def test_a_trial_stopped_before_its_first_epoch_shows_no_best():
     trained.update_last_result({"epoch": 1, "val_top1": 0.0, "storage_problem": "x", "training_iteration": 2})
     rows = loop.callback.rows(loop.trials)
     assert rows[STUDIES[0]]["best"] is None and rows[STUDIES[1]]["best"] == 40.0
+
+
+def test_the_demos_hint_to_retry_its_confirm_runs_names_the_cluster_it_ran_on():
+    # `attzoom demo --address X` ended "retry them with `attzoom confirm ...`" without --address: run here, that
+    # moved the seed re-runs onto a private local Ray
+    from tune_jobs.cli import demo_closing
+
+    summary = {study: {"finished": 3, "failed": 0} for study in STUDIES}
+    line, code = demo_closing(SPEC, summary, [(STUDIES[1], 2)], [], 42.4, address="10.0.0.1:6379")
+    assert "--address 10.0.0.1:6379" in line and code == 1, line

@@ -209,21 +209,23 @@ def run_demo_command(args) -> int:
     confirmed = confirm_sweep(spec, DEMO_SEEDS, args.address)  # says what it re-trains, if anything (a second demo)
     print()
     print(comparison_markdown(spec.tracking_uri, spec.name))
-    line, code = demo_closing(spec, summary, *confirmed, time.time() - started)
+    line, code = demo_closing(spec, summary, *confirmed, time.time() - started, address=args.address)
     print(f"\n{line}")
     return code
 
 
-def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s: float) -> tuple[str, int]:
+def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s: float,
+                 address: str | None = None) -> tuple[str, int]:
     """The demo's last lines: "done" and where to look only when the sweep and its confirm runs both are; else the
-    first one's closing line, since the comparison above then stands on less than it shows."""
+    first one's closing line, since the comparison above then stands on less than it shows. ``address``: the
+    driver's --address, which a hint to go on names."""
     from .confirm import confirm_closing
     from .summary import closing, complete
 
     if not complete(spec, summary):
         return closing(spec, summary, elapsed_s)[0], 1
     if failed or unfinished:
-        return confirm_closing(spec, DEMO_SEEDS, failed, unfinished)[0], 1
+        return confirm_closing(spec, DEMO_SEEDS, failed, unfinished, address=address)[0], 1
     return (f"demo done in {elapsed_s:.0f} s. Compare the runs in the MLflow UI:\n"
             f"    {ui_command(spec)}    # prints the addresses of its runs table and of optuna-dashboard\n"
             f"Tune results and checkpoints: {spec.storage}/{spec.name}\n"
