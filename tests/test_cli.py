@@ -605,3 +605,33 @@ def test_status_says_to_resume_a_cluster_sweep_with_its_address(tmp_path, capsys
     assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert f"continue with `{attzoom_executable()} resume k --storage {storage} --address 127.0.0.1:6379`" in out, out
+
+
+def test_readers_on_a_server_that_answers_health_but_fails_reads_say_so_in_one_line(tmp_path, capsys):
+    # behind a proxy path or broken: /health said OK, then the first read was an MlflowException traceback
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tune_jobs.cli import main as attzoom_main
+
+    class HealthOnly(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"not here")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), HealthOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        assert attzoom_main(["status", "--tracking-uri", uri]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the tracking server {uri} answers /health but failed a read" in err, err

@@ -220,6 +220,13 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
                            address], env=token, capture_output=True, text=True, timeout=300)
     assert "SUCCEEDED" in logs.stderr and "sweep t done" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
     assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=1)
+    # a fixed cluster: its head's v1 monitor reports a read-only autoscaler, which adds no GPU (the sweep of a GPU
+    # spec is refused, not left waiting)
+    ceiling = subprocess.run([sys.executable, "-c", "import ray; from tune_jobs.ray_session import gpu_ceiling; "
+                              f"ray.init(address='127.0.0.1:{env['ATTZOOM_RAY_PORT']}'); print(gpu_ceiling())"],
+                             env={**token, "RAY_AUTH_MODE": "token"}, cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert ceiling.stdout.strip().splitlines()[-1:] == ["None"], ceiling.stdout + ceiling.stderr[-2000:]
     # Ray's own CLI (`ray job stop` in the README) with what `start` prints to export
     listed = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "list", "--address", address],
                             env={**token, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
@@ -246,10 +253,10 @@ from tune_jobs.ray_session import AUTOSCALING_STATUS, gpu_ceiling
 ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
          configure_logging=False)
 seen = [gpu_ceiling()]  # no autoscaler
-_internal_kv_put(AUTOSCALING_STATUS, json.dumps({"time": 1.0}), overwrite=True)  # v1's monitor, no autoscaler
-seen.append(gpu_ceiling())
-_internal_kv_put(AUTOSCALING_STATUS, json.dumps({"time": 1.0, "autoscaler_report": {}}), overwrite=True)  # v1's
-seen.append(gpu_ceiling())
+for types in (["node_4f1d2c"], ["ray.head.default", "gpu-workers"]):  # v1's report: read-only (a fixed cluster), real
+    report = {"active_nodes": {types[0]: 1}, "pending_launches": dict.fromkeys(types[1:], 1)}
+    _internal_kv_put(AUTOSCALING_STATUS, json.dumps({"time": 1.0, "autoscaler_report": report}), overwrite=True)
+    seen.append(gpu_ceiling())
 config = autoscaler_pb2.ClusterConfig()  # what autoscaler v2 stores: its node groups
 group = config.node_group_configs.add(name="gpu-workers", max_count=8)
 group.resources["CPU"], group.resources["GPU"] = 12, 1

@@ -410,11 +410,14 @@ def _damage(data: Path, damage: str) -> Path:
     elif damage == "unknown-wnid":
         image = folder / "val" / "val_annotations.txt"
         image.write_text(image.read_text().replace(WNIDS[0], "n09999999", 1))
+    elif damage == "dangling-link":  # listed, but its stat fails: an OSError traceback
+        image = image.with_name("linked.JPEG")
+        image.symlink_to(data / "nowhere.JPEG")
     return image
 
 
 @pytest.mark.parametrize("damage", ["cifar-shape", "cifar-labels", "garbage", "truncated", "empty", "small",
-                                    "val-missing", "unknown-wnid"])
+                                    "val-missing", "unknown-wnid", "dangling-link"])
 def test_data_a_trial_would_refuse_is_refused_before_the_sweep(tmp_path, damage, capsys, no_side_effects):
     # the sweep started, and every trial of the data set failed, retried, in pages of tracebacks: the driver's
     # check looked for the files only
@@ -921,8 +924,10 @@ def test_a_cluster_that_refuses_the_driver_is_one_line_exit_2_and_leaves_no_fold
 
 
 @pytest.mark.parametrize("address,in_a_job,hint", [
-    ("127.0.0.1:6379", False, " --address 127.0.0.1:6379"), ("auto", False, " --address auto"),
-    ("ray://head:10001", False, " --address ray://head:10001"), ("10.0.0.5:6379", True, " --address auto"),
+    ("127.0.0.1:6379", False, " --address 127.0.0.1:6379"),
+    ("ray://head:10001", False, " --address ray://head:10001"),
+    # a job's driver (or one on the head given auto): its hint is read elsewhere, through `attzoom logs` or `status`
+    ("auto", False, " --address http://127.0.0.1:8265"), ("10.0.0.5:6379", True, " --address http://127.0.0.1:8265"),
 ])
 def test_ctrl_c_on_a_cluster_says_to_resume_with_its_address(tmp_path, monkeypatch, address, in_a_job, hint):
     # the line left --address out: following it moved the cluster's sweep onto a private local Ray
@@ -940,6 +945,7 @@ def test_ctrl_c_on_a_cluster_says_to_resume_with_its_address(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt) as stopped:
         sweep.run_sweep(load_spec(write_spec(tmp_path, base_spec(tmp_path))), address=address)
     assert str(stopped.value).endswith(f"resume tiny --storage {tmp_path / 'out' / 'ray_results'}{hint}"), stopped
+    assert ("submit --resume tiny" in str(stopped.value)) == hint.endswith(":8265")
 
 
 def recorded_sweep(tmp_path, address: str | None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -155,7 +156,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
 
 def gpu_ceiling() -> float | None:
     """The most GPUs the connected cluster's autoscaler may start: Ray's autoscaler v2 stores its node groups'
-    limits in the GCS; v1 only reports that it runs (inf: no limit known). None: no autoscaler (a fixed
+    limits in the GCS; v1 only reports its node types (inf: no limit known). None: no autoscaler (a fixed
     cluster), or none that Ray's private state API (pinned Ray) can show."""
     import json
     import math
@@ -168,12 +169,21 @@ def gpu_ceiling() -> float | None:
         if limits is not None:
             return float(limits.get("GPU", 0))
         status = _internal_kv_get(AUTOSCALING_STATUS)
-        return math.inf if status and "autoscaler_report" in json.loads(status) else None
+        return math.inf if status and scales(json.loads(status).get("autoscaler_report") or {}) else None
     except Exception:  # noqa: BLE001 - an API that moved: the check refuses as for a fixed cluster
         return None
 
 
+def scales(report: dict) -> bool:
+    """Whether a v1 autoscaler report is a real autoscaler's. Every head (`ray start --head`) runs the v1 monitor;
+    without an autoscaling config it reports a read-only one, whose node types are its nodes' ids (node_<hex>):
+    a fixed cluster. A configured one names its own types (head, gpu-workers)."""
+    types = {kind for part in ("active_nodes", "idle_nodes", "pending_launches") for kind in report.get(part) or {}}
+    return any(not READONLY_TYPE.fullmatch(kind) for kind in types)
+
+
 AUTOSCALING_STATUS = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, the v1 monitor's
+READONLY_TYPE = re.compile(r"node_[0-9a-f]+")  # ray.autoscaler._private.util.format_readonly_node_type
 
 
 def send_token_when_given() -> None:

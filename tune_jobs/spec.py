@@ -387,6 +387,9 @@ def _check_tinyimagenet(root: Path) -> None:
             _whole_images.add(key)
     except DataError as e:
         raise SpecError(f"data_root: {e}; copy tiny-imagenet-200/ again") from None
+    except OSError as e:  # a folder that cannot be listed, a link to nothing: the loader's stat would fail as well
+        raise SpecError(f"data_root: {e.filename or folder} cannot be read ({type(e).__name__}: {e.strerror}); "
+                        "copy tiny-imagenet-200/ again") from None
 
 
 _whole_images: set[str] = set()  # the files keys of the Tiny-ImageNet copies checked whole in this process
@@ -515,9 +518,19 @@ def _check_login(tracking_uri: str) -> None:
     try:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except MlflowException as e:
-        if e.get_http_status_code() not in (401, 403):
-            raise
-        raise SpecError(login_refused(tracking_uri, e.get_http_status_code())) from None
+        if e.get_http_status_code() in (401, 403):
+            raise SpecError(login_refused(tracking_uri, e.get_http_status_code())) from None
+        read_failed(tracking_uri, e)
+    except Exception as e:  # noqa: BLE001 - requests' errors after MLflow's retries: a server that fails mid-way
+        read_failed(tracking_uri, e)
+
+
+def read_failed(tracking_uri: str, error: BaseException) -> None:
+    """A server that answers /health but fails a read (a 404 under a proxy's path, a 5xx): one line, not a
+    traceback."""
+    reason = hide_password(" ".join(str(error).split()))[:200]
+    raise SpecError(f"the tracking server {hide_password(tracking_uri)} answers /health but failed a read "
+                    f"({type(error).__name__}: {reason}); check the URI's path and the server's log") from None
 
 
 def login_refused(tracking_uri: str, code: int) -> str:

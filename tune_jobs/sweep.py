@@ -310,12 +310,20 @@ def cluster_joined(spec: Spec, address: str | None):
         stop_ray()
 
 
+JOBS_API = "http://127.0.0.1:8265"  # the Jobs API on the head, and through the README's port-forward or tunnel
+
+
 def resume_command(spec: Spec, address: str | None = None) -> str:
     """As the user can type it: this environment's attzoom (the venv is seldom activated), a URI's '&' quoted, and
-    the cluster's --address (without it the resume would move a cluster's sweep onto a private local Ray)."""
+    the cluster's --address (without it the resume would move a cluster's sweep onto a private local Ray). A
+    driver that found its cluster with `auto` (a submitted job's, on the head) is resumed as a job: the hint is
+    read through `attzoom logs` or `status` elsewhere, where `auto` finds no cluster."""
     from .cli import attzoom_executable
 
-    command = f"{attzoom_executable()} resume {spec.name} --storage {shlex.quote(spec.storage)}"
+    storage = shlex.quote(spec.storage)
+    if address == "auto":
+        return f"{attzoom_executable()} submit --resume {spec.name} --storage {storage} --address {JOBS_API}"
+    command = f"{attzoom_executable()} resume {spec.name} --storage {storage}"
     return f"{command} --address {shlex.quote(address)}" if address else command
 
 
