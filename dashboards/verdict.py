@@ -188,7 +188,7 @@ def _idle(sweep: Sweep, rows: list[dict]) -> list[str]:
 
 def _unscored(sweep: Sweep, rows: list[dict]) -> list[dict]:
     """The comparisons that show no difference though both sides have a best trial: it lacks a test score."""
-    return [row for row in _empty(rows) if all(s.best for s in _sides(sweep, [row]))]
+    return [row for row in _empty(rows) if all(s.best is not None for s in _sides(sweep, [row]))]
 
 
 def _empty(rows: list[dict]) -> list[dict]:

@@ -635,3 +635,13 @@ def test_readers_on_a_server_that_answers_health_but_fails_reads_say_so_in_one_l
         server.shutdown()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the tracking server {uri} answers /health but failed a read" in err, err
+
+
+def test_submit_resume_refuses_a_relative_data_root(capsys):
+    # it reached the job as given, which resolved it in its working dir's copy, from which data/ is left out
+    from tune_jobs.cli import main as attzoom_main
+
+    argv = ["submit", "--resume", "t", "--storage", "/mnt/shared/r", "--data-root", "data", "--address", "http://x:1"]
+    assert attzoom_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data-root with --resume is the data sets' absolute path" in err, err

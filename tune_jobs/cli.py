@@ -378,6 +378,9 @@ def resume_job(args) -> tuple[str, list[str], str]:
     if not args.storage or not (args.storage.startswith("/") or "://" in args.storage):
         raise SpecError(f"--resume needs --storage: the sweep's storage as an absolute path or URI on the cluster "
                         f"(e.g. /mnt/shared/ray_results), got {args.storage!r}")
+    if args.data_root and not args.data_root.startswith("/"):  # the job would read it in its working dir's copy
+        raise SpecError(f"--data-root with --resume is the data sets' absolute path on the cluster (e.g. /data), "
+                        f"got {args.data_root!r}")
     command = ["python", "-m", "tune_jobs.cli", "resume", args.resume, "--storage", args.storage, "--address", "auto"]
     return args.resume, command + (["--data-root", args.data_root] if args.data_root else []), ""
 

@@ -25,12 +25,12 @@ def sweep_plan(spec: Spec, address: str | None) -> str:
         ("tracking", f"{hide_password(spec.tracking_uri)} (experiment {experiment_name(spec.name)})"),
         ("studies", hide_password(optuna) if optuna else "in memory only (give optuna_storage to keep them)"),
     ]
-    where = ("the cluster's CPUs and GPUs are checked once the sweep connects to it" if address else
-             "this machine's CPUs and GPUs")
+    where = ("that --address answers as Ray (the cluster's CPUs and GPUs are checked when the sweep joins it)"
+             if address else "this machine's CPUs and GPUs")
     return "\n".join([
         f"sweep {spec.name}: {len(spec.studies)} studies x {spec.trials} trials = {trials} trials of up to "
         f"{spec.epochs} epochs ({trials * spec.epochs:,} trial-epochs at most; {stopping})",
         *(f"  {label:<10} {value}" for label, value in rows),
-        f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets and {where}",
+        f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets, and {where}",
         "nothing was started or stored; run the same command without --check to start it",
     ])

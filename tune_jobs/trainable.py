@@ -91,7 +91,7 @@ def _stop_training() -> None:
     if threading.current_thread() is threading.main_thread():
         # Ray's raylet sends SIGTERM to a worker slow to exit, and Ray's handler raises SystemExit wherever the main
         # thread is: in this wait it ended the thread mid-step after all, in a callback it printed "Exception
-        # ignored". The process is exiting anyway, within EXIT_JOIN_S.
+        # ignored". The process is exiting anyway; the raylet SIGKILLs one that outlives its grace.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exiting.set()
     for thread in list(_training):
