@@ -645,3 +645,15 @@ def test_submit_resume_refuses_a_relative_data_root(capsys):
     assert attzoom_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data-root with --resume is the data sets' absolute path" in err, err
+
+
+def test_status_of_a_store_without_a_sweep_says_so(tmp_path, capsys):
+    # it printed nothing at all and exited 0, as if it had not run
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.tracking import open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_store(uri).create_experiment("someone-elses")
+    assert attzoom_main(["status", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out == f"no sweep in {uri} yet (a sweep's experiments are named attzoom-NAME); pass " \
+                                      "--tracking-uri to read another store\n"

@@ -234,7 +234,7 @@ def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s:
 
 
 def run_status_command(args) -> int:
-    from .layout import sweep_of
+    from .layout import EXPERIMENT_PREFIX, sweep_of
     from .spec import check_store_exists
     from .tracking import open_store
 
@@ -257,6 +257,9 @@ def run_status_command(args) -> int:
         if not experiments:
             raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
                             "check the name or pass --tracking-uri")
+    if not experiments:  # it printed nothing, as if the command had not run
+        print(f"no sweep in {hide_password(args.tracking_uri)} yet (a sweep's experiments are named "
+              f"{EXPERIMENT_PREFIX}NAME); pass --tracking-uri to read another store")
     for experiment in experiments:
         print_sweep_status(client, experiment, args.tracking_uri)
     return 0
