@@ -529,13 +529,9 @@ def test_figures_are_drawn_in_spawned_processes_where_forking_is_unsafe(odd, mon
 def test_best_trials_that_cannot_be_scored_are_not_told_to_wait_for_a_finished_trial(store, tmp_path):
     # with the data sets out of reach it said "Report again once both sides of a comparison have a finished trial"
     # of two sides that had one each; the cause, and its fix, were in the notes only
-    unscored = SweepWriter(store["uri"], "unscored", store["tmp"] / "artifacts" / "unscored")
-    for variant in ("baseline", "attzoom"):
-        study = unscored.study("tiny_resnet", "cluttered-digits", variant)
-        unscored.trial(study, f"{variant}-1", [(50, 80)], ADAM, checkpoint=store["tmp"] / "trained" / "best.pt")
-        unscored.finish_study(study, 1, 0)
-    (tmp_path / "afile").write_text("not a folder")
-    intro = verdict_intro(build(store["uri"], "unscored", data_root=str(tmp_path / "afile"), with_figures=False))
+    unscorable_pair(SweepWriter(store["uri"], "unscored", store["tmp"] / "artifacts" / "unscored"), "tiny_resnet",
+                    store)
+    intro = intro_without_data(store, "unscored", tmp_path)
     assert "lack a test score" in intro and "have a finished trial" not in intro and "--data-root" in intro, intro
 
 
@@ -545,13 +541,23 @@ def test_no_comparison_yet_names_both_causes_when_both_hold(store, tmp_path):
     mixed.study("tiny_resnet", "cluttered-digits", "baseline")  # no trial yet
     waiting = mixed.study("tiny_resnet", "cluttered-digits", "attzoom")
     mixed.trial(waiting, "w1", [(50, 80)], ADAM, test=(49.0, 79.0))
-    for variant in ("baseline", "attzoom"):
-        study = mixed.study("resnet50", "cluttered-digits", variant)
-        mixed.trial(study, f"{variant}-1", [(50, 80)], ADAM, checkpoint=store["tmp"] / "trained" / "best.pt")
-        mixed.finish_study(study, 1, 0)
-    (tmp_path / "afile").write_text("not a folder")
-    intro = verdict_intro(build(store["uri"], "mixed", data_root=str(tmp_path / "afile"), with_figures=False))
+    unscorable_pair(mixed, "resnet50", store)
+    intro = intro_without_data(store, "mixed", tmp_path)
     assert "have a finished trial" in intro and "can be scored" in intro and "--data-root" in intro, intro
+
+
+def unscorable_pair(writer: SweepWriter, backbone: str, store) -> None:
+    """A baseline and an AttZoom study of ``backbone``, each with a finished trial that has no test score yet."""
+    for variant in ("baseline", "attzoom"):
+        study = writer.study(backbone, "cluttered-digits", variant)
+        writer.trial(study, f"{variant}-1", [(50, 80)], ADAM, checkpoint=store["tmp"] / "trained" / "best.pt")
+        writer.finish_study(study, 1, 0)
+
+
+def intro_without_data(store, sweep: str, tmp_path: Path) -> str:
+    """The verdict's intro of a report whose --data-root cannot serve: the best trials cannot be scored."""
+    (tmp_path / "afile").write_text("not a folder")
+    return verdict_intro(build(store["uri"], sweep, data_root=str(tmp_path / "afile"), with_figures=False))
 
 
 def test_a_one_seed_confirm_is_said_to_be_too_few_to_count(store):
