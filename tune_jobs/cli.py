@@ -462,10 +462,8 @@ def job_status(client, job_id: str, address: str | None):
     where = address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")
     import shlex
 
-    ray = Path(sys.executable).parent / "ray"  # this environment's, as attzoom_executable
-    ray = shlex.quote(str(ray)) if ray.is_file() else "ray"
     raise SpecError(f"the Ray cluster at {where} has no job {job_id!r}; list its jobs with "
-                    f"`{ray} job list --address {shlex.quote(str(where))}`")
+                    f"`{executable('ray')} job list --address {shlex.quote(str(where))}`")
 
 
 def run_ui_command(args) -> int:
@@ -475,14 +473,23 @@ def run_ui_command(args) -> int:
 
 
 def attzoom_executable() -> str:
-    """The `attzoom` of this environment, as a path that works from any folder (the demo runs in the project's,
-    and a user copies its hints into a shell that may be elsewhere), quoted for a shell; plain `attzoom` when it
-    is not installed, or in a Ray job's driver, whose hints are read (`attzoom logs`) on another machine."""
+    """The `attzoom` of this environment (executable)."""
+    return executable("attzoom")
+
+
+def executable(name: str) -> str:
+    """A command of this environment, as a path that works from any folder (the demo runs in the project's, and a
+    user copies its hints into a shell that may be elsewhere), quoted for a shell; the plain name when it is not
+    installed, or in a Ray job's driver, whose hints are read (`attzoom logs`) on another machine."""
     import shlex
 
-    installed = Path(sys.executable).parent / "attzoom"
-    in_a_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # Ray sets it for a submitted job's driver
-    return shlex.quote(str(installed)) if installed.is_file() and not in_a_job else "attzoom"
+    installed = Path(sys.executable).parent / name
+    return shlex.quote(str(installed)) if installed.is_file() and not in_ray_job() else name
+
+
+def in_ray_job() -> bool:
+    """Whether this is a submitted job's driver (Ray sets the variable for it), which runs on the cluster's head."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def ui_command(spec) -> str:

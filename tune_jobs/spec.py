@@ -528,9 +528,10 @@ def _check_login(tracking_uri: str) -> None:
 def read_failed(tracking_uri: str, error: BaseException) -> None:
     """A server that answers /health but fails a read (a 404 under a proxy's path, a 5xx): one line, not a
     traceback."""
-    reason = hide_password(" ".join(str(error).split()))[:200]
+    from .infra import short_error  # infra imports this module
+
     raise SpecError(f"the tracking server {hide_password(tracking_uri)} answers /health but failed a read "
-                    f"({type(error).__name__}: {reason}); check the URI's path and the server's log") from None
+                    f"({short_error(error)}); check the URI's path and the server's log") from None
 
 
 def login_refused(tracking_uri: str, code: int) -> str:

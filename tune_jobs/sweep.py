@@ -330,9 +330,11 @@ def resume_command(spec: Spec, address: str | None = None) -> str:
 def driver_address(address: str | None) -> str:
     """The --address a hint names for a driver that joined ``address`` ("" for a local Ray): as given, but `auto`
     inside a Ray job (`attzoom submit`), whose driver runs on the head, where `auto` finds the cluster."""
+    from .cli import in_ray_job
+
     if not address or address == "local":
         return ""
-    return "auto" if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else address
+    return "auto" if in_ray_job() else address
 
 
 def recorded_address(spec: Spec) -> str | None:

@@ -74,10 +74,8 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
     if tracking_uri.startswith(("http://", "https://")):
         return run_beside_server(tracking_uri, sweep, optuna_storage, optuna_port)
     storage = optuna_storage or default_optuna_storage(tracking_uri)
-    database = sqlite_file(storage) if storage else None
-    if database is not None and not database.is_file():
-        if optuna_storage:
-            raise SpecError(f"no Optuna storage at {database}; pass --optuna-storage with the sweep's storage URL")
+    if (database := absent_database(storage)) is not None:
+        check_given_storage(optuna_storage)
         print(f"no Optuna storage at {database} (a sweep keeps its studies there); starting only the MLflow UI",
               flush=True)
         storage = None
@@ -87,10 +85,7 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
     ports = {"MLflow UI": port, **({"optuna-dashboard": optuna_port} if storage else {})}
     if len(set(ports.values())) < len(ports):
         raise SpecError(f"--port and --optuna-port are both {port}; give optuna-dashboard another")
-    for name, number in ports.items():
-        if not free(number):
-            option = "--port" if name == "MLflow UI" else "--optuna-port"
-            raise SpecError(f"port {number} on {HOST} is in use (another `attzoom ui`?); pass {option} with a free one")
+    check_free(ports)
     base = f"http://{HOST}:{port}"
     addresses = sweep_addresses(tracking_uri, sweep, base)  # migrates a store a sweep has just made, under its lock
 
@@ -110,12 +105,9 @@ def run_ui(tracking_uri: str, sweep: str | None, port: int, optuna_storage: str 
 def run_beside_server(tracking_uri: str, sweep: str | None, optuna_storage: str | None, optuna_port: int) -> int:
     """An MLflow server shows its runs in its own UI (a local `mlflow ui` cannot serve an http(s) store: MLflow
     refuses it for the model registry): its addresses, without the login, and only optuna-dashboard to start."""
-    database = sqlite_file(optuna_storage) if optuna_storage else None
-    if database is not None and not database.is_file():
-        raise SpecError(f"no Optuna storage at {database}; pass --optuna-storage with the sweep's storage URL")
-    if optuna_storage and not free(optuna_port):
-        raise SpecError(f"port {optuna_port} on {HOST} is in use (another `attzoom ui`?); pass --optuna-port with a "
-                        "free one")
+    check_given_storage(optuna_storage)
+    if optuna_storage:
+        check_free({"optuna-dashboard": optuna_port})
     base = split_login(tracking_uri)[0].rstrip("/")
     addresses = sweep_addresses(tracking_uri, sweep, base)
     title = "MLflow UI (the tracking server's own)"
@@ -130,6 +122,28 @@ def run_beside_server(tracking_uri: str, sweep: str | None, optuna_storage: str 
                          lambda: print_addresses(base, addresses, optuna_storage, optuna_port, title,
                                                  "Ctrl-C stops optuna-dashboard."),
                          private, dashboard_environment(private, verbose))
+
+
+def absent_database(storage: str | None) -> Path | None:
+    """The SQLite file an Optuna storage URL names, where there is none."""
+    database = sqlite_file(storage) if storage else None
+    return database if database is not None and not database.is_file() else None
+
+
+def check_given_storage(optuna_storage: str | None) -> None:
+    """An --optuna-storage given by hand must be there (the default one may be missing: only MLflow's UI starts)."""
+    if (database := absent_database(optuna_storage)) is not None:
+        raise SpecError(f"no Optuna storage at {database}; pass --optuna-storage with the sweep's storage URL")
+
+
+OPTIONS = {"MLflow UI": "--port", "optuna-dashboard": "--optuna-port"}  # the option that sets each server's port
+
+
+def check_free(ports: dict[str, int]) -> None:
+    for name, number in ports.items():
+        if not free(number):
+            raise SpecError(f"port {number} on {HOST} is in use (another `attzoom ui`?); pass {OPTIONS[name]} with a "
+                            "free one")
 
 
 def dashboard_command(storage: str, private: str, optuna_port: int, verbose: bool) -> list[str]:
