@@ -485,15 +485,20 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     runs = sorted(runs, key=lambda r: r.info.start_time)
     assert len(runs) == 8
     events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
-    running, peak = 0, 0
-    for _, change in events:
+    last_start = runs[-1].info.start_time
+    running, peak, freed = 0, 0, None
+    for when, change in events:
         running += change
         peak = max(peak, running)
+        if change < 0 and running == 1 and when <= last_start:
+            freed = when  # one of the cap's two slots came free
     assert peak == 2  # the cap holds across studies ...
     studies = [r.data.tags[STUDY] for r in runs]
     assert studies[:2] != [studies[0]] * 2  # ... both studies start at once, fewest trials first
-    last_start = runs[-1].info.start_time
-    assert any(r.info.start_time < last_start < r.info.end_time for r in runs[:-1]), "cluster idled at the end"
+    # ... and the last trial takes a slot as it comes free, not once the other trial has ended too. Measured as how
+    # long the slot stood empty, not as an overlap: pruned trials of the same length may end in the same second
+    # (0.27 s apart, the last starting 0.8 s after the first ended, failed the overlap check on a busy machine)
+    assert last_start - freed < 2500, f"the cluster idled {last_start - freed} ms at the end"
 
     # ASHA: some trials pruned, each study's rung holding its own trials only, the first driver's included
     pruned = {r.data.tags[TRIAL] for r in runs if r.data.tags[STATUS] == PRUNED_STATUS}
