@@ -106,18 +106,24 @@ class TrainConfig:
 def check_types(config) -> None:
     """Each field against its annotation: a wrong type (epochs="2", batch_size=64.0) passed the range checks and
     failed as a bare TypeError deep in training, after the data had loaded."""
-    hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
-        if not _is_a(value, hints[f.name]):
-            expected = _describe(hints[f.name])
+        expected = expected_type(f.name, value)
+        if expected:
             raise ConfigError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); pass {expected}"
                               f" such as {f.name}={f.default!r}")
 
 
+def expected_type(name: str, value) -> str | None:
+    """What TrainConfig's field ``name`` takes, in words, where ``value`` is not of it (else None): one rule for
+    a Python caller's TrainConfig and a sweep spec's [train] table."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    return None if _is_a(value, kind) else _describe(kind)
+
+
 def _is_a(value, kind) -> bool:
     """Ints count as floats (lr=1); bools count as neither (True is an int to Python); numpy's numbers are numbers
-    (a sweep's sampled values)."""
+    (a sweep's sampled values); NaN and inf are not (NaN passes every range check)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         return any(_is_a(value, arg) for arg in args)
@@ -127,7 +133,8 @@ def _is_a(value, kind) -> bool:
         return value is None
     if kind in (int, float):
         number = numbers.Integral if kind is int else numbers.Real
-        return isinstance(value, number) and not isinstance(value, bool)
+        return isinstance(value, number) and not isinstance(value, bool) and \
+            (isinstance(value, numbers.Integral) or math.isfinite(value))
     return isinstance(value, kind) if isinstance(kind, type) else True
 
 
@@ -138,7 +145,7 @@ def _items_are(items, args) -> bool:
     return not args or len(items) == len(args) and all(_is_a(i, a) for i, a in zip(items, args))
 
 
-TYPE_NAMES = {int: ["an integer"], float: ["a number"], bool: ["True", "False"], str: ["a string"],
+TYPE_NAMES = {int: ["an integer"], float: ["a finite number"], bool: ["True", "False"], str: ["a string"],
               type(None): ["None"]}
 
 

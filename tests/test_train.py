@@ -489,9 +489,9 @@ def test_a_corrupt_last_pt_is_told_in_whole_words_not_cut_mid_sentence(tmp_path)
 
 @pytest.mark.parametrize("key,value,expected", [
     ("epochs", "2", "an integer"), ("epochs", 1.5, "an integer"), ("batch_size", 64.0, "an integer"),
-    ("epochs", True, "an integer"), ("lr", "1e-3", "a number"), ("threshold", "0.5", "a number"),
+    ("epochs", True, "an integer"), ("lr", "1e-3", "a finite number"), ("threshold", "0.5", "a finite number"),
     ("cifar_stem", "yes", "True or False"), ("augment", 0, "True or False"), ("data_root", 5, "a string"),
-    ("amp", "on", "True, False or None"), ("gpu_memory_fraction", "0.5", "a number or None"),
+    ("amp", "on", "True, False or None"), ("gpu_memory_fraction", "0.5", "a finite number or None"),
 ])
 def test_a_value_of_the_wrong_type_is_a_config_error_naming_it_before_any_data_loads(monkeypatch, key, value,
                                                                                       expected):

@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from attzoom.config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
+from attzoom.config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expected_type
 from attzoom.names import BACKBONES, DATASETS, POSITIONS, VARIANTS
 
 from .layout import study_name
@@ -703,11 +703,10 @@ def _validate_search(search: SearchSpace, fail) -> None:
 
 
 def _validate_train(spec: Spec, fail) -> None:
-    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}  # e.g. "float | None"
     for key, value in spec.train.items():
-        kinds = annotations[key].replace(" ", "").split("|")
-        if not any(_is_a(value, kind) for kind in kinds):
-            fail(f"train.{key} must be {' or '.join(kinds)}, got {value!r}")
+        expected = expected_type(key, value)
+        if expected:
+            fail(f"train.{key} must be {expected}, got {value!r}")
     study = spec.studies[0]
     try:
         spec.train_config(study, {}).validate()
@@ -733,14 +732,6 @@ def _positive_int(spec: Spec, key: str, fail) -> None:
     value = getattr(spec, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         fail(f"{key} must be a positive integer, got {value!r}")
-
-
-def _is_a(value, kind: str) -> bool:
-    """TOML value against a TrainConfig annotation name; bools are not numbers, ints are floats."""
-    if isinstance(value, bool):
-        return kind == "bool"
-    return {"bool": False, "int": isinstance(value, int), "float": _number(value), "str": isinstance(value, str),
-            "None": value is None}.get(kind, True)
 
 
 def _number(value) -> bool:
