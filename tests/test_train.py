@@ -509,5 +509,5 @@ def test_ints_for_floats_and_a_sweeps_numpy_numbers_pass_the_type_check():
 
     config(lr=1, threshold=0, gpu_memory_fraction=1, amp=None).validate()
     config(lr=np.float64(0.01), batch_size=np.int64(32), momentum=np.float32(0.5), step_size=np.int32(3),
-           amp=True, channels_last=False).validate()
+           amp=True, channels_last=False, augment=np.bool_(False), cifar_stem=np.True_).validate()
     assert TrainConfig.from_dict(config(lr=0.5).to_dict()).lr == 0.5
