@@ -440,12 +440,21 @@ def test_a_whole_tinyimagenet_copy_passes_and_is_checked_once_per_version(tmp_pa
                                                "data_root", str(tmp_path / "data"))))
     checked = []
     monkeypatch.setattr(datafiles, "check_images", lambda files: checked.append(len(files)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     preflight(spec)
     preflight(spec)
     assert checked == [3 * 4 + 6]
     next(folder.glob("train/*/images/*.JPEG")).touch()  # another version of the files: checked again
     preflight(spec)
     assert checked == [18, 18]
+    # noted in the user's cache folder, not in the process: each sweep's driver read every image again (110,000:
+    # seconds, or minutes on a network volume). Where it cannot be noted, the check runs each time, and passes
+    assert len(list((tmp_path / "cache" / "attzoom" / "checked").iterdir())) == 2  # one note per version
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    preflight(spec)
+    preflight(spec)
+    assert checked == [18, 18, 18, 18]
 
 
 def test_a_cluster_without_gpus_now_is_refused_only_where_no_autoscaler_can_add_them(tmp_path):

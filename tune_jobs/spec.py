@@ -381,10 +381,10 @@ def _check_tinyimagenet(root: Path) -> None:
             raise _missing(root, "tinyimagenet", path, layout)
     try:
         train, test = tiny_files(folder, tiny_wnids(folder))
-        key = files_key(folder, train + test)
-        if key not in _whole_images:  # preflight runs twice; 110,000 images take seconds
+        marker = _checked_marker(files_key(folder, train + test))
+        if not marker.exists():
             check_images(train + test)
-            _whole_images.add(key)
+            _leave(marker)
     except DataError as e:
         raise SpecError(f"data_root: {e}; copy tiny-imagenet-200/ again") from None
     except OSError as e:  # a folder that cannot be listed, a link to nothing: the loader's stat would fail as well
@@ -392,7 +392,20 @@ def _check_tinyimagenet(root: Path) -> None:
                         "copy tiny-imagenet-200/ again") from None
 
 
-_whole_images: set[str] = set()  # the files keys of the Tiny-ImageNet copies checked whole in this process
+def _checked_marker(key: str) -> Path:
+    """Where it is noted that this version of the files (``files_key``) was found whole: each sweep's driver read
+    all 110,000 images again, twice (seconds on a local disk, minutes on a cold network volume)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return home / "attzoom" / "checked" / f"tinyimagenet-{key}"
+
+
+def _leave(marker: Path) -> None:
+    """Best effort: where the cache folder cannot be written, the next check reads the images again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
 
 
 def check_writable(key: str, location: str) -> None:
