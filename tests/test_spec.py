@@ -1001,6 +1001,65 @@ def test_the_recorded_address_follows_the_last_driver_and_a_local_one_records_no
     assert recorded_address(spec) == ""
 
 
+def test_two_drivers_of_one_name_with_different_storage_cannot_both_write_to_the_experiment(tmp_path):
+    # started within seconds (the name check before the start saw no runs yet), both ran in one experiment and one
+    # set of Optuna studies, and each deleted the other's runs as orphans: QA pass 9 lost every run of a sweep
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.sweep import _prepare_tracking, save_spec
+    from tune_jobs.tracking import recorded_storage, sweep_experiment
+
+    first = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    second = replace(first, storage=str(tmp_path / "other"))
+    save_spec(first)  # as each driver does, holding its storage's lease, before it prepares the store
+    save_spec(second)
+    with sweep_lease(first.storage, first.name, tracking_uri=first.tracking_uri):
+        experiment_id, parents = _prepare_tracking(first, "")
+        with sweep_lease(second.storage, second.name, tracking_uri=second.tracking_uri), \
+                pytest.raises(SpecError) as refused:
+            _prepare_tracking(second, "")
+    message = str(refused.value)
+    assert f"a sweep named 'tiny' with its results in {first.storage} is in the tracking store" in message, message
+    assert "it is running now (pid " in message and message.endswith("or give this sweep another name"), message
+    experiment = sweep_experiment(first.tracking_uri, first.name)
+    assert recorded_storage(experiment) == first.storage  # the second wrote nothing, not even its spec
+    assert len(MlflowClient(first.tracking_uri).search_runs([experiment_id])) == len(parents)
+
+    (Path(first.storage) / first.name / "experiment_state-1.json").write_text("{}")  # the first has trials now
+    with pytest.raises(SpecError, match=rf"continue it with `.*resume tiny --storage {first.storage}`"):
+        _prepare_tracking(second, "")
+    (Path(first.storage) / first.name / "experiment_state-1.json").unlink()
+    # the first stopped before its trials and its driver is gone, or its storage was moved: the name is free
+    assert _prepare_tracking(second, "")[0] == experiment_id
+    assert recorded_storage(sweep_experiment(first.tracking_uri, first.name)) == second.storage
+    (tmp_path / "link").symlink_to(second.storage)  # the same folder by another path: the same sweep
+    assert _prepare_tracking(replace(second, storage=str(tmp_path / "link")), "")[0] == experiment_id
+
+
+def test_of_two_drivers_creating_the_experiment_at_once_one_makes_it_and_the_other_finds_it(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs import tracking
+    from tune_jobs.layout import experiment_name
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    other = tracking.prepare_store(spec.tracking_uri, "other")  # the store exists
+    looked = MlflowClient.get_experiment_by_name
+
+    def made_meanwhile(client, name):  # the other driver creates it between this one's look and its create
+        found = looked(client, name)
+        if found is None:
+            MlflowClient(spec.tracking_uri).create_experiment(name, tags={"by": "the other driver"})
+        return found
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", made_meanwhile)
+    made = tracking.prepare_store(spec.tracking_uri, spec.name, tags={"by": "this driver"})
+    monkeypatch.undo()
+    experiment = MlflowClient(spec.tracking_uri).get_experiment_by_name(experiment_name(spec.name))
+    assert made == experiment.experiment_id != other and experiment.tags["by"] == "the other driver"
+
+
 def test_confirms_hints_name_the_drivers_address(tmp_path):
     from tune_jobs.confirm import confirm_closing, confirm_command
 

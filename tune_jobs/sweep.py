@@ -195,6 +195,10 @@ def check_unchanged_since_start(spec: Spec) -> None:
     except Exception:  # noqa: BLE001 - a store out of reach: the resume waits it out as a sweep does
         return
     check_not_deleted(experiment, spec.tracking_uri)
+    if experiment is not None:  # a resume in another storage of another sweep's name: before a local Ray starts
+        from .tracking import recorded_storage
+
+        check_owner(spec, recorded_storage(experiment))
     text = experiment.tags.get(layout.SPEC) if experiment else None
     try:
         started, now = json.loads(text or "null"), json.loads(spec_json(spec))
@@ -376,6 +380,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
+        _wait_for_owner_check(tracking)  # before Tune writes anything into this storage
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         if resume and tune.Tuner.can_restore(path):
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
@@ -419,7 +424,41 @@ def _prepare_tracking(spec: Spec, address: str) -> tuple[str, dict[str, str]]:
     from . import mlflow_callback, progress, searcher, space, trainable  # noqa: F401
     from .tracking import prepare_tracking
 
-    return prepare_tracking(spec, address)
+    return prepare_tracking(spec, address, check_owner=lambda recorded: check_owner(spec, recorded))
+
+
+def check_owner(spec: Spec, recorded: str) -> None:
+    """The experiment of this name names another storage (``recorded``) that holds a sweep, or whose driver runs:
+    two sweeps of one name would share the experiment and the Optuna studies, and each delete the other's runs as
+    orphans (two people who picked one name, started within seconds: the name check before the start saw no runs
+    yet). A storage that holds no such sweep any more was moved, or never got past its spec: this one goes on."""
+    from .lease import driver_gone
+
+    if not recorded or _same_storage(recorded, spec.storage):
+        return
+    names = folder_names(recorded, spec.name)
+    if any(name != SPEC_FILE for name in names) or (names and not driver_gone(recorded, spec.name, spec.tracking_uri)):
+        raise SpecError(f"a sweep named {spec.name!r} with its results in {recorded} is in the tracking store "
+                        f"{hide_password(spec.tracking_uri)} too; {how_to_go_on(replace(spec, storage=recorded))} "
+                        "or give this sweep another name")
+
+
+def _same_storage(a: str, b: str) -> bool:
+    """One folder however spelled (a link, a trailing slash); cloud URIs as written."""
+    if is_remote(a) or is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return local_path(a).resolve() == local_path(b).resolve()
+
+
+def _wait_for_owner_check(tracking) -> None:
+    """No trial (and so no Optuna trial) starts before the store said the name is this sweep's; a store out of reach
+    is waited out later, as a sweep does (MlflowCallback)."""
+    try:
+        tracking.result()
+    except SpecError:
+        raise
+    except Exception:  # noqa: BLE001 - the outage path: prepared again at the end (_tracking_ids)
+        pass
 
 
 def _tracking_ids(tracking, spec: Spec, address: str) -> tuple[str, dict[str, str]]:
@@ -429,7 +468,7 @@ def _tracking_ids(tracking, spec: Spec, address: str) -> tuple[str, dict[str, st
     except Exception:  # noqa: BLE001 - the outbox has since made every write, so the store answers again
         from .tracking import prepare_tracking
 
-        return prepare_tracking(spec, address)
+        return prepare_tracking(spec, address, check_owner=lambda recorded: check_owner(spec, recorded))
 
 
 def trial_dirname(trial) -> str:

@@ -26,19 +26,26 @@ from .spec import (Spec, SpecError, Study, check_store_exists, database_answers,
                    local_path, shared_spec_json, sqlite_file, sqlite_tables)
 
 
-def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None) -> str:
-    """The sweep's experiment id; the store (migrated if new) and the experiment are created if missing.
+def prepare_store(tracking_uri: str, sweep: str, storage: str | None = None, tags: dict | None = None) -> str:
+    """The sweep's experiment id; the store (migrated if new) and the experiment, with ``tags``, are created if
+    missing. Of two drivers creating it at once, one makes it and the other finds it.
 
     Artifacts (the best checkpoints) go beside a SQLite store; with a database URL (PostgreSQL), under the
     sweep's ``storage`` (MLflow's default would be ./mlruns of whatever folder the driver ran in); a
     tracking server keeps its own.
     """
+    from mlflow.exceptions import MlflowException
+
     client = open_store(tracking_uri)
-    found = client.get_experiment_by_name(experiment_name(sweep))
-    if found:
+    if found := client.get_experiment_by_name(experiment_name(sweep)):
         return found.experiment_id
-    return client.create_experiment(experiment_name(sweep), tags=naming.experiment_tags(sweep),  # naming.py: the UI
-                                    artifact_location=artifact_location(tracking_uri, sweep, storage))
+    try:
+        return client.create_experiment(experiment_name(sweep), tags={**naming.experiment_tags(sweep), **(tags or {})},
+                                        artifact_location=artifact_location(tracking_uri, sweep, storage))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(experiment_name(sweep)).experiment_id
 
 
 def artifact_location(tracking_uri: str, sweep: str, storage: str | None) -> str | None:
@@ -96,15 +103,21 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
     return layout.study_tags(spec.name, study.backbone, study.dataset, study.variant)
 
 
-def prepare_tracking(spec: Spec, address: str | None = None) -> tuple[str, dict[str, str]]:
+def prepare_tracking(spec: Spec, address: str | None = None,
+                     check_owner: Callable[[str], None] | None = None) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id}).
 
     ``address``: the driver's --address as its hints name it ("" for a local Ray), kept for `attzoom status`, which
-    reads only the store; None leaves the recorded one (a restored logger does not know it)."""
-    experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage)
+    reads only the store; None leaves the recorded one (a restored logger does not know it). ``check_owner`` hears
+    the storage the experiment names (its spec's, from its creation on) before this driver writes anything: it
+    raises where that is another sweep's (sweep.check_owner)."""
+    shared = shared_spec_json(spec)
+    experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage, tags={layout.SPEC: shared})
     client = MlflowClient(spec.tracking_uri)
+    if check_owner:
+        check_owner(recorded_storage(client.get_experiment(experiment_id)))
     # also on an older sweep's experiment
-    tags = {layout.SPEC: shared_spec_json(spec), **naming.experiment_tags(spec.name)}
+    tags = {layout.SPEC: shared, **naming.experiment_tags(spec.name)}
     if address is not None:
         tags[layout.ADDRESS] = address
     for key, value in tags.items():
@@ -175,8 +188,16 @@ def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - a server that answers but refuses (401, 5xx): one line, not a traceback
         raise SpecError(f"cannot read the tracking store {hide_password(tracking_uri)} ({short_error(e)}); check "
                         "that it is an MLflow store you may read, or fix --tracking-uri") from None
-    saved = experiment.tags.get(layout.SPEC)
-    return json.loads(saved).get("storage", "") if saved else ""
+    return recorded_storage(experiment)
+
+
+def recorded_storage(experiment) -> str:
+    """The storage of the sweep whose spec the experiment holds; "" where it does not say (an older version's)."""
+    try:
+        saved = json.loads(experiment.tags.get(layout.SPEC) or "{}")
+    except ValueError:
+        return ""
+    return saved.get("storage", "") if isinstance(saved, dict) else ""
 
 
 def study_runs(tracking_uri: str, experiment_id: str, spec: Spec) -> dict[str, str]:
