@@ -1007,7 +1007,7 @@ def test_two_drivers_of_one_name_with_different_storage_cannot_both_write_to_the
     from mlflow.tracking import MlflowClient
 
     from tune_jobs.lease import sweep_lease
-    from tune_jobs.sweep import _prepare_tracking, save_spec
+    from tune_jobs.sweep import _prepare_tracking, check_unchanged_since_start, save_spec
     from tune_jobs.tracking import recorded_storage, sweep_experiment
 
     first = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
@@ -1027,8 +1027,9 @@ def test_two_drivers_of_one_name_with_different_storage_cannot_both_write_to_the
     assert len(MlflowClient(first.tracking_uri).search_runs([experiment_id])) == len(parents)
 
     (Path(first.storage) / first.name / "experiment_state-1.json").write_text("{}")  # the first has trials now
-    with pytest.raises(SpecError, match=rf"continue it with `.*resume tiny --storage {first.storage}`"):
-        _prepare_tracking(second, "")
+    for check in (lambda: _prepare_tracking(second, ""), lambda: check_unchanged_since_start(second)):  # a resume's
+        with pytest.raises(SpecError, match=rf"continue it with `.*resume tiny --storage {first.storage}`"):
+            check()
     (Path(first.storage) / first.name / "experiment_state-1.json").unlink()
     # the first stopped before its trials and its driver is gone, or its storage was moved: the name is free
     assert _prepare_tracking(second, "")[0] == experiment_id
