@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .config import DataError  # noqa: F401 - re-exported
-from .datafiles import TINY_SIZE, files_key, read_cifar_part, tiny_files, tiny_wnids, unreadable_image, wrong_size
+from .datafiles import (TINY_SIZE, ClutterSpec, digits_cache, files_key, read_cifar_part, tiny_files, tiny_wnids,
+                        unreadable_image, wrong_size)
 from .names import DATASETS
 
 
@@ -151,19 +152,6 @@ def _read_images(files: list[tuple[Path, int]]) -> ImageSet:
 
 # --- Cluttered digits (embedded, generated) -------------------------------------------
 
-@dataclass(frozen=True)
-class ClutterSpec:
-    """How the cluttered-digits set is drawn; the cache key is derived from it."""
-
-    canvas: int = 32
-    digit_sizes: tuple[int, int] = (12, 18)
-    fragments: tuple[int, int] = (3, 6)
-    fragment_size: int = 6
-    train_per_digit: int = 4
-    test_per_digit: int = 2
-    seed: int = 0
-
-
 def load_cluttered_digits(root: Path, spec: ClutterSpec = ClutterSpec()) -> tuple[ImageSet, ImageSet, int]:
     """Cluttered digits: scikit-learn's 8x8 digits scaled onto a larger canvas with clutter.
 
@@ -171,7 +159,7 @@ def load_cluttered_digits(root: Path, spec: ClutterSpec = ClutterSpec()) -> tupl
     ships inside scikit-learn, so the demo needs no download. Deterministic in ``spec``
     and cached under ``root`` after the first build.
     """
-    cache = _cache_file(root / "cluttered-digits", _spec_key(spec))
+    cache = digits_cache(root, spec)
     if cached := _read_cache(cache, spec.canvas, 10):
         return *cached, 10
     train, test = make_cluttered_digits(spec)
@@ -221,10 +209,6 @@ def _render(glyphs, labels, source, copies, spec: ClutterSpec, gen) -> ImageSet:
 def _paste_max(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> None:
     h, w = patch.shape
     canvas[y:y + h, x:x + w] = torch.maximum(canvas[y:y + h, x:x + w], patch)
-
-
-def _spec_key(spec: ClutterSpec) -> str:
-    return "digits-" + hashlib.sha1(repr(spec).encode()).hexdigest()[:12]
 
 
 # --- caching and download -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,25 @@ TINY_LAYOUT = ("tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG an
                "val/images/*.JPEG with val/val_annotations.txt")
 TINY_SIZE = 64
 JPEG_END = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class ClutterSpec:
+    """How the cluttered-digits set is drawn; the cache key is derived from it."""
+
+    canvas: int = 32
+    digit_sizes: tuple[int, int] = (12, 18)
+    fragments: tuple[int, int] = (3, 6)
+    fragment_size: int = 6
+    train_per_digit: int = 4
+    test_per_digit: int = 2
+    seed: int = 0
+
+
+def digits_cache(root: Path, spec: ClutterSpec = ClutterSpec()) -> Path:
+    """Where the cluttered digits drawn by ``spec`` are kept once built: a trial only reads it from then on, so a
+    data root others share read-only serves it."""
+    return root / "cluttered-digits" / f".attzoom-digits-{hashlib.sha1(repr(spec).encode()).hexdigest()[:12]}.npz"
 
 
 def read_cifar_part(path: Path, note: str = "") -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def few_digits_root(digits_root, tmp_path_factory) -> Path:
 
     spec, root = data.ClutterSpec(), tmp_path_factory.mktemp("few-digits")
     train, test, _ = data.load_cluttered_digits(digits_root, spec)
-    cache = data._cache_file(root / "cluttered-digits", data._spec_key(spec))  # noqa: SLF001 - its own format
+    cache = data.digits_cache(root, spec)
     data._save_cache(cache, train_x=train.images[::4].numpy(), train_y=train.labels[::4].numpy(),  # noqa: SLF001
                      test_x=test.images[::4].numpy(), test_y=test.labels[::4].numpy())
     assert cache.is_file()  # else each test would build and train on the whole set, unseen

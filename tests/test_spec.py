@@ -430,6 +430,23 @@ def test_data_a_trial_would_refuse_is_refused_before_the_sweep(tmp_path, damage,
     assert err.count("\n") == 1 and "data_root: " in err and str(damaged) in err and "copy " in err, err
 
 
+def test_a_read_only_data_root_serves_cluttered_digits_once_they_are_built_there(tmp_path, monkeypatch):
+    # a team's shared data root, read-only to all but its owner: refused though every trial would have read the
+    # digits from it (root may write anywhere: the folder's permission is what _writable says)
+    from attzoom.datafiles import digits_cache
+    from tune_jobs import spec as specs
+
+    root = tmp_path / "shared"
+    root.mkdir()
+    spec = load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "data_root", str(root))))
+    monkeypatch.setattr(specs, "_writable", lambda path: path != root)
+    with pytest.raises(SpecError, match=f"data_root: {root} is not writable, and cluttered digits are generated"):
+        preflight(spec)
+    digits_cache(root).parent.mkdir()
+    digits_cache(root).write_bytes(b"built by the folder's owner")
+    assert preflight(spec).data_root == str(root)
+
+
 def test_a_whole_tinyimagenet_copy_passes_and_is_checked_once_per_version(tmp_path, monkeypatch):
     from test_data import write_tinyimagenet
 

@@ -334,9 +334,17 @@ def check_data(spec: Spec) -> None:
             _check_cifar100(root)
         elif dataset == "tinyimagenet":
             _check_tinyimagenet(root)
-        elif dataset == "cluttered-digits" and not _writable(root):
+        elif dataset == "cluttered-digits" and not _writable(root) and not _digits_built(root):
             raise SpecError(f"data_root: {root} is not writable, and cluttered digits are generated there; "
                             "set data_root to a writable folder")
+
+
+def _digits_built(root: Path) -> bool:
+    """Built once by whoever could write there, the digits are only read from then on (a team's shared data root,
+    read-only to the others, was refused though every trial would have trained from it)."""
+    from attzoom.datafiles import digits_cache
+
+    return os.access(digits_cache(root), os.R_OK)
 
 
 def _missing(root: Path, dataset: str, path: Path, layout: str) -> SpecError:
