@@ -67,15 +67,15 @@ def page(report) -> str:
     parts = [f"<h1>AttZoom sweep report: {escape(sweep.name)}</h1>",
              f"<p class='note'>Tracking store <code>{escape(hide_password(sweep.tracking_uri))}</code>, experiment "
              f"<code>{escape(experiment_name(sweep.name))}</code>, generated {escape(report.generated)}.</p>"]
+    if report.unfinished:  # first: every number below may still change
+        parts += [f"<div class='warn' id='unfinished'><strong>Unfinished studies ({len(report.unfinished)}):"
+                  "</strong> partial results below.", table(report.unfinished), "</div>"]
     if report.verdict:
         from .report import verdict_intro
 
         parts += ["<h2>Verdict: does AttZoom help?</h2>", f"<p>{markdown_code(verdict_intro(report))}</p>",
                   table(report.verdict, id="verdict")]
     parts += [f"<div class='warn gate'><strong>Warning:</strong> {escape(w)}</div>" for w in report.warnings]
-    if report.unfinished:
-        parts += [f"<div class='warn' id='unfinished'><strong>Unfinished studies ({len(report.unfinished)}):"
-                  "</strong> partial results below.", table(report.unfinished), "</div>"]
     from .report import GATES, best_of_n_note
 
     parts += ["<h2>Best of N single-seed trials</h2>", f"<p class='note'>{escape(best_of_n_note(report))}</p>"]

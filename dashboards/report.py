@@ -236,12 +236,12 @@ def to_markdown(report: Report) -> str:
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
              f"Tracking store `{hide_password(sweep.tracking_uri)}`, experiment `{experiment_name(sweep.name)}`, "
              f"generated {report.generated}."]
+    if report.unfinished:  # first: every number below may still change
+        parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
+                  markdown(report.unfinished)]
     if report.verdict:
         parts += ["", "## Verdict: does AttZoom help?", "", verdict_intro(report), "", markdown(report.verdict)]
     parts += [f"\n> **Warning:** {warning}" for warning in report.warnings]
-    if report.unfinished:
-        parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
-                  markdown(report.unfinished)]
     parts += ["", "## Best of N single-seed trials", "", best_of_n_note(report)]
     for dataset, rows in report.tables.items():
         parts += ["", f"### {dataset}", "", markdown(rows)]

@@ -133,6 +133,8 @@ def intro(sweep: Sweep, rows: list[dict], seeds: dict[str, int] | None = None) -
                          "--data-root)")
         return f"**No comparison yet.** {gaps} Report again once {' and '.join(waits)}."
     command = f"`attzoom confirm {sweep.name} --tracking-uri {store} --seeds 3`, then report again."
+    if sweep.unfinished:  # confirm refuses a sweep that runs or was cut short
+        command = f"once the sweep has finished ({progress}), {command}"
     if few := [f"{s.name} ({seeds[s.name]})" for s in _sides(sweep, compared) if 0 < (seeds or {}).get(s.name, 0) < 2]:
         command += (f" The seed re-runs of {', '.join(few)} are too few to count: a comparison needs 2 or more on "
                     "each side.")

@@ -393,6 +393,9 @@ def test_partial_sweep_lists_unfinished_studies(store, tmp_path):
     for path in (paths["md"], paths["html"]):
         text = path.read_text()
         assert "Unfinished studies (2)" in text and "resnet50.cifar100.resize2x" in text
+        # listed first, as the README says (they came after the verdict); confirm refuses an unfinished sweep
+        assert text.index("Unfinished studies") < text.index("Verdict: does AttZoom help?"), path
+        assert "re-train the best configs with 3 seeds: once the sweep has finished (" in text, path
 
 
 def test_html_is_self_contained(small_report):
