@@ -136,6 +136,30 @@ def test_runs_a_killed_driver_left_running_end_killed_when_the_next_driver_prepa
     assert summarize(runs.client, experiment)[study]["stopped"] == 1
 
 
+def test_a_resuming_driver_opens_the_parent_runs_of_unfinished_studies_again(tmp_path):
+    # they read KILLED in the MLflow UI and the report while their trials ran again, until the sweep ended (QA pass 9)
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import prepare_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    demo = Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml"
+    spec = replace(load_spec(demo), tracking_uri=uri, storage=str(tmp_path / "r"))
+    _, parents = prepare_tracking(spec)
+    client = MlflowClient(uri)
+    cut, done = parents.values()
+    client.set_terminated(cut, "KILLED")  # as an interrupted sweep ends its studies
+    client.set_terminated(done, "FINISHED")
+    prepare_tracking(spec)  # a confirm, or a reader's preparation: runs no trial
+    assert client.get_run(cut).info.status == "KILLED"
+    prepare_tracking(spec, "", reopen=True)  # the resume's driver
+    assert [client.get_run(r).info.status for r in (cut, done)] == ["RUNNING", "FINISHED"]
+
+
 def test_an_orphan_trials_run_is_deleted_killed_not_running(tmp_path):
     # a trial the restored experiment does not know: its run went to the bin still RUNNING (the resumed driver had
     # reopened it from the kept writes), so a restored run read as running with nothing training it

@@ -424,7 +424,7 @@ def _prepare_tracking(spec: Spec, address: str) -> tuple[str, dict[str, str]]:
     from . import mlflow_callback, progress, searcher, space, trainable  # noqa: F401
     from .tracking import prepare_tracking
 
-    return prepare_tracking(spec, address, check_owner=lambda recorded: check_owner(spec, recorded))
+    return prepare_tracking(spec, address, check_owner=lambda recorded: check_owner(spec, recorded), reopen=True)
 
 
 def check_owner(spec: Spec, recorded: str) -> None:
@@ -466,9 +466,7 @@ def _tracking_ids(tracking, spec: Spec, address: str) -> tuple[str, dict[str, st
     try:
         return tracking.result()
     except Exception:  # noqa: BLE001 - the outbox has since made every write, so the store answers again
-        from .tracking import prepare_tracking
-
-        return prepare_tracking(spec, address, check_owner=lambda recorded: check_owner(spec, recorded))
+        return _prepare_tracking(spec, address)
 
 
 def trial_dirname(trial) -> str:

@@ -103,14 +103,15 @@ def study_tags(spec: Spec, study: Study) -> dict[str, str]:
     return layout.study_tags(spec.name, study.backbone, study.dataset, study.variant)
 
 
-def prepare_tracking(spec: Spec, address: str | None = None,
-                     check_owner: Callable[[str], None] | None = None) -> tuple[str, dict[str, str]]:
+def prepare_tracking(spec: Spec, address: str | None = None, check_owner: Callable[[str], None] | None = None,
+                     reopen: bool = False) -> tuple[str, dict[str, str]]:
     """The store, the sweep's experiment and every study's parent run: (experiment id, {study: run id}).
 
     ``address``: the driver's --address as its hints name it ("" for a local Ray), kept for `attzoom status`, which
     reads only the store; None leaves the recorded one (a restored logger does not know it). ``check_owner`` hears
     the storage the experiment names (its spec's, from its creation on) before this driver writes anything: it
-    raises where that is another sweep's (sweep.check_owner)."""
+    raises where that is another sweep's (sweep.check_owner). ``reopen``: a driver that runs the trials opens
+    the parent runs of studies an earlier one left unfinished (KILLED, while their trials run again)."""
     shared = shared_spec_json(spec)
     experiment_id = prepare_store(spec.tracking_uri, spec.name, spec.storage, tags={layout.SPEC: shared})
     client = MlflowClient(spec.tracking_uri)
@@ -123,7 +124,11 @@ def prepare_tracking(spec: Spec, address: str | None = None,
     for key, value in tags.items():
         client.set_experiment_tag(experiment_id, key, value)
     stop_leftover_runs(client, experiment_id)
-    return experiment_id, study_runs(spec.tracking_uri, experiment_id, spec)
+    parents = study_runs(spec.tracking_uri, experiment_id, spec)
+    for run_id in parents.values() if reopen else ():
+        if client.get_run(run_id).info.status == "KILLED":
+            client.update_run(run_id, status="RUNNING")
+    return experiment_id, parents
 
 
 def stop_leftover_runs(client: MlflowClient, experiment_id: str) -> None:
