@@ -430,6 +430,25 @@ def test_data_a_trial_would_refuse_is_refused_before_the_sweep(tmp_path, damage,
     assert err.count("\n") == 1 and "data_root: " in err and str(damaged) in err and "copy " in err, err
 
 
+@pytest.mark.parametrize("option", ["--storage", "--tracking-uri"])
+def test_a_full_disk_is_refused_before_any_work_and_check_says_so(tmp_path, monkeypatch, capsys, option):
+    # --check said "checked" with 8 KB free; the run then stopped at its lease's first write (ENOSPC, exit 3),
+    # leaving an empty mlflow.db and optuna.db behind (QA pass 9). The disk's free space, as the OS reports it
+    import shutil
+
+    full = tmp_path / "full"
+    full.mkdir()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=8192) if Path(p) == full else real(p))
+    value = str(full / "ray_results") if option == "--storage" else f"sqlite:///{full / 'mlflow.db'}"
+    spec = write_spec(tmp_path, base_spec(tmp_path))
+    for extra in (["--check"], []):
+        assert cli.main(["sweep", str(spec), option, value, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"the disk holding {full}" in err and "is full (0.0 MiB free)" in err, err
+        assert f"choose another location with {option}" in err and list(full.iterdir()) == []
+
+
 def test_a_read_only_data_root_serves_cluttered_digits_once_they_are_built_there(tmp_path, monkeypatch):
     # a team's shared data root, read-only to all but its owner: refused though every trial would have read the
     # digits from it (root may write anywhere: the folder's permission is what _writable says)

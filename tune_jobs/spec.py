@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -416,6 +417,9 @@ def _leave(marker: Path) -> None:
         pass
 
 
+MIN_FREE_BYTES = 16 * 2**20  # a full disk: the sweep stopped at its lease's first write, leaving empty stores behind
+
+
 def check_writable(key: str, location: str) -> None:
     """A local storage or tracking location must be creatable; remote URIs are left to their clients."""
     path = local_path(location)
@@ -424,6 +428,9 @@ def check_writable(key: str, location: str) -> None:
         why = f"{existing} is a file" if not existing.is_dir() else "its nearest existing folder is not writable"
         raise SpecError(f"{key}: cannot write to {path} ({why}); choose a writable location with "
                         f"--{key.replace('_', '-')}")
+    if path is not None and (free := shutil.disk_usage(_nearest_existing(path)).free) < MIN_FREE_BYTES:
+        raise SpecError(f"{key}: the disk holding {path} is full ({free / 2**20:.1f} MiB free); free space there or "
+                        f"choose another location with --{key.replace('_', '-')}")
 
 
 STORAGE_CHECK = """
