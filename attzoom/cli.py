@@ -37,7 +37,30 @@ def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt
 
     ``stops``: (exception type, exit code) of failures that are no user's error but stop the
     command cleanly (the sweep service's storage and tracking failures): one line, that code.
+    A reader that stops reading (``attzoom status | head -1``) ends it quietly (reader_gone).
     """
+    try:
+        try:
+            return run_command(parser, argv, user_errors, on_interrupt, stops)
+        finally:  # buffered output fails here, not at exit: "Exception ignored ... BrokenPipeError", exit 120
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return reader_gone()
+
+
+EXIT_READER_GONE = 141  # 128 + SIGPIPE, what `seq 1 9999 | head -1` or `git log | head -1` report under pipefail
+
+
+def reader_gone() -> int:
+    """Output nobody reads is no error worth a traceback; the exit code still says it was cut, as other tools' do.
+    stdout goes to /dev/null, so the interpreter's last flush of what is left has nothing to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
+
+
+def run_command(parser: Parser, argv, user_errors, on_interrupt: str, stops) -> int:
     args = parser.parse_args(argv)
     stop_error, stop_code = stops or (_NeverRaised, 1)
     try:

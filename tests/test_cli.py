@@ -657,3 +657,25 @@ def test_status_of_a_store_without_a_sweep_says_so(tmp_path, capsys):
     assert attzoom_main(["status", "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out == f"no sweep in {uri} yet (a sweep's experiments are named attzoom-NAME); pass " \
                                       "--tracking-uri to read another store\n"
+
+
+@pytest.mark.parametrize("command,unbuffered", [(["status", "--tracking-uri", "{uri}"], True),
+                                                (["status", "--tracking-uri", "{uri}"], False),
+                                                (["--help"], False)])  # unbuffered, argparse drops a failed write
+def test_a_reader_that_stops_reading_ends_the_command_quietly_with_141(tmp_path, command, unbuffered):
+    # `attzoom status | head -1`: a BrokenPipeError traceback, exit 1 (buffered: "Exception ignored in ...", exit 120)
+    import os
+
+    from tune_jobs.layout import experiment_name
+    from tune_jobs.tracking import open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("p1", "p2"):
+        open_store(uri).create_experiment(experiment_name(name))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({"PYTHONUNBUFFERED": "1"} if unbuffered
+                                                                             else {})
+    reader = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", *[part.format(uri=uri) for part in command]],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    reader.stdout.close()  # as `head -1` after its line, before the command writes: each write finds no reader
+    err = reader.stderr.read()
+    assert reader.wait(timeout=120) == 141 and err == "", err

@@ -12,6 +12,7 @@
 Every error a user can cause is one line on stderr and exit code 2, before any work. A
 storage or tracking store that fails under a running sweep stops it with one line and exit
 code 3 (tune_jobs/infra.py); an interrupt exits 130. Both are continued with ``resume``.
+Output cut short by its reader (``attzoom status | head -1``) ends quietly, exit code 141 (attzoom/cli.py).
 Other libraries' INFO logs (Optuna, MLflow, alembic) are off; ``-v`` brings them back (tune_jobs/logs.py).
 """
 
