@@ -347,6 +347,36 @@ def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
     assert "a warning shows" in quiet and "a warning shows" in verbose
 
 
+FULL_DISK = """
+import sys
+from tune_jobs.logs import configure_logging
+configure_logging(verbose=False)  # as the `attzoom` command starts, before MLflow is loaded
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+from tune_jobs.tracking import TrialRuns, prepare_store
+
+uri = f"sqlite:///{sys.argv[1]}/mlflow.db"
+runs = TrialRuns(uri, prepare_store(uri, "s"), {"study": "p"})
+runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})
+@event.listens_for(Pool, "checkout")
+def disk_full(dbapi_connection, record, proxy):  # SQLite's own SQLITE_FULL: no page beyond those the file has
+    dbapi_connection.execute("PRAGMA max_page_count = 1")
+try:
+    runs.log_epoch("t1", 1, {f"m{i}": float(i) for i in range(500)}, {})
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_tracking_store_whose_disk_is_full_fails_the_write_without_mlflows_traceback(tmp_path):
+    # a full disk under a sweep printed ~95 lines (MLflow's "SQLAlchemy database error" and its traceback) above the
+    # sweep's own one-line stop; the error itself must still reach the driver, which stops with it
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.startswith("MlflowException") and "database or disk is full" in out.stdout, out.stdout
+    assert out.stderr == "", out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("failed, finished, ending, code", [
     ((0, 0), (3, 3), "sweep p done in 42 s", 0),
     ((1, 0), (2, 3), "sweep p ended in 42 s with 1 failed trial(s); each failed trial's error is in", 0),

@@ -2,7 +2,9 @@
 
 A sweep's output is its progress (tune_jobs/progress.py). Without this, a run also prints
 Optuna's "A new study created ...", MLflow's and alembic's store migration lines, and
-whatever else logs at INFO: lines that say nothing a user acts on.
+whatever else logs at INFO: lines that say nothing a user acts on. Two warnings and errors are left
+out too, each one a failure the command reports itself in one line: urllib3's retries and MLflow's log
+of a database store's failed write (the error it then raises).
 """
 
 from __future__ import annotations
@@ -49,18 +51,30 @@ def configure_logging(verbose: bool = False) -> None:
     root.setLevel(level)
     for name in ("alembic", "mlflow"):  # not sqlalchemy: at INFO it echoes every statement
         logging.getLogger(name).setLevel(level)
-    pool = logging.getLogger("urllib3.connectionpool")
-    if verbose:
-        pool.removeFilter(_not_a_retry)
-    else:  # a line per request during a tracking-server outage, which the outbox already reports once
-        pool.addFilter(_not_a_retry)
+    # a line per request during a tracking-server outage, which the outbox already reports once
+    _filter_unless(verbose, "urllib3.connectionpool", _not_a_retry)
+    # MLflow logs a database store's failed write with its traceback (~95 lines for a full disk), then raises it:
+    # the raised error is what the sweep stops with, in one line (tune_jobs/infra.py), or retries ("locked")
+    _filter_unless(verbose, "mlflow.store.db.utils", _not_a_caught_database_error)
     import optuna.logging  # Optuna sets its logger to INFO on import: its own setter is the way to quiet it
 
     optuna.logging.set_verbosity(level)
 
 
+def _filter_unless(verbose: bool, name: str, keep) -> None:
+    logger = logging.getLogger(name)
+    if verbose:
+        logger.removeFilter(keep)
+    else:
+        logger.addFilter(keep)  # once: a filter already there is not added again
+
+
 def _not_a_retry(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Retrying (")
+
+
+def _not_a_caught_database_error(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SQLAlchemy database error")
 
 
 def quiet_ray() -> None:
