@@ -364,7 +364,8 @@ def disk_full(dbapi_connection, record, proxy):  # SQLite's own SQLITE_FULL: no 
 try:
     runs.log_epoch("t1", 1, {f"m{i}": float(i) for i in range(500)}, {})
 except Exception as e:
-    print(type(e).__name__, e)
+    from tune_jobs.infra import short_error  # what the driver stops with: "tracking store ... failed: <this>"
+    print(type(e).__name__, e, short_error(e), sep="\\n")
 """
 
 
@@ -374,6 +375,7 @@ def test_a_tracking_store_whose_disk_is_full_fails_the_write_without_mlflows_tra
     out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.startswith("MlflowException") and "database or disk is full" in out.stdout, out.stdout
+    assert out.stdout.splitlines()[-1] == "the disk is full (OperationalError: database or disk is full)", out.stdout
     assert out.stderr == "", out.stderr[-3000:]
 
 

@@ -277,3 +277,38 @@ def test_a_searcher_saved_before_failed_trials_were_kept_finds_them_in_its_study
     restored = make_searcher(storage_url=url)
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.live == {"t0"} and restored.searches[params[STUDY_KEY]].failed == set()
+
+
+@pytest.mark.parametrize("pragma, cause", [
+    ("max_page_count = 1", "the disk is full (OperationalError: database or disk is full)"),  # no page beyond its own
+    ("query_only = 1", "the database is read-only (OperationalError: attempt to write a readonly database)"),
+])
+def test_a_storage_whose_disk_is_full_or_read_only_stops_the_sweep_with_a_line_that_says_so(tmp_path, pragma, cause):
+    # it said "StorageInternalError: An exception is raised during the commit. This typically happens due to invalid
+    # data in the commit, e.g. exceeding max length.. No trial was charged": no word of the full disk, and two stops
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    from tune_jobs import infra
+    from tune_jobs.infra import InfrastructureError, stops_on_problems
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    searcher.suggest("t0")
+
+    def refuse_writes(dbapi_connection, record, proxy):  # SQLite's own error, on every connection Optuna takes
+        dbapi_connection.execute(f"PRAGMA {pragma}")
+
+    event.listen(Pool, "checkout", refuse_writes)
+    try:
+        with pytest.raises(InfrastructureError) as stopped, stops_on_problems("attzoom resume sw", url):
+            for epoch in range(1, 2000):  # until a value needs a page the file cannot have
+                searcher.on_trial_result("t0", {"val_top1": 1.0, "epoch": epoch, "training_iteration": epoch})
+                if infra.problem():
+                    break
+    finally:
+        event.remove(Pool, "checkout", refuse_writes)
+        infra.clear()
+    line = str(stopped.value)
+    assert f"Optuna storage {url} failed to record its epoch of trial t0: {cause}. No trial was charged" in line, line
+    assert ".." not in line and "invalid data" not in line

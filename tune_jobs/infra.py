@@ -96,11 +96,41 @@ def os_problem(error: OSError, path=None, name: bool = True) -> str:
     return f"{where}: {error.strerror or error} ({code})"
 
 
+# what a store's innermost error means to a user, said before it: "the disk is full (OperationalError: ...)"
+PLAIN_CAUSES = (("database or disk is full", "the disk is full"), ("No space left on device", "the disk is full"),
+                ("readonly database", "the database is read-only"),
+                ("Read-only file system", "the file system is read-only"))
+
+
 def short_error(error: BaseException) -> str:
-    """``Type: reason`` on one line; for a connection failure, the OS error under MLflow's and urllib3's wrappers."""
-    text = hide_password(" ".join(str(error).split()))  # MLflow's errors quote the URL they called
-    reason = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-    return f"{type(error).__name__}: {reason.group(0).strip() if reason else text[:300]}"
+    """``Type: reason`` on one line, with no full stop (it goes inside a sentence), and first what it means when a
+    user can act on it (PLAIN_CAUSES). The innermost cause says it: a wrapper's own text misleads (Optuna's commit
+    error blames "invalid data" for a full disk); for a connection failure, the OS error under MLflow's and
+    urllib3's wrappers."""
+    line = _type_and_reason(error)
+    plain = next((said for known, said in PLAIN_CAUSES if known in line), None)
+    return f"{plain} ({line})" if plain else line
+
+
+def _type_and_reason(error: BaseException) -> str:
+    if reason := re.search(r"\[Errno -?\d+\][^'\")]*", _one_line(error)):
+        return f"{type(error).__name__}: {reason.group(0).strip()}"
+    cause = _innermost_cause(error)
+    return f"{type(cause).__name__}: {_one_line(cause)[:300]}".rstrip(" .")
+
+
+def _one_line(error: BaseException) -> str:
+    return hide_password(" ".join(str(error).split()))  # MLflow's errors quote the URL they called
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The last error of the ``raise ... from`` chain that says something. An implicit ``__context__`` is not
+    followed: an error raised while another was handled need not be caused by it."""
+    seen, innermost = set(), error
+    while (error := error.__cause__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        innermost = error if str(error).strip() else innermost
+    return innermost
 
 
 def _chain(error: BaseException):
@@ -163,7 +193,7 @@ def raise_if_problem() -> None:
 
 
 def _stopped(message: str, resume: str) -> str:
-    return f"{message}. No trial was charged for it; once the cause is fixed, continue with: {resume}"
+    return f"{message.rstrip(' .')}. No trial was charged for it; once the cause is fixed, continue with: {resume}"
 
 
 def ray_connection_lost(error: BaseException) -> bool:
