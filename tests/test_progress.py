@@ -353,11 +353,12 @@ from tune_jobs.logs import configure_logging
 configure_logging(verbose=False)  # as the `attzoom` command starts, before MLflow is loaded
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
+from tune_jobs.layout import STUDY
 from tune_jobs.tracking import TrialRuns, prepare_store
 
 uri = f"sqlite:///{sys.argv[1]}/mlflow.db"
 runs = TrialRuns(uri, prepare_store(uri, "s"), {"study": "p"})
-runs.open("t1", "study", {"attzoom.study": "study"}, {"lr": 0.1})
+runs.open("t1", "study", {STUDY: "study"}, {"lr": 0.1})
 @event.listens_for(Pool, "checkout")
 def disk_full(dbapi_connection, record, proxy):  # SQLite's own SQLITE_FULL: no page beyond those the file has
     dbapi_connection.execute("PRAGMA max_page_count = 1")
