@@ -447,6 +447,9 @@ def test_a_full_disk_is_refused_before_any_work_and_check_says_so(tmp_path, monk
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"the disk holding {full}" in err and "is full (0.0 MiB free)" in err, err
         assert f"choose another location with {option}" in err and list(full.iterdir()) == []
+    # a FUSE mount that does not answer statfs reports 0 free of 0: no reading, not a full disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=0, total=0))
+    assert cli.main(["sweep", str(spec), option, value, "--check"]) == 0
 
 
 def test_a_read_only_data_root_serves_cluttered_digits_once_they_are_built_there(tmp_path, monkeypatch):
@@ -1072,6 +1075,32 @@ def test_two_drivers_of_one_name_with_different_storage_cannot_both_write_to_the
     assert recorded_storage(sweep_experiment(first.tracking_uri, first.name)) == second.storage
     (tmp_path / "link").symlink_to(second.storage)  # the same folder by another path: the same sweep
     assert _prepare_tracking(replace(second, storage=str(tmp_path / "link")), "")[0] == experiment_id
+
+
+def test_the_owner_check_on_cloud_storage_knows_its_own_lease_and_an_unreadable_storage_is_one_line(tmp_path, s3,
+                                                                                                     monkeypatch):
+    # on cloud storage the lease is one per name, in the tracking store: the check took this driver's own for another
+    # driver's, and refused every new try after one that stopped past its spec; an unreadable folder was a traceback
+    from tune_jobs import sweep
+    from tune_jobs.lease import sweep_lease
+
+    client, bucket = s3
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    earlier, mine = (replace(spec, storage=f"s3://{bucket}/{part}") for part in ("a", "b"))
+    sweep.save_spec(earlier)  # a first try that stopped after its spec (too few CPUs, say)
+    with sweep_lease(mine.storage, mine.name, tracking_uri=mine.tracking_uri):
+        sweep.check_owner(mine, earlier.storage)
+        client.put_object(Bucket=bucket, Key="a/tiny/experiment_state-1.json", Body=b"{}")
+        with pytest.raises(SpecError, match=f"a sweep named 'tiny' with its results in s3://{bucket}/a is in"):
+            sweep.check_owner(mine, earlier.storage)
+
+    def unreadable(storage, *parts):
+        raise PermissionError(13, "Permission denied", storage)
+
+    monkeypatch.setattr(sweep, "folder_names", unreadable)  # another user's home folder, mode 700
+    with pytest.raises(SpecError, match=r"names /home/alice/r as where sweep 'tiny' keeps its results, which cannot "
+                                        r"be read here \(PermissionError: \[Errno 13\] Permission denied"):
+        sweep.check_owner(spec, "/home/alice/r")
 
 
 def test_of_two_drivers_creating_the_experiment_at_once_one_makes_it_and_the_other_finds_it(tmp_path, monkeypatch):

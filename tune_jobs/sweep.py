@@ -1,9 +1,9 @@
 """Run or resume a sweep: one Tune experiment, all studies, one global cap.
 
 The spec is checked first, with no side effects (preflight). Then, at once: this driver
-prepares the MLflow store and the studies' parent runs in a thread, while Ray and the
-first trial start; only the driver's MLflow callback waits for that store (trials never
-open it). ``resume`` restores the same experiment, searcher state included, and runs
+prepares the MLflow store and the studies' parent runs in a thread, while Ray starts; Tune
+starts once the store has said the sweep's name is this storage's (check_owner; trials never
+open the store). ``resume`` restores the same experiment, searcher state included, and runs
 only what is missing (README: How resume works).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
-from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
+from .infra import raise_if_interrupted, raise_if_problem, report_problem, short_error, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, remove_folder, sweep_location, write_file
@@ -358,8 +358,8 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
             from .snapshots import check_snapshot_readable
 
             check_snapshot_readable(sweep_location(spec.storage, spec.name))
-        # The store's migration overlaps the imports, a local Ray's start and the first trial's start; only the
-        # driver's MLflow callback waits for it, when the first trial has started.
+        # The store's migration overlaps the imports and a local Ray's start; Tune waits for it (and for the name
+        # to be this sweep's) before it writes anything.
         pool = ThreadPoolExecutor(max_workers=1)
         tracking = pool.submit(_prepare_tracking, spec, driver_address(address))
         pool.shutdown(wait=False)
@@ -432,15 +432,32 @@ def check_owner(spec: Spec, recorded: str) -> None:
     two sweeps of one name would share the experiment and the Optuna studies, and each delete the other's runs as
     orphans (two people who picked one name, started within seconds: the name check before the start saw no runs
     yet). A storage that holds no such sweep any more was moved, or never got past its spec: this one goes on."""
-    from .lease import driver_gone
-
     if not recorded or _same_storage(recorded, spec.storage):
         return
-    names = folder_names(recorded, spec.name)
-    if any(name != SPEC_FILE for name in names) or (names and not driver_gone(recorded, spec.name, spec.tracking_uri)):
+    try:
+        held = _holds_sweep(recorded, spec)
+    except OSError as e:  # a folder this user may not search, a bucket out of reach: no traceback, and no guess
+        raise SpecError(f"the tracking store {hide_password(spec.tracking_uri)} names {recorded} as where sweep "
+                        f"{spec.name!r} keeps its results, which cannot be read here ({short_error(e)}); give this "
+                        "sweep another name, or run it where that storage can be read") from None
+    if held:
         raise SpecError(f"a sweep named {spec.name!r} with its results in {recorded} is in the tracking store "
                         f"{hide_password(spec.tracking_uri)} too; {how_to_go_on(replace(spec, storage=recorded))} "
                         "or give this sweep another name")
+
+
+def _holds_sweep(storage: str, spec: Spec) -> bool:
+    """``storage`` holds the sweep (more than its spec), or the spec of a driver that runs now. Between two cloud
+    storages the lease is one, kept in the tracking store by name: this driver holds it, and it already keeps the
+    other out."""
+    from .lease import driver_gone
+
+    names = folder_names(storage, spec.name)
+    if any(name != SPEC_FILE for name in names):
+        return True
+    if not names or (is_remote(storage) and is_remote(spec.storage)):
+        return False
+    return not driver_gone(storage, spec.name, spec.tracking_uri)
 
 
 def _same_storage(a: str, b: str) -> bool:
