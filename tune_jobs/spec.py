@@ -428,7 +428,8 @@ def check_writable(key: str, location: str) -> None:
         why = f"{existing} is a file" if not existing.is_dir() else "its nearest existing folder is not writable"
         raise SpecError(f"{key}: cannot write to {path} ({why}); choose a writable location with "
                         f"--{key.replace('_', '-')}")
-    if path is not None and (free := shutil.disk_usage(_nearest_existing(path)).free) < MIN_FREE_BYTES:
+    usage = shutil.disk_usage(_nearest_existing(path)) if path is not None else None
+    if usage and usage.total and (free := usage.free) < MIN_FREE_BYTES:  # a FUSE mount without statfs says 0 of 0
         raise SpecError(f"{key}: the disk holding {path} is full ({free / 2**20:.1f} MiB free); free space there or "
                         f"choose another location with --{key.replace('_', '-')}")
 
