@@ -70,6 +70,13 @@ class TrainConfig:
         config.validate()
         return config
 
+    def __post_init__(self) -> None:
+        """numpy's values (a sweep's sampled ones, a table's cells) as Python's: torch refused a numpy batch size
+        in training, and torch.load(weights_only=True) a checkpoint's numpy config, so its resume called it damaged."""
+        for f in fields(self):
+            if type(value := getattr(self, f.name)).__module__ == "numpy" and hasattr(value, "item"):
+                setattr(self, f.name, value.item())
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -504,6 +504,15 @@ def test_a_value_of_the_wrong_type_is_a_config_error_naming_it_before_any_data_l
         config(**{key: value}).validate()
 
 
+def test_a_run_configured_with_numpy_values_resumes_from_its_checkpoint(tmp_path):
+    import numpy as np
+
+    numpy_values = dict(lr=np.float64(1e-3), batch_size=np.int64(32), augment=np.False_)
+    data = small_splits(n_train=32, n_val=16)
+    fit(config(epochs=1, **numpy_values), data, checkpoint_dir=tmp_path)
+    train.check_resumable(tmp_path / "last.pt", config(epochs=1, **numpy_values))  # "damaged": weights_only refused
+
+
 def test_ints_for_floats_and_a_sweeps_numpy_numbers_pass_the_type_check():
     import numpy as np
 
