@@ -45,6 +45,8 @@ def run(parser: Parser, argv, user_errors=(ConfigError, DataError), on_interrupt
         finally:  # buffered output fails here, not at exit: "Exception ignored ... BrokenPipeError", exit 120
             sys.stdout.flush()
     except BrokenPipeError:
+        if not _stdout_closed():  # a pipe of Ray's, a server's or a child's: an error like any other
+            raise
         return reader_gone()
 
 
@@ -58,6 +60,18 @@ def reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return EXIT_READER_GONE
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads stdout any more: a pipe whose reader left polls as an error (Linux, macOS)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no stdout to ask: as before
+        return True
 
 
 def run_command(parser: Parser, argv, user_errors, on_interrupt: str, stops) -> int:

@@ -679,3 +679,12 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly_with_141(tmp_path,
     reader.stdout.close()  # as `head -1` after its line, before the command writes: each write finds no reader
     err = reader.stderr.read()
     assert reader.wait(timeout=120) == 141 and err == "", err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone():
+    # a pipe of Ray's, a server's or a child process's: exit 141 and silence would hide the failure
+    code = ("import argparse, sys\nfrom attzoom.cli import run\nparser = argparse.ArgumentParser()\n"
+            "def child_gone(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "parser.set_defaults(run=child_gone)\nsys.exit(run(parser, []))")
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 1 and done.stderr.strip().endswith("BrokenPipeError: [Errno 32] Broken pipe")
