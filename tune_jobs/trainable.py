@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -85,6 +86,16 @@ def stop_training_at_exit() -> None:
 
     register = getattr(threading, "_register_atexit", atexit.register)  # noqa: SLF001 - Python 3.9+
     register(_stop_training)
+    sys.unraisablehook = _quiet_exit_in_callbacks
+
+
+def _quiet_exit_in_callbacks(unraisable) -> None:
+    """Ray's SIGTERM handler raises SystemExit wherever the main thread is. When it lands in a weakref or GC
+    callback before the exit hook ignores SIGTERM (an idle trial process told to end), Python ignores it there and
+    printed 9 lines, "Exception ignored in ... SystemExit: 1", into the sweep's output; the process ends either way.
+    Every other ignored exception is printed as before."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def _stop_training() -> None:
