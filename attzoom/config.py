@@ -129,8 +129,8 @@ def expected_type(name: str, value) -> str | None:
 
 
 def _is_a(value, kind) -> bool:
-    """Ints count as floats (lr=1); bools count as neither (True is an int to Python); numpy's numbers are numbers
-    (a sweep's sampled values, a table's cells); NaN and inf are not (NaN passes every range check)."""
+    """Ints count as floats (lr=1); bools count as neither (True is an int to Python); NaN and inf are not numbers
+    (NaN passes every range check). numpy's values are Python's by now (TrainConfig.__post_init__)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         return any(_is_a(value, arg) for arg in args)
@@ -138,8 +138,6 @@ def _is_a(value, kind) -> bool:
         return isinstance(value, origin) and _items_are(value, args)
     if kind is type(None):
         return value is None
-    if kind is bool:  # numpy's bool is no bool subclass (a mask's element, a table's cell)
-        return isinstance(value, bool) or (type(value).__module__, type(value).__name__) in NUMPY_BOOLS
     if kind in (int, float):
         number = numbers.Integral if kind is int else numbers.Real
         return isinstance(value, number) and not isinstance(value, bool) and \
@@ -154,7 +152,6 @@ def _items_are(items, args) -> bool:
     return not args or len(items) == len(args) and all(_is_a(i, a) for i, a in zip(items, args))
 
 
-NUMPY_BOOLS = {("numpy", "bool"), ("numpy", "bool_")}  # numpy 2 names it bool, numpy 1 bool_
 TYPE_NAMES = {int: ["an integer"], float: ["a finite number"], bool: ["True", "False"], str: ["a string"],
               type(None): ["None"]}
 
