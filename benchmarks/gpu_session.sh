@@ -35,7 +35,8 @@ for stage in "$@"; do
   case "$stage" in
     targets) within_deadline "$python" benchmarks/gpu.py --parts steps,fit,packed --backbones resnet50 \
                --graph-backbones resnet50 --sides 32 "${sizes[@]}" --packs 4,8 --mps --out "$out/gpu.json" >/dev/null ;;
-    tests) within_deadline "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 ;;
+    tests) within_deadline "$python" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_cuda.py 2>&1 |
+             tail -25 ;;  # one process, with or without pytest-xdist there (pyproject's addopts ask for it)
     steps) within_deadline "$python" benchmarks/gpu.py --parts steps --sides 32,64 --graph-backbones resnet50 \
              --out "$out/gpu-steps.json" >/dev/null ;;
     *) echo "usage: bash benchmarks/gpu_session.sh targets|tests|steps ... (see the comment at the top)" >&2; exit 2 ;;

@@ -1,10 +1,19 @@
 """Shared fixtures: small fake copies of the real data sets in their exact on-disk formats; real servers on loopback."""
 
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+MAX_WORKERS = 4  # each holds torch, and its sweeps a Ray instance: ~1.5 GiB apiece
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one test process per CPU this process may use, at most MAX_WORKERS; most
+    tests wait on servers and sweeps, so two processes on two cores finish the suite in about 70 % of the time."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def _write_cifar100(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict:
