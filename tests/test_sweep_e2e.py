@@ -24,6 +24,7 @@ from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, PRUNED_AT, PRUNED_ST
                               TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.cli import attzoom_executable
 from tune_jobs.lease import lease_path
+from tune_jobs.logs import STOP_NOTICE
 from tune_jobs.tracking import open_store
 from tune_jobs.spec import optuna_storage_url
 from tune_jobs.sweep import load_saved_spec
@@ -468,6 +469,7 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 130 and "sweep t done" not in out and "Tuner.restore" not in out, out[-3000:]
     assert "Fatal Python error" not in out and "SIGABRT" not in out, out[-3000:]  # trials stopped between steps
+    assert STOP_NOTICE in out and "Press CTRL+C" not in out, out[-3000:]  # Tune's notice, for SIGTERM too
     resume = f"{attzoom_executable()} resume t --storage {storage}"  # the venv's: it is seldom activated
     assert re.fullmatch(rf"interrupted: [1-7] of 8 trials ended; continue with: {re.escape(resume)}",
                         out.rstrip().splitlines()[-1]), out[-3000:]

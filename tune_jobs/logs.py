@@ -56,6 +56,7 @@ def configure_logging(verbose: bool = False) -> None:
     # MLflow logs a database store's failed write with its traceback (~95 lines for a full disk), then raises it:
     # the raised error is what the sweep stops with, in one line (tune_jobs/infra.py), or retries ("locked")
     _filter_unless(verbose, "mlflow.store.db.utils", _not_a_caught_database_error)
+    logging.getLogger("ray.tune.tune").addFilter(_stop_notice_in_our_words)
     import optuna.logging  # Optuna sets its logger to INFO on import: its own setter is the way to quiet it
 
     optuna.logging.set_verbosity(level)
@@ -75,6 +76,17 @@ def _not_a_retry(record: logging.LogRecord) -> bool:
 
 def _not_a_caught_database_error(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("SQLAlchemy database error")
+
+
+STOP_NOTICE = ("stopping: the trials stop, each keeping its last epoch's checkpoint, and the sweep saves its state "
+               "for resume (Ctrl-C or SIGTERM again skips that save)")
+
+
+def _stop_notice_in_our_words(record: logging.LogRecord) -> bool:
+    """Tune's notice on Ctrl-C says "ending Ray Tune run" and "Press CTRL+C", also when SIGTERM stopped it."""
+    if record.getMessage().startswith("Stop signal received"):
+        record.msg, record.args = STOP_NOTICE, ()
+    return True
 
 
 def quiet_ray() -> None:
