@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY, TRIAL,
-                              TRIAL_ROLE, experiment_name, runs_filter)
+                              STUDY_ROLE, TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.cli import attzoom_executable
 from tune_jobs.lease import lease_path
 from tune_jobs.logs import STOP_NOTICE
@@ -501,6 +501,14 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     # long the slot stood empty, not as an overlap: pruned trials of the same length may end in the same second
     # (0.27 s apart, the last starting 0.8 s after the first ended, failed the overlap check on a busy machine)
     assert last_start - freed < 2500, f"the cluster idled {last_start - freed} ms at the end"
+
+    # each study's parent: the counts each driver ended with, at the step of the trials closed then (all at step 0,
+    # the interrupted driver's and the last one's, showed as two values of one step)
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for parent in store.search_runs([runs[0].info.experiment_id], runs_filter(STUDY_ROLE)):
+        history = store.get_metric_history(parent.info.run_id, "trials_finished")
+        assert len(history) == 2 and all(m.step == m.value for m in history), history  # no trial failed
+        assert max(m.step for m in history) == 4
 
     # ASHA: some trials pruned, each study's rung holding its own trials only, the first driver's included
     pruned = {r.data.tags[TRIAL] for r in runs if r.data.tags[STATUS] == PRUNED_STATUS}

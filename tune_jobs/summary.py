@@ -42,7 +42,8 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
 
 
 def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
-    """Close each study's parent run with its counts and best trial; return the summary."""
+    """Close each study's parent run with its counts and best trial; return the summary. Each driver's values are
+    logged at the step of the trials closed so far: an interrupted study's chart shows its progress over resumes."""
     client = MlflowClient(spec.tracking_uri)
     summary = summarize(client, experiment_id)
     finished, failed, best = layout.STUDY_METRICS
@@ -52,7 +53,7 @@ def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
         if row.get("best_top1") is not None:
             metrics[best] = row["best_top1"]
         for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
+            client.log_metric(run_id, key, value, step=closed(row))
         client.set_terminated(run_id, "FINISHED" if closed(row) >= spec.trials else "KILLED")
     return summary
 
