@@ -242,8 +242,13 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     first = start("sweep", str(spec), cwd=tmp_path)
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path))
     crash(first)
+    # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
+    resume = f"{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}"
+    said = (f"sweep t: 2 studies x 3 trials of up to 3 epochs; results in {tmp_path / 'ray_results' / 't'}, runs in "
+            f"sqlite:///{tmp_path / 'mlflow.db'}; if it stops, continue with: {resume}")
+    assert said in first.stdout.read().splitlines()
 
-    resumed = start("resume", "t", "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
+    resumed = start(*resume.split()[1:], cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
     wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path), every=0.3)
     time.sleep(1.5)  # an experiment snapshot (every second) records that checkpoint

@@ -381,6 +381,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         _wait_for_owner_check(tracking)  # before Tune writes anything into this storage
+        announce(spec, address, resume)
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         if resume and tune.Tuner.can_restore(path):
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
@@ -417,6 +418,16 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     raise_if_interrupted(ended(results), spec.trials * len(spec.studies),
                          resume_command(spec, driver_address(address)))
     return summary
+
+
+def announce(spec: Spec, address: str | None, resume: bool) -> None:
+    """The sweep's first line: what runs, where it goes, and how to continue it, for a driver that ends without a
+    word (SIGKILL, an out-of-memory kill, a lost head node, a closed terminal) and for the logs of a script."""
+    studies = f"{len(spec.studies)} stud{'y' if len(spec.studies) == 1 else 'ies'}"
+    print(f"{'resuming sweep' if resume else 'sweep'} {spec.name}: {studies} x {spec.trials} trials of up to "
+          f"{spec.epochs} epochs; results in {sweep_location(spec.storage, spec.name)}, runs in "
+          f"{hide_password(spec.tracking_uri)}; if it stops, continue with: "
+          f"{resume_command(spec, driver_address(address))}", flush=True)
 
 
 def _prepare_tracking(spec: Spec, address: str) -> tuple[str, dict[str, str]]:
