@@ -6,10 +6,12 @@ marked slow. The checkpoint and path checks run in-process and are fast.
 """
 
 import contextlib
+import io
 import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -252,9 +254,12 @@ def test_a_local_sweeps_ray_listens_on_loopback_only_with_token_auth(tmp_path):
         ray.shutdown()
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path / "home")  # a user's first sweep: Ray makes its token file
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=180, start_new_session=True)
+                          timeout=180, start_new_session=True, preexec_fn=lambda: os.umask(0o022))
     assert done.returncode == 0, done.stderr[-3000:]
+    token = tmp_path / "home" / ".ray" / "auth_token"  # with umask 022 Ray made it readable by every local user
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
     sockets = json.loads(done.stdout.split("SOCKETS", 1)[1].splitlines()[0])
     assert sockets
     assert not [s for s in sockets if s[3] in (8265, 5000)], sockets  # no dashboard UI, no Jobs API
@@ -263,6 +268,24 @@ def test_a_local_sweeps_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     assert not exposed, exposed
     assert done.stdout.split("AUTH", 1)[1].startswith("True"), "a local sweep's Ray runs without authentication"
     assert "RAY_AUTH_MODE=disabled" not in done.stderr, "Ray's start-up line tells users to turn authentication off"
+
+
+def test_a_token_file_others_can_read_is_made_private_with_a_line_saying_so(tmp_path, monkeypatch):
+    from tune_jobs.ray_session import private_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("a" * 64)
+    token.chmod(0o644)  # made by Ray (ray.init, `ray get-auth-token --generate`) under umask 022
+    said = io.StringIO()
+    private_auth_token(said)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64  # the same token
+    assert said.getvalue() == f"attzoom: {token} (Ray's token) was readable by other users; made it private\n"
+    private_auth_token(said)  # private already: nothing more said
+    assert said.getvalue().count("\n") == 1
 
 
 @slow

@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from .infra import sigterm_as_interrupt
 from .spec import Spec, SpecError, check_cluster_cpus, check_cluster_gpus
@@ -141,6 +143,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
         where = f"the cluster at {address}"
     else:
         quiet_token_auth_notice()
+        private_auth_token()
         with loopback_only():
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
@@ -204,6 +207,26 @@ def join_cluster(address: str) -> None:
     except (ConnectionError, AuthenticationError) as e:
         raise SpecError(f"cannot join the Ray cluster at --address {address} ({str(e).splitlines()[0]}); if it "
                         "uses token authentication, set RAY_AUTH_TOKEN_PATH to its token file") from None
+
+
+def private_auth_token(out=sys.stderr) -> None:
+    """A new local Ray turns token auth on and saves a token in ~/.ray/auth_token, with the user's umask: readable
+    by every local user, who could then run code as this one through the instance's loopback ports. The file is
+    made here first, private; one that others can read is made private, with a line saying so."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or os.environ.get("RAY_AUTH_TOKEN") or \
+            os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # no token, or one the user chose to give: Ray reads neither from this file
+    path = Path.home() / ".ray" / "auth_token"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))  # as Ray makes one: 256 random bits
+        elif path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+            print(f"attzoom: {path} (Ray's token) was readable by other users; made it private", file=out)
+    except OSError:
+        pass  # a home that cannot be written, or another driver made the file just now: Ray goes on as before
 
 
 def quiet_token_auth_notice() -> None:
