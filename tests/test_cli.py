@@ -688,3 +688,27 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone():
             "parser.set_defaults(run=child_gone)\nsys.exit(run(parser, []))")
     done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert done.returncode == 1 and done.stderr.strip().endswith("BrokenPipeError: [Errno 32] Broken pipe")
+
+
+def test_sigterm_before_a_sweep_starts_is_an_interrupt_that_says_to_run_the_command_again(tmp_path):
+    # a scheduler's SIGTERM (Slurm, systemd, `timeout`) while the sweep checks its stores: it ended the driver
+    # silently with status -15, before the sweep had said how to go on
+    import signal
+    import socket
+
+    from test_spec import base_spec, write_spec
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(120)
+        spec = write_spec(tmp_path, {**base_spec(tmp_path), "tracking_uri": f"http://127.0.0.1:{server.getsockname()[1]}"})
+        sweep = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connection, _ = server.accept()  # the sweep asks the tracking server, which never answers
+        sweep.send_signal(signal.SIGTERM)
+        out, err = sweep.communicate(timeout=60)
+        connection.close()
+    assert sweep.returncode == 130 and out == "", err
+    assert err == "interrupted before the sweep started; run the same command again\n", err
+    assert not (tmp_path / "out").exists()  # nothing was stored

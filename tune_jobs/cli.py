@@ -26,7 +26,7 @@ from pathlib import Path
 from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
-from .infra import INFRA_EXIT, InfrastructureError
+from .infra import BEFORE_START, INFRA_EXIT, InfrastructureError, sigterm_as_interrupt
 from .logs import add_verbose_flag, configure_logging
 from .ray_session import send_token_when_given
 from .spec import SCHEDULER_KINDS, SpecError, has_password, hide_password
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     configure_logging(verbose=False)  # -v, once parsed, turns the libraries' INFO lines back on
     send_token_when_given()  # before anything imports Ray
+    sigterm_as_interrupt()  # a scheduler's SIGTERM before a sweep starts: as Ctrl-C, not a silent end
     # sweep, resume, demo and confirm say their own resume command on Ctrl-C (infra.stops_on_problems), train its own
     return run(build_parser(), argv, (SpecError, ConfigError, DataError), on_interrupt="interrupted",
                stops=(InfrastructureError, INFRA_EXIT))
@@ -56,18 +57,18 @@ def build_parser() -> Parser:
     add_overrides(sweep)
     sweep.add_argument("--check", action="store_true", help="check the spec, stores and data, print what the sweep "
                        "would run, and exit without starting or storing anything")
-    sweep.set_defaults(run=run_sweep_command)
+    sweep.set_defaults(run=run_sweep_command, on_interrupt=BEFORE_START)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
     resume.add_argument("--storage", default="ray_results", help="where the sweep's folder is (default: ray_results)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     resume.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
-    resume.set_defaults(run=run_resume_command)
+    resume.set_defaults(run=run_resume_command, on_interrupt=BEFORE_START)
 
     demo = sub.add_parser("demo", help="the embedded demo sweep: cluttered digits, baseline vs AttZoom")
     add_overrides(demo)
-    demo.set_defaults(run=run_demo_command, spec=SPECS / "demo.toml")
+    demo.set_defaults(run=run_demo_command, spec=SPECS / "demo.toml", on_interrupt=BEFORE_START)
 
     status = sub.add_parser("status", help="per-study progress of sweeps, or of a submitted job")
     status.add_argument("sweep", nargs="?", help="a sweep name (default: every sweep in the store)")

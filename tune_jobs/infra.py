@@ -168,6 +168,9 @@ def stops_on_problems(resume: str, tracking_uri: str):
         raise InfrastructureError(_stopped(message, resume))
 
 
+BEFORE_START = "interrupted before the sweep started; run the same command again"
+
+
 def sigterm_as_interrupt():
     """SIGTERM (`ray job stop`, Kubernetes ending the pod, `kill PID`, `timeout`) stops the driver as Ctrl-C does:
     Tune stops the trials and saves its snapshot, the runs end KILLED, and the last line says how to go on; Ray's

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
-from .infra import raise_if_interrupted, raise_if_problem, report_problem, short_error, stops_on_problems
+from .infra import BEFORE_START, raise_if_interrupted, raise_if_problem, report_problem, short_error, stops_on_problems
 from .lease import sweep_lease
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, remove_folder, sweep_location, write_file
@@ -309,7 +309,7 @@ def cluster_joined(spec: Spec, address: str | None):
     except KeyboardInterrupt:
         if joined:
             raise
-        raise KeyboardInterrupt("interrupted before the sweep started; run the same command again") from None
+        raise KeyboardInterrupt(BEFORE_START) from None
     finally:
         stop_ray()
 
