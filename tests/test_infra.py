@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -476,3 +477,35 @@ def test_a_ray_connection_failure_is_not_told_as_a_tracking_store_outage():
             raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
     assert str(lost.value).startswith("the Ray cluster does not answer (ConnectionError: Failed to connect to Ray")
     assert "tracking store" not in str(lost.value) and "--address 10.0.0.5:6379" in str(lost.value)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_drivers_process_group_stops_it_as_one_to_the_driver_does(tmp_path, few_digits_root):
+    # `timeout`, `kill -TERM -PGID`: the private Ray's processes got the SIGTERM too, and the driver waited 60 s for
+    # them, then died in Ray's C++ (exit 1, no resume command), leaving trial processes running
+    import signal
+
+    import psutil
+
+    from test_sweep_e2e import start, wait_for, write_spec
+    from tune_jobs.cli import attzoom_executable
+
+    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=2, epochs=30, variants=("baseline",))
+    sweep = start("sweep", str(spec), cwd=tmp_path, stderr=subprocess.PIPE)  # its own session and process group
+    wait_for(lambda: [c for p in psutil.Process(sweep.pid).children(recursive=True) for c in [p]
+                      if "ImplicitFunc" in " ".join(c.cmdline())], timeout=300, every=0.5)
+    os.killpg(sweep.pid, signal.SIGTERM)
+    out, err = sweep.communicate(timeout=30)
+    assert sweep.returncode == 130, err[-3000:]
+    resume = f"{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}"
+    assert re.fullmatch(rf"interrupted: [01] of 2 trials ended; continue with: {re.escape(resume)}",
+                        err.rstrip().splitlines()[-1]), err[-3000:]
+    assert "Failed to connect to GCS" not in err
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sweep.pid and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (OSError, psutil.Error):
+            pass
+    assert not left, [p.cmdline() for p in left]

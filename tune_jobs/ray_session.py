@@ -144,7 +144,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
     else:
         quiet_token_auth_notice()
         private_auth_token()
-        with loopback_only():
+        with loopback_only(), process_groups_of_their_own():
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         where = "this machine"
@@ -243,6 +243,22 @@ def stop_ray() -> None:
     import ray
 
     ray.shutdown()
+
+
+@contextmanager
+def process_groups_of_their_own():
+    """Start the private Ray's processes (GCS, raylet and the trial workers it starts, agents) each in a process
+    group of its own. A SIGTERM to the driver's group (`timeout`, `kill -TERM -PGID`) then reaches the driver alone,
+    which stops the trials and Ray as for a SIGTERM to its pid; it ended Ray's processes under the driver, which
+    waited 60 s and died in Ray's C++. They still end with the driver (Ray's parent-death signal)."""
+    from ray._private import services
+
+    popen = services.ConsolePopen
+    services.ConsolePopen = lambda *args, **kwargs: popen(*args, process_group=0, **kwargs)
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 @contextmanager
