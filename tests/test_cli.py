@@ -370,6 +370,19 @@ def test_the_ui_hint_names_this_environments_attzoom_by_a_path_that_works_from_a
     assert rest.startswith("ui t1 --tracking-uri sqlite:////data/m.db"), rest
 
 
+def test_the_ui_hint_quotes_a_store_path_with_spaces_as_the_resume_hint_does():
+    # `--tracking-uri sqlite:////tmp/sp ace/mlflow.db` split into two arguments when pasted (QA pass 10)
+    import shlex
+
+    from tune_jobs.cli import ui_command
+    from tune_jobs.spec import Spec
+
+    spec = Spec(name="t1", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                tracking_uri="sqlite:////tmp/sp ace/ünï/mlflow.db", optuna_storage="sqlite:////tmp/o p/optuna.db")
+    assert shlex.split(ui_command(spec))[1:] == ["ui", "t1", "--tracking-uri", "sqlite:////tmp/sp ace/ünï/mlflow.db",
+                                                 "--optuna-storage", "sqlite:////tmp/o p/optuna.db"]
+
+
 def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
     # right after a kill -9 it said "running 1" as if the sweep went on
     from mlflow.tracking import MlflowClient

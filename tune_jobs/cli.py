@@ -19,6 +19,7 @@ Other libraries' INFO logs (Optuna, MLflow, alembic) are off; ``-v`` brings them
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -499,10 +500,10 @@ def ui_command(spec) -> str:
     from .spec import optuna_storage_url
     from .ui import default_optuna_storage
 
-    command = f"{attzoom_executable()} ui {spec.name} --tracking-uri {hide_password(spec.tracking_uri)}"
+    command = f"{attzoom_executable()} ui {spec.name} --tracking-uri {shlex.quote(hide_password(spec.tracking_uri))}"
     storage = optuna_storage_url(spec)
     if storage and storage != default_optuna_storage(spec.tracking_uri):  # a server URL may hold a password
-        command += f" --optuna-storage {storage if storage.startswith('sqlite:') else 'URL'}"
+        command += f" --optuna-storage {shlex.quote(storage) if storage.startswith('sqlite:') else 'URL'}"
     return command
 
 
