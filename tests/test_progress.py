@@ -456,3 +456,27 @@ def test_the_demos_hint_to_retry_its_confirm_runs_names_the_cluster_it_ran_on():
     summary = {study: {"finished": 3, "failed": 0} for study in STUDIES}
     line, code = demo_closing(SPEC, summary, [(STUDIES[1], 2)], [], 42.4, address="10.0.0.1:6379")
     assert "--address 10.0.0.1:6379" in line and code == 1, line
+
+
+@pytest.mark.parametrize("case", ["file", "terminal", "terminal with NO_COLOR", "chosen"])
+def test_rays_forwarded_worker_lines_get_colour_codes_only_on_a_terminal(case, tmp_path, monkeypatch):
+    # '\x1b[33m(raylet)\x1b[0m A worker died ...' in a script's log file, even with NO_COLOR=1 (QA pass 10)
+    import os
+
+    from tune_jobs.logs import plain_ray_lines
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    if case == "chosen":
+        monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    if case == "terminal with NO_COLOR":
+        monkeypatch.setenv("NO_COLOR", "1")
+    leader, follower = os.openpty()  # a real terminal
+    try:
+        with open(tmp_path / "log", "w") as log, open(follower, "w", closefd=False) as tty:
+            plain_ray_lines(log if case in ("file", "chosen") else tty)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    expected = {"file": "0", "terminal": None, "terminal with NO_COLOR": "0", "chosen": "1"}[case]
+    assert os.environ.get("RAY_COLOR_PREFIX") == expected

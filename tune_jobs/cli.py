@@ -28,7 +28,7 @@ from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
 from .infra import BEFORE_START, INFRA_EXIT, InfrastructureError, sigterm_as_interrupt
-from .logs import add_verbose_flag, configure_logging
+from .logs import add_verbose_flag, configure_logging, plain_ray_lines
 from .ray_session import send_token_when_given
 from .spec import SCHEDULER_KINDS, SpecError, has_password, hide_password
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # second for it; clusters often have no egress. Opt in with MLFLOW_DISABLE_TELEMETRY=false.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     configure_logging(verbose=False)  # -v, once parsed, turns the libraries' INFO lines back on
+    plain_ray_lines()  # before Ray starts: its workers' lines get no colour codes in a log file
     send_token_when_given()  # before anything imports Ray
     sigterm_as_interrupt()  # a scheduler's SIGTERM before a sweep starts: as Ctrl-C, not a silent end
     # sweep, resume, demo and confirm say their own resume command on Ctrl-C (infra.stops_on_problems), train its own
