@@ -271,6 +271,12 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert "Restored on" not in out  # Ray's line per resumed trial; the progress says "resumed after epoch N"
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)  # its new run holds each epoch once
     assert not (tmp_path / "ray_results" / "t.lease").exists()
+    # the same sweep again (a script run twice): done, nothing run; it was exit 2, "continue it with ... resume"
+    again = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in again.stdout, again
+    assert again.stdout.splitlines()[-1].startswith("sweep t had finished already: nothing to run; see its runs")
+    assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
     # the killed tries' working files lived in their trial folders, and the tries that ended removed them
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]

@@ -159,9 +159,14 @@ def spec_from_args(args):
 
 def run_sweep_command(args) -> int:
     from .summary import print_summary
-    from .sweep import check_new_sweep, preflight, run_sweep
+    from .sweep import check_new_sweep, finished_already, preflight, run_sweep
 
     spec = preflight(spec_from_args(args))
+    if (summary := finished_already(spec)) is not None:  # the same sweep again: done, nothing to run
+        print_summary(spec, summary)
+        print(f"\nsweep {spec.name} had finished already: nothing to run; see its runs and studies with "
+              f"`{ui_command(spec)}`")
+        return 0
     check_new_sweep(spec, args.spec)
     if args.check:
         from .plan import sweep_plan

@@ -83,6 +83,30 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     check_name_in_store(spec, spec_file)
 
 
+def finished_already(spec: Spec) -> dict | None:
+    """The store's summary of this very sweep (this storage holds it, its search as this spec's) when every study
+    has its N trials closed and none runs; else None. A script that runs its sweeps again is told they are done,
+    where the name check refused them as bad input and advised a resume with nothing to resume."""
+    from .summary import closed, closing, summarize
+    from .tracking import open_store, recorded_storage
+
+    if not any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
+        return None
+    try:
+        experiment = _sweep_experiment(spec)
+        if experiment is None or not _same_storage(recorded_storage(experiment) or "", spec.storage):
+            return None
+        started, now = json.loads(experiment.tags.get(layout.SPEC) or "null"), json.loads(spec_json(spec))
+        if not isinstance(started, dict) or any(started.get(key) != now[key] for key in FIXED_ON_RESUME):
+            return None
+        summary = summarize(open_store(spec.tracking_uri), experiment.experiment_id)
+    except Exception:  # noqa: BLE001 - a store out of reach or a tag that is no JSON: the name check says what
+        return None
+    rows = [summary.get(study.name, {}) for study in spec.studies]
+    ended = all(closed(row) >= spec.trials and not row.get("running") for row in rows)
+    return summary if ended and closing(spec, summary, 0)[1] == 0 else None  # a failed study: refused as before
+
+
 def how_to_go_on(spec: Spec) -> str:
     """For a sweep of this name that exists: it runs now (a live driver holds its lease, which says where), so a
     resume would be refused; else its resume command, with the --address its last driver recorded."""
