@@ -11,6 +11,7 @@ import pytest
 MAX_WORKERS = 4  # each holds torch, and its sweeps a Ray instance: ~1.5 GiB apiece
 
 
+@pytest.hookimpl(optionalhook=True)  # known only where pytest-xdist is installed (the GPU session may lack it)
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): one test process per CPU this process may use, at most MAX_WORKERS; most
     tests wait on servers and sweeps, so two processes on two cores finish the suite in about 70 % of the time."""

@@ -723,5 +723,5 @@ def test_sigterm_before_a_sweep_starts_is_an_interrupt_that_says_to_run_the_comm
         out, err = sweep.communicate(timeout=60)
         connection.close()
     assert sweep.returncode == 130 and out == "", err
-    assert err == "interrupted before the sweep started; run the same command again\n", err
+    assert err == "interrupted; run the same command again\n", err
     assert not (tmp_path / "out").exists()  # nothing was stored

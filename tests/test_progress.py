@@ -465,8 +465,9 @@ def test_rays_forwarded_worker_lines_get_colour_codes_only_on_a_terminal(case, t
 
     from tune_jobs.logs import plain_ray_lines
 
-    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
-    monkeypatch.delenv("NO_COLOR", raising=False)
+    for name in ("RAY_COLOR_PREFIX", "NO_COLOR"):  # set, then removed: restored after the test either way
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     if case == "chosen":
         monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     if case == "terminal with NO_COLOR":
@@ -474,7 +475,7 @@ def test_rays_forwarded_worker_lines_get_colour_codes_only_on_a_terminal(case, t
     leader, follower = os.openpty()  # a real terminal
     try:
         with open(tmp_path / "log", "w") as log, open(follower, "w", closefd=False) as tty:
-            plain_ray_lines(log if case in ("file", "chosen") else tty)
+            plain_ray_lines((tty, log) if case in ("file", "chosen") else (tty, tty))  # stderr to a file: no codes
     finally:
         os.close(leader)
         os.close(follower)

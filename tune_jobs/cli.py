@@ -27,7 +27,7 @@ from pathlib import Path
 from attzoom.cli import Parser, add_train_command, run
 from attzoom.config import ConfigError, DataError
 
-from .infra import BEFORE_START, INFRA_EXIT, InfrastructureError, sigterm_as_interrupt
+from .infra import INFRA_EXIT, RUN_AGAIN, InfrastructureError, sigterm_as_interrupt
 from .logs import add_verbose_flag, configure_logging, plain_ray_lines
 from .ray_session import send_token_when_given
 from .spec import SCHEDULER_KINDS, SpecError, has_password, hide_password
@@ -59,18 +59,18 @@ def build_parser() -> Parser:
     add_overrides(sweep)
     sweep.add_argument("--check", action="store_true", help="check the spec, stores and data, print what the sweep "
                        "would run, and exit without starting or storing anything")
-    sweep.set_defaults(run=run_sweep_command, on_interrupt=BEFORE_START)
+    sweep.set_defaults(run=run_sweep_command, on_interrupt=RUN_AGAIN)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("sweep", help="the sweep's name (under --storage) or its folder")
     resume.add_argument("--storage", default="ray_results", help="where the sweep's folder is (default: ray_results)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     resume.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
-    resume.set_defaults(run=run_resume_command, on_interrupt=BEFORE_START)
+    resume.set_defaults(run=run_resume_command, on_interrupt=RUN_AGAIN)
 
     demo = sub.add_parser("demo", help="the embedded demo sweep: cluttered digits, baseline vs AttZoom")
     add_overrides(demo)
-    demo.set_defaults(run=run_demo_command, spec=SPECS / "demo.toml", on_interrupt=BEFORE_START)
+    demo.set_defaults(run=run_demo_command, spec=SPECS / "demo.toml", on_interrupt=RUN_AGAIN)
 
     status = sub.add_parser("status", help="per-study progress of sweeps, or of a submitted job")
     status.add_argument("sweep", nargs="?", help="a sweep name (default: every sweep in the store)")

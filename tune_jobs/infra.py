@@ -169,6 +169,7 @@ def stops_on_problems(resume: str, tracking_uri: str):
 
 
 BEFORE_START = "interrupted before the sweep started; run the same command again"
+RUN_AGAIN = "interrupted; run the same command again"  # outside a sweep's run: before it, or after its last line
 
 
 def sigterm_as_interrupt():

@@ -62,11 +62,11 @@ def configure_logging(verbose: bool = False) -> None:
     optuna.logging.set_verbosity(level)
 
 
-def plain_ray_lines(stream=sys.stdout) -> None:
-    """Ray colours the worker lines it forwards to the driver ("(raylet) A worker died ...") whatever the output
-    is: escape codes in a script's log file. None there, nor with NO_COLOR set (no-color.org); RAY_COLOR_PREFIX,
-    when set, decides."""
-    if os.environ.get("NO_COLOR") or not stream.isatty():
+def plain_ray_lines(streams=(sys.stdout, sys.stderr)) -> None:
+    """Ray colours the worker lines it forwards to the driver ("(raylet) A worker died ...", to stdout and stderr)
+    whatever the output is: escape codes in a script's log file. None unless both are terminals, nor with NO_COLOR
+    set (no-color.org); RAY_COLOR_PREFIX, when set, decides."""
+    if os.environ.get("NO_COLOR") or not all(stream.isatty() for stream in streams):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 

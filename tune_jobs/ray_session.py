@@ -250,9 +250,13 @@ def process_groups_of_their_own():
     """Start the private Ray's processes (GCS, raylet and the trial workers it starts, agents) each in a process
     group of its own. A SIGTERM to the driver's group (`timeout`, `kill -TERM -PGID`) then reaches the driver alone,
     which stops the trials and Ray as for a SIGTERM to its pid; it ended Ray's processes under the driver, which
-    waited 60 s and died in Ray's C++. They still end with the driver (Ray's parent-death signal)."""
-    from ray._private import services
+    waited 60 s and died in Ray's C++. They still end with the driver: Ray's parent-death signal (Linux). Where the
+    kernel has none (macOS), Ray's reaper ends them by their shared group, which is then left as it was."""
+    from ray._private import services, utils
 
+    if not utils.detect_fate_sharing_support():
+        yield
+        return
     popen = services.ConsolePopen
     services.ConsolePopen = lambda *args, **kwargs: popen(*args, process_group=0, **kwargs)
     try:

@@ -85,9 +85,11 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
 
 def finished_already(spec: Spec) -> dict | None:
     """The store's summary of this very sweep (this storage holds it, its search as this spec's) when every study
-    has its N trials closed and none runs; else None. A script that runs its sweeps again is told they are done,
-    where the name check refused them as bad input and advised a resume with nothing to resume."""
-    from .summary import closed, closing, summarize
+    has its N trials finished, none failed, and no driver runs it; else None. A script that runs its sweeps again
+    is told they are done, where the name check refused them as bad input and advised a resume with nothing to
+    resume."""
+    from .lease import driver_gone
+    from .summary import closed, complete, summarize
     from .tracking import open_store, recorded_storage
 
     if not any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
@@ -104,7 +106,9 @@ def finished_already(spec: Spec) -> dict | None:
         return None
     rows = [summary.get(study.name, {}) for study in spec.studies]
     ended = all(closed(row) >= spec.trials and not row.get("running") for row in rows)
-    return summary if ended and closing(spec, summary, 0)[1] == 0 else None  # a failed study: refused as before
+    # a failed trial (resume retries it) or a driver still at work (a retry between two tries): refused as before
+    done = ended and complete(spec, summary) and driver_gone(spec.storage, spec.name, spec.tracking_uri)
+    return summary if done else None
 
 
 def how_to_go_on(spec: Spec) -> str:
@@ -405,9 +409,10 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
         _wait_for_owner_check(tracking)  # before Tune writes anything into this storage
-        announce(spec, address, resume)
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
-        if resume and tune.Tuner.can_restore(path):
+        restoring = resume and tune.Tuner.can_restore(path)  # a first demo is no resume
+        announce(spec, address, restoring)
+        if restoring:
             # Tune restores the callbacks pickled with the run config; that logger finds the store's ids itself,
             # so the preparation finishes first and the two never race.
             tracking.result()
