@@ -89,7 +89,7 @@ def finished_already(spec: Spec) -> dict | None:
     is told they are done, where the name check refused them as bad input and advised a resume with nothing to
     resume."""
     from .lease import driver_gone
-    from .summary import closed, complete, summarize
+    from .summary import complete, summarize
     from .tracking import open_store, recorded_storage
 
     if not any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
@@ -104,10 +104,10 @@ def finished_already(spec: Spec) -> dict | None:
         summary = summarize(open_store(spec.tracking_uri), experiment.experiment_id)
     except Exception:  # noqa: BLE001 - a store out of reach or a tag that is no JSON: the name check says what
         return None
-    rows = [summary.get(study.name, {}) for study in spec.studies]
-    ended = all(closed(row) >= spec.trials and not row.get("running") for row in rows)
-    # a failed trial (resume retries it) or a driver still at work (a retry between two tries): refused as before
-    done = ended and complete(spec, summary) and driver_gone(spec.storage, spec.name, spec.tracking_uri)
+    running = any(summary.get(study.name, {}).get("running") for study in spec.studies)
+    # complete: every study's N trials closed, none failed (resume retries a failed one); a driver still at work
+    # (a retry between two tries): refused as before
+    done = complete(spec, summary) and not running and driver_gone(spec.storage, spec.name, spec.tracking_uri)
     return summary if done else None
 
 
