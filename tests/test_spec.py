@@ -1077,6 +1077,42 @@ def test_two_drivers_of_one_name_with_different_storage_cannot_both_write_to_the
     assert _prepare_tracking(replace(second, storage=str(tmp_path / "link")), "")[0] == experiment_id
 
 
+def test_a_sweep_run_again_is_finished_already_only_when_every_trial_finished_and_no_driver_runs_it(tmp_path):
+    # a script that runs its sweep again is told it is done (exit 0, nothing run); a study short of N trials, a
+    # failed trial (resume retries it), a driver at work, or another search under the name are not done
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import ROLE, STUDY, SWEEP, TRIAL, TRIAL_ROLE
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.sweep import _prepare_tracking, finished_already, save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, edit(base_spec(tmp_path), "trials", 2))))
+    save_spec(spec)
+    with sweep_lease(spec.storage, spec.name, tracking_uri=spec.tracking_uri):
+        experiment_id, parents = _prepare_tracking(spec, "")
+    (Path(spec.storage) / spec.name / "experiment_state-1.json").write_text("{}")  # Tune's: it has run trials
+    client = MlflowClient(spec.tracking_uri)
+
+    def trial(study: str, status: str) -> str:
+        tags = {SWEEP: spec.name, STUDY: study, ROLE: TRIAL_ROLE, TRIAL: f"t{len(client.search_runs([experiment_id]))}"}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.set_terminated(run_id, status)
+        return run_id
+
+    attzoom, baseline = sorted(parents)  # by name: ...attzoom before ...baseline
+    trial(attzoom, "FINISHED"), trial(attzoom, "FINISHED"), trial(baseline, "FINISHED")
+    assert finished_already(spec) is None  # baseline has 1 of 2
+    failed = trial(baseline, "FAILED")
+    assert finished_already(spec) is None  # every study has N trials closed and a finished one, but one failed
+    client.set_terminated(failed, "FINISHED")  # a resume retried it and it finished
+    summary = finished_already(spec)
+    assert summary is not None and summary[baseline]["finished"] == 2 and summary[baseline]["failed"] == 0
+    assert finished_already(replace(spec, seed=spec.seed + 1)) is None  # another search under the name
+    with sweep_lease(spec.storage, spec.name, tracking_uri=spec.tracking_uri):
+        assert finished_already(spec) is None  # a driver runs it now
+    assert finished_already(spec) is not None
+
+
 def test_the_owner_check_on_cloud_storage_knows_its_own_lease_and_an_unreadable_storage_is_one_line(tmp_path, s3,
                                                                                                      monkeypatch):
     # on cloud storage the lease is one per name, in the tracking store: the check took this driver's own for another
