@@ -383,7 +383,7 @@ def test_the_ui_hint_quotes_a_store_path_with_spaces_as_the_resume_hint_does():
                                                  "--optuna-storage", "sqlite:////tmp/o p/optuna.db"]
 
 
-def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
+def test_status_says_when_no_driver_runs_the_running_trials_and_how_to_run_failed_ones_again(tmp_path, capsys):
     # right after a kill -9 it said "running 1" as if the sweep went on
     from mlflow.tracking import MlflowClient
 
@@ -406,6 +406,15 @@ def test_status_says_when_no_driver_runs_the_running_trials(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "running 1" in out and "no driver runs it now (it stopped or was killed)" in out
     assert f"continue with `{attzoom_executable()} resume k --storage {storage}`" in out
+
+    # a failed trial (a resume runs it again): the per-study line said "a resume runs them again", without the command
+    run_id = client.search_runs([eid])[0].info.run_id
+    client.set_terminated(run_id, "FAILED")
+    assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "no driver runs it now" not in out, out
+    assert f"1 failed trial: once the cause is fixed, `{attzoom_executable()} resume k --storage {storage}` runs " \
+        "them again" in out, out
 
 
 def test_hints_name_the_venvs_attzoom_quoted_and_a_jobs_plain(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from ray.tune.experiment import Trial
@@ -349,6 +350,7 @@ def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
 
 FULL_DISK = """
 import sys
+from dataclasses import replace
 from tune_jobs.logs import configure_logging
 configure_logging(verbose=False)  # as the `attzoom` command starts, before MLflow is loaded
 from sqlalchemy import event
@@ -395,6 +397,21 @@ def test_a_sweep_says_done_only_when_every_trial_is_recorded_and_none_failed(fai
     summary = {study: {"finished": f, "failed": x, "running": 0} for study, f, x in zip(STUDIES, finished, failed)}
     line, exit_code = closing(SPEC, summary, 42.4)
     assert line.startswith(ending) and exit_code == code
+
+
+def test_a_sweeps_failed_trials_end_with_the_command_that_runs_them_again():
+    # "ended in 42 s with 1 failed trial(s)" (exit 0) named no command: a script's log said nothing of resume
+    from tune_jobs.cli import attzoom_executable
+    from tune_jobs.summary import closing
+
+    spec = replace(SPEC, storage="/r/ray results")
+    ended_with = {STUDIES[0]: {"finished": 2, "failed": 1}, STUDIES[1]: {"finished": 3, "failed": 0}}
+    none_finished = {STUDIES[0]: {"finished": 0, "failed": 3}, STUDIES[1]: {"finished": 3, "failed": 0}}
+    for summary in (ended_with, none_finished):
+        line = closing(spec, summary, 42.4, address="10.0.0.1:6379")[0]
+        assert line.endswith(f"once the cause is fixed, `{attzoom_executable()} resume p --storage '/r/ray results' "
+                             "--address 10.0.0.1:6379` runs them again"), line
+    assert "resume" not in closing(spec, {s: {"finished": 3, "failed": 0} for s in STUDIES}, 42.4)[0]
 
 
 def test_tunes_metrics_warning_for_a_trial_stopped_before_its_first_epoch_is_not_shown(caplog):

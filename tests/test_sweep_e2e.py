@@ -307,6 +307,7 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_goes_on(tmp_path
     last = out.strip().splitlines()[-1]  # a study without a finished trial: no comparison, so no "done", exit 1
     assert sweep.returncode == 1 and last.startswith("sweep t failed after"), out[-4000:]
     assert "no trial of tiny_resnet.tinyimagenet.baseline finished (1 of 2 trials failed)" in last
+    assert f"`{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}` runs them again" in last, last
     client, runs = trial_runs(tmp_path)
     by_dataset = {r.data.tags["dataset"]: r for r in runs}
     failed, ok = by_dataset["tinyimagenet"], by_dataset["cluttered-digits"]

@@ -178,7 +178,7 @@ def run_sweep_command(args) -> int:
     started = time.time()
     summary = run_sweep(spec, address=args.address)
     print_summary(spec, summary)
-    return print_closing(spec, summary, started)
+    return print_closing(spec, summary, started, args.address)
 
 
 def run_resume_command(args) -> int:
@@ -189,14 +189,14 @@ def run_resume_command(args) -> int:
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)
-    return print_closing(spec, summary, started)
+    return print_closing(spec, summary, started, args.address)
 
 
-def print_closing(spec, summary: dict, started: float) -> int:
+def print_closing(spec, summary: dict, started: float, address: str | None) -> int:
     """A sweep's or resume's last line, with where to look at the runs; returns the exit code it says."""
     from .summary import closing
 
-    line, code = closing(spec, summary, time.time() - started)
+    line, code = closing(spec, summary, time.time() - started, address)
     print(f"\n{line}; see its runs (MLflow UI) and studies (optuna-dashboard) with `{ui_command(spec)}`, which "
           "prints the addresses to open")
     return code
@@ -232,7 +232,7 @@ def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s:
     from .summary import closing, complete
 
     if not complete(spec, summary):
-        return closing(spec, summary, elapsed_s)[0], 1
+        return closing(spec, summary, elapsed_s, address)[0], 1
     if failed or unfinished:
         return confirm_closing(spec, DEMO_SEEDS, failed, unfinished, address=address)[0], 1
     return (f"demo done in {elapsed_s:.0f} s. Compare the runs in the MLflow UI:\n"
@@ -295,14 +295,27 @@ def print_sweep_status(client, experiment, tracking_uri: str) -> None:
               f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
     if rows and spec and (waiting := sorted({s.name for s in spec.studies} - set(rows))):
         print(f"  no trial yet: {', '.join(waiting)}")
-    if spec and any(row["running"] for row in rows.values()):
-        from .layout import ADDRESS
-        from .lease import driver_gone
-        from .sweep import resume_command
+    running, failed = (sum(row[key] for row in rows.values()) for key in ("running", "failed"))
+    if spec and (running or failed):
+        print_what_resumes(spec, experiment, tracking_uri, running, failed)
 
-        if driver_gone(spec.storage, spec.name, tracking_uri):  # the runs say RUNNING until the next driver
-            print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
-                  f"with `{resume_command(spec, experiment.tags.get(ADDRESS))}`")
+
+def print_what_resumes(spec, experiment, tracking_uri: str, running: int, failed: int) -> None:
+    """When no driver runs the sweep: the command that continues its running trials (the runs say RUNNING until
+    the next driver) or runs its failed ones again."""
+    from .layout import ADDRESS
+    from .lease import driver_gone
+    from .naming import counted
+    from .sweep import resume_command
+
+    if not driver_gone(spec.storage, spec.name, tracking_uri):
+        return
+    command = resume_command(spec, experiment.tags.get(ADDRESS))
+    if running:
+        print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
+              f"with `{command}`")
+    else:
+        print(f"  {counted(failed, 'failed trial')}: once the cause is fixed, `{command}` runs them again")
 
 
 def ended(row: dict, trials: int) -> str:

@@ -68,14 +68,18 @@ def print_summary(spec: Spec, summary: dict, out=sys.stdout) -> None:
     print("\n".join(lines), file=out)
 
 
-def closing(spec: Spec, summary: dict, elapsed_s: float) -> tuple[str, int]:
+def closing(spec: Spec, summary: dict, elapsed_s: float, address: str | None = None) -> tuple[str, int]:
     """The sweep's last line and exit code: "done" only when every study's N trials are closed in the tracking
     store and none failed; 1 when a study has no finished trial at all (the comparison has nothing to compare)
-    or the store lacks trials the sweep ran (their runs are lost: nothing to resume)."""
+    or the store lacks trials the sweep ran (their runs are lost: nothing to resume). Failed trials come with the
+    command that runs them again (``address``: the driver's --address, which it names)."""
+    from .sweep import driver_address, resume_command
+
     failed = sum(row.get("failed", 0) for row in summary.values())
     empty = [s.name for s in spec.studies if not summary.get(s.name, {}).get("finished")]
     errors = (f"each failed trial's error is in its MLflow run (tag {layout.ERROR}) and in its error.txt under "
-              f"{spec.storage}/{spec.name}")
+              f"{spec.storage}/{spec.name}; once the cause is fixed, "
+              f"`{resume_command(spec, driver_address(address))}` runs them again")
     if empty:
         return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
                 f"({failed} of {sum(map(closed, summary.values()))} trials "
