@@ -1,5 +1,6 @@
 """The ``attzoom`` command as a user runs it: a real process, real data on disk."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -407,14 +408,65 @@ def test_status_says_when_no_driver_runs_the_running_trials_and_how_to_run_faile
     assert "running 1" in out and "no driver runs it now (it stopped or was killed)" in out
     assert f"continue with `{attzoom_executable()} resume k --storage {storage}`" in out
 
-    # a failed trial (a resume runs it again): the per-study line said "a resume runs them again", without the command
+    resume = f"{attzoom_executable()} resume k --storage {storage}"
+    # a trial stopped (Ctrl-C), one of two: the lines said what was left, not how to go on
     run_id = client.search_runs([eid])[0].info.run_id
+    client.set_terminated(run_id, "KILLED")
+    assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
+    assert f"no driver runs it now: continue it with `{resume}`" in capsys.readouterr().out
+    # a failed trial (a resume runs it again): the per-study line said "a resume runs them again", without the command
     client.set_terminated(run_id, "FAILED")
+    client.set_terminated(client.create_run(eid, tags={SWEEP: "k", STUDY: spec.studies[0].name, ROLE: "trial",
+                                                       TRIAL: "b-1"}).info.run_id, "FINISHED")
     assert attzoom_main(["status", "k", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "no driver runs it now" not in out, out
-    assert f"1 failed trial: once the cause is fixed, `{attzoom_executable()} resume k --storage {storage}` runs " \
-        "them again" in out, out
+    assert f"1 failed trial: once the cause is fixed, `{resume}` runs them again" in out, out
+
+
+def test_status_json_gives_each_sweeps_state_counts_and_resume_command(tmp_path, capsys):
+    # scripts (cron, schedulers) had only sentences to parse, and the exit code is 0 whatever the state
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.spec import Spec, spec_json
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
+    spec = Spec(name="j", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline", "attzoom"),
+                trials=2, tracking_uri=uri, storage=storage)
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("j"), tags={SPEC: spec_json(spec)})
+    (tmp_path / "ray_results" / "j").mkdir(parents=True)
+    baseline, attzoom = (s.name for s in spec.studies)
+
+    def trial(study: str, status: str | None) -> None:
+        tags = {SWEEP: "j", STUDY: study, ROLE: "trial", TRIAL: f"t{len(client.search_runs([eid]))}"}
+        run_id = client.create_run(eid, tags=tags).info.run_id
+        if status:
+            client.set_terminated(run_id, status)
+
+    def status() -> dict:
+        assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0
+        return json.loads(capsys.readouterr().out)["sweeps"][0]
+
+    trial(baseline, None)
+    with sweep_lease(storage, "j"):  # a driver runs it
+        now = status()
+    assert now["sweep"] == "j" and now["state"] == "running" and now["trials_per_study"] == 2, now
+    assert now["driver_gone"] is False and now["resume_command"] is None
+    assert now["studies"][baseline]["state"] == "in progress" and now["studies"][baseline]["running"] == 1
+    assert now["studies"][attzoom] == {"finished": 0, "pruned": 0, "running": 0, "failed": 0, "stopped": 0,
+                                       "epochs": 0, "best_val_top1": None, "state": "waiting"}
+    resume = f"{attzoom_executable()} resume j --storage {storage}"
+    assert status()["state"] == "stopped" and status()["resume_command"] == resume  # its driver was killed
+    client.set_terminated(client.search_runs([eid])[0].info.run_id, "FINISHED")
+    trial(baseline, "FINISHED"), trial(attzoom, "FINISHED"), trial(attzoom, "FAILED")
+    ended = status()
+    assert ended["state"] == "ended with failures" and ended["resume_command"] == resume, ended
+    assert ended["studies"][baseline]["state"] == "done" and ended["studies"][attzoom]["state"] == "ended with failures"
+    assert attzoom_main(["status", "j", "--json", "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"]) == 2
 
 
 def test_hints_name_the_venvs_attzoom_quoted_and_a_jobs_plain(monkeypatch, tmp_path):

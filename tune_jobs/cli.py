@@ -18,6 +18,7 @@ Other libraries' INFO logs (Optuna, MLflow, alembic) are off; ``-v`` brings them
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -77,6 +78,9 @@ def build_parser() -> Parser:
     status.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     status.add_argument("--job", default=None, help="also show a submitted job's state (needs --address)")
     status.add_argument("--address", default=None, help="the Jobs API of --job's cluster, e.g. http://HEAD:8265")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object for scripts: each sweep's state, its studies' counts and states, and "
+                             "the command that continues it when no driver does")
     status.set_defaults(run=run_status_command)
 
     submit = sub.add_parser("submit", help="submit a sweep, or the resume of a stopped one, to a Ray cluster as a job")
@@ -245,102 +249,40 @@ def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s:
 def run_status_command(args) -> int:
     from .layout import EXPERIMENT_PREFIX, sweep_of
     from .spec import check_store_exists
+    from .status import print_sweep_status, sweep_status
     from .tracking import open_store
 
     if args.job and not (args.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
         # Ray would look for a local cluster instead, for ~40 s, then a traceback
         raise SpecError("--job needs --address, the Jobs API of the cluster that runs it (e.g. --address "
                         "http://127.0.0.1:8265)")
-    if args.job:
-        print(f"job {args.job}: {job_status(jobs_client(args.address), args.job, args.address)}")
+    job = {"job": {"id": args.job, "state": str(job_status(jobs_client(args.address), args.job, args.address))}} \
+        if args.job else {}
+    if job and not args.json:
+        print(f"job {args.job}: {job['job']['state']}")
     try:
         check_store_exists(args.tracking_uri)
     except SpecError:
-        if args.job:
-            return 0  # the job's state is all there is to show from this machine
-        raise
-    client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
-    experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
-    if args.sweep:
+        if not job:
+            raise
+        experiments, client = [], None  # the job's state is all there is to show from this machine
+    else:
+        client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
+        experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
+    if args.sweep and client:
         experiments = [e for e in experiments if sweep_of(e.name) == args.sweep]
         if not experiments:
             raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
                             "check the name or pass --tracking-uri")
-    if not experiments:  # it printed nothing, as if the command had not run
+    statuses = [sweep_status(client, experiment, args.tracking_uri) for experiment in experiments]
+    if args.json:
+        print(json.dumps({"sweeps": statuses, **job}, indent=2))
+    elif client and not experiments:  # it printed nothing, as if the command had not run
         print(f"no sweep in {hide_password(args.tracking_uri)} yet (a sweep's experiments are named "
               f"{EXPERIMENT_PREFIX}NAME); pass --tracking-uri to read another store")
-    for experiment in experiments:
-        print_sweep_status(client, experiment, args.tracking_uri)
+    for status in statuses if not args.json else ():
+        print_sweep_status(status)
     return 0
-
-
-def print_sweep_status(client, experiment, tracking_uri: str) -> None:
-    """One line per study of the sweep's spec (stored with its experiment), against its N trials: a study with no
-    run yet is listed too, so the lines show what the sweep still has to do."""
-    from .layout import sweep_of
-    from .naming import counted
-    from .summary import summarize
-
-    rows = summarize(client, experiment.experiment_id)
-    spec = stored_spec_of(experiment)
-    print(f"{sweep_of(experiment.name)}:" + (f" {counted(spec.trials, 'trial')} per study" if spec else ""))
-    if not rows:  # a sweep stopped before its first trial opened a run
-        print("  no trial has started yet")
-    for study, row in sorted(rows.items()):
-        best = "-" if row["best_top1"] is None else f"{row['best_top1']:.2f}"
-        stopped = f", stopped {row['stopped']} (resume continues them)" if row["stopped"] else ""
-        done = ended(row, spec.trials) if spec else ""
-        pruned = f" ({row['pruned']} stopped early by the scheduler)" if row["pruned"] else ""
-        print(f"  {study}: finished {row['finished']}{pruned}, running {row['running']}, failed {row['failed']}"
-              f"{stopped}, epochs {row['epochs']}, best val_top1 {best}{done}")
-    if rows and spec and (waiting := sorted({s.name for s in spec.studies} - set(rows))):
-        print(f"  no trial yet: {', '.join(waiting)}")
-    running, failed = (sum(row[key] for row in rows.values()) for key in ("running", "failed"))
-    if spec and (running or failed):
-        print_what_resumes(spec, experiment, tracking_uri, running, failed)
-
-
-def print_what_resumes(spec, experiment, tracking_uri: str, running: int, failed: int) -> None:
-    """When no driver runs the sweep: the command that continues its running trials (the runs say RUNNING until
-    the next driver) or runs its failed ones again."""
-    from .layout import ADDRESS
-    from .lease import driver_gone
-    from .naming import counted
-    from .sweep import resume_command
-
-    if not driver_gone(spec.storage, spec.name, tracking_uri):
-        return
-    command = resume_command(spec, experiment.tags.get(ADDRESS))
-    if running:
-        print(f"  no driver runs it now (it stopped or was killed): nothing trains the running trials; continue "
-              f"with `{command}`")
-    else:
-        print(f"  {counted(failed, 'failed trial')}: once the cause is fixed, `{command}` runs them again")
-
-
-def ended(row: dict, trials: int) -> str:
-    """How a study whose N trials have all ended ended: "done" only when none failed, as the sweep's closing line."""
-    from .summary import closed
-
-    if closed(row) < trials:
-        return ""
-    if not row["failed"]:
-        return ", done"
-    if not row["finished"]:
-        return ", failed: no trial finished (fix the cause; a resume runs the failed trials again)"
-    return f", ended with {row['failed']} failed (fix the cause; a resume runs them again)"
-
-
-def stored_spec_of(experiment):
-    """The spec a sweep stored with its experiment; None for a sweep stored before specs were, or an unreadable one."""
-    from .layout import SPEC
-    from .spec import spec_from_json
-
-    text = experiment.tags.get(SPEC)
-    try:
-        return spec_from_json(text, source=f"experiment {experiment.name}") if text else None
-    except (SpecError, ValueError, TypeError):
-        return None
 
 
 def jobs_client(address: str):
