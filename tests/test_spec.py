@@ -672,6 +672,28 @@ def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_w
     check_unchanged_since_start(load_saved_spec(spec.name, spec.storage))
 
 
+def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_any_work(tmp_path, capsys,
+                                                                                        no_side_effects):
+    # `sweep --continue` goes on with a started sweep as resume does: on the search as it began
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.layout import SPEC, experiment_name
+    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.sweep import save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
+    save_spec(spec)
+    (Path(spec.storage) / spec.name / "experiment_state-1.json").write_text("{}")  # Ray started it
+    edited = write_spec(tmp_path, edit(base_spec(tmp_path), "trials", 3))
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["sweep", str(edited), "--continue"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{edited} is not the spec sweep tiny started with (trials: 1 then, 3 now)" in err
+    assert "undo the change" in err and tree(tmp_path) - {"out/mlflow.db.lock"} == before, err  # the store's read lock
+
+
 def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work(tmp_path, capsys, no_side_effects):
     # MLflow keeps a deleted experiment's name: a new sweep of that name started Ray and trained, then stopped at its
     # first write (exit 3, "continue with attzoom resume"); that resume ended in a traceback

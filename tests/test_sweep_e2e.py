@@ -239,7 +239,7 @@ def one_epoch_in(spec_dir: Path) -> Path | None:
 
 def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(tmp_path, digits_root):
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=3)
-    first = start("sweep", str(spec), cwd=tmp_path)
+    first = start("sweep", str(spec), "--continue", cwd=tmp_path)  # a new sweep: started
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path))
     crash(first)
     # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
@@ -248,7 +248,8 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
             f"sqlite:///{tmp_path / 'mlflow.db'}; if it stops, continue with: {resume}")
     assert said in first.stdout.read().splitlines()
 
-    resumed = start(*resume.split()[1:], cwd=tmp_path)
+    # the same command again (a job its scheduler runs again): continued as `resume` does; it was exit 2
+    resumed = start("sweep", str(spec), "--continue", cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
     wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path), every=0.3)
     time.sleep(1.5)  # an experiment snapshot (every second) records that checkpoint

@@ -60,6 +60,9 @@ def build_parser() -> Parser:
     add_overrides(sweep)
     sweep.add_argument("--check", action="store_true", help="check the spec, stores and data, print what the sweep "
                        "would run, and exit without starting or storing anything")
+    sweep.add_argument("--continue", dest="go_on", action="store_true",
+                       help="if this sweep was started already (the same spec, name and storage), continue it as "
+                            "`resume` does, else start it: one command for a job that its scheduler may run again")
     sweep.set_defaults(run=run_sweep_command, on_interrupt=RUN_AGAIN)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
@@ -163,7 +166,7 @@ def spec_from_args(args):
 
 def run_sweep_command(args) -> int:
     from .summary import print_summary
-    from .sweep import check_new_sweep, finished_already, preflight, run_sweep
+    from .sweep import check_new_sweep, check_unchanged_since_start, finished_already, preflight, run_sweep, started_in
 
     spec = preflight(spec_from_args(args))
     if (summary := finished_already(spec)) is not None:  # the same sweep again: done, nothing to run
@@ -171,7 +174,11 @@ def run_sweep_command(args) -> int:
         print(f"\nsweep {spec.name} had finished already: nothing to run; see its runs and studies with "
               f"`{ui_command(spec)}`")
         return 0
-    check_new_sweep(spec, args.spec)
+    go_on = args.go_on and started_in(spec.storage, spec.name)
+    if go_on:  # on the search as it began: refused before any work when this spec changes it
+        check_unchanged_since_start(spec, f"{args.spec} is not the spec sweep {spec.name} started with")
+    else:
+        check_new_sweep(spec, args.spec)
     if args.check:
         from .plan import sweep_plan
         from .ray_session import check_address
@@ -180,7 +187,7 @@ def run_sweep_command(args) -> int:
         print(sweep_plan(preflight(spec, local=not args.address), args.address))
         return 0
     started = time.time()
-    summary = run_sweep(spec, address=args.address)
+    summary = run_sweep(spec, address=args.address, resume=go_on)
     print_summary(spec, summary)
     return print_closing(spec, summary, started, args.address)
 

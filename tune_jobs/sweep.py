@@ -74,10 +74,20 @@ def preflight(spec: Spec, local: bool = False) -> Spec:
     return spec
 
 
+def started_in(storage: str, name: str) -> bool:
+    """Whether Ray has started the sweep in ``storage``: its folder holds more than its saved spec (a folder holding
+    only the spec is a sweep stopped before Ray started: its name is still free)."""
+    return beyond_spec(folder_names(storage, name))
+
+
+def beyond_spec(names: list[str]) -> bool:
+    return any(name != SPEC_FILE for name in names)
+
+
 def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
-    """A new sweep's name must be free in its storage (a folder holding only the saved spec is a sweep stopped
-    before Ray started: free) and in its tracking store (check_name_in_store)."""
-    if any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
+    """A new sweep's name must be free in its storage (started_in) and in its tracking store
+    (check_name_in_store)."""
+    if started_in(spec.storage, spec.name):
         raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
                         f"{how_to_go_on(spec)} or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
@@ -92,7 +102,7 @@ def finished_already(spec: Spec) -> dict | None:
     from .summary import complete, summarize
     from .tracking import open_store, recorded_storage
 
-    if not any(name != SPEC_FILE for name in folder_names(spec.storage, spec.name)):
+    if not started_in(spec.storage, spec.name):
         return None
     try:
         experiment = _sweep_experiment(spec)
@@ -213,9 +223,10 @@ FIXED_ON_RESUME = ("backbones", "datasets", "variants", "trials", "epochs", "pat
                    "scheduler", "train")
 
 
-def check_unchanged_since_start(spec: Spec) -> None:
+def check_unchanged_since_start(spec: Spec, changed_is: str | None = None) -> None:
     """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
-    summary and the store take the new one): compared with the spec the sweep stored in its experiment."""
+    summary and the store take the new one): compared with the spec the sweep stored in its experiment.
+    ``changed_is``: what the refusal calls the change (default: the saved spec changed since the start)."""
     from .tracking import check_not_deleted
 
     try:
@@ -237,9 +248,9 @@ def check_unchanged_since_start(spec: Spec) -> None:
     changed = [key for key in FIXED_ON_RESUME if key in started and started[key] != now[key]]
     if changed:
         what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
-        raise SpecError(f"the saved spec of sweep {spec.name} changed since it started ({what}); a resume continues "
-                        "the search as it began: undo the change, or start a new sweep (another name, or another "
-                        "--storage and --tracking-uri)")
+        changed_is = changed_is or f"the saved spec of sweep {spec.name} changed since it started"
+        raise SpecError(f"{changed_is} ({what}); a resume continues the search as it began: undo the change, or "
+                        "start a new sweep (another name, or another --storage and --tracking-uri)")
 
 
 def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
@@ -493,7 +504,7 @@ def _holds_sweep(storage: str, spec: Spec) -> bool:
     from .lease import driver_gone
 
     names = folder_names(storage, spec.name)
-    if any(name != SPEC_FILE for name in names):
+    if beyond_spec(names):
         return True
     if not names or (is_remote(storage) and is_remote(spec.storage)):
         return False
