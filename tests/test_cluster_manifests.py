@@ -26,6 +26,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from referencing import Registry, Resource
 
+from tune_jobs.cli import build_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 EXAMPLE_SECRETS = CLUSTER / "secrets.example.yaml"
@@ -205,7 +207,11 @@ def _entrypoint_args() -> list[str]:
 def test_rayjob_runs_the_paper_sweep_on_the_cluster():
     job, cluster = _one("RayJob"), _one("RayCluster")
     assert _entrypoint_args() == ["attzoom", "sweep", "tune_jobs/specs/paper.toml", "--address", "auto",
-                                  "--storage", PAPER["storage"], "--tracking-uri", PAPER["tracking_uri"]]
+                                  "--storage", PAPER["storage"], "--tracking-uri", PAPER["tracking_uri"], "--continue"]
+    # the submitter is retried (backoffLimit): a retry continues the sweep its first try started (plain `sweep`
+    # refused the taken name, exit 2)
+    assert job["spec"]["submitterConfig"]["backoffLimit"] > 0
+    assert build_parser().parse_args(_entrypoint_args()[1:]).go_on
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     assert (ROOT / "tune_jobs/specs/paper.toml").exists()
 
