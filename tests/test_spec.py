@@ -692,6 +692,11 @@ def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_an
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{edited} is not the spec sweep tiny started with (trials: 1 then, 3 now)" in err
     assert "undo the change" in err and tree(tmp_path) - {"out/mlflow.db.lock"} == before, err  # the store's read lock
+    write_spec(tmp_path, base_spec(tmp_path))  # the spec it started with, without --continue: the name is taken
+    assert cli.main(["sweep", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert f"continue it with `{attzoom_executable()} resume tiny --storage {spec.storage}` (or add --continue to " \
+        "this command) or change name in" in err, err
 
 
 def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work(tmp_path, capsys, no_side_effects):

@@ -89,7 +89,7 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     (check_name_in_store)."""
     if started_in(spec.storage, spec.name):
         raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
-                        f"{how_to_go_on(spec)} or change name in {spec_file}")
+                        f"{how_to_go_on(spec, ' (or add --continue to this command)')} or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
 
 
@@ -121,9 +121,10 @@ def finished_already(spec: Spec) -> dict | None:
     return summary if done else None
 
 
-def how_to_go_on(spec: Spec) -> str:
+def how_to_go_on(spec: Spec, or_else: str = "") -> str:
     """For a sweep of this name that exists: it runs now (a live driver holds its lease, which says where), so a
-    resume would be refused; else its resume command, with the --address its last driver recorded."""
+    resume would be refused; else its resume command, with the --address its last driver recorded, and
+    ``or_else``."""
     from .cli import attzoom_executable
     from .lease import describe, driver_gone, lease_for
 
@@ -133,7 +134,7 @@ def how_to_go_on(spec: Spec) -> str:
     except Exception:  # noqa: BLE001 - a lease that cannot be read: as if none held it
         holder = None
     if not holder:
-        return f"continue it with `{resume_command(spec, recorded_address(spec))}`"
+        return f"continue it with `{resume_command(spec, recorded_address(spec))}`{or_else}"
     status = f"{attzoom_executable()} status {spec.name} --tracking-uri {shlex.quote(hide_password(spec.tracking_uri))}"
     return f"it is running now ({describe(holder)}); follow it with `{status}`"
 
