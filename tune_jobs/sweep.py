@@ -109,7 +109,7 @@ def finished_already(spec: Spec) -> dict | None:
         if experiment is None or not _same_storage(recorded_storage(experiment) or "", spec.storage):
             return None
         started, now = json.loads(experiment.tags.get(layout.SPEC) or "null"), json.loads(spec_json(spec))
-        if not isinstance(started, dict) or any(started.get(key) != now[key] for key in FIXED_ON_RESUME):
+        if not isinstance(started, dict) or search_changes(started, now, strict=True):
             return None
         summary = summarize(open_store(spec.tracking_uri), experiment.experiment_id)
     except Exception:  # noqa: BLE001 - a store out of reach or a tag that is no JSON: the name check says what
@@ -224,6 +224,12 @@ FIXED_ON_RESUME = ("backbones", "datasets", "variants", "trials", "epochs", "pat
                    "scheduler", "train")
 
 
+def search_changes(started: dict, now: dict, strict: bool = False) -> list[str]:
+    """The keys of FIXED_ON_RESUME whose values differ between two specs' JSON. A key the started spec lacks (one
+    stored by an older version) differs only when ``strict``: a resume may go on, a finished sweep is not this one."""
+    return [key for key in FIXED_ON_RESUME if (strict or key in started) and started.get(key) != now[key]]
+
+
 def check_unchanged_since_start(spec: Spec, changed_is: str | None = None) -> None:
     """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
     summary and the store take the new one): compared with the spec the sweep stored in its experiment.
@@ -246,8 +252,7 @@ def check_unchanged_since_start(spec: Spec, changed_is: str | None = None) -> No
         return
     if not isinstance(started, dict):
         return
-    changed = [key for key in FIXED_ON_RESUME if key in started and started[key] != now[key]]
-    if changed:
+    if changed := search_changes(started, now):
         what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
         changed_is = changed_is or f"the saved spec of sweep {spec.name} changed since it started"
         raise SpecError(f"{changed_is} ({what}); a resume continues the search as it began: undo the change, or "
