@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -241,8 +242,6 @@ def test_status_says_how_many_finished_trials_the_scheduler_stopped_early(tmp_pa
 
 def test_status_says_done_only_for_a_study_none_of_whose_trials_failed(tmp_path, capsys):
     # a study whose every trial failed was "done", beside a sweep that had ended "failed", exit 1
-    from dataclasses import replace
-
     from mlflow.tracking import MlflowClient
 
     from tune_jobs.cli import main as attzoom_main
@@ -466,7 +465,28 @@ def test_status_json_gives_each_sweeps_state_counts_and_resume_command(tmp_path,
     ended = status()
     assert ended["state"] == "ended with failures" and ended["resume_command"] == resume, ended
     assert ended["studies"][baseline]["state"] == "done" and ended["studies"][attzoom]["state"] == "ended with failures"
+    with sweep_lease(storage, "j"):  # a resume retrying the failed trial: its run reads FAILED until it starts again
+        assert status()["state"] == "running"
     assert attzoom_main(["status", "j", "--json", "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"]) == 2
+    capsys.readouterr()
+
+    # a sweep whose storage this machine cannot see (another machine's path: it read "running" for ever); a study
+    # with no finished trial; a sweep stored without its spec
+    client.set_experiment_tag(eid, SPEC, spec_json(replace(spec, trials=4)))
+    assert status()["state"] == "stopped"
+    client.set_experiment_tag(eid, SPEC, spec_json(replace(spec, trials=4, storage="/elsewhere/ray_results")))
+    elsewhere = status()
+    assert elsewhere["state"] == "in progress" and elsewhere["driver_gone"] is None, elsewhere
+    assert elsewhere["resume_command"] is None
+    client.set_experiment_tag(eid, SPEC, spec_json(spec))
+    for run in client.search_runs([eid], f"tags.`{STUDY}` = '{attzoom}' and attributes.status = 'FINISHED'"):
+        client.set_terminated(run.info.run_id, "FAILED")  # attzoom: two failed, none finished
+    failed = status()
+    assert failed["state"] == "failed" and failed["studies"][attzoom]["state"] == "failed", failed
+    client.delete_experiment_tag(eid, SPEC)
+    unknown = status()
+    assert unknown["state"] == "unknown" and unknown["trials_per_study"] is None and unknown["driver_gone"] is None
+    assert {study["state"] for study in unknown["studies"].values()} == {"unknown"}, unknown
 
 
 def test_hints_name_the_venvs_attzoom_quoted_and_a_jobs_plain(monkeypatch, tmp_path):

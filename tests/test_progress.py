@@ -350,7 +350,6 @@ def test_a_new_store_and_study_are_silent_unless_verbose(tmp_path):
 
 FULL_DISK = """
 import sys
-from dataclasses import replace
 from tune_jobs.logs import configure_logging
 configure_logging(verbose=False)  # as the `attzoom` command starts, before MLflow is loaded
 from sqlalchemy import event

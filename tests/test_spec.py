@@ -674,15 +674,16 @@ def test_a_resume_of_a_saved_spec_edited_since_the_start_is_refused_before_any_w
 
 def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_any_work(tmp_path, capsys,
                                                                                         no_side_effects):
-    # `sweep --continue` goes on with a started sweep as resume does: on the search as it began
-    from mlflow.tracking import MlflowClient
+    # `sweep --continue` goes on with a started sweep as resume does: on the search as it began, compared with the
+    # spec saved in its folder even when the tracking store has no word on it (a server restarting, another URI)
+    import optuna
 
-    from tune_jobs.layout import SPEC, experiment_name
-    from tune_jobs.spec import shared_spec_json
+    from tune_jobs.lease import sweep_lease
+    from tune_jobs.spec import optuna_storage_url
+    from tune_jobs.studies import optuna_study_name
     from tune_jobs.sweep import save_spec
 
     spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
-    MlflowClient(spec.tracking_uri).create_experiment(experiment_name(spec.name), tags={SPEC: shared_spec_json(spec)})
     save_spec(spec)
     (Path(spec.storage) / spec.name / "experiment_state-1.json").write_text("{}")  # Ray started it
     edited = write_spec(tmp_path, edit(base_spec(tmp_path), "trials", 3))
@@ -690,13 +691,29 @@ def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_an
     capsys.readouterr()
     assert cli.main(["sweep", str(edited), "--continue"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{edited} is not the spec sweep tiny started with (trials: 1 then, 3 now)" in err
-    assert "undo the change" in err and tree(tmp_path) - {"out/mlflow.db.lock"} == before, err  # the store's read lock
-    write_spec(tmp_path, base_spec(tmp_path))  # the spec it started with, without --continue: the name is taken
-    assert cli.main(["sweep", str(edited)]) == 2
+    assert err.count("\n") == 1 and f"{edited}, with the options given, is not the spec sweep tiny started with " \
+        "(trials: 1 then, 3 now)" in err and "undo the change" in err, err
+    assert cli.main(["sweep", str(edited)]) == 2  # without --continue: the name is taken, and no hint of --continue
+    assert "--continue" not in capsys.readouterr().err
+    assert tree(tmp_path) - {"out/mlflow.db.lock", "out/mlflow.db"} == before
+
+    unchanged = write_spec(tmp_path, base_spec(tmp_path))
+    assert cli.main(["sweep", str(unchanged)]) == 2
     err = capsys.readouterr().err
     assert f"continue it with `{attzoom_executable()} resume tiny --storage {spec.storage}` (or add --continue to " \
         "this command) or change name in" in err, err
+    # --check: what the resume would check before its work, the stores it began in and no driver at work
+    assert cli.main(["sweep", str(unchanged), "--continue", "--check"]) == 2
+    assert "the Optuna storage" in capsys.readouterr().err  # its studies are gone: a resume is refused
+    for study in spec.studies:
+        optuna.create_study(study_name=optuna_study_name(spec.name, study.name), storage=optuna_storage_url(spec))
+    with sweep_lease(spec.storage, spec.name, tracking_uri=spec.tracking_uri):
+        assert cli.main(["sweep", str(unchanged), "--continue", "--check"]) == 2
+        err = capsys.readouterr().err
+        assert f"sweep 'tiny' cannot be continued: it is running now (pid {os.getpid()}" in err, err
+    assert cli.main(["sweep", str(unchanged), "--continue", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("started sweep tiny: ") and out.endswith("without --check to continue it\n"), out
 
 
 def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work(tmp_path, capsys, no_side_effects):

@@ -166,7 +166,8 @@ def spec_from_args(args):
 
 def run_sweep_command(args) -> int:
     from .summary import print_summary
-    from .sweep import check_new_sweep, check_unchanged_since_start, finished_already, preflight, run_sweep, started_in
+    from .sweep import (check_continuable, check_continues_search, check_new_sweep, finished_already, preflight,
+                        run_sweep, started_in)
 
     spec = preflight(spec_from_args(args))
     if (summary := finished_already(spec)) is not None:  # the same sweep again: done, nothing to run
@@ -176,7 +177,7 @@ def run_sweep_command(args) -> int:
         return 0
     go_on = args.go_on and started_in(spec.storage, spec.name)
     if go_on:  # on the search as it began: refused before any work when this spec changes it
-        check_unchanged_since_start(spec, f"{args.spec} is not the spec sweep {spec.name} started with")
+        check_continues_search(spec, args.spec)
     else:
         check_new_sweep(spec, args.spec)
     if args.check:
@@ -184,7 +185,9 @@ def run_sweep_command(args) -> int:
         from .ray_session import check_address
 
         check_address(args.address)
-        print(sweep_plan(preflight(spec, local=not args.address), args.address))
+        if go_on:  # what the resume would check before its work: the stores it began in, and no driver at work
+            check_continuable(spec)
+        print(sweep_plan(preflight(spec, local=not args.address), args.address, continues=go_on))
         return 0
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=go_on)

@@ -171,16 +171,21 @@ def lease_for(storage: str, sweep: str, tracking_uri: str | None):
 
 
 def driver_gone(storage: str, sweep: str, tracking_uri: str | None) -> bool:
-    """Whether no driver holds the sweep now, as far as this machine can tell: False when its storage folder is not
-    visible here (a local path of another machine) or the lease cannot be read."""
-    if (path := lease_path(storage, sweep)) is not None and not (path.parent / sweep).is_dir():
-        return False
+    """Whether no driver holds the sweep now, as far as this machine can tell: False when it cannot tell."""
+    return driver_alive(storage, sweep, tracking_uri) is False
+
+
+def driver_alive(storage: str, sweep: str, tracking_uri: str | None) -> bool | None:
+    """Whether a driver holds the sweep now; None when this machine cannot tell: its storage folder is not visible
+    here (a local path of another machine, a folder this user may not enter) or the lease cannot be read."""
     try:
+        if (path := lease_path(storage, sweep)) is not None and not (path.parent / sweep).is_dir():
+            return None
         lease = lease_for(storage, sweep, tracking_uri)
         holder = _current(lease) if lease is not None else {}
-    except Exception:  # noqa: BLE001 - a store that refuses the read: unknown
-        return False
-    return holder is None or not _alive(holder, lease)
+    except Exception:  # noqa: BLE001 - a folder or store that refuses the read: unknown
+        return None
+    return holder is not None and _alive(holder, lease)
 
 
 @contextmanager

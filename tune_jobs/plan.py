@@ -11,8 +11,9 @@ from .spec import Spec, hide_password, optuna_storage_url
 from .storage import sweep_location
 
 
-def sweep_plan(spec: Spec, address: str | None) -> str:
-    """The sweep's size, resources and stores, and what was checked, as lines for a terminal."""
+def sweep_plan(spec: Spec, address: str | None, continues: bool = False) -> str:
+    """The sweep's size, resources and stores, and what was checked, as lines for a terminal. ``continues``: a
+    started sweep that `--continue` would go on with."""
     trials = len(spec.studies) * spec.trials
     stopping = f"patience {spec.patience}; early stopping of hopeless trials: {spec.scheduler.kind}"
     optuna = optuna_storage_url(spec)
@@ -27,10 +28,11 @@ def sweep_plan(spec: Spec, address: str | None) -> str:
     ]
     where = ("that --address answers as Ray (the cluster's CPUs and GPUs are checked when the sweep joins it)"
              if address else "this machine's CPUs and GPUs")
+    verb = "continue" if continues else "start"
     return "\n".join([
-        f"sweep {spec.name}: {len(spec.studies)} studies x {spec.trials} trials = {trials} trials of up to "
-        f"{spec.epochs} epochs ({trials * spec.epochs:,} trial-epochs at most; {stopping})",
+        f"{'started ' if continues else ''}sweep {spec.name}: {len(spec.studies)} studies x {spec.trials} trials = "
+        f"{trials} trials of up to {spec.epochs} epochs ({trials * spec.epochs:,} trial-epochs at most; {stopping})",
         *(f"  {label:<10} {value}" for label, value in rows),
         f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets, and {where}",
-        "nothing was started or stored; run the same command without --check to start it",
+        f"nothing was started or stored; run the same command without --check to {verb} it",
     ])

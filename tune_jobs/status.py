@@ -4,7 +4,8 @@ One reading (``sweep_status``) feeds both outputs: lines for a person, and with 
 object for a script, whose checks then depend on a state's name, not on a sentence's wording.
 
     sweep states   running (a driver holds it) · stopped (trials left, no driver: resume continues it)
-                   done · ended with failures · failed (a study with no finished trial) · unknown
+                   in progress (trials left; this machine cannot see whether a driver runs it)
+                   done · ended with failures · failed (a study with no finished trial) · unknown (no stored spec)
     study states   waiting · in progress · done · ended with failures · failed · unknown
 """
 
@@ -21,18 +22,19 @@ def sweep_status(client, experiment, tracking_uri: str) -> dict:
     """The sweep's state, its studies' counts and states (every study of its stored spec, those without a run too),
     and, when no driver runs it and trials are left or failed, the command that continues it."""
     from .layout import ADDRESS, sweep_of
-    from .lease import driver_gone
+    from .lease import driver_alive
     from .summary import summarize
     from .sweep import resume_command
 
     rows, spec = summarize(client, experiment.experiment_id), stored_spec_of(experiment)
     names = sorted(set(rows) | {s.name for s in spec.studies} if spec else set(rows))
     studies = {name: study_status(rows.get(name), spec.trials if spec else None) for name in names}
-    gone = bool(spec) and driver_gone(spec.storage, spec.name, tracking_uri)
-    state = overall(studies.values(), bool(spec), gone)
+    alive = driver_alive(spec.storage, spec.name, tracking_uri) if spec else None
+    state = overall(studies.values(), bool(spec), alive)
+    gone = alive is False
     retry = gone and (state in (STOPPED, WITH_FAILURES, FAILED) or any(s["running"] for s in studies.values()))
     return {"sweep": sweep_of(experiment.name), "state": state, "trials_per_study": spec.trials if spec else None,
-            "driver_gone": gone if spec else None, "studies": studies,
+            "driver_gone": None if alive is None else gone, "studies": studies,
             "resume_command": resume_command(spec, experiment.tags.get(ADDRESS)) if retry else None}
 
 
@@ -53,13 +55,16 @@ def study_status(row: dict | None, trials: int | None) -> dict:
     return {**counts, "best_val_top1": best, "state": state}
 
 
-def overall(studies, known: bool, driver_gone: bool) -> str:
-    """The sweep's state from its studies', as its closing line would say it."""
+def overall(studies, known: bool, driver_alive: bool | None) -> str:
+    """The sweep's state: running while a driver holds it (a resume's retried trials read FAILED until they start
+    again), else from its studies', as its closing line would say it."""
     states = {study["state"] for study in studies}
+    if driver_alive:
+        return RUNNING
     if not known:
         return UNKNOWN
     if states & {WAITING, IN_PROGRESS} or not states:
-        return STOPPED if driver_gone else RUNNING
+        return IN_PROGRESS if driver_alive is None else STOPPED
     return FAILED if FAILED in states else WITH_FAILURES if WITH_FAILURES in states else DONE
 
 

@@ -78,8 +78,9 @@ def closing(spec: Spec, summary: dict, elapsed_s: float, address: str | None = N
     failed = sum(row.get("failed", 0) for row in summary.values())
     empty = [s.name for s in spec.studies if not summary.get(s.name, {}).get("finished")]
     errors = (f"each failed trial's error is in its MLflow run (tag {layout.ERROR}) and in its error.txt under "
-              f"{spec.storage}/{spec.name}; once the cause is fixed, "
-              f"`{resume_command(spec, driver_address(address))}` runs them again")
+              f"{spec.storage}/{spec.name}")
+    if failed:
+        errors += f"; once the cause is fixed, `{resume_command(spec, driver_address(address))}` runs them again"
     if empty:
         return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
                 f"({failed} of {sum(map(closed, summary.values()))} trials "

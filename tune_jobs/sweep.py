@@ -89,7 +89,7 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     (check_name_in_store)."""
     if started_in(spec.storage, spec.name):
         raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
-                        f"{how_to_go_on(spec, ' (or add --continue to this command)')} or change name in {spec_file}")
+                        f"{how_to_go_on(spec, continue_hint(spec))} or change name in {spec_file}")
     check_name_in_store(spec, spec_file)
 
 
@@ -119,6 +119,18 @@ def finished_already(spec: Spec) -> dict | None:
     # (a retry between two tries): refused as before
     done = complete(spec, summary) and not running and driver_gone(spec.storage, spec.name, spec.tracking_uri)
     return summary if done else None
+
+
+def continue_hint(spec: Spec) -> str:
+    """`sweep --continue` as another way on, where it is one: typed by the user (a submitted job's driver runs the
+    command `attzoom submit` made) with a spec that keeps the search."""
+    from .cli import in_ray_job
+
+    try:
+        refuse_changes(saved_spec(spec.storage, spec.name), spec, "")
+    except SpecError:
+        return ""
+    return "" if in_ray_job() else " (or add --continue to this command)"
 
 
 def how_to_go_on(spec: Spec, or_else: str = "") -> str:
@@ -246,15 +258,36 @@ def check_unchanged_since_start(spec: Spec, changed_is: str | None = None) -> No
 
         check_owner(spec, recorded_storage(experiment))
     text = experiment.tags.get(layout.SPEC) if experiment else None
+    refuse_changes(text, spec, changed_is or f"the saved spec of sweep {spec.name} changed since it started")
+
+
+def check_continues_search(spec: Spec, spec_file: Path) -> None:
+    """`sweep --continue` of a started sweep: this spec (with its command-line options) must not change the search,
+    compared with the spec saved in the sweep's folder (there once Ray started it, whatever the tracking store
+    answers) and with the one stored in its experiment."""
+    changed_is = f"{spec_file}, with the options given, is not the spec sweep {spec.name} started with"
+    refuse_changes(saved_spec(spec.storage, spec.name), spec, changed_is)
+    check_unchanged_since_start(spec, changed_is)
+
+
+def check_continuable(spec: Spec) -> None:
+    """What `sweep --continue --check` can tell of a resume before its work: the stores it began in are there, and
+    no driver runs it now (the resume's lease would refuse it)."""
+    from .lease import driver_alive
+
+    check_stores_kept(spec)
+    if driver_alive(spec.storage, spec.name, spec.tracking_uri):
+        raise SpecError(f"sweep {spec.name!r} cannot be continued: {how_to_go_on(spec)}")
+
+
+def refuse_changes(started_text: str | None, spec: Spec, changed_is: str) -> None:
+    """SpecError when ``spec`` changes the search of the started spec (its JSON); nothing to compare with: no word."""
     try:
-        started, now = json.loads(text or "null"), json.loads(spec_json(spec))
+        started, now = json.loads(started_text or "null"), json.loads(spec_json(spec))
     except ValueError:  # a tag that is no JSON: nothing to compare with
         return
-    if not isinstance(started, dict):
-        return
-    if changed := search_changes(started, now):
+    if isinstance(started, dict) and (changed := search_changes(started, now)):
         what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
-        changed_is = changed_is or f"the saved spec of sweep {spec.name} changed since it started"
         raise SpecError(f"{changed_is} ({what}); a resume continues the search as it began: undo the change, or "
                         "start a new sweep (another name, or another --storage and --tracking-uri)")
 
