@@ -411,6 +411,8 @@ def test_a_sweeps_failed_trials_end_with_the_command_that_runs_them_again():
         assert line.endswith(f"once the cause is fixed, `{attzoom_executable()} resume p --storage '/r/ray results' "
                              "--address 10.0.0.1:6379` runs them again"), line
     assert "resume" not in closing(spec, {s: {"finished": 3, "failed": 0} for s in STUDIES}, 42.4)[0]
+    lost = closing(spec, {STUDIES[1]: {"finished": 3, "failed": 0}}, 42.4)[0]  # a study's runs missing: none failed
+    assert lost.startswith("sweep p failed after 42 s") and "runs them again" not in lost, lost
 
 
 def test_tunes_metrics_warning_for_a_trial_stopped_before_its_first_epoch_is_not_shown(caplog):
