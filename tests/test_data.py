@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from attzoom import data
+from attzoom.config import TrainConfig
 from attzoom.data import DATASETS, ClutterSpec, DataError, ImageSet, load, make_cluttered_digits
 
 # --- CIFAR-100 -------------------------------------------------------------------------
@@ -100,6 +101,19 @@ def test_cifar100_missing_names_path_and_layout(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "cifar-100-python") in message
     assert "cifar-100-python/" in message and "train" in message and "test" in message
+
+
+@pytest.mark.parametrize("name", ["cifar100", "tinyimagenet"])
+def test_a_sweeps_trial_never_downloads_a_data_set_gone_since_the_check(tmp_path, name):
+    # a data set removed after the sweep's check: each trial tried to download it, every trial at once into the
+    # shared root, and its error said "downloading https://... failed (URLError)"
+    from tune_jobs.trainable import cached_data
+
+    config = TrainConfig(dataset=name, data_root=str(tmp_path))
+    with pytest.raises(DataError) as info:
+        cached_data(config)
+    assert "download" not in str(info.value) and str(tmp_path) in str(info.value), info.value
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cifar100_missing_test_part(fake_cifar100):

@@ -238,9 +238,11 @@ def trial_config(config: dict, sweep: SweepContext):
 
 @functools.lru_cache(maxsize=2)
 def _load(dataset: str, root: str, val_fraction: float):
+    """Never a download: the sweep checked the data before it started, and every trial would fetch it at once into
+    the shared root (a data set gone since is the trial's one-line DataError)."""
     from attzoom.data import load
 
-    return load(dataset, root, val_fraction)
+    return load(dataset, root, val_fraction, download=False)
 
 
 def cached_data(config):
