@@ -693,8 +693,12 @@ def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_an
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{edited}, with the options given, is not the spec sweep tiny started with " \
         "(trials: 1 then, 3 now)" in err and "undo the change" in err, err
-    assert cli.main(["sweep", str(edited)]) == 2  # without --continue: the name is taken, and no hint of --continue
-    assert "--continue" not in capsys.readouterr().err
+    # without --continue: it advised a resume, which then ran the search as it began and said "done" (QA-11)
+    assert cli.main(["sweep", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "started with another search (trials: 1 then, 3 now); a resume continues it as " \
+        f"it began, not with this spec: give this sweep another name in {edited}" in err, err
+    assert "--continue" not in err and "resume tiny" not in err, err
     assert tree(tmp_path) - {"out/mlflow.db.lock", "out/mlflow.db"} == before
 
     unchanged = write_spec(tmp_path, base_spec(tmp_path))
@@ -714,6 +718,30 @@ def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_an
     assert cli.main(["sweep", str(unchanged), "--continue", "--check"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("started sweep tiny: ") and out.endswith("without --check to continue it\n"), out
+
+
+def test_confirm_reads_and_writes_the_store_its_tracking_uri_names_and_a_missing_one_is_one_line(tmp_path, capsys,
+                                                                                                no_side_effects):
+    # `confirm --tracking-uri sqlite:///other.db` trained its seeds into the spec's mlflow.db and said nothing (QA-11)
+    from argparse import Namespace
+
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.confirm import confirmed_spec
+    from tune_jobs.sweep import save_spec
+
+    spec = preflight(load_spec(write_spec(tmp_path, base_spec(tmp_path))))
+    save_spec(spec)
+    other = tmp_path / "other.db"
+    capsys.readouterr()
+    assert cli.main(["confirm", spec.name, "--storage", spec.storage, "--tracking-uri", f"sqlite:///{other}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no tracking store at {other}" in err, err
+    assert not other.exists()
+    MlflowClient(f"sqlite:///{other}").search_experiments()  # a store there now (the same server by another URI)
+    args = Namespace(sweep=spec.name, storage=spec.storage, tracking_uri=f"sqlite:///{other}", data_root=None)
+    assert confirmed_spec(args).tracking_uri == f"sqlite:///{other}"
+    assert confirmed_spec(Namespace(**{**vars(args), "tracking_uri": None})).tracking_uri == spec.tracking_uri
 
 
 def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work(tmp_path, capsys, no_side_effects):

@@ -277,6 +277,12 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in again.stdout, again
     assert again.stdout.splitlines()[-1].startswith("sweep t had finished already: nothing to run; see its runs")
+    before = (tmp_path / "mlflow.db").read_bytes(), sweep_entries(tmp_path)
+    # and resumed again: it wrote the studies' counts a second time and a new experiment snapshot
+    again = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "resume", "t", "--storage",
+                            str(tmp_path / "ray_results")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "had finished already: nothing to run" in again.stdout.splitlines()[-1], again
+    assert ((tmp_path / "mlflow.db").read_bytes(), sweep_entries(tmp_path)) == before
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
     # the killed tries' working files lived in their trial folders, and the tries that ended removed them
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]

@@ -171,10 +171,7 @@ def run_sweep_command(args) -> int:
 
     spec = preflight(spec_from_args(args))
     if (summary := finished_already(spec)) is not None:  # the same sweep again: done, nothing to run
-        print_summary(spec, summary)
-        print(f"\nsweep {spec.name} had finished already: nothing to run; see its runs and studies with "
-              f"`{ui_command(spec)}`")
-        return 0
+        return print_finished_already(spec, summary)
     go_on = args.go_on and started_in(spec.storage, spec.name)
     if go_on:  # on the search as it began: refused before any work when this spec changes it
         check_continues_search(spec, args.spec)
@@ -195,11 +192,23 @@ def run_sweep_command(args) -> int:
     return print_closing(spec, summary, started, args.address)
 
 
+def print_finished_already(spec, summary: dict) -> int:
+    """A sweep run or resumed again after it finished with no failed trial: its table, and nothing run or written."""
+    from .summary import print_summary
+
+    print_summary(spec, summary)
+    print(f"\nsweep {spec.name} had finished already: nothing to run; see its runs and studies with "
+          f"`{ui_command(spec)}`")
+    return 0
+
+
 def run_resume_command(args) -> int:
     from .summary import print_summary
-    from .sweep import load_saved_spec, preflight, run_sweep
+    from .sweep import finished_already, load_saved_spec, preflight, run_sweep
 
     spec = preflight(load_saved_spec(args.sweep, args.storage, data_root=args.data_root))
+    if (summary := finished_already(spec)) is not None:  # it wrote the studies' counts again, and a new snapshot
+        return print_finished_already(spec, summary)
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)
     print_summary(spec, summary)

@@ -35,8 +35,9 @@ def add_confirm_command(sub) -> None:
     confirm.add_argument("--seeds", type=int, default=3,
                          help="seeds per study: 1..K, skipping the sweep's own seed (default 3)")
     confirm.add_argument("--storage", default="ray_results")
-    confirm.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
-                         help="where the sweep's runs are (its spec is read there when its folder is gone)")
+    confirm.add_argument("--tracking-uri", default=None,
+                         help="the sweep's MLflow store as this machine reaches it (default: the one its spec names; "
+                              "its spec is read there when its folder is gone, else from sqlite:///mlflow.db)")
     confirm.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     confirm.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
     confirm.set_defaults(run=run_confirm_command)
@@ -44,19 +45,35 @@ def add_confirm_command(sub) -> None:
 
 def run_confirm_command(args) -> int:
     from .ray_session import check_address
-    from .sweep import check_stores_kept, check_unchanged_since_start, load_saved_spec, preflight
+    from .sweep import check_stores_kept, check_unchanged_since_start, preflight
 
     if args.seeds < 1:
         raise SpecError(f"--seeds must be at least 1, got {args.seeds}")
     check_address(args.address)
-    spec = preflight(load_saved_spec(args.sweep, args.storage, args.tracking_uri, args.data_root),
-                     local=not args.address)
+    spec = preflight(confirmed_spec(args), local=not args.address)
     check_unchanged_since_start(spec)  # confirm stores the spec it runs: an edited one would pass the next resume
     check_stores_kept(spec, searcher=False)  # confirm reads the sweep's runs, never its Optuna studies
     line, code = confirm_closing(spec, args.seeds, *confirm_sweep(spec, args.seeds, args.address),
                                  address=args.address)
     print(line)
     return code
+
+
+def confirmed_spec(args) -> Spec:
+    """The sweep's saved spec, with its store as --tracking-uri names it (a port-forward's address of the same server):
+    given, it was read only where the sweep's folder was gone, and the runs went to the spec's store unsaid. A store
+    that is not there is one line, never made afresh."""
+    from .spec import check_store_exists
+    from .sweep import load_saved_spec
+
+    if args.tracking_uri is None:
+        return load_saved_spec(args.sweep, args.storage, DEFAULT_TRACKING_URI, args.data_root)
+    check_store_exists(args.tracking_uri)
+    spec = load_saved_spec(args.sweep, args.storage, args.tracking_uri, args.data_root)
+    return replace(spec, tracking_uri=args.tracking_uri)
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_after_kept_writes(spec: Spec) -> tuple[str, dict[str, str]]:

@@ -87,10 +87,16 @@ def beyond_spec(names: list[str]) -> bool:
 def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     """A new sweep's name must be free in its storage (started_in) and in its tracking store
     (check_name_in_store)."""
-    if started_in(spec.storage, spec.name):
-        raise SpecError(f"a sweep named {spec.name!r} already exists in {sweep_location(spec.storage, spec.name)}; "
-                        f"{how_to_go_on(spec, continue_hint(spec))} or change name in {spec_file}")
-    check_name_in_store(spec, spec_file)
+    if not started_in(spec.storage, spec.name):
+        check_name_in_store(spec, spec_file)
+        return
+    where = sweep_location(spec.storage, spec.name)
+    if changes := described_changes(saved_spec(spec.storage, spec.name), spec):  # an edited spec: resume ignores it
+        raise SpecError(f"a sweep named {spec.name!r} already exists in {where}, started with another search "
+                        f"({changes}); a resume continues it as it began, not with this spec: give this sweep "
+                        f"another name in {spec_file}")
+    raise SpecError(f"a sweep named {spec.name!r} already exists in {where}; {how_to_go_on(spec, continue_hint())} "
+                    f"or change name in {spec_file}")
 
 
 def finished_already(spec: Spec) -> dict | None:
@@ -121,15 +127,11 @@ def finished_already(spec: Spec) -> dict | None:
     return summary if done else None
 
 
-def continue_hint(spec: Spec) -> str:
-    """`sweep --continue` as another way on, where it is one: typed by the user (a submitted job's driver runs the
-    command `attzoom submit` made) with a spec that keeps the search."""
+def continue_hint() -> str:
+    """`sweep --continue` as another way on, where the user typed the command (a submitted job's driver runs the
+    command `attzoom submit` made)."""
     from .cli import in_ray_job
 
-    try:
-        refuse_changes(saved_spec(spec.storage, spec.name), spec, "")
-    except SpecError:
-        return ""
     return "" if in_ray_job() else " (or add --continue to this command)"
 
 
@@ -282,14 +284,20 @@ def check_continuable(spec: Spec) -> None:
 
 def refuse_changes(started_text: str | None, spec: Spec, changed_is: str) -> None:
     """SpecError when ``spec`` changes the search of the started spec (its JSON); nothing to compare with: no word."""
-    try:
-        started, now = json.loads(started_text or "null"), json.loads(spec_json(spec))
-    except ValueError:  # a tag that is no JSON: nothing to compare with
-        return
-    if isinstance(started, dict) and (changed := search_changes(started, now)):
-        what = "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
+    if what := described_changes(started_text, spec):
         raise SpecError(f"{changed_is} ({what}); a resume continues the search as it began: undo the change, or "
                         "start a new sweep (another name, or another --storage and --tracking-uri)")
+
+
+def described_changes(started_text: str | None, spec: Spec) -> str:
+    """How ``spec`` changes the search of the started spec (its JSON), as "key: old then, new now"; "" when it does
+    not, or there is nothing to compare with (no spec, a tag that is no JSON)."""
+    try:
+        started, now = json.loads(started_text or "null"), json.loads(spec_json(spec))
+    except ValueError:
+        return ""
+    changed = search_changes(started, now) if isinstance(started, dict) else []
+    return "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
 
 
 def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
