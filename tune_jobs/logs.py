@@ -62,10 +62,12 @@ def configure_logging(verbose: bool = False) -> None:
     optuna.logging.set_verbosity(level)
 
 
-def plain_ray_lines(streams=(sys.stdout, sys.stderr)) -> None:
+def plain_ray_lines(streams=None) -> None:
     """Ray colours the worker lines it forwards to the driver ("(raylet) A worker died ...", to stdout and stderr)
     whatever the output is: escape codes in a script's log file. None unless both are terminals, nor with NO_COLOR
-    set (no-color.org); RAY_COLOR_PREFIX, when set, decides."""
+    set (no-color.org); RAY_COLOR_PREFIX, when set, decides. ``streams`` default to sys.stdout and sys.stderr as they
+    are at the call: those at import may since have been replaced and closed (main called in-process)."""
+    streams = streams or (sys.stdout, sys.stderr)
     if os.environ.get("NO_COLOR") or not all(stream.isatty() for stream in streams):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
