@@ -42,6 +42,8 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     found, why = _compute(client, run_id, wanted)
     if stored and math.isnan(found["test_top1"]):  # the root asked for does not serve: the stored scores stand
         return stored, f"{why}; its stored test scores (computed on {scored_on or 'an unrecorded data root'}) stand"
+    if wanted and not math.isnan(found["test_top1"]):  # said by the report that computes them, as by later ones
+        why = "; ".join(filter(None, (why, _elsewhere(run, wanted)))) or None
     return found, why
 
 

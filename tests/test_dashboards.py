@@ -595,10 +595,14 @@ def test_test_scores_follow_the_data_root_they_were_computed_on(store, tmp_path)
     sweep.finish_study(study, 1, 0)
     client = MlflowClient(store["uri"])
 
-    build(store["uri"], "rescored", data_root=str(other), with_figures=False)
+    elsewhere = f"computed on the data at {other.resolve()}, not where it trained ({trained})"
+    computing = build(store["uri"], "rescored", data_root=str(other), with_figures=False)
     assert client.get_run(run_id).data.tags[TEST_DATA] == str(other.resolve())
+    # the report that computed them said nothing of where; only the next plain one did
+    assert len([n for n in computing.notes if elsewhere in n]) == 1, computing.notes
+    assert elsewhere in to_markdown(computing)
     notes = build(store["uri"], "rescored", with_figures=False).notes
-    assert any(f"computed on the data at {other.resolve()}, not where it trained ({trained})" in n for n in notes)
+    assert any(elsewhere in n for n in notes)
     build(store["uri"], "rescored", data_root=trained, with_figures=False)  # scored again, where it trained
     assert client.get_run(run_id).data.tags[TEST_DATA] == str(Path(trained).resolve())
     assert not [n for n in build(store["uri"], "rescored", with_figures=False).notes if "computed on the data" in n]
