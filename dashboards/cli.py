@@ -61,6 +61,7 @@ def run_report_command(args) -> int:
     try:
         check_out(args.out, Path("reports") / args.sweep)
         check_store(args.tracking_uri)
+        check_data_root(args.data_root)
         text, paths = write_report(args.tracking_uri, args.sweep, args.out, args.data_root)
     except ReportError as e:
         print(f"attzoom report: error: {e}", file=sys.stderr)
@@ -90,6 +91,18 @@ def check_out(out: Path | None, default: Path) -> None:
     except OSError as e:
         raise ReportError(f"{where} {folder}: cannot make a folder in {existing.resolve()} ({e.strerror}); pass "
                           "--out with a folder you can write") from None
+
+
+def check_data_root(data_root: str | None) -> None:
+    """A --data-root typed is a folder that exists: else every best trial got a long note of its own, and the
+    embedded data set would have been generated there, making the folder."""
+    if data_root is None:
+        return
+    path = Path(data_root).expanduser()
+    if not path.is_dir():
+        why = "is not a folder" if path.exists() else "does not exist"
+        raise ReportError(f"--data-root {path} {why}; pass the folder that holds the data sets (cifar-100-python/, "
+                          "tiny-imagenet-200/), or leave it out to score them where the trials ran")
 
 
 def check_store(tracking_uri: str) -> None:

@@ -425,6 +425,22 @@ def test_cli_report_and_unknown_sweep(store, tmp_path, capsys):
                                                                                "report.html"}
 
 
+def test_a_data_root_that_does_not_exist_is_one_line_before_any_work(store, tmp_path, capsys):
+    # it exited 0 with a long note per best trial ("test split ... not found"), and wrote the report
+    from tune_jobs.cli import main
+
+    missing, out = tmp_path / "does" / "not" / "exist", tmp_path / "out"
+    assert main(["report", "small", "--tracking-uri", store["uri"], "--out", str(out), "--data-root",
+                 str(missing)]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and err.err.count("\n") == 1 and f"--data-root {missing} does not exist" in err.err, err.err
+    assert not out.exists() and not missing.exists()
+    (tmp_path / "afile").write_text("no data sets here")
+    assert main(["report", "small", "--tracking-uri", store["uri"], "--out", str(out), "--data-root",
+                 str(tmp_path / "afile")]) == 2
+    assert "afile is not a folder" in capsys.readouterr().err and not out.exists()
+
+
 def test_dashboards_never_import_ray():
     code = ("import sys, dashboards.report, dashboards.cli, dashboards.html, dashboards.importance; "
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
