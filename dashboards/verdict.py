@@ -24,6 +24,7 @@ from .published import published
 from .runs import Sweep
 
 AGAINST = COMPARED_WITH
+DECISIVE = ("zoom-only", "resize2x")  # the controls that tell the attention from more pixels (DESIGN.md)
 LEVEL = 0.95
 NO_DIFFERENCE = "–"  # a comparison with a side that has no test score yet (no finished trial, or none scored)
 RULE = ("Test top-1 (%) of each study's best config re-trained with K new seeds (`attzoom confirm`), mean ± sample "
@@ -114,8 +115,14 @@ def compare(study, other, seeds: dict[str, dict[int, float]], best: dict[str, fl
 
 
 def intro(sweep: Sweep, rows: list[dict], seeds: dict[str, int] | None = None) -> str:
-    """What the verdict table stands on, in words; the command that confirms what is not confirmed yet.
+    """What the verdict table stands on, in words; the command that confirms what is not confirmed yet; the
+    comparisons the sweep cannot make, which no confirm run adds.
     ``seeds``: {study: its confirm runs}, to say why too few of them confirm nothing."""
+    return " ".join(filter(None, (_standing(sweep, rows, seeds), _not_run(rows))))
+
+
+def _standing(sweep: Sweep, rows: list[dict], seeds: dict[str, int] | None) -> str:
+    """The evidence under the rows: seed means, best trials, or nothing yet."""
     unconfirmed = [row for row in rows if row["verdict"] == "not confirmed"]
     if not unconfirmed:
         return RULE
@@ -145,6 +152,33 @@ def intro(sweep: Sweep, rows: list[dict], seeds: dict[str, int] | None = None) -
     return (f"**Unconfirmed.** These differences compare each study's {trials}, which favours whichever study drew "
             "a lucky seed; they are no evidence that AttZoom helps. For a verdict, re-train the best configs with 3 "
             f"seeds: {command}" + (f" {gaps}" if gaps else ""))
+
+
+def _not_run(rows: list[dict]) -> str:
+    """The baseline and decisive controls missing beside AttZoom, grouped by what is missing: a gain over the
+    baseline alone may come from the doubled resolution, so it cannot show that the attention helps (DESIGN.md)."""
+    have: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        have.setdefault((row["backbone"], row["data set"]), set()).add(row["AttZoom vs"])
+    lacking: dict[tuple[str, ...], list[str]] = {}
+    for (backbone, dataset), variants in have.items():
+        if gone := tuple(v for v in ("baseline", *DECISIVE) if v not in variants):
+            lacking.setdefault(gone, []).append(f"{backbone} on {dataset}")
+    everywhere = len(lacking) == 1 and len(next(iter(lacking.values()), [])) == len(have)
+    return " ".join(_lacks(gone, [] if everywhere else where) for gone, where in lacking.items())
+
+
+def _lacks(gone: tuple[str, ...], where: list[str]) -> str:
+    """What the missing studies ``gone`` (for ``where``, or the whole sweep when empty) leave unsaid."""
+    scope = f" for {', '.join(where)}" if where else ""
+    said = [f"There is no baseline to compare with{scope}: the sweep has no baseline study (the backbone "
+            "unchanged), so the best-of-N tables below show no baseline and no Δ there."] if "baseline" in gone else []
+    if controls := [v for v in gone if v != "baseline"]:
+        said.append(f"The {' and '.join(controls)} control{'s were' if len(controls) > 1 else ' was'} not run{scope}, "
+                    "so a gain of AttZoom cannot show that the attention helps: the layer also doubles the resolution "
+                    f"the rest of the network sees, and AttZoom must beat {' and '.join(DECISIVE)}, which add that "
+                    "resolution without the attention.")
+    return " ".join(said)
 
 
 def _sides(sweep: Sweep, rows: list[dict]) -> list:

@@ -941,3 +941,29 @@ def test_the_verdict_counts_asha_stopped_trials_per_study_not_summed():
     many = SimpleNamespace(studies=[study("baseline", 1), study("attzoom", 3), study("zoom-only", 0),
                                     study("resize2x", 2)])
     assert _best_of(many, controls).endswith("after fewer epochs: 0 to 3 per study)")
+
+
+def verdict_of(store, sweep: str, variants: tuple[str, ...]) -> str:
+    """The verdict's intro of a sweep of ``variants`` of one backbone, each with one finished, scored trial."""
+    writer = SweepWriter(store["uri"], sweep, store["tmp"] / "artifacts" / sweep)
+    for i, variant in enumerate(variants):
+        study = writer.study("tiny_resnet", "cluttered-digits", variant)
+        writer.trial(study, f"{variant}-1", [(60.0 + i, 90.0)], ADAM, test=(60.0 + i, 90.0))
+        writer.finish_study(study, 1, 0)
+    return verdict_intro(build(store["uri"], sweep, with_figures=False))
+
+
+def test_the_verdict_names_the_controls_and_the_baseline_the_sweep_did_not_run(store):
+    # a gain over the baseline alone was reported without saying that it cannot tell the attention from the
+    # doubled resolution, and a sweep without a baseline showed an empty baseline column unexplained
+    lacking = verdict_of(store, "nocontrols", ("baseline", "attzoom"))
+    assert "The zoom-only and resize2x controls were not run, so a gain of AttZoom cannot show that the attention " \
+           "helps: the layer also doubles the resolution" in lacking, lacking
+    assert "no baseline" not in lacking
+    whole = verdict_of(store, "allcontrols", ("baseline", "attzoom", "zoom-only", "attention-only", "resize2x"))
+    assert "not run" not in whole and "no baseline" not in whole, whole
+    unbased = verdict_of(store, "nobaseline", ("attzoom", "zoom-only", "resize2x"))
+    assert "There is no baseline to compare with: the sweep has no baseline study" in unbased, unbased
+    assert "not run" not in unbased
+    one = verdict_of(store, "onecontrol", ("baseline", "attzoom", "zoom-only"))
+    assert "The resize2x control was not run" in one and "The zoom-only" not in one, one
