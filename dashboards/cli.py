@@ -47,6 +47,7 @@ def run_explain_command(args) -> int:
                               "to explain alone")
         check_out(args.out, Path("reports") / "explain" / args.run_ids[0])
         check_store(args.tracking_uri)
+        check_data_root(args.data_root)
         path = write_explanations(args.tracking_uri, args.run_ids, args.images, args.out, args.data_root)
     except ReportError as e:
         print(f"attzoom explain: error: {e}", file=sys.stderr)

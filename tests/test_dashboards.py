@@ -439,6 +439,15 @@ def test_a_data_root_that_does_not_exist_is_one_line_before_any_work(store, tmp_
     assert main(["report", "small", "--tracking-uri", store["uri"], "--out", str(out), "--data-root",
                  str(tmp_path / "afile")]) == 2
     assert "afile is not a folder" in capsys.readouterr().err and not out.exists()
+    # explain alike: a cluttered-digits run's data set would have been generated there
+    client = MlflowClient(store["uri"])
+    run_id = client.search_runs([client.get_experiment_by_name(experiment_name("small")).experiment_id],
+                                max_results=1)[0].info.run_id
+    assert main(["explain", run_id, "--tracking-uri", store["uri"], "--out", str(out), "--data-root",
+                 str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attzoom explain: error: --data-root") and err.count("\n") == 1, err
+    assert not out.exists() and not missing.exists()
 
 
 def test_dashboards_never_import_ray():
