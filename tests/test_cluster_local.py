@@ -201,13 +201,16 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     assert "failures" not in run.data.metrics  # a lost node is no error of the trial's own
 
     # a driver here joins with the token file alone, as `start` prints: Ray sent no token without RAY_AUTH_MODE=token,
-    # and `attzoom resume --address` was refused after twenty lines of retries (the sweep has ended: nothing to run)
-    resumed = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "resume", "t", "--storage", str(storage),
-                              "--address", f"127.0.0.1:{env['ATTZOOM_RAY_PORT']}"],
-                             env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and "sweep t done" in resumed.stdout, resumed.stderr[-3000:]
-    assert "INFO" not in resumed.stderr  # Ray's "Connecting to existing Ray cluster" and Tune's lines: with -v only
+    # and `attzoom resume --address` was refused after twenty lines of retries (a resume of the ended sweep now
+    # joins nothing: "had finished already"; a confirm run joins and trains)
+    confirmed = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "confirm", "t", "--seeds", "1", "--storage",
+                                str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--address",
+                                f"127.0.0.1:{env['ATTZOOM_RAY_PORT']}"],
+                               env={**env, "RAY_AUTH_TOKEN_PATH": str(state / "token")}, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+    assert confirmed.returncode == 0 and "confirm runs of t are complete" in confirmed.stdout, \
+        confirmed.stdout[-2000:] + confirmed.stderr[-3000:]
+    assert "INFO" not in confirmed.stderr  # Ray's "Connecting to existing Ray cluster" and Tune's lines: with -v only
 
     # ... and as a job, from a machine that cannot see the storage: `submit` had no way to resume a sweep, and
     # submitting its spec again failed in the job ("already exists")
@@ -218,7 +221,8 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     assert submitted.returncode == 0, submitted.stderr
     logs = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "logs", submitted.stdout.strip(), "--address",
                            address], env=token, capture_output=True, text=True, timeout=300)
-    assert "SUCCEEDED" in logs.stderr and "sweep t done" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert "SUCCEEDED" in logs.stderr and "sweep t had finished already: nothing to run" in logs.stdout, \
+        logs.stdout[-3000:] + logs.stderr[-2000:]
     assert_exactly_once(tmp_path, trials_per_study=2, epochs=EPOCHS, studies=1)
     # a fixed cluster: its head's v1 monitor reports a read-only autoscaler, which adds no GPU (the sweep of a GPU
     # spec is refused, not left waiting)
