@@ -87,17 +87,24 @@ def test_ctrl_c_in_train_says_to_run_the_same_command_again(tmp_path, few_digits
     import signal
     import time
 
+    def as_a_terminal_starts_it() -> None:  # Ctrl-C reaches it, whatever this test process inherited or set
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     run = tmp_path / "run"
     train = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "train", "--dataset", "cluttered-digits",
                               "--data-root", str(few_digits_root), "--batch-size", "256", "--no-augment",
-                              "--epochs", "50",
-                              "--checkpoint-dir", str(run)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                              "--epochs", "50", "--checkpoint-dir", str(run)], cwd=tmp_path, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=as_a_terminal_starts_it)
     deadline = time.monotonic() + 300
     while not (run / "last.pt").exists() and train.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    masks = Path(f"/proc/{train.pid}/status").read_text() if train.poll() is None else "gone"
     train.send_signal(signal.SIGINT)
     _, err = train.communicate(timeout=120)
-    assert train.returncode == 130, err[-3000:]
+    here = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    signals = [line for line in masks.splitlines() if line.startswith("Sig")]
+    assert train.returncode == 130, f"{here} {signals}\n{err[-3000:]}"
     assert err.strip().splitlines()[-1] == ("interrupted; run the same command again to resume from its last.pt "
                                             "(--restart starts over)")
 
