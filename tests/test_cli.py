@@ -225,6 +225,10 @@ def test_status_lists_every_study_of_the_spec_against_its_n_trials(started_sweep
     assert lines[0] == "t1: 4 trials per study", lines
     assert lines[1].startswith("  tiny_resnet.cluttered-digits.attzoom: finished 0, running 1, failed 0,"), lines
     assert not lines[1].endswith("done") and lines[2:] == ["  no trial yet: tiny_resnet.cluttered-digits.baseline"]
+    # a misspelt name: it said "no sweep named 't2'" without the names there (report lists them)
+    assert attzoom_main(["status", "t2", "--tracking-uri", started_sweep]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no sweep named 't2'" in err and "(sweeps there: t1)" in err, err
 
 
 def test_status_says_how_many_finished_trials_the_scheduler_stopped_early(tmp_path, capsys):

@@ -289,10 +289,11 @@ def run_status_command(args) -> int:
         client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
         experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep and client:
+        known = sorted(sweep_of(e.name) for e in experiments)
         experiments = [e for e in experiments if sweep_of(e.name) == args.sweep]
-        if not experiments:
-            raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)}; "
-                            "check the name or pass --tracking-uri")
+        if not experiments:  # as report says it: a typo shows beside the names there
+            raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)} (sweeps there: "
+                            f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
     statuses = [sweep_status(client, experiment, args.tracking_uri) for experiment in experiments]
     if args.json:
         print(json.dumps({"sweeps": statuses, **job}, indent=2))
