@@ -193,12 +193,13 @@ def _best_of(sweep: Sweep, rows: list[dict]) -> str:
     studies = _sides(sweep, rows)
     n = _span([s.count("FINISHED") for s in studies])  # best of N: of finished trials only
     pruned = [(s.name, s.pruned) for s in studies if s.pruned]
+    trials = "single-seed trial" if n == "1" else "single-seed trials"
     if not pruned:
-        return f"best of {n} single-seed trials"
+        return f"best of {n} {trials}"
     # per study, as N is: a sum over studies read as one study's share of N
     stopped = ", ".join(f"{k} in {name}" for name, k in pruned) if len(pruned) <= 2 else \
         f"{_span([s.pruned for s in studies])} per study"
-    return f"best of {n} single-seed trials (of which ASHA stopped early, after fewer epochs: {stopped})"
+    return f"best of {n} {trials} (of which ASHA stopped early, after fewer epochs: {stopped})"
 
 
 def _span(counts: list[int]) -> str:

@@ -438,6 +438,15 @@ def test_counts_read_in_their_number():
     from tune_jobs.naming import counted
 
     assert [counted(n, "trial") for n in (0, 1, 2)] == ["0 trials", "1 trial", "2 trials"]
+    assert [counted(n, "study", "studies") for n in (1, 2)] == ["1 study", "2 studies"]
+
+
+def test_a_one_trial_sweeps_first_line_reads_in_its_number(capsys):
+    # "sweep p: 1 study x 1 trials of up to 1 epochs" (QA-11)
+    from tune_jobs.sweep import announce
+
+    announce(replace(SPEC, variants=("baseline",), trials=1, epochs=1), None, False)
+    assert capsys.readouterr().out.startswith("sweep p: 1 study x 1 trial of up to 1 epoch; results in ")
 
 
 @pytest.mark.parametrize("sweep_failed, confirm_failed, ending", [

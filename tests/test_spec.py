@@ -976,8 +976,10 @@ def test_check_prints_what_the_sweep_would_run_and_starts_and_stores_nothing(tmp
     out = capsys.readouterr().out
     spec = load_spec(spec_file, trials=3)
     trials = len(spec.studies) * 3
+    from tune_jobs.naming import counted
+
     assert out.startswith(f"sweep {spec.name}: {len(spec.studies)} studies x 3 trials = {trials} trials of up to "
-                          f"{spec.epochs} epochs"), out
+                          f"{counted(spec.epochs, 'epoch')} ("), out
     assert "early stopping of hopeless trials: asha" in out and f"tracking   {spec.tracking_uri}" in out, out
     assert "nothing was started or stored" in out.splitlines()[-1]
     assert tree(tmp_path) == before

@@ -131,6 +131,6 @@ def git_commit(folder: Path) -> str | None:
     return commit if done.returncode == 0 and len(commit) == 40 else None
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 trial", "3 trials": the count a line shows, in the number it reads as."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 trial", "3 trials", "1 study", "2 studies": the count a line shows, in the number it reads as."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

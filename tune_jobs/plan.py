@@ -7,6 +7,7 @@ here from the checked spec, so a wrong edit shows before the GPUs are paid for.
 from __future__ import annotations
 
 from .layout import experiment_name
+from .naming import counted
 from .spec import Spec, hide_password, optuna_storage_url
 from .storage import sweep_location
 
@@ -30,8 +31,9 @@ def sweep_plan(spec: Spec, address: str | None, continues: bool = False) -> str:
              if address else "this machine's CPUs and GPUs")
     verb = "continue" if continues else "start"
     return "\n".join([
-        f"{'started ' if continues else ''}sweep {spec.name}: {len(spec.studies)} studies x {spec.trials} trials = "
-        f"{trials} trials of up to {spec.epochs} epochs ({trials * spec.epochs:,} trial-epochs at most; {stopping})",
+        f"{'started ' if continues else ''}sweep {spec.name}: {counted(len(spec.studies), 'study', 'studies')} x "
+        f"{counted(spec.trials, 'trial')} = {counted(trials, 'trial')} of up to {counted(spec.epochs, 'epoch')} "
+        f"({trials * spec.epochs:,} trial-epochs at most; {stopping})",
         *(f"  {label:<10} {value}" for label, value in rows),
         f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets, and {where}",
         f"nothing was started or stored; run the same command without --check to {verb} it",

@@ -510,10 +510,12 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
 def announce(spec: Spec, address: str | None, resume: bool) -> None:
     """The sweep's first line: what runs, where it goes, and how to continue it, for a driver that ends without a
     word (SIGKILL, an out-of-memory kill, a lost head node, a closed terminal) and for the logs of a script."""
-    studies = f"{len(spec.studies)} stud{'y' if len(spec.studies) == 1 else 'ies'}"
-    print(f"{'resuming sweep' if resume else 'sweep'} {spec.name}: {studies} x {spec.trials} trials of up to "
-          f"{spec.epochs} epochs; results in {sweep_location(spec.storage, spec.name)}, runs in "
-          f"{hide_password(spec.tracking_uri)}; if it stops, continue with: "
+    from .naming import counted
+
+    print(f"{'resuming sweep' if resume else 'sweep'} {spec.name}: {counted(len(spec.studies), 'study', 'studies')} x "
+          f"{counted(spec.trials, 'trial')} of up to {counted(spec.epochs, 'epoch')}; results in "
+          f"{sweep_location(spec.storage, spec.name)}, runs in {hide_password(spec.tracking_uri)}; if it stops, "
+          "continue with: "
           f"{resume_command(spec, driver_address(address))}", flush=True)
 
 
