@@ -297,10 +297,11 @@ def run_status_command(args) -> int:
     statuses = [sweep_status(client, experiment, args.tracking_uri) for experiment in experiments]
     if args.json:
         print(json.dumps({"sweeps": statuses, **job}, indent=2))
-    elif client and not experiments:  # it printed nothing, as if the command had not run
+        return 0
+    if client and not experiments:  # it printed nothing, as if the command had not run
         print(f"no sweep in {hide_password(args.tracking_uri)} yet (a sweep's experiments are named "
               f"{EXPERIMENT_PREFIX}NAME); pass --tracking-uri to read another store")
-    for status in statuses if not args.json else ():
+    for status in statuses:
         print_sweep_status(status)
     return 0
 
