@@ -17,14 +17,13 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
-from tune_jobs.layout import COMPARED_WITH
+from tune_jobs.layout import COMPARED_WITH, DECISIVE
 from tune_jobs.spec import hide_password
 
 from .published import published
 from .runs import Sweep
 
 AGAINST = COMPARED_WITH
-DECISIVE = ("zoom-only", "resize2x")  # the controls that tell the attention from more pixels (DESIGN.md)
 LEVEL = 0.95
 NO_DIFFERENCE = "–"  # a comparison with a side that has no test score yet (no finished trial, or none scored)
 RULE = ("Test top-1 (%) of each study's best config re-trained with K new seeds (`attzoom confirm`), mean ± sample "

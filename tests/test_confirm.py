@@ -4,9 +4,11 @@ through real Ray Tune, logged as confirm child runs, and the report's mean +- st
 from __future__ import annotations
 
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def test_confirm_trains_k_seeds_per_study_and_the_report_shows_mean_std(tmp_path
     spec.write_text(f"""
 name = "c"
 trials = 1
-epochs = 1
+epochs = 2
 seed = 2
 data_root = "{few_digits_root}"
 storage = "{tmp_path / 'ray_results'}"
@@ -53,14 +55,30 @@ lr = [1e-3, 1e-2]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cli("sweep", str(spec), cwd=tmp_path)
     shutil.rmtree(tmp_path / "ray_results" / "c")  # confirm reads the spec and the best configs from MLflow alone
-    out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
-    assert "trained seeds 1, 3, 4" in out  # never the sweep's own seed (2): its best trial trained with it
+    client = MlflowClient(uri)
+    eid = client.get_experiment_by_name(experiment_name("c")).experiment_id
+
+    # stopped (SIGTERM takes Ctrl-C's way) while a seed trains its second epoch: the rerun continues that trial from
+    # its checkpoint in its own run (it trained the seed again in a new run: two "seed" runs, the killed one counted)
+    first = subprocess.Popen([sys.executable, "-m", "tune_jobs.cli", "confirm", "c", "--seeds", str(SEEDS), "--storage",
+                              str(tmp_path / "ray_results")], cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not mid_epoch_confirm(client, eid):
+        assert first.poll() is None and time.monotonic() < deadline, "no confirm run reached its second epoch"
+        time.sleep(0.3)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 130 and "interrupted: " in out.rstrip().splitlines()[-1], out[-3000:]
     assert "re-training each study's best config with seeds 1, 3, 4 (6 runs to train)" in out
+    stopped = {r.info.run_id for r in client.search_runs([eid], runs_filter(CONFIRM_ROLE))
+               if r.info.status == "KILLED"}
+    assert stopped, "no confirm run was stopped mid-training"
+    out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
+    assert "continuing c-confirm-" in out and "the confirm that was stopped" in out
     assert "final  tiny_resnet.cluttered-digits.attzoom  done 3/3" in out  # progress: the final summary, per study
     assert "Failed to fetch metrics" not in out
 
-    client = MlflowClient(uri)
-    eid = client.get_experiment_by_name(experiment_name("c")).experiment_id
     parents = {r.data.tags[STUDY]: r for r in client.search_runs([eid], runs_filter(STUDY_ROLE))}
     trials = {r.data.tags[STUDY]: r for r in client.search_runs([eid], runs_filter(TRIAL_ROLE))}
     confirms = client.search_runs([eid], runs_filter(CONFIRM_ROLE))
@@ -70,13 +88,14 @@ lr = [1e-3, 1e-2]
         study = run.data.tags[STUDY]
         by_study.setdefault(study, []).append(run)
         assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]  # each epoch once
         assert run.data.tags[PARENT] == parents[study].info.run_id
         assert run.data.params["seed"] == run.data.tags[SEED]
         best = trials[study].data.params  # the only trial of its study is its best: same config but the seed
         assert {k: v for k, v in run.data.params.items() if k != "seed"} == \
                {k: v for k, v in best.items() if k != "seed"}
         assert [a.path for a in client.list_artifacts(run.info.run_id, CHECKPOINT_DIR)] == [CHECKPOINT]
-    for runs in by_study.values():
+    for runs in by_study.values():  # never the sweep's own seed (2): its best trial trained with it
         assert sorted(int(r.data.tags[SEED]) for r in runs) == [1, 3, 4]
 
     # confirming again trains nothing new, and does not say it re-trains (a second demo said so)
@@ -105,6 +124,13 @@ lr = [1e-3, 1e-2]
     text = to_markdown(report)
     assert text.index("## Verdict") < text.index("## Best of N") < text.index("## Seed confirmation")
     assert "test top-1 mean ± std" in text
+
+
+def mid_epoch_confirm(client, experiment_id) -> bool:
+    """A confirm run is training its second epoch (its first logged) while another has finished."""
+    runs = client.search_runs([experiment_id], runs_filter(CONFIRM_ROLE))
+    return any(r.info.status == "FINISHED" for r in runs) and any(
+        r.info.status == "RUNNING" and "val_top1" in r.data.metrics for r in runs)
 
 
 def test_welch_interval_and_the_noise_words():

@@ -986,6 +986,25 @@ def test_check_prints_what_the_sweep_would_run_and_starts_and_stores_nothing(tmp
     assert cli.main(["sweep", str(spec_file), "--check", "--trials", "0"]) == 2  # a bad spec: refused as ever
 
 
+def test_check_says_what_the_matrix_cannot_show_and_how_many_trials_fit_here(tmp_path, monkeypatch, capsys,
+                                                                             no_side_effects):
+    # the report said after the sweep that the controls were not run and a gain over the baseline shows nothing;
+    # --check said nothing, and nothing that a cap above this machine's CPUs only queues trials
+    monkeypatch.chdir(tmp_path)
+    cpus = os.cpu_count()
+    for variants, concurrent, said in (
+            (["baseline", "attzoom"], 1, ["no zoom-only or resize2x control, so the report cannot tell"]),
+            (["attzoom", "resize2x"], 1, ['no baseline study', "no zoom-only control"]),
+            (["baseline", "attzoom", "zoom-only", "resize2x"], cpus + 1,
+             [f"max_concurrent = {cpus + 1}, but this machine's {cpus} CPUs fit {cpus} trial"]),
+            (["baseline", "attzoom", "zoom-only", "resize2x"], cpus, []),
+            (["baseline"], 1, [])):  # tuning baselines alone: nothing to compare, nothing missing
+        spec = edit(edit(base_spec(tmp_path), "matrix.variants", variants), "max_concurrent", concurrent)
+        assert cli.main(["sweep", str(write_spec(tmp_path, spec)), "--check"]) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+        assert len(notes) == len(said) and all(s in n for s, n in zip(said, notes)), (variants, notes)
+
+
 # --- --address: the hints name it; one that is no Ray cluster is one line, exit 2, before any folder --------------
 
 @pytest.fixture

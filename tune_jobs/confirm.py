@@ -10,11 +10,14 @@ as a child run of the study's parent run, with the confirm role and its seed as 
 ``attzoom report`` then adds the seeds' mean and standard deviation of test top-1. Pairs
 (study, seed) that already have a finished confirm run of the study's best config are skipped, so
 running confirm again only fills in what is missing, and after a resume found a better config it
-trains that one's seeds.
+trains that one's seeds. A confirm stopped midway is restored by the next one (confirm_experiment), so a stopped
+seed goes on from its checkpoint in its own run.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import sys
 import time
@@ -27,6 +30,7 @@ from .lease import sweep_lease
 from .naming import counted
 from .space import STUDY_KEY, same_config, searched_values
 from .spec import Spec, SpecError, hide_password
+from .storage import folder_names, read_file, sweep_location, write_file
 
 
 def add_confirm_command(sub) -> None:
@@ -218,14 +222,10 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     """Re-train every study's best config with ``seeds`` seeds (confirm_seeds); returns ({study: seeds trained now}, the
     (study, seed) runs that failed, the studies with no finished trial to confirm)."""
     from collections import Counter
-    from functools import partial
 
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from .guard import SweepGuard
-    from .mlflow_callback import MlflowCallback
-    from .progress import StudyProgress
+    from .mlflow_callback import adopt
     from .ray_session import apply_tune_settings, start_ray, stop_ray
     from .trainable import SweepContext, ended
 
@@ -243,35 +243,92 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
         return {}, [], unfinished
+    experiment, restored = confirm_experiment(spec, todo, done, params)
     print(f"re-training each study's best config with seeds {', '.join(map(str, wanted))} "
           f"({counted(len(todo), 'run')} to train), for a verdict beyond one lucky trial", file=sys.stderr, flush=True)
+    if restored:
+        print(f"continuing {experiment}, the confirm that was stopped: its stopped trials go on from their "
+              "checkpoints, in their own MLflow runs", file=sys.stderr, flush=True)
     try:
         start_ray(spec, address)
         context = SweepContext(spec)
         trainable = tune.with_resources(tune.with_parameters(run_confirm_trial, sweep=context, params=params),
                                         {"cpu": spec.cpus, "gpu": spec.gpus})
-        logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, sweep=context,
-                                                                                   params=params))
-        progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
-                                 done_before=Counter(study for study, seed in done if seed in wanted),
-                                 continued_by="confirm")
-        callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"pair": tune.grid_search([{STUDY_KEY: s, "seed": k} for s, k in todo])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
-                                        trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
-            run_config=tune.RunConfig(name=f"{spec.name}-confirm-{int(time.time())}", storage_path=spec.storage,
-                                      verbose=0, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        path = sweep_location(spec.storage, experiment)
+        if restored:
+            adopt(context)  # the restored logger goes on with this driver's spec (a moved data root, say)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            write_file(spec.storage, experiment, CONFIRM_FILE, text=json.dumps({"pairs": todo, "params": params}))
+            tuner = new_confirm_tuner(spec, seeds, experiment, trainable, context, todo, params, experiment_id,
+                                      parents, done_before=Counter(study for study, seed in done if seed in wanted))
         results = tuner.fit()
     finally:
         stop_ray()
     raise_if_problem()
-    raise_if_interrupted(ended(results), len(todo), confirm_command(spec, seeds, address))
+    raise_if_interrupted(ended(results), len(restored or todo), confirm_command(spec, seeds, address))
     trained: dict[str, list[int]] = {}
     now = done_pairs(spec.tracking_uri, experiment_id, params)
     for study, seed in sorted(now - done):
         trained.setdefault(study, []).append(seed)
     return trained, [pair for pair in todo if pair not in now], unfinished
+
+
+def new_confirm_tuner(spec: Spec, seeds: int, experiment: str, trainable, context, todo: list, params: dict,
+                      experiment_id: str, parents: dict, done_before):
+    """A Tune experiment with one trial per (study, seed) in ``todo``, logged by the sweep's MLflow callback."""
+    from functools import partial
+
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from .guard import SweepGuard
+    from .mlflow_callback import MlflowCallback
+    from .progress import StudyProgress
+
+    logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, params=params))
+    progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
+                             done_before=done_before, continued_by="confirm")
+    callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
+    return tune.Tuner(
+        trainable,
+        param_space={"pair": tune.grid_search([{STUDY_KEY: s, "seed": k} for s, k in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+                                    trial_dirname_creator=lambda t: f"confirm-{t.trial_id}"),
+        run_config=tune.RunConfig(name=experiment, storage_path=spec.storage, verbose=0, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+CONFIRM_FILE = "attzoom-confirm.json"  # in a confirm's Tune folder: the (study, seed) pairs and best configs it trains
+
+
+def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, params: dict[str, dict]) -> tuple[str, set]:
+    """(the Tune experiment's name, the pairs it trains when it is restored, else none): the latest confirm of this
+    sweep when it stopped with just ``todo`` left (its other pairs ``done``) on the same best configs. Restored,
+    its stopped trials go on from their checkpoints in their own MLflow runs; run afresh, they trained again in new
+    runs, and MLflow showed two runs of one seed (the killed one counted in the report's compute)."""
+    from ray import tune
+
+    pattern = re.compile(rf"{re.escape(spec.name)}-confirm-(\d+)")
+    stamps = [int(m.group(1)) for name in folder_names(spec.storage) if (m := pattern.fullmatch(name))]
+    if stamps:
+        latest = f"{spec.name}-confirm-{max(stamps)}"
+        pairs = saved_pairs(spec, latest, params)
+        if set(todo) <= pairs and pairs - set(todo) <= done and \
+                tune.Tuner.can_restore(sweep_location(spec.storage, latest)):
+            return latest, pairs
+    return f"{spec.name}-confirm-{int(time.time())}", set()
+
+
+def saved_pairs(spec: Spec, experiment: str, params: dict[str, dict]) -> set[tuple[str, int]]:
+    """The (study, seed) pairs a confirm's Tune experiment trains, when it trains them on ``params``; else none
+    (an older confirm's folder has no CONFIRM_FILE)."""
+    try:
+        saved = json.loads(read_file(spec.storage, experiment, CONFIRM_FILE) or "null")
+        pairs = {(study, int(seed)) for study, seed in saved["pairs"]}
+        if all(saved["params"].get(study) == json.loads(json.dumps(params.get(study))) for study, _ in pairs):
+            return pairs
+    except (TypeError, KeyError, ValueError, AttributeError):
+        pass
+    return set()

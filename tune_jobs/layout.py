@@ -55,6 +55,7 @@ TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, 
 
 # What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
 COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")
+DECISIVE = ("zoom-only", "resize2x")  # the controls that tell the attention from more pixels (DESIGN.md)
 
 # Values of the ROLE tag.
 STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"

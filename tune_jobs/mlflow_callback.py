@@ -37,8 +37,9 @@ from .tracking import TrialRuns, prepare_tracking, study_tags, unreachable
 
 # (experiment id, {study: parent run id}); the sweep prepares the store while Ray and the first trial start
 Store = Callable[[], tuple[str, dict[str, str]]]
-# confirm trials carry (study, seed) in their config: it maps one to the sweep config and context it runs with
-Resolve = Callable[[dict], tuple[dict, SweepContext]]
+# confirm trials carry (study, seed) in their config: it maps one, with the driver's context, to the sweep config and
+# context it runs with (the context is passed, not pickled with it: a restored confirm goes on with this driver's)
+Resolve = Callable[[dict, SweepContext], tuple[dict, SweepContext]]
 JOURNAL = "mlflow-outbox.jsonl"
 STOP_SETTLE_S = 10.0  # how long a stopped sweep waits for its last MLflow writes (not while the store is down)
 
@@ -174,7 +175,7 @@ class MlflowCallback(tune.Callback):
     def _open(self, trial) -> None:
         if trial.trial_id in self._opened:
             return
-        config, sweep = self.resolve(trial.config) if self.resolve else (trial.config, self.sweep)
+        config, sweep = self.resolve(trial.config, self.sweep) if self.resolve else (trial.config, self.sweep)
         study, params, train_config = trial_config(config, sweep)
         tags = study_tags(sweep.spec, study)
         if sweep.role == CONFIRM_ROLE:

@@ -6,7 +6,9 @@ here from the checked spec, so a wrong edit shows before the GPUs are paid for.
 
 from __future__ import annotations
 
-from .layout import experiment_name
+import os
+
+from .layout import DECISIVE, experiment_name
 from .naming import counted
 from .spec import Spec, hide_password, optuna_storage_url
 from .storage import sweep_location
@@ -35,6 +37,25 @@ def sweep_plan(spec: Spec, address: str | None, continues: bool = False) -> str:
         f"{counted(spec.trials, 'trial')} = {counted(trials, 'trial')} of up to {counted(spec.epochs, 'epoch')} "
         f"({trials * spec.epochs:,} trial-epochs at most; {stopping})",
         *(f"  {label:<10} {value}" for label, value in rows),
+        *plan_notes(spec, address),
         f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets, and {where}",
         f"nothing was started or stored; run the same command without --check to {verb} it",
     ])
+
+
+def plan_notes(spec: Spec, address: str | None) -> list[str]:
+    """What the sweep, as specified, cannot show or do: said before it runs, where the report would say it after a
+    day of GPUs (dashboards/verdict.py)."""
+    notes = []
+    if "attzoom" in spec.variants and "baseline" not in spec.variants:
+        notes.append("note: no baseline study, so the report has nothing to measure AttZoom's gain against; add "
+                     '"baseline" to [matrix] variants')
+    if "attzoom" in spec.variants and (missing := [v for v in DECISIVE if v not in spec.variants]):
+        notes.append(f"note: no {' or '.join(missing)} control, so the report cannot tell whether AttZoom's "
+                     f"attention helps or only the doubled resolution it feeds the network; add {' and '.join(missing)}"
+                     " to [matrix] variants")
+    fit = int((os.cpu_count() or 1) // spec.cpus)
+    if not address and fit < spec.max_concurrent:
+        notes.append(f"note: max_concurrent = {spec.max_concurrent}, but this machine's {os.cpu_count()} CPUs fit "
+                     f"{counted(fit, 'trial')} of {spec.cpus:g} CPU at once; the others wait their turn")
+    return notes
