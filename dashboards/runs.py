@@ -14,7 +14,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from tune_jobs import layout
-from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, sweep_of
+from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, no_sweep_named
 from tune_jobs.space import same_config, searched_values
 from tune_jobs.spec import hide_password
 
@@ -143,9 +143,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name(sweep))
     if experiment is None:
-        known = sorted(filter(None, (sweep_of(e.name) for e in client.search_experiments())))
-        raise ReportError(f"no sweep named {sweep!r} in {hide_password(tracking_uri)} (sweeps there: "
-                          f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
+        raise ReportError(no_sweep_named(sweep, hide_password(tracking_uri),
+                                         [e.name for e in client.search_experiments()]))
     eid = experiment.experiment_id
     studies: dict[str, Study] = {}
     for run in client.search_runs([eid], layout.runs_filter(layout.STUDY_ROLE), max_results=MAX_RUNS):

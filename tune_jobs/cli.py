@@ -266,7 +266,7 @@ def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s:
 
 
 def run_status_command(args) -> int:
-    from .layout import EXPERIMENT_PREFIX, sweep_of
+    from .layout import EXPERIMENT_PREFIX, no_sweep_named, sweep_of
     from .spec import check_store_exists
     from .status import print_sweep_status, sweep_status
     from .tracking import open_store
@@ -289,11 +289,10 @@ def run_status_command(args) -> int:
         client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
         experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep and client:
-        known = sorted(sweep_of(e.name) for e in experiments)
-        experiments = [e for e in experiments if sweep_of(e.name) == args.sweep]
-        if not experiments:  # as report says it: a typo shows beside the names there
-            raise SpecError(f"no sweep named {args.sweep!r} in {hide_password(args.tracking_uri)} (sweeps there: "
-                            f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
+        named = [e for e in experiments if sweep_of(e.name) == args.sweep]
+        if not named:  # as report says it
+            raise SpecError(no_sweep_named(args.sweep, hide_password(args.tracking_uri), [e.name for e in experiments]))
+        experiments = named
     statuses = [sweep_status(client, experiment, args.tracking_uri) for experiment in experiments]
     if args.json:
         print(json.dumps({"sweeps": statuses, **job}, indent=2))

@@ -95,6 +95,14 @@ def sweep_of(experiment: str) -> str | None:
     return experiment[len(EXPERIMENT_PREFIX):] if experiment.startswith(EXPERIMENT_PREFIX) else None
 
 
+def no_sweep_named(sweep: str, where: str, experiments: Iterable[str]) -> str:
+    """`status` and `report` of a name the store (``where``, its password hidden) lacks: a typo shows beside the
+    names of the sweeps there (``experiments``: the store's experiment names)."""
+    known = sorted(filter(None, map(sweep_of, experiments)))
+    return (f"no sweep named {sweep!r} in {where} (sweeps there: {', '.join(known) or 'none'}); check the name or "
+            "pass --tracking-uri")
+
+
 def study_name(backbone: str, dataset: str, variant: str) -> str:
     return f"{backbone}.{dataset}.{variant}"
 

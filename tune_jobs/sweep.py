@@ -114,8 +114,8 @@ def finished_already(spec: Spec) -> dict | None:
         experiment = _sweep_experiment(spec)
         if experiment is None or not _same_storage(recorded_storage(experiment) or "", spec.storage):
             return None
-        started, now = json.loads(experiment.tags.get(layout.SPEC) or "null"), json.loads(spec_json(spec))
-        if not isinstance(started, dict) or search_changes(started, now, strict=True):
+        started = started_spec(experiment.tags.get(layout.SPEC))
+        if started is None or search_changes(started, json.loads(spec_json(spec)), strict=True):
             return None
         summary = summarize(open_store(spec.tracking_uri), experiment.experiment_id)
     except Exception:  # noqa: BLE001 - a store out of reach or a tag that is no JSON: the name check says what
@@ -292,12 +292,19 @@ def refuse_changes(started_text: str | None, spec: Spec, changed_is: str) -> Non
 def described_changes(started_text: str | None, spec: Spec) -> str:
     """How ``spec`` changes the search of the started spec (its JSON), as "key: old then, new now"; "" when it does
     not, or there is nothing to compare with (no spec, a tag that is no JSON)."""
-    try:
-        started, now = json.loads(started_text or "null"), json.loads(spec_json(spec))
-    except ValueError:
+    if (started := started_spec(started_text)) is None:
         return ""
-    changed = search_changes(started, now) if isinstance(started, dict) else []
-    return "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in changed)
+    now = json.loads(spec_json(spec))
+    return "; ".join(f"{key}: {started[key]} then, {now[key]} now" for key in search_changes(started, now))
+
+
+def started_spec(text: str | None) -> dict | None:
+    """A stored spec's JSON as a dict; None when there is none, or it is no JSON object."""
+    try:
+        started = json.loads(text or "null")
+    except ValueError:
+        return None
+    return started if isinstance(started, dict) else None
 
 
 def check_stores_kept(spec: Spec, searcher: bool = True) -> None:
