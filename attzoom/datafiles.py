@@ -81,6 +81,24 @@ def tiny_wnids(folder: Path, note: str = "") -> list[str]:
     return wnids
 
 
+def class_names(dataset: str, root: Path) -> list[str] | None:
+    """Each class's name by label, from the files that name them (CIFAR-100's meta, Tiny-ImageNet's words.txt); None
+    for the digits, whose labels are their names, and where those files are missing or unreadable (an optional
+    nicety: explain then labels classes by number)."""
+    try:
+        if dataset == "cifar100":
+            with open(root / "cifar-100-python" / "meta", "rb") as f:
+                return [name.decode() for name in pickle.load(f, encoding="bytes")[b"fine_label_names"]]
+        if dataset == "tinyimagenet":
+            folder = root / "tiny-imagenet-200"
+            words = dict(line.split("\t", 1) for line in (folder / "words.txt").read_text().splitlines()
+                         if "\t" in line)
+            return [words.get(wnid, wnid).split(",")[0].strip() for wnid in tiny_wnids(folder)]
+    except Exception:  # noqa: BLE001 - names are a nicety: numbers do where the files cannot be read
+        return None
+    return None
+
+
 def tiny_files(folder: Path, wnids: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """(training images, test images), each a list of (path, label)."""
     index = {w: i for i, w in enumerate(wnids)}

@@ -59,6 +59,10 @@ class Explanation:
     attention: torch.Tensor | None  # the AttZoom layer's f(A), (N, 1, h, w); None without a gated layer
     zoomed: torch.Tensor | None  # (N, 3, H, W) uint8
     target_layer: str
+    names: list[str] | None = None  # each class's name by label (datafiles.class_names); None: numbers alone
+
+    def class_label(self, label: int) -> str:
+        return f"{label} {self.names[label]}" if self.names and 0 <= label < len(self.names) else str(label)
 
     @property
     def columns(self) -> list[str]:
@@ -154,6 +158,7 @@ def _inverse_cdf(profile: torch.Tensor, size: int) -> torch.Tensor:
 def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None = None) -> Explanation:
     """Download the run's best checkpoint, rebuild the model, explain its first N validation images."""
     from attzoom.data import DataError, load
+    from attzoom.datafiles import class_names
     from attzoom.train import load_checkpoint_model
 
     client = MlflowClient(tracking_uri)
@@ -187,8 +192,9 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
     with torch.no_grad():
         predicted = model.eval()(x).argmax(1)
     label = f"{run.data.tags.get('variant', cfg.variant)} ({run_id[:8]})"
+    names = class_names(cfg.dataset, Path(data_root or cfg.data_root).expanduser())
     return Explanation(run_id, label, images, data.val.labels[:n_images], predicted, grad_cam(model, x, layer),
-                       attention, zoomed, name)
+                       attention, zoomed, name, names)
 
 
 def study_run_problem(tracking_uri: str, run) -> str:
@@ -229,7 +235,8 @@ def figure(explanations: list[Explanation]) -> Figure:
     for i in range(n):
         j = 0
         for e in explanations:
-            axes[i, j].set_ylabel(f"true {int(e.labels[i])}\npredicted {int(e.predicted[i])}", fontsize=8)
+            axes[i, j].set_ylabel(f"true {e.class_label(int(e.labels[i]))}\n"
+                                  f"predicted {e.class_label(int(e.predicted[i]))}", fontsize=8)
             for title, panel in zip(e.columns, panels(e, i)):
                 ax = axes[i, j]
                 if panel.ndim == 2:

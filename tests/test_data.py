@@ -226,6 +226,22 @@ def _colour_labels(images: torch.Tensor) -> list[int]:
     return images.float().mean(dim=(2, 3)).argmax(dim=1).tolist()
 
 
+def test_class_names_come_from_the_data_sets_own_files(tmp_path, write_cifar100):
+    # explain labelled CIFAR-100 and Tiny-ImageNet rows "true 42 / predicted 17": the names are in the copies' files
+    from attzoom.datafiles import class_names
+
+    write_cifar100(tmp_path)
+    assert class_names("cifar100", tmp_path) == [f"fine{i}" for i in range(100)]
+    folder = write_tinyimagenet(tmp_path)
+    assert class_names("tinyimagenet", tmp_path) == ["thing 0", "thing 1", "thing 2"]  # by wnids.txt's order
+    (folder / "words.txt").write_text(f"{WNIDS[1]}\tgoldfish, Carassius auratus\n")  # a wnid it lacks: the wnid
+    assert class_names("tinyimagenet", tmp_path) == [WNIDS[0], "goldfish", WNIDS[2]]
+    (folder / "words.txt").unlink()
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(b"junk")
+    assert class_names("tinyimagenet", tmp_path) is None and class_names("cifar100", tmp_path) is None
+    assert class_names("cluttered-digits", tmp_path) is None  # a digit's label is its name
+
+
 def test_tinyimagenet_loads_folder_layout(tmp_path):
     folder = write_tinyimagenet(tmp_path)
     train, test, classes = data.load_tinyimagenet(tmp_path, download=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,11 @@ def test_the_grid_labels_classes_and_predictions_and_gives_f_of_a_a_colour_scale
         assert torch.equal(e.predicted, model.eval()(x).argmax(1)) and torch.equal(e.labels, data.val.labels[:2])
     fig = figure([e])
     rows = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel().startswith("true")]
-    assert rows == [f"true {int(e.labels[i])}\npredicted {int(e.predicted[i])}" for i in range(2)]
+    assert rows == [f"true {int(e.labels[i])}\npredicted {int(e.predicted[i])}" for i in range(2)]  # digits: numbers
+    names = [f"class {k}" for k in range(10)]  # a data set whose files name its classes (datafiles.class_names)
+    named = [ax.get_ylabel() for ax in figure([replace(e, names=names)]).axes if ax.get_ylabel().startswith("true")]
+    assert named == [f"true {int(e.labels[i])} class {int(e.labels[i])}\npredicted {int(e.predicted[i])} class "
+                     f"{int(e.predicted[i])}" for i in range(2)]
     [bar] = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert bar.get_ylabel() == "f(A): 1 = gate fully open"
     gates = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2]  # f(A), not pictures
