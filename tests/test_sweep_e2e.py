@@ -93,6 +93,15 @@ def crash(proc: subprocess.Popen) -> None:
     psutil.wait_procs(victims, timeout=30)
 
 
+def terminate_all(proc: subprocess.Popen) -> None:
+    """SIGTERM to the driver and every process of its session, each by pid (as a cgroup-wide kill sends it)."""
+    for p in [p for p in psutil.process_iter() if _session(p.pid) == proc.pid]:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _session(pid: int):
     try:
         return os.getsid(pid)
@@ -241,12 +250,19 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=3)
     first = start("sweep", str(spec), "--continue", cwd=tmp_path)  # a new sweep: started
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path))
-    crash(first)
-    # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
+    # SIGTERM to every process by pid, as Slurm's scancel and systemd's stop of a unit's control group send it: Ray's
+    # GCS closes its port, and the driver waited 60 s for it, then Ray's C++ ended it (exit 1) without a word
+    sent = time.monotonic()
+    terminate_all(first)
+    out = first.communicate(timeout=300)[0]
     resume = f"{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}"
+    assert first.returncode == 130 and time.monotonic() - sent < 40, (first.returncode, out[-3000:])
+    assert out.rstrip().splitlines()[-1] == ("interrupted: this machine's Ray ended with the driver (a signal sent to "
+                                             f"every process); continue with: {resume}"), out[-3000:]
+    # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
     said = (f"sweep t: 2 studies x 3 trials of up to 3 epochs; results in {tmp_path / 'ray_results' / 't'}, runs in "
             f"sqlite:///{tmp_path / 'mlflow.db'}; if it stops, continue with: {resume}")
-    assert said in first.stdout.read().splitlines()
+    assert said in out.splitlines()
 
     # the same command again (a job its scheduler runs again): continued as `resume` does; it was exit 2
     resumed = start("sweep", str(spec), "--continue", cwd=tmp_path)

@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def stops_on_problems(resume: str, tracking_uri: str):
     """
     clear()
     previous = sigterm_as_interrupt()
+    _resume[:] = [resume]
     try:
         yield
     except KeyboardInterrupt as e:
@@ -162,6 +164,7 @@ def stops_on_problems(resume: str, tracking_uri: str):
             raise
         raise InfrastructureError(_stopped(message, resume)) from error
     finally:
+        _resume.clear()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if (message := problem()) is not None:
@@ -184,11 +187,36 @@ def sigterm_as_interrupt():
 
 
 def _as_interrupt(signum, frame) -> None:
+    if _resume and not _watching.is_set():
+        _watching.set()
+        threading.Thread(target=_end_if_ray_ends, args=(_resume[0],), name="attzoom-ray-watch", daemon=True).start()
     handler = signal.getsignal(signal.SIGINT)  # Tune's during its run: it stops the run; else Python's
     if callable(handler) and handler is not _as_interrupt:
         handler(signal.SIGINT, frame)
     else:  # SIGINT ignored (a driver started with & by a script): SIGTERM still stops it
         raise KeyboardInterrupt
+
+
+_resume: list[str] = []  # the command that continues the driver's work, while stops_on_problems runs it
+_watching = threading.Event()
+
+
+def _end_if_ray_ends(resume: str) -> None:
+    """A SIGTERM sent to every process by pid (Slurm's scancel, systemd stopping a unit's control group) ends the
+    driver's private Ray with it: Tune's stop then waited 60 s for the lost GCS, and Ray's C++ ended the driver
+    with exit 1 and no word of how to go on. Once that Ray is gone, nothing it held can be saved: the driver ends
+    at once, as a killed one would (the journal and the last experiment snapshot are what resume reads), with
+    the interrupt's line and exit code."""
+    import time
+
+    from .ray_session import private_ray_lost, private_ray_running
+
+    while private_ray_running():
+        if private_ray_lost():
+            print(f"interrupted: this machine's Ray ended with the driver (a signal sent to every process); "
+                  f"continue with: {resume}", file=sys.stderr, flush=True)
+            os._exit(130)
+        time.sleep(0.2)
 
 
 def raise_if_problem() -> None:

@@ -13,6 +13,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from .infra import sigterm_as_interrupt
 from .spec import Spec, SpecError, check_cluster_cpus, check_cluster_gpus
 
@@ -147,6 +149,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
         with loopback_only(), process_groups_of_their_own():
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+        _private_gcs[:] = [gcs for gcs in psutil.Process().children() if gcs.name() == "gcs_server"][:1]
         where = "this machine"
     sigterm_as_interrupt()  # again: ray.init put its own handler in place, which dumps a crash report and dies
     resources = ray.cluster_resources()
@@ -242,7 +245,30 @@ def _not_an_opt_out_hint(record: logging.LogRecord) -> bool:
 def stop_ray() -> None:
     import ray
 
+    _private_gcs.clear()  # its end from here on is this driver's doing
     ray.shutdown()
+
+
+_private_gcs: list = []  # the GCS process of the private Ray this driver started, until it stops that Ray
+
+
+def private_ray_running() -> bool:
+    """This driver started a private Ray (not a cluster's) and has not stopped it."""
+    return bool(_private_gcs)
+
+
+def private_ray_lost() -> bool:
+    """The private Ray's GCS no longer serves, though this driver did not stop it: it ended, or a SIGTERM began its
+    shutdown (it closes its port at once, then lingers; the driver's Ray client waits 60 s for it)."""
+    try:
+        gcs = _private_gcs[0]
+        serving = gcs.status() != psutil.STATUS_ZOMBIE and any(
+            c.status == psutil.CONN_LISTEN for c in gcs.net_connections())
+    except IndexError:
+        return False
+    except psutil.Error:
+        serving = False
+    return not serving and bool(_private_gcs)
 
 
 @contextmanager
