@@ -236,6 +236,8 @@ def to_markdown(report: Report) -> str:
     parts = [f"# AttZoom sweep report: {sweep.name}", "",
              f"Tracking store `{hide_password(sweep.tracking_uri)}`, experiment `{experiment_name(sweep.name)}`, "
              f"generated {report.generated}."]
+    if figures := html_only(report):
+        parts += ["", f"The figures ({figures}) are in `report.html` beside this file."]
     if report.unfinished:  # first: every number below may still change
         parts += ["", f"**Unfinished studies ({len(report.unfinished)}):** partial results below.", "",
                   markdown(report.unfinished)]
@@ -260,6 +262,17 @@ def to_markdown(report: Report) -> str:
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(parts) + "\n"
+
+
+def html_only(report: Report) -> str:
+    """What report.html shows that this text cannot: its drawn figures, by kind (the Markdown said nothing of them)."""
+    kinds = {kind for kind, _, png in report.images if png}
+    names = [name for kind, name in FIGURES if kind in kinds]
+    return ", ".join(names)
+
+
+FIGURES = (("curves", "learning curves of the best trials"), ("history", "optimisation history"),
+           ("importance", "hyperparameter importance"), ("explain", "where the networks look"))
 
 
 def importance_markdown(report: Report) -> str:

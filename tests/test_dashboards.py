@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -281,6 +282,9 @@ def test_markdown_configs_compute_and_importance(small_report):
                                                                 "hyperparameters needs 20 or more")
     kinds = {kind for kind, _, png in report.images if png}
     assert kinds == {"curves", "history"}
+    # the text said nothing of the figures only the HTML shows
+    assert "The figures (learning curves of the best trials, optimisation history) are in `report.html`" in text
+    assert "The figures" not in to_markdown(replace(report, images=[]))  # none drawn: none named
 
 
 def test_importance_from_twenty_finished_trials_up_and_confirm_runs_counted_as_compute(store):
