@@ -207,9 +207,10 @@ def explain_images(sweep: Sweep) -> list[tuple[str, str, bytes]]:
 
 
 BEST_OF_N = ("Test top-1 / top-5 (%) of each study's best trial, chosen by its best validation top-1 over the epochs "
-             "of every finished trial (between trials, ties by top-5); each trial's best epoch is its first at that "
-             "top-1, the epoch of its kept checkpoint. Δ is the difference from the same backbone's baseline. One "
-             "seed per trial: a best of N favours whichever study drew a lucky seed")
+             "of every finished trial (between trials, ties by top-5, then the trial that started first); each "
+             "trial's best epoch is its first at that top-1, the epoch of its kept checkpoint. Δ is the difference "
+             "from the same backbone's baseline. One seed per trial: a best of N favours whichever study drew a "
+             "lucky seed")
 NO_VERDICT = ("there is no verdict: no AttZoom study has a baseline or control of the same backbone and data set to "
               "compare with")
 GATES = ("Share of validation positions where AttZoom's gate was fully open (f(A) = 1: no gradient reaches the "

@@ -269,6 +269,7 @@ def test_markdown_configs_compute_and_importance(small_report):
     # it said "ties by top-5 over every epoch": a1's best is its epoch 2 (80 / 95), a tie at top-1 within a trial
     # keeps the first epoch, as its checkpoint does
     assert "each trial's best epoch is its first at that top-1" in text and "ties by top-5) over" not in text
+    assert "ties by top-5, then the trial that started first" in text  # as layout.best_of picks it; it was unsaid
     configs = {row["study"]: row for row in report.configs}
     assert configs["tiny_resnet.cluttered-digits.baseline"]["optimizer"] == "sgd (0.85)"
     assert configs["resnet50.cifar100.baseline"]["paper's config"] == "128, 0.001, 0.0003, adam, onecycle"
