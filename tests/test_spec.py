@@ -764,6 +764,17 @@ def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work
     for line in capsys.readouterr().err.strip().splitlines():
         assert f"MLflow experiment attzoom-{spec.name} (id {experiment}) is deleted" in line, line
         assert "restore it in the MLflow UI" in line and f"--experiment-ids {experiment}`" in line, line
+    # a started sweep (its folder holds more than its spec): `sweep` said "continue it with resume", which then
+    # said this
+    (Path(spec.storage) / spec.name / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    assert cli.main(["sweep", str(tmp_path / "spec.toml")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"(id {experiment}) is deleted" in line, line
+    # its command runs as written (MLflow 3's gc refused it: "Tracking URL is not set")
+    gc = line.split("remove it for good with `")[1].split("`")[0]
+    done = subprocess.run(gc, shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get_experiment_by_name(experiment_name(spec.name)) is None
 
 
 def test_a_resume_takes_the_data_sets_new_place(tmp_path, capsys, no_side_effects):

@@ -90,6 +90,7 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     if not started_in(spec.storage, spec.name):
         check_name_in_store(spec, spec_file)
         return
+    check_experiment_not_deleted(spec)  # else "continue it with resume", which then says just this
     where = sweep_location(spec.storage, spec.name)
     if changes := described_changes(saved_spec(spec.storage, spec.name), spec):  # an edited spec: resume ignores it
         raise SpecError(f"a sweep named {spec.name!r} already exists in {where}, started with another search "
@@ -97,6 +98,18 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
                         f"another name in {spec_file}")
     raise SpecError(f"a sweep named {spec.name!r} already exists in {where}; {how_to_go_on(spec, continue_hint())} "
                     f"or change name in {spec_file}")
+
+
+def check_experiment_not_deleted(spec: Spec) -> None:
+    """The sweep's experiment, deleted in the MLflow UI, refuses every write: one line saying so (a store out of reach:
+    the resume waits it out as a sweep does)."""
+    from .tracking import check_not_deleted
+
+    try:
+        experiment = _sweep_experiment(spec)
+    except Exception:  # noqa: BLE001
+        return
+    check_not_deleted(experiment, spec.tracking_uri)
 
 
 def finished_already(spec: Spec) -> dict | None:

@@ -158,12 +158,18 @@ def check_not_deleted(experiment, tracking_uri: str) -> None:
     """MLflow keeps a deleted experiment's name, and refuses every write to it: the sweep would start, then stop at
     its first write (a new sweep of that name) or end in a traceback (a resume)."""
     if experiment is not None and experiment.lifecycle_stage == "deleted":
-        store = hide_password(tracking_uri)
-        where = "the server's database" if tracking_uri.startswith(("http://", "https://")) else store
+        import shlex
+
+        from .cli import executable
+
+        store = shlex.quote(hide_password(tracking_uri))
+        where = "THE_SERVERS_DATABASE" if tracking_uri.startswith(("http://", "https://")) else store
+        # MLflow 3's gc wants the tracking URI too ("Tracking URL is not set" without it)
         raise SpecError(f"the sweep's MLflow experiment {experiment.name} (id {experiment.experiment_id}) is deleted "
-                        f"in {store}, which keeps its name: restore it in the MLflow UI to go on with it, remove it "
-                        f"for good with `mlflow gc --backend-store-uri {where} --experiment-ids "
-                        f"{experiment.experiment_id}`, or give the sweep another name")
+                        f"in {hide_password(tracking_uri)}, which keeps its name: restore it in the MLflow UI to go "
+                        f"on with it, remove it for good with `{executable('mlflow')} gc --backend-store-uri {where} "
+                        f"--tracking-uri {store} --experiment-ids {experiment.experiment_id}`, or give the sweep "
+                        "another name")
 
 
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
