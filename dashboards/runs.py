@@ -17,6 +17,7 @@ from tune_jobs import layout
 from tune_jobs.layout import GPU_IDS, MAX_RUNS, STUDY, best_epoch, experiment_name, no_sweep_named
 from tune_jobs.space import same_config, searched_values
 from tune_jobs.spec import hide_password
+from tune_jobs.tracking import deleted_experiment
 
 from .errors import ReportError
 from .history import histories
@@ -145,6 +146,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     if experiment is None:
         raise ReportError(no_sweep_named(sweep, hide_password(tracking_uri),
                                          [e.name for e in client.search_experiments()]))
+    if experiment.lifecycle_stage == "deleted":  # its runs read as none: an empty report, exit 0
+        raise ReportError(deleted_experiment(sweep, experiment, tracking_uri))
     eid = experiment.experiment_id
     studies: dict[str, Study] = {}
     for run in client.search_runs([eid], layout.runs_filter(layout.STUDY_ROLE), max_results=MAX_RUNS):

@@ -430,6 +430,24 @@ def test_cli_report_and_unknown_sweep(store, tmp_path, capsys):
                                                                                "report.html"}
 
 
+def test_a_report_on_a_deleted_experiment_is_one_line_with_the_command_that_restores_it(tmp_path, capsys):
+    # it wrote a report of "(none)" everywhere and "no verdict", exit 0
+    from tune_jobs.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    gone = client.create_experiment(experiment_name("gone"))
+    client.delete_experiment(gone)
+    assert main(["report", "gone", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attzoom report:")]
+    assert f"(id {gone}) is deleted in {uri}" in line and not (tmp_path / "out").exists(), line
+    assert main(["status", "gone", "--tracking-uri", uri]) == 2  # it said "no sweep named 'gone'"
+    assert line.split(": error: ")[1] == capsys.readouterr().err.strip().split(": error: ")[1]
+    restore = line.split("`")[1]
+    done = subprocess.run(restore, shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and client.get_experiment(gone).lifecycle_stage == "active", done.stderr[-2000:]
+
+
 def test_a_data_root_that_does_not_exist_is_one_line_before_any_work(store, tmp_path, capsys):
     # it exited 0 with a long note per best trial ("test split ... not found"), and wrote the report
     from tune_jobs.cli import main

@@ -172,6 +172,19 @@ def check_not_deleted(experiment, tracking_uri: str) -> None:
                         "another name")
 
 
+def deleted_experiment(sweep: str, experiment, tracking_uri: str) -> str:
+    """A sweep whose experiment was deleted in the MLflow UI, and the command that restores it (MLflow's CLI reads
+    the store from MLFLOW_TRACKING_URI)."""
+    import shlex
+
+    from .cli import executable
+
+    store = hide_password(tracking_uri)
+    return (f"the MLflow experiment {experiment.name} of sweep {sweep!r} (id {experiment.experiment_id}) is deleted "
+            f"in {store}; restore it in the MLflow UI or with `MLFLOW_TRACKING_URI={shlex.quote(store)} "
+            f"{executable('mlflow')} experiments restore --experiment-id {experiment.experiment_id}`")
+
+
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:
     """The storage of a sweep of this name whose experiment already holds trial runs ("" if it did not say);
     None when there is none. Nothing is created (a new store has no sweep yet); a store that does not answer or
