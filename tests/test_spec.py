@@ -11,6 +11,7 @@ code and the clean working directory.
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import replace
@@ -775,6 +776,38 @@ def test_a_sweep_whose_mlflow_experiment_was_deleted_is_one_line_before_any_work
     done = subprocess.run(gc, shell=True, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert client.get_experiment_by_name(experiment_name(spec.name)) is None
+
+
+def test_a_new_sweep_refuses_the_optuna_studies_an_earlier_sweep_of_its_name_left(tmp_path, capsys, no_side_effects):
+    # its experiment deleted and gc'd, its folder removed: the new sweep added its trials to the old studies (and TPE
+    # started from them), so optuna-dashboard showed 4 trials where MLflow showed the new sweep's 2
+    import optuna
+
+    from tune_jobs.spec import optuna_storage_url
+    from tune_jobs.studies import optuna_study_name
+
+    spec_file = write_spec(tmp_path, base_spec(tmp_path))
+    spec = preflight(load_spec(spec_file))
+    url = optuna_storage_url(spec)
+    Path(spec.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    names = [optuna_study_name(spec.name, study.name) for study in spec.studies]
+    optuna.create_study(study_name=names[0], storage=url)  # one with no trial (a sweep stopped before its first)
+    assert cli.main(["sweep", str(spec_file), "--check"]) == 0
+    for name in names:
+        study = optuna.create_study(study_name=name, storage=url, load_if_exists=True)
+        study.optimize(lambda trial: 1.0, n_trials=1)
+    capsys.readouterr()
+    for command in (["sweep", str(spec_file), "--check"], ["sweep", str(spec_file)]):
+        assert cli.main(command) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert f"holds 2 studies of an earlier sweep named {spec.name!r} ({names[0]!r}: 1 trial)" in line, line
+        assert f"change name in {spec_file}" in line, line
+    delete = line.split("or delete them (`")[1].split("`")[0]
+    for name in names:  # the command it gives, for each study
+        done = subprocess.run(delete.replace(shlex.quote(names[0]), shlex.quote(name)), shell=True,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["sweep", str(spec_file), "--check"]) == 0
 
 
 def test_a_resume_takes_the_data_sets_new_place(tmp_path, capsys, no_side_effects):

@@ -228,13 +228,14 @@ def print_closing(spec, summary: dict, started: float, address: str | None) -> i
 def run_demo_command(args) -> int:
     from dashboards.report import comparison_markdown  # the CLI may reach up to dashboards (see build_parser)
 
-    from .sweep import check_name_in_store, preflight, run_sweep, saved_spec
+    from .sweep import check_name_in_store, check_name_in_studies, preflight, run_sweep, saved_spec
 
     from .confirm import confirm_sweep
 
     spec = preflight(spec_from_args(args))
-    if saved_spec(spec.storage, spec.name) is None:  # a first demo here: its name must be free in the store
+    if saved_spec(spec.storage, spec.name) is None:  # a first demo here: its name must be free in the stores
         check_name_in_store(spec, None)
+        check_name_in_studies(spec, None)
     started = time.time()
     summary = run_sweep(spec, address=args.address, resume=True)  # a second demo finishes (or just shows) the first
     print(file=sys.stderr)

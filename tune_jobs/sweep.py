@@ -21,6 +21,7 @@ from pathlib import Path
 from . import layout
 from .infra import BEFORE_START, raise_if_interrupted, raise_if_problem, report_problem, short_error, stops_on_problems
 from .lease import sweep_lease
+from .naming import counted
 from .ray_session import apply_tune_settings, check_address, start_ray, stop_ray
 from .storage import folder_names, is_remote, read_file, remove_folder, sweep_location, write_file
 from .spec import (Spec, SpecError, check_cluster_cpus, check_cluster_gpus, check_data, check_storage_answers,
@@ -89,6 +90,7 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
     (check_name_in_store)."""
     if not started_in(spec.storage, spec.name):
         check_name_in_store(spec, spec_file)
+        check_name_in_studies(spec, spec_file)
         return
     check_experiment_not_deleted(spec)  # else "continue it with resume", which then says just this
     where = sweep_location(spec.storage, spec.name)
@@ -182,6 +184,36 @@ def check_name_in_store(spec: Spec, spec_file: Path | None) -> None:
                         f"or {other}")
     raise SpecError(f"{store}, but its Tune folder is gone, so it cannot be resumed; {other} (a new sweep under "
                     "that name would delete those runs)")
+
+
+def check_name_in_studies(spec: Spec, spec_file: Path | None) -> None:
+    """An earlier sweep of this name whose runs are gone (its experiment deleted, its folder removed) may have left
+    its Optuna studies: a new sweep added its trials to them, and TPE started from their results, so
+    optuna-dashboard showed both sweeps' trials as one study while MLflow showed one sweep. A study with no trial
+    (one stopped before its first) is taken over."""
+    import optuna
+
+    from .cli import executable
+    from .studies import optuna_study_name
+
+    url = optuna_storage_url(spec)
+    if url is None or ((database := sqlite_file(url)) is not None and not database.is_file()):
+        return
+    try:
+        kept = set(optuna.get_all_study_names(storage=url))
+        held = [(name, len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)))
+                for name in (optuna_study_name(spec.name, study.name) for study in spec.studies) if name in kept]
+    except Exception:  # noqa: BLE001 - a storage that does not answer: the searcher says so
+        return
+    if used := [(name, trials) for name, trials in held if trials]:
+        name, trials = used[0]
+        other = f"change name in {spec_file}" if spec_file else "pass another --tracking-uri"
+        delete = f"{executable('optuna')} delete-study --storage {shlex.quote(hide_password(url))} --study-name"
+        raise SpecError(f"the Optuna storage {hide_password(url)} holds {counted(len(used), 'study', 'studies')} of "
+                        f"an earlier sweep named {spec.name!r} ({name!r}: {counted(trials, 'trial')}), whose runs are "
+                        f"not in the tracking store; a new sweep would add its trials to them and start its search "
+                        f"from theirs: {other}, or delete them (`{delete} {shlex.quote(name)}`, and so for each "
+                        f"{spec.name}/... study)")
 
 
 def experiment_dir(spec: Spec) -> Path:
@@ -530,8 +562,6 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
 def announce(spec: Spec, address: str | None, resume: bool) -> None:
     """The sweep's first line: what runs, where it goes, and how to continue it, for a driver that ends without a
     word (SIGKILL, an out-of-memory kill, a lost head node, a closed terminal) and for the logs of a script."""
-    from .naming import counted
-
     print(f"{'resuming sweep' if resume else 'sweep'} {spec.name}: {counted(len(spec.studies), 'study', 'studies')} x "
           f"{counted(spec.trials, 'trial')} of up to {counted(spec.epochs, 'epoch')}; results in "
           f"{sweep_location(spec.storage, spec.name)}, runs in {hide_password(spec.tracking_uri)}; if it stops, "
