@@ -468,7 +468,7 @@ def test_status_json_gives_each_sweeps_state_counts_and_resume_command(tmp_path,
     assert now["driver_gone"] is False and now["resume_command"] is None
     assert now["studies"][baseline]["state"] == "in progress" and now["studies"][baseline]["running"] == 1
     assert now["studies"][attzoom] == {"finished": 0, "pruned": 0, "running": 0, "failed": 0, "stopped": 0,
-                                       "epochs": 0, "best_val_top1": None, "state": "waiting"}
+                                       "deleted": 0, "epochs": 0, "best_val_top1": None, "state": "waiting"}
     resume = f"{attzoom_executable()} resume j --storage {storage}"
     assert status()["state"] == "stopped" and status()["resume_command"] == resume  # its driver was killed
     client.set_terminated(client.search_runs([eid])[0].info.run_id, "FINISHED")
@@ -689,6 +689,46 @@ def test_a_job_id_the_cluster_does_not_know_is_one_line_naming_it_and_how_to_lis
     assert len(lines) == 1 and "no job 'raysubmit_nope'" in lines[0], lines
     assert lines[0].endswith(f"ray job list --address {jobs_api}`"), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trial_run_deleted_in_the_mlflow_ui_is_said_and_not_resumed_for_ever(tmp_path, capsys):
+    # status said "stopped ... continue it with resume"; the resume trained nothing and ended "the tracking store
+    # records fewer trials than the sweep ran (see the MLflow messages above)", exit 1, and status said resume again
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
+    from tune_jobs.spec import Spec, spec_json
+    from tune_jobs.summary import closing, summarize
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
+    spec = Spec(name="d", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                trials=2, tracking_uri=uri, storage=storage)
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("d"), tags={SPEC: spec_json(spec)})
+    (tmp_path / "ray_results" / "d").mkdir(parents=True)
+    [study] = (s.name for s in spec.studies)
+    runs = [client.create_run(eid, tags={SWEEP: "d", STUDY: study, ROLE: "trial", TRIAL: f"t{n}"}).info.run_id
+            for n in range(2)]
+    for run in runs:
+        client.set_terminated(run, "FINISHED")
+    client.delete_run(runs[0])
+
+    assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0
+    [now] = json.loads(capsys.readouterr().out)["sweeps"]
+    assert now["state"] == "runs deleted" and now["resume_command"] is None, now
+    assert now["studies"][study]["deleted"] == 1 and now["studies"][study]["state"] == "runs deleted"
+    assert attzoom_main(["status", "d", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "1 trial run deleted in MLflow (restore it in the MLflow UI to count it)" in out and "resume" not in out
+    line, code = closing(spec, summarize(client, eid), 12.0)
+    assert code == 1 and line.startswith("sweep d ended in 12 s, but 1 of its trial runs is deleted in MLflow"), line
+    restore = line.split("`")[1]  # the command it gives runs as written
+    done = subprocess.run(restore, shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert closing(spec, summarize(client, eid), 12.0) == ("sweep d done in 12 s", 0)
+    assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["sweeps"][0]["state"] == "done"
 
 
 def test_status_says_to_resume_a_cluster_sweep_with_its_address(tmp_path, capsys):

@@ -6,16 +6,18 @@ object for a script, whose checks then depend on a state's name, not on a senten
     sweep states   running (a driver holds it) · stopped (trials left, no driver: resume continues it)
                    in progress (trials left; this machine cannot see whether a driver runs it)
                    done · ended with failures · failed (a study with no finished trial) · unknown (no stored spec)
-    study states   waiting · in progress · done · ended with failures · failed · unknown
+                   runs deleted (every trial ended, but runs of some were deleted in MLflow: restore them)
+    study states   waiting · in progress · done · ended with failures · failed · unknown · runs deleted
 """
 
 from __future__ import annotations
 
+from .naming import counted
 from .spec import SpecError
 
-RUNNING, STOPPED, DONE, WITH_FAILURES, FAILED, WAITING, IN_PROGRESS, UNKNOWN = (
-    "running", "stopped", "done", "ended with failures", "failed", "waiting", "in progress", "unknown")
-COUNTS = ("finished", "pruned", "running", "failed", "stopped", "epochs")
+RUNNING, STOPPED, DONE, WITH_FAILURES, FAILED, WAITING, IN_PROGRESS, UNKNOWN, RUNS_DELETED = (
+    "running", "stopped", "done", "ended with failures", "failed", "waiting", "in progress", "unknown", "runs deleted")
+COUNTS = ("finished", "pruned", "running", "failed", "stopped", "deleted", "epochs")
 
 
 def sweep_status(client, experiment, tracking_uri: str) -> dict:
@@ -48,8 +50,8 @@ def study_status(row: dict | None, trials: int | None) -> dict:
         state = UNKNOWN
     elif row is None:
         state = WAITING
-    elif closed(row) < trials:
-        state = IN_PROGRESS
+    elif closed(row) < trials:  # its runs deleted in the UI: no resume brings them back (each trial has its one run)
+        state = RUNS_DELETED if closed(row) + row.get("deleted", 0) >= trials and not row["running"] else IN_PROGRESS
     else:
         state = DONE if not row["failed"] else FAILED if not row["finished"] else WITH_FAILURES
     return {**counts, "best_val_top1": best, "state": state}
@@ -65,14 +67,14 @@ def overall(studies, known: bool, driver_alive: bool | None) -> str:
         return UNKNOWN
     if states & {WAITING, IN_PROGRESS} or not states:
         return IN_PROGRESS if driver_alive is None else STOPPED
+    if RUNS_DELETED in states:
+        return RUNS_DELETED
     return FAILED if FAILED in states else WITH_FAILURES if WITH_FAILURES in states else DONE
 
 
 def print_sweep_status(status: dict) -> None:
     """One line per study against its N trials: a study with no run yet is listed too, so the lines show what the
     sweep still has to do."""
-    from .naming import counted
-
     trials = status["trials_per_study"]
     print(f"{status['sweep']}:" + (f" {counted(trials, 'trial')} per study" if trials else ""))
     started = {name: study for name, study in status["studies"].items() if study["state"] != WAITING}
@@ -95,6 +97,10 @@ def study_line(study: dict) -> str:
 
 def ending(study: dict) -> str:
     """How a study whose N trials have all ended ended: "done" only when none failed, as the sweep's closing line."""
+    if study["state"] == RUNS_DELETED:
+        them = "it" if study["deleted"] == 1 else "them"
+        runs = counted(study["deleted"], "trial run")
+        return f", {runs} deleted in MLflow (restore {them} in the MLflow UI to count {them})"
     if study["state"] == WITH_FAILURES:
         return f", ended with {study['failed']} failed (fix the cause; a resume runs them again)"
     return {DONE: ", done", FAILED: ", failed: no trial finished (fix the cause; a resume runs the failed trials "
@@ -104,8 +110,6 @@ def ending(study: dict) -> str:
 def print_what_resumes(status: dict) -> None:
     """When no driver runs the sweep: the command that continues its running trials (the runs say RUNNING until
     the next driver) or runs its failed ones again."""
-    from .naming import counted
-
     studies, command = status["studies"].values(), status["resume_command"]
     if not status["driver_gone"] or not command:
         return

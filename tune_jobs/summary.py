@@ -29,7 +29,7 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
     One search_runs: each run's summary metrics are in its latest metrics (tracking.run_summary).
     """
     rows = defaultdict(lambda: {"finished": 0, "running": 0, "failed": 0, "stopped": 0, "pruned": 0, "epochs": 0,
-                                "best_top1": None})
+                                "best_top1": None, "deleted": 0, "deleted_runs": []})
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         row = rows[run.data.tags[STUDY]]
         row[RUN_STATES.get(run.info.status, "running")] += 1
@@ -38,7 +38,31 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
         row["epochs"] += summary.epochs
         if summary.best is not None and (row["best_top1"] is None or summary.best["val_top1"] > row["best_top1"]):
             row["best_top1"] = summary.best["val_top1"]
+    for run in deleted_runs(client, experiment_id):  # deleted in the UI: counted apart, so that a lost trial is said
+        rows[run.data.tags[STUDY]]["deleted"] += 1
+        rows[run.data.tags[STUDY]]["deleted_runs"].append(run.info.run_id)
     return dict(rows)
+
+
+def deleted_runs(client: MlflowClient, experiment_id: str) -> list:
+    """The sweep's trial runs deleted in the MLflow UI (kept until `mlflow gc`): the sweep ran those trials, and no
+    resume runs them again (each trial keeps its one run, deleted or not)."""
+    from mlflow.entities import ViewType
+
+    return client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), ViewType.DELETED_ONLY,
+                              max_results=layout.MAX_RUNS)
+
+
+def restore_runs(tracking_uri: str, run_ids: list[str]) -> str:
+    """How to restore deleted runs: the MLflow UI, or MLflow's CLI (it reads the store from MLFLOW_TRACKING_URI)."""
+    import shlex
+
+    from .cli import executable
+
+    command = (f"MLFLOW_TRACKING_URI={shlex.quote(hide_password(tracking_uri))} {executable('mlflow')} runs restore "
+               f"--run-id {run_ids[0]}")
+    return (f"restore {'it' if len(run_ids) == 1 else 'them'} in the MLflow UI (its deleted runs) or with "
+            f"`{command}`" + ("" if len(run_ids) == 1 else f" and so for {', '.join(run_ids[1:])}"))
 
 
 def finish_studies(spec: Spec, experiment_id: str, parents: dict) -> dict:
@@ -81,11 +105,16 @@ def closing(spec: Spec, summary: dict, elapsed_s: float, address: str | None = N
               f"{spec.storage}/{spec.name}")
     if failed:
         errors += f"; once the cause is fixed, `{resume_command(spec, driver_address(address))}` runs them again"
+    short = unrecorded(spec, summary)
+    if (empty or short) and (gone := [run for row in summary.values() for run in row.get("deleted_runs", [])]):
+        return (f"sweep {spec.name} ended in {elapsed_s:.0f} s, but {len(gone)} of its trial runs "
+                f"{'is' if len(gone) == 1 else 'are'} deleted in MLflow, and it counts only the runs it can read "
+                f"({'; '.join(short)}); {restore_runs(spec.tracking_uri, gone)}"), 1
     if empty:
         return (f"sweep {spec.name} failed after {elapsed_s:.0f} s: no trial of {', '.join(empty)} finished "
                 f"({failed} of {sum(map(closed, summary.values()))} trials "
                 f"failed); {errors}"), 1
-    if short := unrecorded(spec, summary):
+    if short:
         return (f"sweep {spec.name} ended in {elapsed_s:.0f} s, but the tracking store "
                 f"{hide_password(spec.tracking_uri)} records fewer trials than the sweep ran: {'; '.join(short)} "
                 "(see the MLflow messages above)"), 1
