@@ -118,6 +118,24 @@ def test_runs_have_readable_names_descriptions_and_their_source(sweep):
         f"metrics.`{layout.BEST_TOP1}`"
 
 
+def test_a_trials_description_names_only_what_the_searcher_drew(tmp_path):
+    # a baseline trial's said "one sample of the study's search space, ..., threshold 0.5, position stem": both fixed
+    # by [train], and a baseline has no layer to use them
+    from tune_jobs.spec import load_spec
+    from tune_jobs.tracking import TrialRuns, prepare_tracking, study_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = replace(load_spec(ROOT / "tune_jobs" / "specs" / "demo.toml"), tracking_uri=uri)
+    runs = TrialRuns(uri, *prepare_tracking(spec))
+    baseline = spec.studies[0]
+    params = {**STUDY_PARAMS, "threshold": "0.5", "position": "stem"}
+    runs.open("b0000001", baseline.name, study_tags(spec, baseline), params, sampled=["batch_size", "lr"])
+    run = runs.client.get_run(runs.runs["b0000001"])
+    note = run.data.tags[layout.NOTE]
+    assert "search space, batch_size 64, lr 0.01; every setting" in note, note
+    assert run.data.params["threshold"] == "0.5" and run.data.params["position"] == "stem"  # still under Parameters
+
+
 def test_git_absent_leaves_the_commit_out(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git on it
     assert naming.git_commit(ROOT) is None

@@ -180,9 +180,10 @@ class MlflowCallback(tune.Callback):
         tags = study_tags(sweep.spec, study)
         if sweep.role == CONFIRM_ROLE:
             tags[SEED] = str(train_config.seed)
+        sampled = sorted(params)  # what its description names: the rest is fixed by the spec's [train]
         params = {k: str(v) for k, v in {**train_config.to_dict(), **params}.items()}
         self.outbox.put({"op": "open", "trial": trial.trial_id, "study": study.name, "tags": tags,
-                         "params": params, "role": sweep.role})
+                         "params": params, "role": sweep.role, "sampled": sampled})
         self._opened.add(trial.trial_id)
 
     def _restart(self, trial, reason: str) -> None:
@@ -210,7 +211,7 @@ class MlflowCallback(tune.Callback):
     def _apply(self, write: dict) -> None:
         trial, op = write["trial"], write["op"]
         if op == "open":
-            self.runs.open(trial, write["study"], write["tags"], write["params"], write["role"])
+            self.runs.open(trial, write["study"], write["tags"], write["params"], write["role"], write.get("sampled"))
             if write["role"] == TRIAL_ROLE:
                 self._attach(trial, write["study"])
         elif op == "epoch":

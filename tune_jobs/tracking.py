@@ -313,10 +313,14 @@ class TrialRuns:
     def __post_init__(self):
         self.client = open_store(self.tracking_uri)
 
-    def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = layout.TRIAL_ROLE) -> None:
+    def open(self, trial_id: str, study: str, tags: dict, params: dict, role: str = layout.TRIAL_ROLE,
+             sampled: list[str] | None = None) -> None:
+        """``sampled``: the params the searcher drew, which the run's description names (None: a write an older
+        version journaled, which named every searchable one)."""
         run_tags = {**tags, TRIAL: trial_id, ROLE: role, PARENT: self.parent_runs[study]}
+        drawn = params if sampled is None else {k: v for k, v in params.items() if k in sampled}
         run_id = find_or_create(self.client, self.experiment_id, run_tags, {TRIAL: trial_id},
-                                lambda: self._name(trial_id, study, run_tags, params))
+                                lambda: self._name(trial_id, study, run_tags, drawn))
         existing = self.client.get_run(run_id).data
         new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing.params]
         _retry(self.client.log_batch, run_id, params=new)
