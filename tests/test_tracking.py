@@ -89,7 +89,8 @@ def test_each_trial_run_carries_its_summary_so_a_reader_needs_no_history(tmp_pat
     runs.client.log_batch(legacy, metrics=[Metric("val_top1", v, 0, s) for s, v in ((1, 40.0), (2, 35.0))])
     assert run_summary(runs.client, runs.client.get_run(legacy)).best["val_top1"] == 40.0
     assert summarize(runs.client, experiment)["study"] == {"finished": 0, "running": 2, "failed": 0, "stopped": 0,
-                                                           "pruned": 0, "epochs": 7, "best_top1": 40.0}
+                                                           "pruned": 0, "epochs": 7, "best_top1": 40.0, "deleted": 0,
+                                                           "deleted_runs": []}
 
 
 def test_a_stop_ends_only_a_running_run_killed_and_a_resume_opens_it_again(tmp_path):
