@@ -341,7 +341,9 @@ def test_ui_refuses_an_unknown_sweep_and_a_taken_port_before_starting_anything(s
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for args, message in ((["nosuch", "--port", str(free_port())], "no sweep named 'nosuch'"),
+        # the unknown name beside the names there, as status and report list them
+        for args, message in ((["nosuch", "--port", str(free_port())], "no sweep named 'nosuch' in "),
+                              (["nosuch", "--port", str(free_port())], "(sweeps there: demo)"),
                               (["--port", str(port)], f"port {port} on 127.0.0.1 is in use")):
             done = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "ui", *args, "--tracking-uri", sweep["uri"],
                                    "--optuna-port", str(free_port())], cwd=ROOT, capture_output=True, text=True,

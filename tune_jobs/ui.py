@@ -59,10 +59,10 @@ def sweep_addresses(tracking_uri: str, sweep: str | None, base: str) -> dict[str
 
     experiments = [e for e in open_store(tracking_uri).search_experiments() if layout.sweep_of(e.name) is not None]
     if sweep:
-        experiments = [e for e in experiments if layout.sweep_of(e.name) == sweep]
-        if not experiments:
-            raise SpecError(f"no sweep named {sweep!r} in {hide_password(tracking_uri)}; check the name or pass "
-                            "--tracking-uri")
+        named = [e for e in experiments if layout.sweep_of(e.name) == sweep]
+        if not named:  # as status and report say it
+            raise SpecError(layout.no_sweep_named(sweep, hide_password(tracking_uri), [e.name for e in experiments]))
+        experiments = named
     # an experiment an older version made has no saved view until a sweep, resume or confirm prepares it again
     return {layout.sweep_of(e.name): naming.runs_address(base, e.experiment_id,
                                                          view=layout.SHARED_VIEW + layout.RUNS_VIEW in e.tags)
