@@ -277,6 +277,7 @@ def test_status_says_done_only_for_a_study_none_of_whose_trials_failed(tmp_path,
     assert "baseline: finished 0, running 0, failed 2, epochs 0, best val_top1 -, failed: no trial finished" in out
     assert "attzoom: finished 1, running 0, failed 1, epochs 0, best val_top1 -, ended with 1 failed" in out, out
     assert ", done" not in out
+    assert out.index(".baseline:") < out.index(".attzoom:")  # the spec's order, as the sweep's table (was a-z)
 
 
 def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):

@@ -29,7 +29,8 @@ def sweep_status(client, experiment, tracking_uri: str) -> dict:
     from .sweep import resume_command
 
     rows, spec = summarize(client, experiment.experiment_id), stored_spec_of(experiment)
-    names = sorted(set(rows) | {s.name for s in spec.studies} if spec else set(rows))
+    ordered = [s.name for s in spec.studies] if spec else []  # the spec's order, as the sweep's own table
+    names = ordered + sorted(set(rows) - set(ordered))
     studies = {name: study_status(rows.get(name), spec.trials if spec else None) for name in names}
     alive = driver_alive(spec.storage, spec.name, tracking_uri) if spec else None
     state = overall(studies.values(), bool(spec), alive)
