@@ -152,6 +152,7 @@ def stops_on_problems(resume: str, tracking_uri: str):
     clear()
     previous = sigterm_as_interrupt()
     _resume[:] = [resume]
+    _watching.clear()  # a driver run after another in one process (the demo's sweep, then its confirm) is watched
     try:
         yield
     except KeyboardInterrupt as e:

@@ -266,8 +266,10 @@ def private_ray_lost() -> bool:
             c.status == psutil.CONN_LISTEN for c in gcs.net_connections())
     except IndexError:
         return False
-    except psutil.Error:
+    except psutil.NoSuchProcess:  # a zombie too
         serving = False
+    except psutil.Error:  # its sockets are not this user's to see (macOS): it cannot tell, so the stop goes on
+        return False
     return not serving and bool(_private_gcs)
 
 
