@@ -96,15 +96,12 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         if not DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"unknown device {self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
-        for key in ("batch_size", "epochs", "patience", "step_size", "zoom"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        for key in ("batch_size", "epochs", "patience", "step_size"):
+            _positive(key, getattr(self, key))
+        check_layer(self.kernel_size, self.threshold, self.zoom)
         _in_range("lr", self.lr, 0, 10, low_open=True)
         _in_range("weight_decay", self.weight_decay, 0, 1)
         _in_range("momentum", self.momentum, 0, 1)
-        _in_range("threshold", self.threshold, 0, 1)
         _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
         if self.gpu_memory_fraction is not None:
             _in_range("gpu_memory_fraction", self.gpu_memory_fraction, 0, 1, low_open=True)
@@ -114,11 +111,27 @@ def check_types(config) -> None:
     """Each field against its annotation: a wrong type (epochs="2", batch_size=64.0) passed the range checks and
     failed as a bare TypeError deep in training, after the data had loaded."""
     for f in fields(config):
-        value = getattr(config, f.name)
-        expected = expected_type(f.name, value)
-        if expected:
-            raise ConfigError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); pass {expected}"
-                              f" such as {f.name}={f.default!r}")
+        check_type(f.name, getattr(config, f.name))
+
+
+def check_type(name: str, value) -> None:
+    """``value`` against TrainConfig's field ``name``: one line naming the type to pass instead."""
+    expected = expected_type(name, value)
+    if expected:
+        default = TrainConfig.__dataclass_fields__[name].default
+        raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}); pass {expected}"
+                          f" such as {name}={default!r}")
+
+
+def check_layer(kernel_size, threshold, zoom) -> None:
+    """The AttZoom layer's arguments by TrainConfig's rules and words: from Python, build_model and AttZoom took a
+    threshold of 2.0 that fit refuses (the gate then never opens)."""
+    for key, value in (("kernel_size", kernel_size), ("threshold", threshold), ("zoom", zoom)):
+        check_type(key, value)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
+    _positive("zoom", zoom)
+    _in_range("threshold", threshold, 0, 1)
 
 
 def expected_type(name: str, value) -> str | None:
@@ -180,6 +193,11 @@ def _parse(text: str, kinds: list[str]):
         if kind in kinds:
             return convert(text)
     return text
+
+
+def _positive(key: str, value) -> None:
+    if int(value) < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value}")
 
 
 def _choice(key: str, value, valid) -> None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_layer
+
 
 def zero_insert(x: torch.Tensor, zoom: int) -> torch.Tensor:
     """Place ``x[..., h, w]`` at ``(zoom*h, zoom*w)`` of a zero map ``zoom`` times larger."""
@@ -66,11 +68,8 @@ class AttZoom(nn.Module):
         fused: bool = True,
     ):
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        if zoom < 1:
-            raise ValueError(f"zoom must be >= 1, got {zoom}")
-        self.kernel_size, self.threshold, self.zoom = kernel_size, threshold, zoom
+        check_layer(kernel_size, threshold, zoom)  # a ConfigError (a ValueError) worded as fit's
+        self.channels, self.kernel_size, self.threshold, self.zoom = channels, kernel_size, threshold, zoom
         self.fused = fused
         pad = kernel_size // 2
         self.attention = nn.Conv2d(channels, 1, kernel_size, padding=pad) if gate else None
@@ -87,12 +86,20 @@ class AttZoom(nn.Module):
         return torch.where(a >= self.threshold, torch.ones_like(a), a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self.fused and x.device.type == "cpu":
             # oneDNN's transposed conv is about twice as fast in channels_last on CPU; converting once
             # here keeps the gate in that format too, and the layers after simply continue in it.
             x = x.contiguous(memory_format=torch.channels_last)
         weighted = x if self.attention is None else x * self.attention_map(x)
         return self._zoom_fused(weighted) if self.fused else self._zoom_literal(weighted)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A shape check only (static under torch.compile, no sync): an unbatched (C, H, W) input failed deep inside,
+        in torch's words ("required rank 4 tensor to use channels_last format")."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"AttZoom built for {self.channels} channels takes (N, {self.channels}, H, W), got "
+                             f"{tuple(x.shape)}")
 
     def _zoom_literal(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added on its own so that its gradient is a plain sum: oneDNN's conv backward folds it into

@@ -13,10 +13,13 @@ plain upsampling:
 
 from __future__ import annotations
 
+import numbers
+
 import timm
 import torch
 from torch import nn
 
+from .config import check_layer
 from .layer import AttZoom
 from .names import BACKBONES, POSITIONS, VARIANTS, Backbone  # noqa: F401 - re-exported
 
@@ -32,6 +35,8 @@ def build_model(backbone: str, num_classes: int, variant: str = "baseline", posi
     spec = _lookup(backbone, BACKBONES, "backbone")
     _lookup(variant, VARIANTS, "variant")
     _lookup(position, POSITIONS, "position")
+    _check_num_classes(num_classes)
+    _check_layer_kwargs(**attzoom_kwargs)
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **dict(spec.kwargs))
     if cifar_stem:
         _use_cifar_stem(model, spec)
@@ -59,6 +64,18 @@ def make_variant(variant: str, channels: int, kernel_size: int = 3, threshold: f
 def find_attzoom(model: nn.Module) -> AttZoom | None:
     """The AttZoom layer of a model, if it has one (for attention maps and explanations)."""
     return next((m for m in model.modules() if isinstance(m, AttZoom)), None)
+
+
+def _check_num_classes(num_classes) -> None:
+    """0 or -1 built a model without a classifier head, "10" failed as a bare TypeError; True is an int to Python."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+
+
+def _check_layer_kwargs(kernel_size: int = 3, threshold: float = 0.5, zoom: int = 2, fused: bool = True) -> None:
+    """As fit checks them, whatever the variant: a sweep passes every key to every variant, and its values passed
+    TrainConfig's same checks, so a baseline keeps taking a threshold it does not use, but not one fit refuses."""
+    check_layer(kernel_size, threshold, zoom)
 
 
 def _lookup(name: str, valid, what: str):

@@ -1,11 +1,13 @@
 """The AttZoom layer: fused == literal, gradients, the threshold rule and zero insertion."""
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attzoom.config import ConfigError, TrainConfig
 from attzoom.layer import AttZoom, zero_insert
 
 
@@ -223,6 +225,23 @@ def test_state_dict_is_shared_between_modes():
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         AttZoom(3, **kwargs)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.5, math.nan])
+def test_a_threshold_outside_0_1_is_refused_as_fit_refuses_it(threshold):
+    with pytest.raises(ConfigError) as from_fit:
+        TrainConfig(threshold=threshold).validate()
+    with pytest.raises(ConfigError, match=r"^threshold must be ") as from_layer:
+        AttZoom(3, threshold=threshold)
+    assert str(from_layer.value) == str(from_fit.value)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 8), (2, 8, 8, 8), (1, 2, 16, 8, 8), (8,)])
+def test_an_input_that_is_not_n_c_h_w_with_its_channels_is_one_clear_error(shape):
+    # (16, 8, 8) failed deep inside: "required rank 4 tensor to use channels_last format"
+    for fused in (True, False):
+        with pytest.raises(ValueError, match=re.escape(f"(N, 16, H, W), got {tuple(shape)}")):
+            AttZoom(16, fused=fused)(torch.randn(shape))
 
 
 @pytest.mark.parametrize("bias, open_share", [(30.0, 100.0), (-30.0, 0.0)])

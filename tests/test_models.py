@@ -1,9 +1,13 @@
 """build_model: every backbone x variant x position, parameter counts, the CIFAR stem, errors."""
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
 
+from attzoom.config import ConfigError, TrainConfig
 from attzoom.layer import AttZoom
 from attzoom.models import BACKBONES, POSITIONS, VARIANTS, build_model, find_attzoom
 
@@ -202,6 +206,31 @@ def test_unknown_names_raise_listing_valid_ones(kwargs, what, valid):
     assert what in message and repr(next(iter(kwargs.values()))) in message
     for name in valid:
         assert name in message
+
+
+@pytest.mark.parametrize("variant", ["attzoom", "attention-only", "baseline"])
+@pytest.mark.parametrize("kwargs", [{"threshold": 2.0}, {"threshold": -0.1}, {"threshold": math.nan},
+                                    {"threshold": "0.5"}, {"kernel_size": 4}, {"kernel_size": 3.0}, {"zoom": 0}])
+def test_layer_arguments_are_refused_as_fit_refuses_them_whatever_the_variant(variant, kwargs):
+    """build_model took threshold=2.0 that fit refuses; a sweep passes every key to every variant, but each value
+    already passed TrainConfig's checks there, so only values fit refuses are refused here."""
+    with pytest.raises(ConfigError) as from_fit:
+        TrainConfig(variant=variant, **kwargs).validate()
+    with pytest.raises(ConfigError) as from_python:
+        build_model("tiny_resnet", 10, variant=variant, **kwargs)
+    assert str(from_python.value) == str(from_fit.value)
+
+
+def test_a_baseline_takes_the_layer_arguments_it_does_not_use():
+    """A sweep's configs pass every key to every variant."""
+    assert find_attzoom(build_model("tiny_resnet", 10, variant="baseline", threshold=0.3, zoom=3)) is None
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, "10", 10.0, True, None])
+def test_num_classes_must_be_a_positive_integer(num_classes):
+    # 0 and -1 built a model without a classifier head (output [1, 128]); "10" failed as a bare TypeError
+    with pytest.raises(ValueError, match=re.escape(f"num_classes must be an integer >= 1, got {num_classes!r}")):
+        build_model("tiny_resnet", num_classes)
 
 
 def test_find_attzoom_and_kwargs_pass_through():
