@@ -175,13 +175,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def train_and_report(args: argparse.Namespace) -> int:
-    from .data import load
-    from .train import best_test_metrics, check_checkpoint_dir, fit, resolve_device
+    from .train import check_checkpoint_dir, lock_if_there, resolve_device
 
     config = config_from_args(args)
     resolve_device(config.device)
     ckpt = args.checkpoint_dir or Path("runs") / f"{config.backbone}-{config.dataset}-{config.variant}"
     check_checkpoint_dir(ckpt)
+    with lock_if_there(ckpt):  # a folder another training writes now: refused before its last.pt is read
+        return train_into(ckpt, config, args)
+
+
+def train_into(ckpt: Path, config: TrainConfig, args: argparse.Namespace) -> int:
+    """The resume check, the data, fit and the final report, for the checkpoint folder ``ckpt``."""
+    from .data import load
+    from .train import best_test_metrics, fit
+
     last, before = ckpt / "last.pt", file_stamp(ckpt / "last.pt")
     try:
         if not args.restart and before:

@@ -25,6 +25,11 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from (truncated, corrupt, another config's); the message names it."""
 
 
+class CheckpointInUseError(ConfigError):
+    """Another training writes the checkpoint folder now. No CheckpointError: nothing is wrong with its files, and a
+    sweep's trial starts over on one of those."""
+
+
 class DataError(Exception):
     """A data set is missing or malformed; the message says where and what is expected."""
 

@@ -16,17 +16,18 @@ import math
 import os
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torch import nn
 
 from .augment import PaperAugment, to_device
-from .config import CheckpointError, ConfigError, TrainConfig
+from .config import CheckpointError, CheckpointInUseError, ConfigError, TrainConfig
 from .data import ImageSet, Splits, load
 from .layer import AttZoom, GateStats
 from .models import build_model
@@ -75,13 +76,22 @@ def fit(config: TrainConfig | dict, data: Splits | None = None, *, callback: Cal
     """Train one model; with ``resume`` and a ``last.pt`` in ``checkpoint_dir``, continue it exactly.
 
     ``between_steps`` runs before every training step: what it raises stops training there, leaving the last
-    finished epoch's checkpoint as it was (a sweep's trial stops so when its process exits)."""
+    finished epoch's checkpoint as it was (a sweep's trial stops so when its process exits). ``checkpoint_dir`` is
+    locked while it trains: another training there raises CheckpointInUseError at once (checkpoint_lock)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt_dir is not None:
         check_checkpoint_dir(ckpt_dir)
-    data = data or load(cfg.dataset, cfg.data_root, cfg.val_fraction)
+    with lock_if_there(ckpt_dir):
+        data = data or load(cfg.dataset, cfg.data_root, cfg.val_fraction)
+        with checkpoint_lock(ckpt_dir):
+            return train_locked(cfg, data, callback, ckpt_dir, resume, between_steps)
+
+
+def train_locked(cfg: TrainConfig, data: Splits, callback: Callback | None, ckpt_dir: Path | None, resume: bool,
+                 between_steps: Callable[[], None] | None) -> FitResult:
+    """fit's training, with the checkpoint folder locked (checkpoint_lock)."""
     rt = make_runtime(cfg, data)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, data.num_classes, rt)
@@ -188,6 +198,36 @@ def check_checkpoint_dir(path: Path) -> None:
                 raise ConfigError(f"checkpoint dir {path} cannot be made: {folder} is a file; pass another "
                                   "--checkpoint-dir (checkpoint_dir in fit) or move the file")
             return
+
+
+LOCK_FILE = ".attzoom-train.lock"
+
+
+@contextmanager
+def checkpoint_lock(ckpt_dir: Path | None):
+    """Held while a training writes ``ckpt_dir``: two at once both trained and both wrote last.pt and best.pt. Not
+    waited for: a second training fails at once. The OS frees it when its process ends, so a killed training's lock
+    stops nobody; one thread may take it again (the CLI holds it around fit, which takes it too)."""
+    if ckpt_dir is None:
+        yield
+        return
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(ckpt_dir / LOCK_FILE, timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CheckpointInUseError(f"checkpoint dir {ckpt_dir} is in use: another training writes there now; wait "
+                                   "for it to end, or pass another --checkpoint-dir (checkpoint_dir in fit)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def lock_if_there(ckpt_dir: Path | None):
+    """checkpoint_lock of a folder that is there, before the data load: one in use is refused before any download;
+    a new one is made once the data loaded (a DataError leaves no folder behind)."""
+    return checkpoint_lock(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else nullcontext()
 
 
 def plain_runtime(device: torch.device, data: Splits, amp_dtype=None, channels_last: bool = False) -> Runtime:

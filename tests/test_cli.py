@@ -109,6 +109,36 @@ def test_ctrl_c_in_train_says_to_run_the_same_command_again(tmp_path, few_digits
                                             "(--restart starts over)")
 
 
+def test_a_second_train_on_a_checkpoint_dir_in_use_is_one_line_exit_2_and_a_killed_ones_stops_nobody(
+        tmp_path, capsys, few_digits_root):
+    # both trained and wrote last.pt and best.pt into the same folder, without a word
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "cluttered-digits", "--data-root", str(few_digits_root), "--batch-size", "256",
+            "--no-augment", "--checkpoint-dir", str(run)]
+    first = subprocess.Popen([sys.executable, "-m", "attzoom.cli", *args, "--epochs", "50"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None and (run / "last.pt").exists(), "the first training did not start"
+        started = time.monotonic()
+        assert main([*args, "--epochs", "50"]) == 2
+        assert time.monotonic() - started < 10  # at once: no data loaded, nothing trained
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("attzoom train: error: "), lines
+        assert str(run) in lines[0] and "another training writes there now" in lines[0], lines
+        assert "pass another --checkpoint-dir" in lines[0] and "in fit" not in lines[0], lines
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    assert main([*args, "--epochs", "1", "--restart"]) == 0  # the killed one's lock died with its process
+
+
 @pytest.fixture
 def silent_server():
     """A port that accepts connections and never answers: a hung or firewalled tracking server."""

@@ -445,6 +445,43 @@ def test_a_file_in_place_of_the_checkpoint_dir_is_a_config_error_before_training
     assert calls == []
 
 
+def test_a_second_fit_on_a_checkpoint_dir_in_use_is_refused_at_once_and_the_first_goes_on(tmp_path):
+    """Two trainings on one folder both trained and both wrote last.pt and best.pt, without a word."""
+    from attzoom.config import CheckpointError
+
+    data, refused, second = small_splits(n_train=32, n_val=16), [], []
+
+    def start_another(metrics, _):  # while the first holds the folder (the callback runs in another thread)
+        if metrics["epoch"] == 1:
+            with pytest.raises(ConfigError) as info:
+                fit(config(epochs=2), data, checkpoint_dir=tmp_path, callback=lambda m, c: second.append(m))
+            refused.append(info.value)
+
+    first = fit(config(epochs=2), data, checkpoint_dir=tmp_path, callback=start_another)
+    assert first.epochs == 2 and second == [] and len(refused) == 1
+    message = str(refused[0])
+    assert str(tmp_path) in message and "another training writes there now" in message, message
+    assert "--checkpoint-dir" in message and "\n" not in message
+    assert not isinstance(refused[0], CheckpointError)  # nothing is wrong with its files: a trial must not start over
+    assert fit(config(epochs=2), data, checkpoint_dir=tmp_path, resume=False).epochs == 2  # freed as fit ended
+
+
+def test_a_restored_trial_folder_drops_the_lock_file_copied_with_the_tune_checkpoint(tmp_path):
+    """Tune copies the trial's folder, lock file included, into each checkpoint: the copy is never a live lock (the
+    next try's folder is its own), and a lock that is a marker file (where the storage lacks flock) would refuse it."""
+    from ray import tune
+
+    from tune_jobs.trainable import restore
+
+    saved, work = tmp_path / "saved", tmp_path / "work"
+    saved.mkdir()
+    (saved / "last.pt").write_bytes(b"state")
+    (saved / ".attzoom-train.lock").write_text("pid 1 on another node")
+    work.mkdir()
+    restore(tune.Checkpoint.from_directory(saved), work)
+    assert sorted(p.name for p in work.iterdir()) == ["last.pt"]
+
+
 FLOAT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
 
 

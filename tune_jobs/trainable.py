@@ -171,6 +171,7 @@ def restore(checkpoint: tune.Checkpoint | None, work: Path) -> None:
     raises that): Tune deletes a trial's older checkpoint as it registers a newer one, so a driver killed before its
     next experiment snapshot resumes the trial from a checkpoint that no longer exists."""
     from attzoom.config import CheckpointError
+    from attzoom.train import LOCK_FILE
 
     if checkpoint is None:
         return
@@ -179,6 +180,9 @@ def restore(checkpoint: tune.Checkpoint | None, work: Path) -> None:
     except FileNotFoundError as gone:
         raise CheckpointError(f"cannot resume from {checkpoint.path}: it is gone (the driver stopped after Tune "
                               "deleted it for a newer one)") from gone
+    # fit's lock file came with the folder: a copy of the saving try's, never a live lock (this try's folder is its
+    # own), and where the storage lacks flock it is a marker naming that try's process, which would refuse this one
+    (work / LOCK_FILE).unlink(missing_ok=True)
 
 
 @contextmanager
