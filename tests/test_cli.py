@@ -731,6 +731,7 @@ def test_a_trial_run_deleted_in_the_mlflow_ui_is_said_and_not_resumed_for_ever(t
     from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
     from tune_jobs.spec import Spec, spec_json
     from tune_jobs.summary import closing, summarize
+    from tune_jobs.tracking import drop_run
 
     uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
     spec = Spec(name="d", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
@@ -743,7 +744,17 @@ def test_a_trial_run_deleted_in_the_mlflow_ui_is_said_and_not_resumed_for_ever(t
             for n in range(2)]
     for run in runs:
         client.set_terminated(run, "FINISHED")
+    # a run the sweep gave up itself (an orphan, a trial started over): not one to restore
+    orphan = client.create_run(eid, tags={SWEEP: "d", STUDY: study, ROLE: "trial", TRIAL: "t9"}).info.run_id
+    drop_run(client, orphan, "orphan")
+    assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["sweeps"][0]["state"] == "done"
+    stopped = client.create_run(eid, tags={SWEEP: "d", STUDY: study, ROLE: "trial", TRIAL: "t8"}).info.run_id
+    client.set_terminated(stopped, "KILLED")
     client.delete_run(runs[0])
+    assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0  # a KILLED trial: the resume goes on
+    assert json.loads(capsys.readouterr().out)["sweeps"][0]["state"] == "stopped"
+    drop_run(client, stopped, "orphan")
 
     assert attzoom_main(["status", "--json", "--tracking-uri", uri]) == 0
     [now] = json.loads(capsys.readouterr().out)["sweeps"]

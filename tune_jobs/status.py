@@ -52,7 +52,8 @@ def study_status(row: dict | None, trials: int | None) -> dict:
     elif row is None:
         state = WAITING
     elif closed(row) < trials:  # its runs deleted in the UI: no resume brings them back (each trial has its one run)
-        state = RUNS_DELETED if closed(row) + row.get("deleted", 0) >= trials and not row["running"] else IN_PROGRESS
+        lost = closed(row) + row.get("deleted", 0) >= trials and not row["running"] and not row["stopped"]
+        state = RUNS_DELETED if lost else IN_PROGRESS
     else:
         state = DONE if not row["failed"] else FAILED if not row["finished"] else WITH_FAILURES
     return {**counts, "best_val_top1": best, "state": state}

@@ -49,8 +49,9 @@ def deleted_runs(client: MlflowClient, experiment_id: str) -> list:
     resume runs them again (each trial keeps its one run, deleted or not)."""
     from mlflow.entities import ViewType
 
-    return client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), ViewType.DELETED_ONLY,
+    runs = client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), ViewType.DELETED_ONLY,
                               max_results=layout.MAX_RUNS)
+    return [run for run in runs if layout.DROPPED not in run.data.tags]  # those the sweep gave up itself: not lost
 
 
 def restore_runs(tracking_uri: str, run_ids: list[str]) -> str:
@@ -106,7 +107,7 @@ def closing(spec: Spec, summary: dict, elapsed_s: float, address: str | None = N
     if failed:
         errors += f"; once the cause is fixed, `{resume_command(spec, driver_address(address))}` runs them again"
     short = unrecorded(spec, summary)
-    if (empty or short) and (gone := [run for row in summary.values() for run in row.get("deleted_runs", [])]):
+    if short and (gone := [run for row in summary.values() for run in row.get("deleted_runs", [])]):
         return (f"sweep {spec.name} ended in {elapsed_s:.0f} s, but {len(gone)} of its trial runs "
                 f"{'is' if len(gone) == 1 else 'are'} deleted in MLflow, and it counts only the runs it can read "
                 f"({'; '.join(short)}); {restore_runs(spec.tracking_uri, gone)}"), 1

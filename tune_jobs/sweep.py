@@ -671,9 +671,11 @@ def drop_orphan_runs(spec: Spec, experiment_id: str, trial_ids: set[str]) -> Non
     """
     from mlflow.tracking import MlflowClient
 
+    from .tracking import drop_run
+
     client = MlflowClient(spec.tracking_uri)
     for run in client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), max_results=layout.MAX_RUNS):
         if run.data.tags.get(layout.TRIAL) not in trial_ids:
             if run.info.status == "RUNNING":  # nothing trains it: deleted, it would still read as running
                 client.set_terminated(run.info.run_id, "KILLED")
-            client.delete_run(run.info.run_id)
+            drop_run(client, run.info.run_id, "orphan")

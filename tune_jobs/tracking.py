@@ -154,6 +154,13 @@ def sweep_experiment(tracking_uri: str, sweep: str):
     return open_store(tracking_uri).get_experiment_by_name(experiment_name(sweep))
 
 
+def drop_run(client: MlflowClient, run_id: str, why: str) -> None:
+    """Delete a run the sweep itself gives up (a trial started over, an orphan), tagged first with why: status and
+    the closing line name the runs a user deleted in the UI (summary.deleted_runs), never these."""
+    client.set_tag(run_id, layout.DROPPED, why)
+    client.delete_run(run_id)
+
+
 def check_not_deleted(experiment, tracking_uri: str) -> None:
     """MLflow keeps a deleted experiment's name, and refuses every write to it: the sweep would start, then stop at
     its first write (a new sweep of that name) or end in a traceback (a resume)."""
@@ -399,7 +406,7 @@ class TrialRuns:
         """Delete the trial's run (it starts over); the next open makes a new one. Made again: nothing to do."""
         found = self.client.search_runs([self.experiment_id], layout.tag_filter(TRIAL, trial_id))
         for run in found:
-            self.client.delete_run(run.info.run_id)
+            drop_run(self.client, run.info.run_id, "restart")
         self.runs.pop(trial_id, None)
         self.summaries.pop(trial_id, None)
 
