@@ -126,6 +126,37 @@ lr = [1e-3, 1e-2]
     assert "test top-1 mean ± std" in text
 
 
+def test_a_stopped_confirm_is_restored_only_for_just_the_seeds_left_on_the_same_configs(tmp_path):
+    import json
+
+    from tune_jobs.confirm import CONFIRM_FILE, confirm_experiment
+    from tune_jobs.layout import ROLE, SWEEP, TRIAL
+    from tune_jobs.spec import Spec
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = Spec(name="c", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                trials=1, tracking_uri=uri, storage=str(tmp_path / "ray_results"))
+    [study] = (s.name for s in spec.studies)
+    params = {study: {"lr": 0.01, "batch_size": 128}}
+    stopped = tmp_path / "ray_results" / "c-confirm-100"
+    stopped.mkdir(parents=True)
+    (stopped / "tuner.pkl").write_bytes(b"")  # what Tune restores from
+    (stopped / CONFIRM_FILE).write_text(json.dumps({"pairs": [[study, 1], [study, 3]], "params": params}))
+    (tmp_path / "ray_results" / "c-confirm-99").mkdir()  # an older one: only the latest is restored
+    client = MlflowClient(uri)
+    eid = client.create_experiment(experiment_name("c"))
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params) == ("c-confirm-100", {(study, 1), (study, 3)})
+    for todo, done, configs in (([(study, 3)], {(study, 1)}, {study: {"lr": 0.1, "batch_size": 128}}),  # a new best
+                                ([(study, 3), (study, 4)], {(study, 1)}, params),  # more seeds than it trains
+                                ([(study, 3)], set(), params)):  # seed 1 is no longer done (nor wanted)
+        name, restored = confirm_experiment(spec, todo, done, configs)
+        assert name != "c-confirm-100" and restored == set(), (todo, done)
+    # its seed-3 run finished, then was deleted in the UI: Tune would never run that ended trial again
+    run = client.create_run(eid, tags={SWEEP: "c", STUDY: study, ROLE: CONFIRM_ROLE, SEED: "3", TRIAL: "x"})
+    client.delete_run(run.info.run_id)
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params)[1] == set()
+
+
 def mid_epoch_confirm(client, experiment_id) -> bool:
     """A confirm run is training its second epoch (its first logged) while another has finished."""
     runs = client.search_runs([experiment_id], runs_filter(CONFIRM_ROLE))

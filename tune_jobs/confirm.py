@@ -315,10 +315,25 @@ def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, param
     if stamps:
         latest = f"{spec.name}-confirm-{max(stamps)}"
         pairs = saved_pairs(spec, latest, params)
-        if set(todo) <= pairs and pairs - set(todo) <= done and \
+        if set(todo) <= pairs and pairs - set(todo) <= done and not set(todo) & deleted_pairs(spec) and \
                 tune.Tuner.can_restore(sweep_location(spec.storage, latest)):
             return latest, pairs
     return f"{spec.name}-confirm-{int(time.time())}", set()
+
+
+def deleted_pairs(spec: Spec) -> set[tuple[str, int]]:
+    """(study, seed) of confirm runs deleted in the MLflow UI: their Tune trials ended, and a restored experiment
+    never runs an ended trial again, so such a pair is trained in a new experiment."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import sweep_experiment
+
+    experiment = sweep_experiment(spec.tracking_uri, spec.name)
+    runs = MlflowClient(spec.tracking_uri).search_runs(
+        [experiment.experiment_id], layout.runs_filter(layout.CONFIRM_ROLE), ViewType.DELETED_ONLY,
+        max_results=layout.MAX_RUNS) if experiment else []
+    return {(run.data.tags[STUDY], int(run.data.tags[SEED])) for run in runs}
 
 
 def saved_pairs(spec: Spec, experiment: str, params: dict[str, dict]) -> set[tuple[str, int]]:

@@ -212,12 +212,15 @@ def _end_if_ray_ends(resume: str) -> None:
 
     from .ray_session import private_ray_lost, private_ray_running
 
-    while private_ray_running():
-        if private_ray_lost():
-            print(f"interrupted: this machine's Ray ended with the driver (a signal sent to every process); "
-                  f"continue with: {resume}", file=sys.stderr, flush=True)
-            os._exit(130)
-        time.sleep(0.2)
+    try:
+        while private_ray_running() and not private_ray_lost():
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - a watch that cannot watch leaves the stop as it was
+        return
+    if private_ray_running():
+        print(f"interrupted: this machine's Ray ended with the driver (a signal sent to every process); "
+              f"continue with: {resume}", file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 def raise_if_problem() -> None:

@@ -149,7 +149,7 @@ def start_ray(spec: Spec, address: str | None) -> None:
         with loopback_only(), process_groups_of_their_own():
             ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
-        _private_gcs[:] = [gcs for gcs in psutil.Process().children() if gcs.name() == "gcs_server"][:1]
+        _private_gcs[:] = gcs_of_private_ray()
         where = "this machine"
     sigterm_as_interrupt()  # again: ray.init put its own handler in place, which dumps a crash report and dies
     resources = ray.cluster_resources()
@@ -245,11 +245,23 @@ def _not_an_opt_out_hint(record: logging.LogRecord) -> bool:
 def stop_ray() -> None:
     import ray
 
-    _private_gcs.clear()  # its end from here on is this driver's doing
+    if not private_ray_lost():  # lost: the watch ends the driver (infra._end_if_ray_ends) while this hangs on it
+        _private_gcs.clear()  # its end from here on is this driver's doing
     ray.shutdown()
 
 
 _private_gcs: list = []  # the GCS process of the private Ray this driver started, until it stops that Ray
+
+
+def gcs_of_private_ray() -> list:
+    """[the GCS process] of the Ray this driver just started (a child of it), or [] when none is found."""
+    for child in psutil.Process().children():
+        try:
+            if child.name() == "gcs_server":
+                return [child]
+        except psutil.Error:  # a child that ended meanwhile
+            continue
+    return []
 
 
 def private_ray_running() -> bool:
