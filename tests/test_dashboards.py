@@ -441,8 +441,9 @@ def test_a_report_on_a_deleted_experiment_is_one_line_with_the_command_that_rest
     assert main(["report", "gone", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attzoom report:")]
     assert f"(id {gone}) is deleted in {uri}" in line and not (tmp_path / "out").exists(), line
-    assert main(["status", "gone", "--tracking-uri", uri]) == 2  # it said "no sweep named 'gone'"
-    assert line.split(": error: ")[1] == capsys.readouterr().err.strip().split(": error: ")[1]
+    for command in ("status", "ui"):  # they said "no sweep named 'gone'"
+        assert main([command, "gone", "--tracking-uri", uri]) == 2
+        assert line.split(": error: ")[1] == capsys.readouterr().err.strip().split(": error: ")[1]
     restore = line.split("`")[1]
     done = subprocess.run(restore, shell=True, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and client.get_experiment(gone).lifecycle_stage == "active", done.stderr[-2000:]

@@ -267,10 +267,10 @@ def demo_closing(spec, summary: dict, failed: list, unfinished: list, elapsed_s:
 
 
 def run_status_command(args) -> int:
-    from .layout import EXPERIMENT_PREFIX, experiment_name, no_sweep_named, sweep_of
+    from .layout import EXPERIMENT_PREFIX, sweep_of
     from .spec import check_store_exists
     from .status import print_sweep_status, sweep_status
-    from .tracking import deleted_experiment, open_store
+    from .tracking import named_sweep, open_store
 
     if args.job and not (args.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
         # Ray would look for a local cluster instead, for ~40 s, then a traceback
@@ -290,12 +290,7 @@ def run_status_command(args) -> int:
         client = open_store(args.tracking_uri)  # a sweep starting beside it may be creating the store
         experiments = [e for e in client.search_experiments() if sweep_of(e.name) is not None]
     if args.sweep and client:
-        named = [e for e in experiments if sweep_of(e.name) == args.sweep]
-        if not named:  # as report says it
-            if (gone := client.get_experiment_by_name(experiment_name(args.sweep))) is not None:
-                raise SpecError(deleted_experiment(args.sweep, gone, args.tracking_uri))
-            raise SpecError(no_sweep_named(args.sweep, hide_password(args.tracking_uri), [e.name for e in experiments]))
-        experiments = named
+        experiments = named_sweep(client, args.sweep, args.tracking_uri, experiments)
     statuses = [sweep_status(client, experiment, args.tracking_uri) for experiment in experiments]
     if args.json:
         print(json.dumps({"sweeps": statuses, **job}, indent=2))

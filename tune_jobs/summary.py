@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from . import layout
 from .layout import STUDY
 from .spec import Spec, hide_password
-from .tracking import run_summary
+from .tracking import mlflow_command, run_summary
 
 
 # a trial run's MLflow status as the summary counts it; KILLED: stopped with its sweep (Ctrl-C), resume goes on
@@ -55,13 +55,8 @@ def deleted_runs(client: MlflowClient, experiment_id: str) -> list:
 
 
 def restore_runs(tracking_uri: str, run_ids: list[str]) -> str:
-    """How to restore deleted runs: the MLflow UI, or MLflow's CLI (it reads the store from MLFLOW_TRACKING_URI)."""
-    import shlex
-
-    from .cli import executable
-
-    command = (f"MLFLOW_TRACKING_URI={shlex.quote(hide_password(tracking_uri))} {executable('mlflow')} runs restore "
-               f"--run-id {run_ids[0]}")
+    """How to restore deleted runs: the MLflow UI, or MLflow's CLI."""
+    command = mlflow_command(tracking_uri, f"runs restore --run-id {run_ids[0]}")
     return (f"restore {'it' if len(run_ids) == 1 else 'them'} in the MLflow UI (its deleted runs) or with "
             f"`{command}`" + ("" if len(run_ids) == 1 else f" and so for {', '.join(run_ids[1:])}"))
 

@@ -180,16 +180,29 @@ def check_not_deleted(experiment, tracking_uri: str) -> None:
 
 
 def deleted_experiment(sweep: str, experiment, tracking_uri: str) -> str:
-    """A sweep whose experiment was deleted in the MLflow UI, and the command that restores it (MLflow's CLI reads
-    the store from MLFLOW_TRACKING_URI)."""
+    """A sweep whose experiment was deleted in the MLflow UI, and the command that restores it."""
+    return (f"the MLflow experiment {experiment.name} of sweep {sweep!r} (id {experiment.experiment_id}) is deleted "
+            f"in {hide_password(tracking_uri)}; restore it in the MLflow UI or with "
+            f"`{mlflow_command(tracking_uri, f'experiments restore --experiment-id {experiment.experiment_id}')}`")
+
+
+def named_sweep(client: MlflowClient, sweep: str, tracking_uri: str, experiments: list) -> list:
+    """The experiment of ``sweep`` among the store's ``experiments`` (active ones), for `status NAME` and `ui NAME`;
+    SpecError when there is none: one deleted in the UI says so, else the sweeps there are named (report: runs.py)."""
+    if named := [e for e in experiments if layout.sweep_of(e.name) == sweep]:
+        return named
+    if (gone := client.get_experiment_by_name(layout.experiment_name(sweep))) is not None:
+        raise SpecError(deleted_experiment(sweep, gone, tracking_uri))
+    raise SpecError(layout.no_sweep_named(sweep, hide_password(tracking_uri), [e.name for e in experiments]))
+
+
+def mlflow_command(tracking_uri: str, command: str) -> str:
+    """An MLflow CLI command on this store, as a shell takes it (that CLI reads the store from MLFLOW_TRACKING_URI)."""
     import shlex
 
     from .cli import executable
 
-    store = hide_password(tracking_uri)
-    return (f"the MLflow experiment {experiment.name} of sweep {sweep!r} (id {experiment.experiment_id}) is deleted "
-            f"in {store}; restore it in the MLflow UI or with `MLFLOW_TRACKING_URI={shlex.quote(store)} "
-            f"{executable('mlflow')} experiments restore --experiment-id {experiment.experiment_id}`")
+    return f"MLFLOW_TRACKING_URI={shlex.quote(hide_password(tracking_uri))} {executable('mlflow')} {command}"
 
 
 def earlier_sweep(tracking_uri: str, sweep: str) -> str | None:

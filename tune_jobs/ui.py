@@ -55,14 +55,12 @@ def default_optuna_storage(tracking_uri: str) -> str | None:
 
 def sweep_addresses(tracking_uri: str, sweep: str | None, base: str) -> dict[str, str]:
     """{sweep: the address of its runs table} for one sweep, or every sweep in the store."""
-    from .tracking import open_store
+    from .tracking import named_sweep, open_store
 
-    experiments = [e for e in open_store(tracking_uri).search_experiments() if layout.sweep_of(e.name) is not None]
+    client = open_store(tracking_uri)
+    experiments = [e for e in client.search_experiments() if layout.sweep_of(e.name) is not None]
     if sweep:
-        named = [e for e in experiments if layout.sweep_of(e.name) == sweep]
-        if not named:  # as status and report say it
-            raise SpecError(layout.no_sweep_named(sweep, hide_password(tracking_uri), [e.name for e in experiments]))
-        experiments = named
+        experiments = named_sweep(client, sweep, tracking_uri, experiments)
     # an experiment an older version made has no saved view until a sweep, resume or confirm prepares it again
     return {layout.sweep_of(e.name): naming.runs_address(base, e.experiment_id,
                                                          view=layout.SHARED_VIEW + layout.RUNS_VIEW in e.tags)
