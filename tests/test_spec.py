@@ -719,6 +719,7 @@ def test_sweep_continue_with_a_spec_that_changes_the_search_is_refused_before_an
     assert cli.main(["sweep", str(unchanged), "--continue", "--check"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("started sweep tiny: ") and out.endswith("without --check to continue it\n"), out
+    assert "note: no zoom-only" not in out  # its matrix is kept: adding variants is no advice for it
 
 
 def test_confirm_reads_and_writes_the_store_its_tracking_uri_names_and_a_missing_one_is_one_line(tmp_path, capsys,
@@ -1040,13 +1041,18 @@ def test_check_says_what_the_matrix_cannot_show_and_how_many_trials_fit_here(tmp
             (["baseline", "attzoom"], 1, ["no zoom-only or resize2x control, so the report cannot tell"]),
             (["attzoom", "resize2x"], 1, ['no baseline study', "no zoom-only control"]),
             (["baseline", "attzoom", "zoom-only", "resize2x"], cpus + 1,
-             [f"max_concurrent = {cpus + 1}, but this machine's {cpus} CPUs fit {cpus} trial"]),
+             [f"max_concurrent = {cpus + 1}, but this machine's {cpus} CPUs fit {cpus} trials at once (1 CPU each)"]),
             (["baseline", "attzoom", "zoom-only", "resize2x"], cpus, []),
             (["baseline"], 1, [])):  # tuning baselines alone: nothing to compare, nothing missing
         spec = edit(edit(base_spec(tmp_path), "matrix.variants", variants), "max_concurrent", concurrent)
         assert cli.main(["sweep", str(write_spec(tmp_path, spec)), "--check"]) == 0
         notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
         assert len(notes) == len(said) and all(s in n for s, n in zip(said, notes)), (variants, notes)
+    # GPUs count too: 2 half-GPU trials on one GPU, asked for 4 at once
+    spec = {**edit(base_spec(tmp_path), "max_concurrent", 4), "resources": {"cpus": 0.25, "gpus": 0.5,
+                                                                            "local_gpus": 1}}
+    assert cli.main(["sweep", str(write_spec(tmp_path, spec)), "--check"]) == 0
+    assert "this machine's 1 GPU fit 2 trials at once (0.5 GPU each)" in capsys.readouterr().out
 
 
 # --- --address: the hints name it; one that is no Ray cluster is one line, exit 2, before any folder --------------

@@ -37,25 +37,45 @@ def sweep_plan(spec: Spec, address: str | None, continues: bool = False) -> str:
         f"{counted(spec.trials, 'trial')} = {counted(trials, 'trial')} of up to {counted(spec.epochs, 'epoch')} "
         f"({trials * spec.epochs:,} trial-epochs at most; {stopping})",
         *(f"  {label:<10} {value}" for label, value in rows),
-        *plan_notes(spec, address),
+        *plan_notes(spec, address, continues),
         f"checked: the spec, the storage, the tracking store, the Optuna storage, the data sets, and {where}",
         f"nothing was started or stored; run the same command without --check to {verb} it",
     ])
 
 
-def plan_notes(spec: Spec, address: str | None) -> list[str]:
+def plan_notes(spec: Spec, address: str | None, continues: bool = False) -> list[str]:
     """What the sweep, as specified, cannot show or do: said before it runs, where the report would say it after a
-    day of GPUs (dashboards/verdict.py)."""
+    day of GPUs (dashboards/verdict.py). A sweep that continues keeps its matrix: nothing to say of it then."""
+    notes = [] if continues else matrix_notes(spec.variants)
+    if address:  # a cluster's nodes are counted when the sweep joins it
+        return notes
+    fits = [("CPU", os.cpu_count() or 1, spec.cpus)]
+    if spec.gpus > 0:
+        fits.append(("GPU", local_gpus(spec), spec.gpus))
+    kind, have, each = min(fits, key=lambda fit: fit[1] // fit[2])
+    if (fit := int(have // each)) < spec.max_concurrent:
+        notes.append(f"note: max_concurrent = {spec.max_concurrent}, but this machine's {counted(have, kind)} fit "
+                     f"{counted(fit, 'trial')} at once ({each:g} {kind} each); the others wait their turn")
+    return notes
+
+
+def local_gpus(spec: Spec) -> int:
+    """The GPUs a local sweep's Ray gets (preflight checked them, with torch already imported)."""
+    if spec.local_gpus is not None:
+        return spec.local_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def matrix_notes(variants: tuple[str, ...]) -> list[str]:
+    """AttZoom without the studies its verdict compares it with."""
     notes = []
-    if "attzoom" in spec.variants and "baseline" not in spec.variants:
+    if "attzoom" in variants and "baseline" not in variants:
         notes.append("note: no baseline study, so the report has nothing to measure AttZoom's gain against; add "
                      '"baseline" to [matrix] variants')
-    if "attzoom" in spec.variants and (missing := [v for v in DECISIVE if v not in spec.variants]):
+    if "attzoom" in variants and (missing := [v for v in DECISIVE if v not in variants]):
         notes.append(f"note: no {' or '.join(missing)} control, so the report cannot tell whether AttZoom's "
                      f"attention helps or only the doubled resolution it feeds the network; add {' and '.join(missing)}"
                      " to [matrix] variants")
-    fit = int((os.cpu_count() or 1) // spec.cpus)
-    if not address and fit < spec.max_concurrent:
-        notes.append(f"note: max_concurrent = {spec.max_concurrent}, but this machine's {os.cpu_count()} CPUs fit "
-                     f"{counted(fit, 'trial')} of {spec.cpus:g} CPU at once; the others wait their turn")
     return notes
