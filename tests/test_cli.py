@@ -425,20 +425,28 @@ def test_the_ui_hint_quotes_a_store_path_with_spaces_as_the_resume_hint_does():
                                                  "--optuna-storage", "sqlite:////tmp/o p/optuna.db"]
 
 
-def test_status_says_when_no_driver_runs_the_running_trials_and_how_to_run_failed_ones_again(tmp_path, capsys):
-    # right after a kill -9 it said "running 1" as if the sweep went on
+def one_study_sweep(tmp_path: Path, name: str):
+    """(spec, client, experiment id) of a sweep of one study of 2 trials, its spec stored in its experiment (status
+    reads N there), in a SQLite store under tmp_path; storage tmp_path/ray_results."""
     from mlflow.tracking import MlflowClient
 
-    from tune_jobs.cli import main as attzoom_main
-    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
-    from tune_jobs.lease import sweep_lease
+    from tune_jobs.layout import SPEC, experiment_name
     from tune_jobs.spec import Spec, spec_json
 
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
-    spec = Spec(name="k", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
-                trials=2, tracking_uri=uri, storage=storage)
-    client = MlflowClient(uri)
-    eid = client.create_experiment(experiment_name("k"), tags={SPEC: spec_json(spec)})
+    spec = Spec(name=name, backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
+                trials=2, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=str(tmp_path / "ray_results"))
+    client = MlflowClient(spec.tracking_uri)
+    return spec, client, client.create_experiment(experiment_name(name), tags={SPEC: spec_json(spec)})
+
+
+def test_status_says_when_no_driver_runs_the_running_trials_and_how_to_run_failed_ones_again(tmp_path, capsys):
+    # right after a kill -9 it said "running 1" as if the sweep went on
+    from tune_jobs.cli import main as attzoom_main
+    from tune_jobs.layout import ROLE, STUDY, SWEEP, TRIAL
+    from tune_jobs.lease import sweep_lease
+
+    spec, client, eid = one_study_sweep(tmp_path, "k")
+    uri, storage = spec.tracking_uri, spec.storage
     client.create_run(eid, tags={SWEEP: "k", STUDY: spec.studies[0].name, ROLE: "trial", TRIAL: "a-1"})
     (tmp_path / "ray_results" / "k").mkdir(parents=True)
     with sweep_lease(storage, "k"):  # a driver runs it
@@ -725,19 +733,13 @@ def test_a_job_id_the_cluster_does_not_know_is_one_line_naming_it_and_how_to_lis
 def test_a_trial_run_deleted_in_the_mlflow_ui_is_said_and_not_resumed_for_ever(tmp_path, capsys):
     # status said "stopped ... continue it with resume"; the resume trained nothing and ended "the tracking store
     # records fewer trials than the sweep ran (see the MLflow messages above)", exit 1, and status said resume again
-    from mlflow.tracking import MlflowClient
-
     from tune_jobs.cli import main as attzoom_main
-    from tune_jobs.layout import ROLE, SPEC, STUDY, SWEEP, TRIAL, experiment_name
-    from tune_jobs.spec import Spec, spec_json
+    from tune_jobs.layout import ROLE, STUDY, SWEEP, TRIAL
     from tune_jobs.summary import closing, summarize
     from tune_jobs.tracking import drop_run
 
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "ray_results")
-    spec = Spec(name="d", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
-                trials=2, tracking_uri=uri, storage=storage)
-    client = MlflowClient(uri)
-    eid = client.create_experiment(experiment_name("d"), tags={SPEC: spec_json(spec)})
+    spec, client, eid = one_study_sweep(tmp_path, "d")
+    uri = spec.tracking_uri
     (tmp_path / "ray_results" / "d").mkdir(parents=True)
     [study] = (s.name for s in spec.studies)
     runs = [client.create_run(eid, tags={SWEEP: "d", STUDY: study, ROLE: "trial", TRIAL: f"t{n}"}).info.run_id
