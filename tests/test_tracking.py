@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tune_jobs.layout import EARLIER_ERROR, ERROR, GPU_IDS, STATUS, STUDY, TRIAL, tag_filter
 
@@ -185,3 +186,30 @@ def test_an_orphan_trials_run_is_deleted_killed_not_running(tmp_path):
     everything = runs.client.search_runs([experiment], tag_filter(TRIAL, "orphan"), run_view_type=ViewType.ALL)
     assert [(r.info.lifecycle_stage, r.info.status) for r in everything] == [("deleted", "KILLED")]
     assert runs.client.get_run(runs.run_of("kept")).info.status == "RUNNING"
+
+
+def test_a_studys_parent_run_is_not_ranked_beside_its_best_trial(tmp_path):
+    # the parent logged best_val_top1 too: the runs table ranked by it (the sweep's saved view) and the README's
+    # filter `metrics.best_val_top1 > 50` listed each study right beside its best trial, a duplicate row
+    from dataclasses import replace
+
+    from tune_jobs import layout
+    from tune_jobs.spec import load_spec
+    from tune_jobs.summary import finish_studies
+    from tune_jobs.tracking import TrialRuns, prepare_tracking, study_tags
+
+    root = Path(__file__).resolve().parent.parent
+    spec = replace(load_spec(root / "tune_jobs" / "specs" / "demo.toml"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                   trials=1)
+    experiment_id, parents = prepare_tracking(spec)
+    runs = TrialRuns(spec.tracking_uri, experiment_id, parents)
+    for n, study in enumerate(spec.studies):
+        runs.open(f"t{n}", study.name, study_tags(spec, study), {"lr": 0.1})
+        runs.log_epoch(f"t{n}", 1, {"val_top1": 60.0 + n, "val_top5": 90.0}, {})
+        runs.finish(f"t{n}", "completed", None)
+    finish_studies(spec, experiment_id, parents)
+    for parent in parents.values():
+        metrics = runs.client.get_run(parent).data.metrics
+        assert set(metrics) == {"trials_finished", "trials_failed", "study_best_val_top1"}, metrics
+    ranked = runs.client.search_runs([experiment_id], "metrics.best_val_top1 > 50")
+    assert sorted(r.data.tags[layout.ROLE] for r in ranked) == ["trial", "trial"]

@@ -68,7 +68,8 @@ PRUNED_STATUS = "pruned"  # stopped by the sweep's scheduler ([scheduler]): it t
 UNKNOWN_STATUS = "unknown"  # a trial that completed without reporting one (none should)
 
 TEST_METRICS = ("test_top1", "test_top5")  # the best checkpoint on the official test split, logged once
-STUDY_METRICS = ("trials_finished", "trials_failed", "best_val_top1")
+# not best_val_top1: the runs table ranked by it (and a filter on it) showed each study beside its best trial, twice
+STUDY_METRICS = ("trials_finished", "trials_failed", "study_best_val_top1")
 # On a trial or confirm run, logged with the epoch that changed them (step = epoch): the best epoch so far and
 # how many epochs are done. Their latest values summarise the run, so a reader needs one search_runs per sweep
 # instead of one metric history per run, and the MLflow UI's column shows the best epoch, not the last.
