@@ -47,7 +47,7 @@ def study_note(sweep: str, backbone: str, dataset: str, variant: str, trials: in
     return (f"Study {layout.study_name(backbone, dataset, variant)} of sweep {sweep}: an Optuna TPE search of "
             f"{trials} trials training {backbone} ({variant}) on {dataset}. Each trial is a child run (expand this "
             f"row), named <variant> #<n> (<Tune trial id>). When the sweep ends this run holds trials_finished, "
-            f"trials_failed and {layout.BEST_TOP1}, the best validation top-1 of any of its trials.")
+            f"trials_failed and {layout.STUDY_METRICS[2]}, the best validation top-1 of any of its trials.")
 
 
 def trial_note(sweep: str, study: str, number: int, params: dict) -> str:
