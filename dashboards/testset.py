@@ -39,7 +39,7 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
         if "test_top1" in logged and "test_top5" in logged else None
     if stored and (wanted is None or wanted == scored_on):
         return stored, _elsewhere(run, scored_on)
-    found, why = _compute(client, run_id, wanted)
+    found, why = _compute(client, run_id, wanted, best_epoch_of(client, run))
     if stored and math.isnan(found["test_top1"]):  # the root asked for does not serve: the stored scores stand
         return stored, f"{why}; its stored test scores (computed on {scored_on or 'an unrecorded data root'}) stand"
     if wanted and not math.isnan(found["test_top1"]):  # said by the report that computes them, as by later ones
@@ -47,8 +47,18 @@ def test_metrics(tracking_uri: str, run_id: str, data_root: str | None = None) -
     return found, why
 
 
-def _compute(client: MlflowClient, run_id: str, wanted: str | None) -> tuple[dict, str | None]:
-    """The run's best.pt scored on the test split at ``wanted`` (else the checkpoint's own root), and logged."""
+def best_epoch_of(client: MlflowClient, run) -> int:
+    """The epoch best.pt holds: the test scores are logged at that step, beside its validation scores in MLflow's
+    charts (they were at step 0)."""
+    from tune_jobs.tracking import run_summary
+
+    best = run_summary(client, run).best
+    return int(best["epoch"]) if best else 0
+
+
+def _compute(client: MlflowClient, run_id: str, wanted: str | None, step: int = 0) -> tuple[dict, str | None]:
+    """The run's best.pt scored on the test split at ``wanted`` (else the checkpoint's own root), and logged at
+    ``step``."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
@@ -73,7 +83,7 @@ def _compute(client: MlflowClient, run_id: str, wanted: str | None) -> tuple[dic
     found = {"test_top1": scores["top1"], "test_top5": scores["top5"]}
     try:
         with silenced("mlflow.store.db.utils"):  # it logs a refused SQL write with its traceback, then raises
-            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in found.items()],
+            client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), step) for k, v in found.items()],
                              tags=[RunTag(TEST_DATA, str(Path(root).expanduser().resolve()))])
     except Exception as e:  # noqa: BLE001 - a read-only store or user: the scores stand, only not kept for next time
         return found, (f"test scores of run {run_id} not logged, so the next report computes them again: the store "

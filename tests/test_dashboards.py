@@ -226,6 +226,9 @@ def test_real_checkpoint_scored_on_test_split_and_logged(store, small_report):
     assert row.trial_id == "b2" and 0 <= row.test_top1 <= row.test_top5 <= 100
     logged = MlflowClient(store["uri"]).get_run(row.run_id).data.metrics
     assert (logged["test_top1"], logged["test_top5"]) == (row.test_top1, row.test_top5)
+    # at the best epoch's step, beside its validation scores in MLflow's charts (it was step 0)
+    history = MlflowClient(store["uri"]).get_metric_history(row.run_id, "test_top1")
+    assert [m.step for m in history] == [row.best_epoch] != [0], (history, row.best_epoch)
     assert all("the paper's numbers beside it were not" in note for note in report.notes)  # none on scoring
 
 
