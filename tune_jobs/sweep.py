@@ -191,17 +191,16 @@ def check_name_in_studies(spec: Spec, spec_file: Path | None) -> None:
     its Optuna studies: a new sweep added its trials to them, and TPE started from their results, so
     optuna-dashboard showed both sweeps' trials as one study while MLflow showed one sweep. A study with no trial
     (one stopped before its first) is taken over."""
-    import optuna
-
     from .cli import executable
-    from .studies import optuna_study_name
+    from .studies import open_storage, optuna_study_name
 
     url = optuna_storage_url(spec)
     if url is None or ((database := sqlite_file(url)) is not None and not database.is_file()):
         return
     try:
-        kept = set(optuna.get_all_study_names(storage=url))
-        held = [(name, len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)))
+        storage = open_storage(url)  # one engine for every study (the searcher then reuses it)
+        kept = {study.study_name for study in storage.get_all_studies()}
+        held = [(name, storage.get_n_trials(storage.get_study_id_from_name(name)))
                 for name in (optuna_study_name(spec.name, study.name) for study in spec.studies) if name in kept]
     except Exception:  # noqa: BLE001 - a storage that does not answer: the searcher says so
         return
