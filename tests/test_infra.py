@@ -53,6 +53,19 @@ def test_a_trials_own_error_is_not_an_infrastructure_error():
             raise ValueError("lr must be positive")
 
 
+def test_an_error_after_a_sigterm_is_the_stops_doing_said_as_an_interrupt():
+    # a SIGTERM to every process (Slurm, systemd) ended Ray's workers too; when a trial's lost result reached the
+    # driver before the GCS watch saw Ray end, the driver died in a traceback, exit 1, without the continue line
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted: stopped by a SIGTERM, which ended Ray's processes too "
+                                                r"\(RuntimeError: object lost\); continue with: attzoom resume s$"):
+        with stops_on_problems("attzoom resume s", "sqlite:///m.db"):
+            infra._watching.set()  # noqa: SLF001 - as the SIGTERM handler (infra._as_interrupt) sets it
+            raise RuntimeError("object lost")
+    with pytest.raises(RuntimeError):  # without a SIGTERM, an error is an error
+        with stops_on_problems("attzoom resume s", "sqlite:///m.db"):
+            raise RuntimeError("object lost")
+
+
 def test_the_guard_ends_the_run_on_a_reported_storage_failure_and_lets_results_through():
     from tune_jobs.guard import SweepGuard
     from tune_jobs.infra import STORAGE_KEY

@@ -161,6 +161,9 @@ def stops_on_problems(resume: str, tracking_uri: str):
         raise KeyboardInterrupt(f"interrupted; continue with: {resume}") from None
     except Exception as error:
         message = problem() or _infrastructure(error, tracking_uri)
+        if message is None and _watching.is_set():  # a SIGTERM came first: what failed then is the stop's doing
+            raise KeyboardInterrupt(f"interrupted: stopped by a SIGTERM, which ended Ray's processes too "
+                                    f"({short_error(error)}); continue with: {resume}") from None
         if message is None:
             raise
         raise InfrastructureError(_stopped(message, resume)) from error

@@ -40,6 +40,7 @@ SPEC = "attzoom.spec"  # on the experiment: the spec the sweep runs, as JSON (co
 ADDRESS = "attzoom.address"  # on the experiment: the --address its last driver joined ("" for a local Ray)
 PRUNED_AT = "attzoom.pruned_at_epoch"  # a pruned trial's last epoch
 TEST_DATA = "attzoom.test_data_root"  # the data root whose test split test_top1/test_top5 were computed on
+OPTUNA_TRIAL = "attzoom.optuna_trial"  # the number optuna-dashboard shows for the trial (from 0)
 DROPPED = "attzoom.dropped"  # why the sweep deleted a run itself (restart, orphan): not one a user deleted
 TRIAL_NUMBER = "attzoom.trial_number"  # a trial's number within its study (1-based, creation order); names its run
 # MLflow's own tags (mlflow/utils/mlflow_tags.py) that the sweep sets, for the MLflow UI.

@@ -27,7 +27,7 @@ from ray import cloudpickle, tune
 from ray.exceptions import RayTaskError
 
 from .infra import problem, short_error
-from .layout import (CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, PRUNED_AT, PRUNED_STATUS, SEED, TRIAL_ROLE,
+from .layout import (CONFIRM_ROLE, EPOCH_METRICS, GPU_IDS, OPTUNA_TRIAL, PRUNED_AT, PRUNED_STATUS, SEED, TRIAL_ROLE,
                      UNKNOWN_STATUS)
 from .outbox import Outbox
 from .spec import local_path, optuna_storage_url
@@ -230,12 +230,15 @@ class MlflowCallback(tune.Callback):
 
 
     def _attach(self, trial: str, study: str) -> None:
-        """The trial's Optuna trial records its MLflow run id; a storage that fails here is said, not fatal (the
-        searcher, which needs that storage, stops the sweep if it is really gone)."""
+        """The trial's Optuna trial records its MLflow run id, and the run its Optuna trial's number (the one
+        optuna-dashboard shows: a run's #n counts from 1 in MLflow); a storage that fails here is said, not fatal
+        (the searcher, which needs that storage, stops the sweep if it is really gone)."""
         spec = self.sweep.spec
         if url := optuna_storage_url(spec):
             try:
-                attach_run(url, optuna_study_name(spec.name, study), trial, self.runs.runs[trial])
+                run_id = self.runs.runs[trial]
+                if (number := attach_run(url, optuna_study_name(spec.name, study), trial, run_id)) is not None:
+                    self.runs.client.set_tag(run_id, OPTUNA_TRIAL, str(number))
             except Exception as e:  # noqa: BLE001
                 print(f"trial {trial}: its MLflow run id was not recorded in the Optuna storage ({short_error(e)})",
                       file=sys.stderr, flush=True)

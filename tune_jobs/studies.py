@@ -40,13 +40,15 @@ def _latest(trials) -> dict:
     return {trial.user_attrs.get(TUNE_TRIAL_ATTR): trial for trial in sorted(trials, key=lambda t: t.number)}
 
 
-def attach_run(url: str, study_name: str, tune_trial_id: str, run_id: str) -> None:
-    """Record the trial's MLflow run id on its Optuna trial (while it runs: a finished trial is read-only)."""
+def attach_run(url: str, study_name: str, tune_trial_id: str, run_id: str) -> int | None:
+    """Record the trial's MLflow run id on its Optuna trial (while it runs: a finished trial is read-only); returns
+    that trial's number, which its run is tagged with (None: no Optuna trial asked for it)."""
     storage = open_storage(url)
     study_id = storage.get_study_id_from_name(study_name)
     trial = trial_of(storage, study_id, tune_trial_id)
     if trial is not None and not trial.state.is_finished():
         storage.set_trial_user_attr(_storage_id(storage, study_id, trial), MLFLOW_RUN_ATTR, run_id)
+    return None if trial is None else trial.number
 
 
 def settle_restored(storage, study_name: str, live: set[str]) -> set[str]:
