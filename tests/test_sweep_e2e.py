@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY, TRIAL,
-                              STUDY_ROLE, TRIAL_ROLE, experiment_name, runs_filter)
+from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, OPTUNA_TRIAL, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY,
+                              TRIAL, STUDY_ROLE, TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.cli import attzoom_executable
 from tune_jobs.lease import lease_path
 from tune_jobs.logs import STOP_NOTICE
@@ -219,7 +219,7 @@ def assert_studies_in_optuna(storage: str, per_study: dict, epochs: int) -> None
         for run in runs:
             trial, trained = by_run[run.info.run_id], epochs_of(run, epochs)
             assert trial.user_attrs["tune_trial_id"] == run.data.tags[TRIAL]
-            assert run.data.tags["attzoom.optuna_trial"] == str(trial.number)  # as optuna-dashboard numbers it
+            assert run.data.tags[OPTUNA_TRIAL] == str(trial.number)  # as optuna-dashboard numbers it
             assert sorted(trial.intermediate_values) == list(range(1, trained + 1))
             if run.data.tags[STATUS] == PRUNED_STATUS:
                 assert trial.state == optuna.trial.TrialState.PRUNED

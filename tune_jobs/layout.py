@@ -53,7 +53,8 @@ EXPERIMENT_KIND, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 # (MLflow's "share view" feature: the tag is prefix + key, the address names the key as viewStateShareKey).
 SHARED_VIEW, RUNS_VIEW = "mlflow.sharedViewState.", "attzoom-runs"
 TAGS = (SWEEP, STUDY, TRIAL, ROLE, ERROR, EARLIER_ERROR, STATUS, GPU_IDS, SEED, SPEC, ADDRESS, LEASE, PRUNED_AT,
-        TRIAL_NUMBER, TEST_DATA, NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND, SHARED_VIEW)
+        TRIAL_NUMBER, OPTUNA_TRIAL, DROPPED, TEST_DATA, NOTE, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, EXPERIMENT_KIND,
+        SHARED_VIEW)
 
 # What the verdict compares an AttZoom study with (same backbone and data set): the baseline and each control.
 COMPARED_WITH = ("baseline", "zoom-only", "attention-only", "resize2x")
