@@ -312,3 +312,89 @@ def test_a_storage_whose_disk_is_full_or_read_only_stops_the_sweep_with_a_line_t
     line = str(stopped.value)
     assert f"Optuna storage {url} failed to record its epoch of trial t0: {cause}. No trial was charged" in line, line
     assert ".." not in line and "invalid data" not in line
+
+
+def tune_snapshot(folder, trials: dict, ended: dict | None = None) -> None:
+    """The experiment state Tune writes beside the searcher's state: ``trials`` maps trial id -> its config (from
+    suggest); ``ended`` trial id -> its last result, for trials Tune had ended (TERMINATED)."""
+    import json
+
+    from ray.tune.experiment import Trial
+
+    states = []
+    for trial_id, config in trials.items():
+        trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
+        trial.set_status(Trial.TERMINATED if trial_id in (ended or {}) else Trial.RUNNING)
+        trial.run_metadata.last_result = (ended or {}).get(trial_id, {})
+        states.append(list(trial.get_json_state()))
+    (folder / "experiment_state-2026-12-01_00-00-00.json").write_text(json.dumps({"trial_data": states}))
+
+
+def run_to_the_end(searcher, first: int = 0) -> int:
+    n = first
+    while searcher.suggest(f"n{n}") is not Searcher.FINISHED:
+        complete(searcher, f"n{n}", float(n))
+        n += 1
+    return n - first
+
+
+@pytest.mark.parametrize("storage", [True, False], ids=["optuna-storage", "in-memory"])
+def test_a_trial_tune_restores_that_the_searchers_older_state_never_asked_is_owned_by_its_study(tmp_path, storage):
+    # a stop between Tune's two snapshot files restored trial states newer than the searcher's: Tune resumed a trial no
+    # study owned, and its study asked one more (4 trials of 3, "done 4/3")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if storage else None
+    searcher = make_searcher(storage_url=url)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the searcher's file of the last snapshot
+    complete(searcher, "t0", 10.0)
+    configs["t2"] = searcher.suggest("t2")  # after it, in the trial states only
+    tune_snapshot(tmp_path, configs, ended={"t0": {"val_top1": 10.0, "epoch": 1}})
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.owner == {t: c[STUDY_KEY] for t, c in configs.items()} and restored.live == {"t1", "t2"}
+    complete(restored, "t1", 20.0)  # Tune runs both on; each reports to its own study
+    complete(restored, "t2", 30.0)
+    assert run_to_the_end(restored) == 9 - 3 and restored.trial_counts() == dict.fromkeys(NAMES, 3)
+    values = sorted(t.value for name in NAMES for t in optuna_trials(restored, name))
+    assert len(values) == 9 and {10.0, 20.0, 30.0} <= set(values)  # t0 told once (Optuna refuses twice)
+    assert configs["t2"] == {k: restored.searches[configs["t2"][STUDY_KEY]]._ot_trials["t2"].params.get(k, v)
+                             for k, v in configs["t2"].items()}
+
+
+def test_a_trial_the_searcher_asked_that_tunes_older_trial_states_lack_is_asked_afresh(tmp_path):
+    # the other way round: the searcher counted a trial Tune never ran, and its study ended one short ("interrupted:
+    # 5 of 6 trials ended" with nothing stopping it)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}
+    tune_snapshot(tmp_path, configs)  # the trial states of the last snapshot
+    complete(searcher, "t0", 10.0)
+    searcher.suggest("t2")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the searcher's, newer
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert set(restored.owner) == {"t0", "t1"} and restored.live == {"t0", "t1"}  # t0 runs on from its checkpoint
+    complete(restored, "t0", 10.0)
+    complete(restored, "t1", 20.0)
+    assert run_to_the_end(restored) == 9 - 2 and restored.trial_counts() == dict.fromkeys(NAMES, 3)
+    for name in NAMES:
+        trials = optuna.load_study(study_name=f"sw/{name}", storage=url).trials
+        assert sum(t.state.name == "COMPLETE" for t in trials) == 3
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for name in NAMES
+              for t in optuna.load_study(study_name=f"sw/{name}", storage=url).trials}
+    assert states["t2"] == "FAIL" and states["t0"] == "COMPLETE"
+
+
+def test_a_trial_tune_had_ended_but_the_searcher_was_not_told_is_told_at_its_best_epoch(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    config = searcher.suggest("t0")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # t0 running
+    for epoch, value in ((1, 30.0), (2, 40.0), (3, 35.0)):
+        searcher.on_trial_result("t0", {"val_top1": value, "epoch": epoch, "training_iteration": epoch})
+    tune_snapshot(tmp_path, {"t0": config}, ended={"t0": {"val_top1": 35.0, "epoch": 3}})  # the tell is lost
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    [trial] = optuna.load_study(study_name=f"sw/{config[STUDY_KEY]}", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 40.0 and restored.live == set()
+    assert restored.suggest("t1")[STUDY_KEY] == NAMES[1]  # t0 counts once

@@ -127,3 +127,71 @@ def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
     os.remove(tmp_path / NAME)
     check_snapshot_readable(str(tmp_path))  # a sweep Tune never snapshotted: nothing to check
+
+
+SNAPSHOT = {NAME: '{"trial_data": [1, 2]}', "searcher-state-2026-12-01_00-00-00.pkl": "searcher, 2 trials",
+            "search_gen_state-2026-12-01_00-00-00.json": '{"counter": 2}'}
+
+
+def snapshot_folders(tmp_path):
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    for folder, version in ((staging, "3"), (storage, "2")):
+        folder.mkdir()
+        for name, text in SNAPSHOT.items():
+            (folder / name).write_text(text.replace("2", version))
+    return staging, storage
+
+
+def test_the_snapshots_files_are_published_together_the_trial_states_last(tmp_path, monkeypatch):
+    # Tune's files went one by one in the folder's listing order: a stop between them left trial states newer than
+    # the searcher's, and the resume ran a trial no study owned
+    from tune_jobs import snapshots
+
+    staging, storage = snapshot_folders(tmp_path)
+    listing = os.walk
+    monkeypatch.setattr(snapshots.os, "walk", lambda top: ((f, d, sorted(n)) for f, d, n in listing(top)))
+    renamed, rename = [], os.replace
+    monkeypatch.setattr(snapshots.os, "replace", lambda a, b: (renamed.append(Path(b).name), rename(a, b)))
+    snapshots.replace_files(str(staging), str(storage))
+    assert sorted(renamed) == sorted(SNAPSHOT) and renamed[-1] == NAME
+    assert {p.name: p.read_text() for p in storage.iterdir()} == {n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
+
+
+def test_one_snapshot_file_rewritten_while_copied_publishes_none_of_them(tmp_path, monkeypatch):
+    from tune_jobs import snapshots
+
+    staging, storage = snapshot_folders(tmp_path)
+    copy = shutil.copyfile
+
+    def copy_while_tune_writes(source, target):
+        copy(source, target)
+        if "searcher" in str(source):
+            os.utime(source, ns=(0, 0))  # the next snapshot's searcher state, written over it
+    monkeypatch.setattr(snapshots.shutil, "copyfile", copy_while_tune_writes)
+    snapshots.replace_files(str(staging), str(storage))
+    assert {p.name: p.read_text() for p in storage.iterdir()} == SNAPSHOT  # the last whole snapshot, no part
+
+
+def test_tune_writes_its_snapshot_under_the_lock_the_copy_and_a_driver_ending_itself_wait_for(tmp_path, monkeypatch):
+    import threading
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    from tune_jobs import snapshots
+
+    held = []
+    monkeypatch.setattr(TuneController, "save_to_dir", lambda self: held.append(snapshots._writing.locked()))
+    snapshots._save_under_lock()  # as whole_file_snapshots does, once per driver
+    TuneController.save_to_dir(None)
+    assert held == [True] and not snapshots._writing.locked()
+    staging, storage = snapshot_folders(tmp_path)
+    assert snapshots.snapshot_held(timeout=1)  # what the watch of a driver about to end itself takes
+    try:
+        copy = threading.Thread(target=snapshots.replace_files, args=(str(staging), str(storage)))
+        copy.start()
+        copy.join(0.5)
+        assert copy.is_alive() and (storage / NAME).read_text() == SNAPSHOT[NAME]
+    finally:
+        snapshots._writing.release()
+    copy.join(30)
+    assert (storage / NAME).read_text() == SNAPSHOT[NAME].replace("2", "3")

@@ -251,9 +251,17 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=3)
     first = start("sweep", str(spec), "--continue", cwd=tmp_path)  # a new sweep: started
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path))
-    crash(first)
-    out = first.stdout.read()
+    # SIGTERM to every process by pid, as Slurm's scancel and systemd's stop of a unit's control group send it: Ray's
+    # GCS closes its port, and the driver waited 60 s for it, then Ray's C++ ended it (exit 1) without a word
+    sent = time.monotonic()
+    terminate_all(first)
+    out = first.communicate(timeout=300)[0]
     resume = f"{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}"
+    assert first.returncode == 130 and time.monotonic() - sent < 40, (first.returncode, out[-3000:])
+    # said by the watch of Ray's GCS, or, when a trial's lost result reached the driver first, by its stop
+    assert re.fullmatch(rf"interrupted: (this machine's Ray ended with the driver \(a signal sent to every process\)|"
+                        rf"stopped by a SIGTERM, which ended Ray's processes too \(.+\)); continue with: "
+                        rf"{re.escape(resume)}", out.rstrip().splitlines()[-1]), out[-3000:]
     # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
     said = (f"sweep t: 2 studies x 3 trials of up to 3 epochs; results in {tmp_path / 'ray_results' / 't'}, runs in "
             f"sqlite:///{tmp_path / 'mlflow.db'}; if it stops, continue with: {resume}")
@@ -299,23 +307,6 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
-
-
-def test_a_sigterm_to_every_process_ends_the_driver_at_once_with_the_continue_line(tmp_path, few_digits_root):
-    # SIGTERM to every process by pid, as Slurm's scancel and systemd's stop of a unit's control group send it: Ray's
-    # GCS closes its port, and the driver waited 60 s for it, then Ray's C++ ended it (exit 1) without a word
-    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=2, epochs=3)
-    first = start("sweep", str(spec), cwd=tmp_path)
-    wait_for(lambda: "RUNNING" in statuses(tmp_path), every=0.3)
-    sent = time.monotonic()
-    terminate_all(first)
-    out = first.communicate(timeout=300)[0]
-    resume = f"{attzoom_executable()} resume t --storage {tmp_path / 'ray_results'}"
-    assert first.returncode == 130 and time.monotonic() - sent < 40, (first.returncode, out[-3000:])
-    # said by the watch of Ray's GCS, or, when a trial's lost result reached the driver first, by its stop
-    assert re.fullmatch(rf"interrupted: (this machine's Ray ended with the driver \(a signal sent to every process\)|"
-                        rf"stopped by a SIGTERM, which ended Ray's processes too \(.+\)); continue with: "
-                        rf"{re.escape(resume)}", out.rstrip().splitlines()[-1]), out[-3000:]
 
 
 def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:

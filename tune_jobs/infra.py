@@ -210,10 +210,11 @@ def _end_if_ray_ends(resume: str) -> None:
     driver's private Ray with it: Tune's stop then waited 60 s for the lost GCS, and Ray's C++ ended the driver
     with exit 1 and no word of how to go on. Once that Ray is gone, nothing it held can be saved: the driver ends
     at once, as a killed one would (the journal and the last experiment snapshot are what resume reads), with
-    the interrupt's line and exit code."""
+    the interrupt's line and exit code. It ends between two snapshots, never within one (snapshots.py)."""
     import time
 
     from .ray_session import private_ray_lost, private_ray_running
+    from .snapshots import snapshot_held
 
     try:
         while private_ray_running() and not private_ray_lost():
@@ -221,9 +222,12 @@ def _end_if_ray_ends(resume: str) -> None:
     except Exception:  # noqa: BLE001 - a watch that cannot watch leaves the stop as it was
         return
     if private_ray_running():
-        print(f"interrupted: this machine's Ray ended with the driver (a signal sent to every process); "
-              f"continue with: {resume}", file=sys.stderr, flush=True)
-        os._exit(130)
+        snapshot_held()  # and never let go: the process ends here
+        try:
+            print(f"interrupted: this machine's Ray ended with the driver (a signal sent to every process); "
+                  f"continue with: {resume}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(130)
 
 
 def raise_if_problem() -> None:

@@ -8,7 +8,9 @@ than in a ConcurrencyLimiter, whose live-trial set is not saved) so that after a
 the trials Tune resumes still count against the cap and still report to their study.
 
 With an Optuna storage URL each study lives there as ``<sweep>/<study>`` (tune_jobs/studies.py);
-a restored searcher marks FAIL the trials a killed driver asked after its last snapshot.
+a restored searcher marks FAIL the trials a killed driver asked after its last snapshot. The
+searcher's state and Tune's trial states are two files of one snapshot: a restore makes the
+searcher agree with the trials Tune restores (MultiStudySearcher.agree_with).
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from __future__ import annotations
 import pickle
 import warnings
 from collections import Counter
+from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .infra import report_problem, short_error
 from .layout import PRUNED_STATUS
+from .snapshots import SnapshotTrial, snapshot_trials
 from .space import STUDY_KEY
 from .spec import hide_password
-from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored
+from .studies import TUNE_TRIAL_ATTR, open_storage, optuna_study_name, settle_restored, trial_of
 from .trainable import RESTART_KEY, STATUS_KEY
 
 
@@ -98,6 +103,44 @@ class StudySearch(OptunaSearch):
         self.failed.discard(trial_id)
         self._completed_trials.discard(trial_id)  # noqa: SLF001
 
+    def forget(self, trial_id: str) -> None:
+        """A trial Tune's restored snapshot does not have: it never runs (its Optuna trial, RUNNING, is marked FAIL
+        on restore: studies.settle_restored)."""
+        self._ot_trials.pop(trial_id, None)
+        for record in (self.best, self.untold):
+            record.pop(trial_id, None)
+        for record in (self.failed, self.told, self._completed_trials):  # noqa: SLF001
+            record.discard(trial_id)
+
+    def adopt(self, trial_id: str, trial: SnapshotTrial) -> None:
+        """A trial Tune restores that this searcher's older state never asked: it takes back the Optuna trial asked
+        for it, or (a study in memory only) a new one with its params."""
+        storage = self._ot_study._storage  # noqa: SLF001
+        asked = trial_of(storage, self._ot_study._study_id, trial_id)  # noqa: SLF001
+        if asked is None:
+            self._ot_study.enqueue_trial({k: v for k, v in trial.config.items() if k != STUDY_KEY},
+                                         skip_if_exists=False)
+            self.suggest(trial_id)
+            return
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, asked._trial_id)  # noqa: SLF001
+        if asked.state.is_finished():
+            self._completed_trials.add(trial_id)  # noqa: SLF001
+        if asked.state == TrialState.FAIL and trial.status != "TERMINATED":  # Tune runs it: a new Optuna trial
+            self.failed.add(trial_id)
+
+    def ended(self, trial_id: str, last_result: dict) -> None:
+        """A trial Tune had ended in the snapshot it restores, but this searcher was never told: Tune will not end
+        it again, so it is told now, valued at its best epoch in the study (as on_trial_complete values it)."""
+        if trial_id in self._completed_trials or trial_id in self.untold:  # noqa: SLF001
+            return
+        stored = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)  # noqa: SLF001
+        if stored.state.is_finished():
+            self._completed_trials.add(trial_id)  # noqa: SLF001
+            return
+        if epochs := list(stored.intermediate_values.values()):
+            self.best[trial_id] = max(epochs + [self.best.get(trial_id, epochs[0])])
+        self.on_trial_complete(trial_id, last_result or None)
+
     def failed_before(self) -> set[str]:
         """The trials told FAIL, read from the study: a searcher saved before it kept them (failed) had none."""
         storage = self._ot_study._storage
@@ -168,6 +211,8 @@ class MultiStudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        if (trials := snapshot_trials(str(Path(checkpoint_path).parent))) is not None:  # Tune restores them from there
+            self.agree_with(trials)
         for search in self.searches.values():
             if "failed" not in search.__dict__:  # a searcher saved before failed trials were kept
                 search.failed = search.failed_before()
@@ -178,3 +223,18 @@ class MultiStudySearcher(Searcher):
             for trial_id in sorted(search.failed):  # Tune runs them again (resume_errored): the cap counts them
                 search.rerun(trial_id)
                 self.live.add(trial_id)
+
+    def agree_with(self, trials: dict[str, SnapshotTrial]) -> None:
+        """Tune's trial states rule: a driver stopped between writing them and the searcher's state restores the
+        two from different moments. Trials Tune lacks are forgotten (their slots are asked afresh); trials it has
+        are owned by their study (a study whose trial nobody owned asked one too many), told if Tune had ended
+        them; the trials Tune runs on are the live ones."""
+        for trial_id in set(self.owner) - set(trials):
+            self.searches[self.owner.pop(trial_id)].forget(trial_id)
+        for trial_id, trial in trials.items():
+            if trial_id not in self.owner and trial.study in self.searches:
+                self.owner[trial_id] = trial.study
+                self.searches[trial.study].adopt(trial_id, trial)
+            if trial.status == "TERMINATED" and trial_id in self.owner:
+                self.searches[self.owner[trial_id]].ended(trial_id, trial.last_result)
+        self.live = {t for t, trial in trials.items() if t in self.owner and trial.status != "TERMINATED"}

@@ -1,4 +1,4 @@
-"""Tune's experiment snapshot in the storage: whole files only.
+"""Tune's experiment snapshot in the storage: whole files only, and one snapshot's files together.
 
 Every second Tune copies the driver's snapshot (trial states, the searcher's and the callbacks'
 state) into the sweep's folder, overwriting each file in place. A driver killed during that copy
@@ -7,6 +7,13 @@ the trials it had. On a local or shared folder each file is now written beside i
 renamed over it, so the folder holds the old file or the new one, whole. (Cloud storage writes an
 object whole already.) A resume still checks the snapshot it restores and stops with one line if
 it is damaged (a sweep of an older version).
+
+The snapshot's own files are one state, read back as one: Tune copied them one by one while the
+next snapshot was being written, and a stop between them left trial states and a searcher from
+different moments (a trial Tune resumed that no study owned, so a study ran one trial too many).
+They are now written and copied under one lock, and the trial states are renamed into place last.
+A resume also makes the searcher agree with the trial states it restores (tune_jobs/searcher.py),
+which covers a SIGKILL between two renames and cloud storage.
 """
 
 from __future__ import annotations
@@ -16,13 +23,21 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .space import STUDY_KEY
 from .spec import SpecError
 
 PART = ".attzoom-part"  # a file being written; never a name Tune looks for
 QUIET_NS = 1_000_000_000
 _copied: dict[str, tuple[int, int] | None] = {}  # a copy in the storage -> its source's (size, mtime) when quiet
+_writing = threading.Lock()  # held while Tune writes the driver's snapshot and while it is published
+TRIAL_STATES = "experiment_state-"  # the file Tune restores the trials from, published after the searcher's
+
+
+class Rewritten(Exception):
+    """A file changed while it was copied: the storage keeps the one it has until the next snapshot."""
 
 
 def whole_file_snapshots() -> None:
@@ -41,6 +56,26 @@ def whole_file_snapshots() -> None:
 
     _FilesystemSyncer._sync_up_command = sync_up_command  # noqa: SLF001
     _FilesystemSyncer._attzoom_whole_files = True  # noqa: SLF001
+    _save_under_lock()
+
+
+def _save_under_lock() -> None:
+    """Tune writes the snapshot's files one after another: none of them is published while it does."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    save = TuneController.save_to_dir
+
+    def save_to_dir(self):
+        with _writing:
+            save(self)
+
+    TuneController.save_to_dir = save_to_dir
+
+
+def snapshot_held(timeout: float = 10.0) -> bool:
+    """Wait until no snapshot is half written or half published, and let none start: for a driver about to end
+    itself (infra._end_if_ray_ends), so the storage keeps a snapshot whose files agree. False: it waited in vain."""
+    return _writing.acquire(timeout=timeout)
 
 
 def replace_files(source: str, target: str) -> None:
@@ -53,22 +88,47 @@ def replace_files(source: str, target: str) -> None:
     for folder, _, files in os.walk(source):
         into = Path(target, os.path.relpath(folder, source))
         into.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            if name.startswith("."):  # Tune's own temporary files, there for a moment
-                continue
+        names = [name for name in files if not name.startswith(".")]  # Tune's own temporary files, there a moment
+        if folder == source:
+            _publish_together(Path(folder), into, names)
+            continue
+        for name in names:
             try:
-                _replace(Path(folder, name), into / name, durable=folder == source)
-            except FileNotFoundError:  # gone since the listing: the next snapshot has what replaced it
+                _commit([_staged(Path(folder, name), into / name, durable=False)])
+            except (FileNotFoundError, Rewritten):  # gone or rewritten: the next snapshot has what replaced it
                 continue
 
 
-def _replace(path: Path, copy: Path, durable: bool) -> None:
-    """One file; ``durable``: on disk before the rename (the snapshot's own files: a host crash after the rename
-    must not leave an empty one). A file Tune rewrote during the copy is left for the next snapshot."""
+def _publish_together(folder: Path, into: Path, names: list[str]) -> None:
+    """The snapshot's own files, copied while Tune cannot write them and each durable before its rename (a host
+    crash after it must not leave an empty one); the trial states go last, so a stop between two renames leaves
+    them older than the searcher's, never newer. One file rewritten while copied: none is published."""
+    with _writing:
+        staged = []
+        try:
+            for name in sorted(names, key=lambda n: (n.startswith(TRIAL_STATES), n)):
+                staged.append(_staged(folder / name, into / name, durable=True))
+            _commit(staged)
+        except (FileNotFoundError, Rewritten):
+            for copy in staged:
+                if copy is not None:
+                    copy.part.unlink(missing_ok=True)
+
+
+@dataclass
+class _Copy:
+    part: Path  # beside its place, under a name Tune never looks for
+    copy: Path
+    version: tuple[int, int]  # the source's (size, mtime) when copied
+    quiet: bool  # the source was last written over a second before: its mtime will move if it is written again
+
+
+def _staged(path: Path, copy: Path, durable: bool) -> _Copy | None:
+    """``path`` copied beside ``copy``; None: unchanged since this driver last copied it."""
     stat = path.stat()
     version = (stat.st_size, stat.st_mtime_ns)
     if _copied.get(str(copy)) == version and copy.exists():
-        return
+        return None
     part = copy.with_name(f".{copy.name}.{os.getpid()}-{threading.get_ident()}{PART}")  # one per copying thread
     try:
         shutil.copyfile(path, part)
@@ -77,11 +137,18 @@ def _replace(path: Path, copy: Path, durable: bool) -> None:
                 os.fsync(f.fileno())
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != version or not _parses(part):
-            return  # rewritten while copied: the storage keeps the whole file it has
-        os.replace(part, copy)
-    finally:
+            raise Rewritten(str(path))
+    except BaseException:
         part.unlink(missing_ok=True)
-    _copied[str(copy)] = version if time.time_ns() - stat.st_mtime_ns > QUIET_NS else None
+        raise
+    return _Copy(part, copy, version, time.time_ns() - stat.st_mtime_ns > QUIET_NS)
+
+
+def _commit(staged: list[_Copy | None]) -> None:
+    for item in staged:
+        if item is not None:
+            os.replace(item.part, item.copy)
+            _copied[str(item.copy)] = item.version if item.quiet else None
 
 
 def _parses(part: Path) -> bool:
@@ -93,6 +160,32 @@ def _parses(part: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class SnapshotTrial:
+    """A trial as the experiment state Tune restores holds it."""
+
+    study: str | None
+    status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    config: dict
+    last_result: dict
+
+
+def snapshot_trials(folder: str) -> dict[str, SnapshotTrial] | None:
+    """Trial id -> its state in the newest experiment state in ``folder``, the one Tune restores; None: none there."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+
+    newest = _find_newest_experiment_checkpoint(folder)
+    if newest is None:
+        return None
+    trials = {}
+    for state, metadata in json.loads(Path(newest).read_bytes())["trial_data"]:
+        state, metadata = json.loads(state), json.loads(metadata)
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        trials[state["trial_id"]] = SnapshotTrial(config.get(STUDY_KEY), state["status"], config,
+                                                  metadata.get("last_result") or {})
+    return trials
 
 
 def check_snapshot_readable(folder: str) -> None:
