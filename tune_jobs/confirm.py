@@ -324,15 +324,14 @@ def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, param
 def deleted_pairs(spec: Spec) -> set[tuple[str, int]]:
     """(study, seed) of confirm runs deleted in the MLflow UI: their Tune trials ended, and a restored experiment
     never runs an ended trial again, so such a pair is trained in a new experiment."""
-    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
+    from .summary import deleted_runs
     from .tracking import sweep_experiment
 
     experiment = sweep_experiment(spec.tracking_uri, spec.name)
-    runs = MlflowClient(spec.tracking_uri).search_runs(
-        [experiment.experiment_id], layout.runs_filter(layout.CONFIRM_ROLE), ViewType.DELETED_ONLY,
-        max_results=layout.MAX_RUNS) if experiment else []
+    runs = deleted_runs(MlflowClient(spec.tracking_uri), experiment.experiment_id, layout.CONFIRM_ROLE) \
+        if experiment else []
     return {(run.data.tags[STUDY], int(run.data.tags[SEED])) for run in runs}
 
 

@@ -44,12 +44,12 @@ def summarize(client: MlflowClient, experiment_id: str) -> dict:
     return dict(rows)
 
 
-def deleted_runs(client: MlflowClient, experiment_id: str) -> list:
-    """The sweep's trial runs deleted in the MLflow UI (kept until `mlflow gc`): the sweep ran those trials, and no
-    resume runs them again (each trial keeps its one run, deleted or not)."""
+def deleted_runs(client: MlflowClient, experiment_id: str, role: str = layout.TRIAL_ROLE) -> list:
+    """The sweep's runs of ``role`` (trial or confirm runs) deleted in the MLflow UI (kept until `mlflow gc`): the
+    sweep ran them, and no resume runs them again (each trial keeps its one run, deleted or not)."""
     from mlflow.entities import ViewType
 
-    runs = client.search_runs([experiment_id], layout.runs_filter(layout.TRIAL_ROLE), ViewType.DELETED_ONLY,
+    runs = client.search_runs([experiment_id], layout.runs_filter(role), ViewType.DELETED_ONLY,
                               max_results=layout.MAX_RUNS)
     return [run for run in runs if layout.DROPPED not in run.data.tags]  # those the sweep gave up itself: not lost
 

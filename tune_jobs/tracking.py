@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,18 +166,13 @@ def check_not_deleted(experiment, tracking_uri: str) -> None:
     """MLflow keeps a deleted experiment's name, and refuses every write to it: the sweep would start, then stop at
     its first write (a new sweep of that name) or end in a traceback (a resume)."""
     if experiment is not None and experiment.lifecycle_stage == "deleted":
-        import shlex
-
-        from .cli import executable
-
         store = shlex.quote(hide_password(tracking_uri))
         where = "THE_SERVERS_DATABASE" if tracking_uri.startswith(("http://", "https://")) else store
-        # MLflow 3's gc wants the tracking URI too ("Tracking URL is not set" without it)
+        # MLflow 3's gc wants the tracking URI too ("Tracking URL is not set" without it): mlflow_command sets it
+        gc = mlflow_command(tracking_uri, f"gc --backend-store-uri {where} --experiment-ids {experiment.experiment_id}")
         raise SpecError(f"the sweep's MLflow experiment {experiment.name} (id {experiment.experiment_id}) is deleted "
                         f"in {hide_password(tracking_uri)}, which keeps its name: restore it in the MLflow UI to go "
-                        f"on with it, remove it for good with `{executable('mlflow')} gc --backend-store-uri {where} "
-                        f"--tracking-uri {store} --experiment-ids {experiment.experiment_id}`, or give the sweep "
-                        "another name")
+                        f"on with it, remove it for good with `{gc}`, or give the sweep another name")
 
 
 def deleted_experiment(sweep: str, experiment, tracking_uri: str) -> str:
@@ -198,8 +194,6 @@ def named_sweep(client: MlflowClient, sweep: str, tracking_uri: str, experiments
 
 def mlflow_command(tracking_uri: str, command: str) -> str:
     """An MLflow CLI command on this store, as a shell takes it (that CLI reads the store from MLFLOW_TRACKING_URI)."""
-    import shlex
-
     from .cli import executable
 
     return f"MLFLOW_TRACKING_URI={shlex.quote(hide_password(tracking_uri))} {executable('mlflow')} {command}"
