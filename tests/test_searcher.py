@@ -314,9 +314,10 @@ def test_a_storage_whose_disk_is_full_or_read_only_stops_the_sweep_with_a_line_t
     assert ".." not in line and "invalid data" not in line
 
 
-def tune_snapshot(folder, trials: dict, ended: dict | None = None) -> None:
+def tune_snapshot(folder, trials: dict, ended: dict | None = None, errored=()) -> None:
     """The experiment state Tune writes beside the searcher's state: ``trials`` maps trial id -> its config (from
-    suggest); ``ended`` trial id -> its last result, for trials Tune had ended (TERMINATED)."""
+    suggest); ``ended`` trial id -> its last result, for trials Tune had ended (TERMINATED); ``errored``: trials
+    that failed for good (ERROR), which a resume runs again."""
     import json
 
     from ray.tune.experiment import Trial
@@ -324,7 +325,8 @@ def tune_snapshot(folder, trials: dict, ended: dict | None = None) -> None:
     states = []
     for trial_id, config in trials.items():
         trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
-        trial.set_status(Trial.TERMINATED if trial_id in (ended or {}) else Trial.RUNNING)
+        trial.set_status(Trial.TERMINATED if trial_id in (ended or {}) else
+                         Trial.ERROR if trial_id in errored else Trial.RUNNING)
         trial.run_metadata.last_result = (ended or {}).get(trial_id, {})
         states.append(list(trial.get_json_state()))
     (folder / "experiment_state-2026-12-01_00-00-00.json").write_text(json.dumps({"trial_data": states}))
@@ -398,3 +400,52 @@ def test_a_trial_tune_had_ended_but_the_searcher_was_not_told_is_told_at_its_bes
     [trial] = optuna.load_study(study_name=f"sw/{config[STUDY_KEY]}", storage=url).trials
     assert trial.state.name == "COMPLETE" and trial.value == 40.0 and restored.live == set()
     assert restored.suggest("t1")[STUDY_KEY] == NAMES[1]  # t0 counts once
+
+
+def test_a_failed_trial_run_again_on_a_resume_that_agrees_with_tune_reaches_its_new_optuna_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url, trials=2, cap=2)
+    configs = {"t0": searcher.suggest("t0")}
+    searcher.on_trial_result("t0", {"val_top1": 60.0, "epoch": 1, "training_iteration": 1})
+    searcher.on_trial_complete("t0", None, error=True)
+    configs["t1"] = searcher.suggest("t1")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    tune_snapshot(tmp_path, configs, errored={"t0"})  # the same moment: t0 ERROR, t1 running
+    restored = make_searcher(storage_url=url, trials=2, cap=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.live == {"t0", "t1"}
+    restored.on_trial_result("t0", {"val_top1": 70.0, "epoch": 2, "training_iteration": 2})
+    restored.on_trial_complete("t0", {"val_top1": 70.0, "training_iteration": 2})
+    mine = [t for t in optuna.load_study(study_name=f"sw/{configs['t0'][STUDY_KEY]}", storage=url).trials
+            if t.user_attrs["tune_trial_id"] == "t0"]
+    assert [(t.state.name, t.value) for t in mine] == [("FAIL", None), ("COMPLETE", 70.0)]  # it stayed RUNNING
+
+
+def test_a_failed_trial_tune_ran_again_to_its_end_after_the_searchers_snapshot_is_not_run_a_third_time(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url, trials=2, cap=1)
+    config = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", None, error=True)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the searcher's file: t0 failed
+    rerun = make_searcher(storage_url=url, trials=2, cap=1)
+    rerun.restore(str(tmp_path / "searcher.pkl"))  # a resume ran it again to its end; its searcher's file was lost
+    complete(rerun, "t0", 55.0)
+    tune_snapshot(tmp_path, {"t0": config}, ended={"t0": {"val_top1": 55.0, "epoch": 1}})
+    restored = make_searcher(storage_url=url, trials=2, cap=1)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.live == set() and restored.suggest("t1") is not None  # the cap of 1 was held for ever
+    states = [t.state.name for t in optuna.load_study(study_name=f"sw/{config[STUDY_KEY]}", storage=url).trials]
+    assert states == ["FAIL", "COMPLETE"]
+
+
+def test_a_searcher_pickled_by_an_older_version_agrees_with_tune_too(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(storage_url=url)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}
+    for search in searcher.searches.values():
+        del search.__dict__["failed"], search.__dict__["untold"]  # as a version before them pickled it
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    tune_snapshot(tmp_path, {"t0": configs["t0"]})  # t1 asked after Tune's trial states
+    restored = make_searcher(storage_url=url)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert set(restored.owner) == {"t0"} and restored.live == {"t0"}

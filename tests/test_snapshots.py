@@ -102,10 +102,11 @@ def test_a_snapshot_rewritten_while_it_is_copied_is_not_published(tmp_path, monk
     (storage / NAME).write_text('{"trial_data": [1, 2]}')
     copy = shutil.copyfile
 
-    def copy_while_tune_writes(source, target):
-        copy(source, target)
-        Path(target).write_text('{"trial_da')  # what a copy taken mid-write holds
-        Path(source).write_text('{"trial_data": [1, 2, 3, 4]}')
+    def copy_while_tune_writes(source, target, **kwargs):
+        copy(source, target, **kwargs)
+        if Path(target).parent == storage:  # the copy into the storage, taken mid-write
+            Path(target).write_text('{"trial_da')
+            (staging / NAME).write_text('{"trial_data": [1, 2, 3, 4]}')
 
     monkeypatch.setattr(snapshots.shutil, "copyfile", copy_while_tune_writes)
     snapshots.replace_files(str(staging), str(storage))
@@ -130,7 +131,7 @@ def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):
 
 
 SNAPSHOT = {NAME: '{"trial_data": [1, 2]}', "searcher-state-2026-12-01_00-00-00.pkl": "searcher, 2 trials",
-            "search_gen_state-2026-12-01_00-00-00.json": '{"counter": 2}'}
+            "search_gen_state-2026-12-01_00-00-00.json": '{"counter": 2}', "callback-states-2026-12-01.pkl": "2"}
 
 
 def snapshot_folders(tmp_path):
@@ -142,7 +143,7 @@ def snapshot_folders(tmp_path):
     return staging, storage
 
 
-def test_the_snapshots_files_are_published_together_the_trial_states_last(tmp_path, monkeypatch):
+def test_the_snapshots_files_are_published_in_an_order_a_resume_can_use_at_every_step(tmp_path, monkeypatch):
     # Tune's files went one by one in the folder's listing order: a stop between them left trial states newer than
     # the searcher's, and the resume ran a trial no study owned
     from tune_jobs import snapshots
@@ -153,26 +154,39 @@ def test_the_snapshots_files_are_published_together_the_trial_states_last(tmp_pa
     renamed, rename = [], os.replace
     monkeypatch.setattr(snapshots.os, "replace", lambda a, b: (renamed.append(Path(b).name), rename(a, b)))
     snapshots.replace_files(str(staging), str(storage))
-    assert sorted(renamed) == sorted(SNAPSHOT) and renamed[-1] == NAME
+    # a stop between two renames leaves trial states older than the searcher's, and the generator's "finished" never
+    # newer than the trials
+    assert sorted(renamed) == sorted(SNAPSHOT) and renamed[-2:] == [NAME, "search_gen_state-2026-12-01_00-00-00.json"]
     assert {p.name: p.read_text() for p in storage.iterdir()} == {n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
 
 
-def test_one_snapshot_file_rewritten_while_copied_publishes_none_of_them(tmp_path, monkeypatch):
+def test_tune_writing_its_next_snapshot_during_the_copy_leaves_the_published_one_from_one_moment(tmp_path,
+                                                                                                monkeypatch):
+    # each file was copied from the staging folder as it was at its turn: the next snapshot, written meanwhile, gave
+    # a mix of the two (or, a file rewritten mid-copy being skipped, new trial states beside the old searcher's)
     from tune_jobs import snapshots
 
     staging, storage = snapshot_folders(tmp_path)
-    copy = shutil.copyfile
+    copy, written = shutil.copyfile, []
 
-    def copy_while_tune_writes(source, target):
-        copy(source, target)
-        if "searcher" in str(source):
-            os.utime(source, ns=(0, 0))  # the next snapshot's searcher state, written over it
+    def copy_while_tune_writes(source, target, **kwargs):
+        copy(source, target, **kwargs)
+        if Path(target).parent == storage and not written:  # the slow copy into the storage: Tune goes on
+            with snapshots._writing:  # as Tune's save_to_dir takes it
+                for name, text in SNAPSHOT.items():
+                    (staging / name).write_text(text.replace("2", "4"))
+            written.append(True)
     monkeypatch.setattr(snapshots.shutil, "copyfile", copy_while_tune_writes)
     snapshots.replace_files(str(staging), str(storage))
-    assert {p.name: p.read_text() for p in storage.iterdir()} == SNAPSHOT  # the last whole snapshot, no part
+    assert written and {p.name: p.read_text() for p in storage.iterdir()} == {
+        n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
+    monkeypatch.setattr(snapshots.shutil, "copyfile", copy)
+    snapshots.replace_files(str(staging), str(storage))  # the next snapshot's copy
+    assert {p.name: p.read_text() for p in storage.iterdir()} == {n: t.replace("2", "4") for n, t in SNAPSHOT.items()}
 
 
-def test_tune_writes_its_snapshot_under_the_lock_the_copy_and_a_driver_ending_itself_wait_for(tmp_path, monkeypatch):
+def test_tune_writes_its_snapshot_under_the_lock_and_a_driver_ending_itself_waits_for_a_publish(tmp_path,
+                                                                                                 monkeypatch):
     import threading
 
     from ray.tune.execution.tune_controller import TuneController
@@ -182,6 +196,7 @@ def test_tune_writes_its_snapshot_under_the_lock_the_copy_and_a_driver_ending_it
     held = []
     monkeypatch.setattr(TuneController, "save_to_dir", lambda self: held.append(snapshots._writing.locked()))
     snapshots._save_under_lock()  # as whole_file_snapshots does, once per driver
+    snapshots._save_under_lock()
     TuneController.save_to_dir(None)
     assert held == [True] and not snapshots._writing.locked()
     staging, storage = snapshot_folders(tmp_path)
@@ -192,6 +207,36 @@ def test_tune_writes_its_snapshot_under_the_lock_the_copy_and_a_driver_ending_it
         copy.join(0.5)
         assert copy.is_alive() and (storage / NAME).read_text() == SNAPSHOT[NAME]
     finally:
-        snapshots._writing.release()
+        snapshots._publishing.release()
     copy.join(30)
     assert (storage / NAME).read_text() == SNAPSHOT[NAME].replace("2", "3")
+
+
+def test_a_resume_reads_the_searchers_state_from_the_storage_not_from_a_killed_drivers_staging_folder(tmp_path,
+                                                                                                       monkeypatch):
+    # a cluster's Ray session keeps the staging folder across drivers: Tune restored the trials from the storage's
+    # newest snapshot and the searcher from a newer one a killed driver never published there
+    from types import SimpleNamespace
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from tune_jobs import snapshots
+
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    for folder in (staging, storage):
+        folder.mkdir()
+        (folder / "searcher-state-2026-12-01_00-00-00.pkl").write_text(f"{folder.name}'s")
+    (staging / "searcher-state-2026-12-02_00-00-00.pkl").write_text("never published")
+    (staging / "trial-1").mkdir()
+    (staging / "trial-1" / "params.pkl").write_text("a trial's")
+
+    def download(manager):  # Tune's: every .json and .pkl of the storage's folder into the staging folder
+        for path in storage.iterdir():
+            shutil.copyfile(path, staging / path.name)
+    monkeypatch.setattr(_ExperimentCheckpointManager, "sync_down_experiment_state", download)
+    snapshots._restore_from_storage_only()
+    manager = SimpleNamespace(_storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    _ExperimentCheckpointManager.sync_down_experiment_state(manager)
+    assert sorted(p.name for p in staging.iterdir()) == ["searcher-state-2026-12-01_00-00-00.pkl", "trial-1"]
+    assert (staging / "searcher-state-2026-12-01_00-00-00.pkl").read_text() == "storage's"
+    assert (staging / "trial-1" / "params.pkl").exists()

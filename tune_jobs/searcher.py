@@ -113,8 +113,10 @@ class StudySearch(OptunaSearch):
             record.discard(trial_id)
 
     def adopt(self, trial_id: str, trial: SnapshotTrial) -> None:
-        """A trial Tune restores that this searcher's older state never asked: it takes back the Optuna trial asked
-        for it, or (a study in memory only) a new one with its params."""
+        """A trial Tune restores as this searcher's older state never knew it (never asked, or failed where Tune
+        ran it again to its end): it takes back the Optuna trial last asked for it, or (a study in memory only)
+        a new one with its params."""
+        self.forget(trial_id)
         storage = self._ot_study._storage  # noqa: SLF001
         asked = trial_of(storage, self._ot_study._study_id, trial_id)  # noqa: SLF001
         if asked is None:
@@ -128,18 +130,19 @@ class StudySearch(OptunaSearch):
         if asked.state == TrialState.FAIL and trial.status != "TERMINATED":  # Tune runs it: a new Optuna trial
             self.failed.add(trial_id)
 
-    def ended(self, trial_id: str, last_result: dict) -> None:
+    def ended(self, trial_id: str, trial: SnapshotTrial) -> None:
         """A trial Tune had ended in the snapshot it restores, but this searcher was never told: Tune will not end
-        it again, so it is told now, valued at its best epoch in the study (as on_trial_complete values it)."""
+        it again, so it is told now, valued at its best epoch (as on_trial_complete values it)."""
         if trial_id in self._completed_trials or trial_id in self.untold:  # noqa: SLF001
             return
         stored = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)  # noqa: SLF001
         if stored.state.is_finished():
             self._completed_trials.add(trial_id)  # noqa: SLF001
             return
-        if epochs := list(stored.intermediate_values.values()):
-            self.best[trial_id] = max(epochs + [self.best.get(trial_id, epochs[0])])
-        self.on_trial_complete(trial_id, last_result or None)
+        values = [*stored.intermediate_values.values(), self.best.get(trial_id), trial.best(self.metric)]
+        if values := [v for v in values if v is not None]:
+            self.best[trial_id] = max(values)
+        self.on_trial_complete(trial_id, trial.last_result or None)
 
     def failed_before(self) -> set[str]:
         """The trials told FAIL, read from the study: a searcher saved before it kept them (failed) had none."""
@@ -211,15 +214,19 @@ class MultiStudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
-        if (trials := snapshot_trials(str(Path(checkpoint_path).parent))) is not None:  # Tune restores them from there
-            self.agree_with(trials)
         for search in self.searches.values():
             if "failed" not in search.__dict__:  # a searcher saved before failed trials were kept
                 search.failed = search.failed_before()
-            for trial_id in list(search.__dict__.setdefault("untold", {})):
+            search.__dict__.setdefault("untold", {})
+        if (trials := snapshot_trials(str(Path(checkpoint_path).parent))) is not None:  # Tune restores them from there
+            self.agree_with(trials)
+        for search in self.searches.values():
+            for trial_id in list(search.untold):
                 search.retell(trial_id)
             if search._storage is not None:  # noqa: SLF001 - None: the study lives in memory only
-                search.told = settle_restored(search._storage, search._study_name, self.live)  # noqa: SLF001
+                # a failed trial's Optuna trial is finished, but no result of its rerun may be dropped as told
+                search.told = settle_restored(search._storage, search._study_name,  # noqa: SLF001
+                                              self.live - search.failed)
             for trial_id in sorted(search.failed):  # Tune runs them again (resume_errored): the cap counts them
                 search.rerun(trial_id)
                 self.live.add(trial_id)
@@ -228,13 +235,17 @@ class MultiStudySearcher(Searcher):
         """Tune's trial states rule: a driver stopped between writing them and the searcher's state restores the
         two from different moments. Trials Tune lacks are forgotten (their slots are asked afresh); trials it has
         are owned by their study (a study whose trial nobody owned asked one too many), told if Tune had ended
-        them; the trials Tune runs on are the live ones."""
+        them; the trials Tune runs on are the live ones (failed ones join them as they are run again)."""
         for trial_id in set(self.owner) - set(trials):
             self.searches[self.owner.pop(trial_id)].forget(trial_id)
         for trial_id, trial in trials.items():
-            if trial_id not in self.owner and trial.study in self.searches:
-                self.owner[trial_id] = trial.study
-                self.searches[trial.study].adopt(trial_id, trial)
-            if trial.status == "TERMINATED" and trial_id in self.owner:
-                self.searches[self.owner[trial_id]].ended(trial_id, trial.last_result)
-        self.live = {t for t, trial in trials.items() if t in self.owner and trial.status != "TERMINATED"}
+            search = self.searches.get(self.owner.get(trial_id, trial.study))
+            if search is None:
+                continue
+            if trial_id not in self.owner or (trial.status == "TERMINATED" and trial_id in search.failed):
+                self.owner[trial_id] = self.owner.get(trial_id, trial.study)
+                search.adopt(trial_id, trial)
+            if trial.status == "TERMINATED":
+                search.ended(trial_id, trial)
+        self.live = {t for t, trial in trials.items() if t in self.owner and trial.status != "TERMINATED"
+                     and t not in self.searches[self.owner[t]].failed}

@@ -11,9 +11,10 @@ it is damaged (a sweep of an older version).
 The snapshot's own files are one state, read back as one: Tune copied them one by one while the
 next snapshot was being written, and a stop between them left trial states and a searcher from
 different moments (a trial Tune resumed that no study owned, so a study ran one trial too many).
-They are now written and copied under one lock, and the trial states are renamed into place last.
-A resume also makes the searcher agree with the trial states it restores (tune_jobs/searcher.py),
-which covers a SIGKILL between two renames and cloud storage.
+Now a copy of them is taken while Tune cannot write them (one lock), and that copy is published
+in an order whose every prefix a resume can use (publish_order); a driver ending itself waits for
+a publish under way. A resume also makes the searcher agree with the trial states it restores
+(searcher.MultiStudySearcher.agree_with), which covers a SIGKILL between two renames.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,9 @@ from .spec import SpecError
 PART = ".attzoom-part"  # a file being written; never a name Tune looks for
 QUIET_NS = 1_000_000_000
 _copied: dict[str, tuple[int, int] | None] = {}  # a copy in the storage -> its source's (size, mtime) when quiet
-_writing = threading.Lock()  # held while Tune writes the driver's snapshot and while it is published
-TRIAL_STATES = "experiment_state-"  # the file Tune restores the trials from, published after the searcher's
+_writing = threading.Lock()  # held while Tune writes the driver's snapshot, and while a copy of it is taken
+_publishing = threading.Lock()  # held while a snapshot's files are renamed (or uploaded) into the storage
+LAST = ("experiment_state-", "search_gen_state-")  # published last, in this order (publish_order)
 
 
 class Rewritten(Exception):
@@ -41,7 +45,8 @@ class Rewritten(Exception):
 
 
 def whole_file_snapshots() -> None:
-    """Make this driver's Tune syncer replace files on a local file system instead of overwriting them."""
+    """Make this driver's Tune publish its snapshot whole: on a local file system each file replaced, not
+    overwritten; everywhere, the snapshot's own files from one moment, in publish_order."""
     import pyarrow.fs
     from ray.train._internal.storage import _FilesystemSyncer
 
@@ -50,32 +55,81 @@ def whole_file_snapshots() -> None:
     overwrite = _FilesystemSyncer._sync_up_command  # noqa: SLF001 - Tune has no public hook for how it uploads
 
     def sync_up_command(self, local_path: str, uri: str, exclude: list | None = None):
-        if isinstance(self.storage_filesystem, pyarrow.fs.LocalFileSystem) and not exclude:
+        if exclude:
+            return overwrite(self, local_path, uri, exclude)
+        if isinstance(self.storage_filesystem, pyarrow.fs.LocalFileSystem):
             return replace_files, {"source": local_path, "target": uri}
-        return overwrite(self, local_path, uri, exclude)
+        upload, kwargs = overwrite(self, local_path, uri, exclude)
+        return upload_in_order, {"upload": upload, **kwargs}
 
     _FilesystemSyncer._sync_up_command = sync_up_command  # noqa: SLF001
     _FilesystemSyncer._attzoom_whole_files = True  # noqa: SLF001
     _save_under_lock()
+    _restore_from_storage_only()
 
 
 def _save_under_lock() -> None:
-    """Tune writes the snapshot's files one after another: none of them is published while it does."""
+    """Tune writes the snapshot's files one after another: no copy of them is taken while it does."""
     from ray.tune.execution.tune_controller import TuneController
 
     save = TuneController.save_to_dir
+    if getattr(save, "_attzoom_locked", False):
+        return
 
     def save_to_dir(self):
         with _writing:
             save(self)
 
+    save_to_dir._attzoom_locked = True
     TuneController.save_to_dir = save_to_dir
 
 
+def _restore_from_storage_only() -> None:
+    """A resume reads the trial states from the storage but the searcher's state from the driver's staging folder,
+    which a cluster's Ray session keeps across drivers: a killed driver's unpublished snapshot there was newer than
+    the storage's, and the two disagreed. The staging folder's snapshot files go before Tune copies the storage's."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    download = _ExperimentCheckpointManager.sync_down_experiment_state
+    if getattr(download, "_attzoom_clears", False):
+        return
+
+    def sync_down_experiment_state(self):
+        staging = Path(self._storage.experiment_driver_staging_path)
+        for stale in [*staging.glob("*.json"), *staging.glob("*.pkl")]:
+            stale.unlink(missing_ok=True)
+        download(self)
+
+    sync_down_experiment_state._attzoom_clears = True
+    _ExperimentCheckpointManager.sync_down_experiment_state = sync_down_experiment_state
+
+
 def snapshot_held(timeout: float = 10.0) -> bool:
-    """Wait until no snapshot is half written or half published, and let none start: for a driver about to end
-    itself (infra._end_if_ray_ends), so the storage keeps a snapshot whose files agree. False: it waited in vain."""
-    return _writing.acquire(timeout=timeout)
+    """Wait until no snapshot is half published, and let none start: for a driver about to end itself
+    (infra._end_if_ray_ends), so the storage keeps a snapshot whose files agree. False: it waited in vain."""
+    return _publishing.acquire(timeout=timeout)
+
+
+def publish_order(names) -> list[str]:
+    """The trial states after the searcher's and the callbacks' state: a stop between them leaves the trial states
+    older, which a restore reconciles (searcher.agree_with); the search generator's last, so that its "finished"
+    is never newer than the trials (a forgotten trial's slot would never be asked again)."""
+    def rank(name: str) -> tuple[int, str]:
+        return next((i + 1 for i, prefix in enumerate(LAST) if name.startswith(prefix)), 0), name
+    return sorted(names, key=rank)
+
+
+@contextmanager
+def _frozen(folder: Path):
+    """A copy of the snapshot's own files (the folder's, not its trial folders') as of one moment: taken on local
+    disk while Tune cannot write them, so the slow copy to the storage runs while Tune goes on."""
+    with tempfile.TemporaryDirectory(prefix="attzoom-snapshot-") as frozen:
+        with _writing:
+            for path in folder.iterdir():
+                if path.is_file() and not path.name.startswith("."):  # Tune's own temporary files, there a moment
+                    with suppress(FileNotFoundError):
+                        shutil.copy2(path, Path(frozen, path.name))  # its time stamp too: _staged compares it
+        yield Path(frozen)
 
 
 def replace_files(source: str, target: str) -> None:
@@ -88,31 +142,46 @@ def replace_files(source: str, target: str) -> None:
     for folder, _, files in os.walk(source):
         into = Path(target, os.path.relpath(folder, source))
         into.mkdir(parents=True, exist_ok=True)
-        names = [name for name in files if not name.startswith(".")]  # Tune's own temporary files, there a moment
         if folder == source:
-            _publish_together(Path(folder), into, names)
+            _publish_together(Path(folder), into)
             continue
-        for name in names:
+        for name in files:
+            if name.startswith("."):
+                continue
             try:
                 _commit([_staged(Path(folder, name), into / name, durable=False)])
             except (FileNotFoundError, Rewritten):  # gone or rewritten: the next snapshot has what replaced it
                 continue
 
 
-def _publish_together(folder: Path, into: Path, names: list[str]) -> None:
-    """The snapshot's own files, copied while Tune cannot write them and each durable before its rename (a host
-    crash after it must not leave an empty one); the trial states go last, so a stop between two renames leaves
-    them older than the searcher's, never newer. One file rewritten while copied: none is published."""
-    with _writing:
+def _publish_together(folder: Path, into: Path) -> None:
+    """The snapshot's own files from one moment, each durable before its rename (a host crash after it must not
+    leave an empty one), renamed in publish_order."""
+    with _frozen(folder) as frozen:
         staged = []
         try:
-            for name in sorted(names, key=lambda n: (n.startswith(TRIAL_STATES), n)):
-                staged.append(_staged(folder / name, into / name, durable=True))
-            _commit(staged)
-        except (FileNotFoundError, Rewritten):
-            for copy in staged:
-                if copy is not None:
-                    copy.part.unlink(missing_ok=True)
+            for name in publish_order(os.listdir(frozen)):
+                staged.append(_staged(frozen / name, into / name, durable=True))
+            with _publishing:
+                _commit(staged)
+            staged = []
+        except Rewritten:  # a frozen copy is not rewritten; kept for a file system that fails a copy
+            pass
+        finally:
+            for item in staged:
+                if item is not None:
+                    item.part.unlink(missing_ok=True)
+
+
+def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> None:
+    """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from one moment, one
+    object each (an object is written whole) in publish_order."""
+    root = Path(local_path)
+    for folder in [path for path in root.iterdir() if path.is_dir()]:
+        upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
+    with _frozen(root) as frozen, _publishing:
+        for name in publish_order(os.listdir(frozen)):
+            upload(local_path=str(frozen / name), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{name}", exclude=exclude)
 
 
 @dataclass
@@ -153,7 +222,7 @@ def _commit(staged: list[_Copy | None]) -> None:
 
 def _parses(part: Path) -> bool:
     """An experiment state is whole JSON (a rewrite within the copy's clock tick leaves the time stamp alone)."""
-    if not part.name.startswith(".experiment_state-"):
+    if not part.name.startswith(f".{LAST[0]}"):
         return True
     try:
         json.loads(part.read_bytes())
@@ -170,6 +239,11 @@ class SnapshotTrial:
     status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
     config: dict
     last_result: dict
+    metric_analysis: dict  # metric -> {"max": ..., "min": ..., "last": ...} over the results Tune had
+
+    def best(self, metric: str) -> float | None:
+        """The highest value of ``metric`` Tune had from the trial (its best epoch, where the study lacks it)."""
+        return (self.metric_analysis.get(metric) or {}).get("max")
 
 
 def snapshot_trials(folder: str) -> dict[str, SnapshotTrial] | None:
@@ -184,7 +258,8 @@ def snapshot_trials(folder: str) -> dict[str, SnapshotTrial] | None:
         state, metadata = json.loads(state), json.loads(metadata)
         config = state.get("config") if isinstance(state.get("config"), dict) else {}
         trials[state["trial_id"]] = SnapshotTrial(config.get(STUDY_KEY), state["status"], config,
-                                                  metadata.get("last_result") or {})
+                                                  metadata.get("last_result") or {},
+                                                  metadata.get("metric_analysis") or {})
     return trials
 
 
