@@ -132,6 +132,7 @@ def test_a_stopped_confirm_is_restored_only_for_just_the_seeds_left_on_the_same_
     from tune_jobs.confirm import CONFIRM_FILE, confirm_experiment
     from tune_jobs.layout import ROLE, SWEEP, TRIAL
     from tune_jobs.spec import Spec
+    from tune_jobs.tracking import drop_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = Spec(name="c", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",),
@@ -151,8 +152,14 @@ def test_a_stopped_confirm_is_restored_only_for_just_the_seeds_left_on_the_same_
                                 ([(study, 3)], set(), params)):  # seed 1 is no longer done (nor wanted)
         name, restored = confirm_experiment(spec, todo, done, configs)
         assert name != "c-confirm-100" and restored == set(), (todo, done)
+    # its seed-3 trial started over from epoch 1 (a damaged checkpoint): the confirm deleted its first run itself, and
+    # that kept the stopped confirm from being restored
+    tags = {SWEEP: "c", STUDY: study, ROLE: CONFIRM_ROLE, SEED: "3", TRIAL: "x"}
+    dropped = client.create_run(eid, tags=tags)
+    drop_run(client, dropped.info.run_id, "restart")
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params)[1] == {(study, 1), (study, 3)}
     # its seed-3 run finished, then was deleted in the UI: Tune would never run that ended trial again
-    run = client.create_run(eid, tags={SWEEP: "c", STUDY: study, ROLE: CONFIRM_ROLE, SEED: "3", TRIAL: "x"})
+    run = client.create_run(eid, tags=tags)
     client.delete_run(run.info.run_id)
     assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params)[1] == set()
 
