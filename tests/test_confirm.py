@@ -232,3 +232,14 @@ def test_confirm_says_complete_only_when_every_seed_run_finished():
         line, code = confirm_closing(replace(spec, variants=variants), 1, [])
         assert code == 0 and "complete (seed 1 of each study finished); see " in line
         assert ("see the verdict" in line) == verdict and ("mean and spread" in line) != verdict, (variants, line)
+
+
+def test_a_confirm_stopped_before_it_runs_says_to_run_it_again(monkeypatch, capsys):
+    # a SIGTERM while it read the sweep's stores printed "interrupted" alone, exit 130: no word of how to go on
+    from tune_jobs import cli, confirm
+
+    def stopped(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(confirm, "run_confirm_command", stopped)
+    assert cli.main(["confirm", "t"]) == 130
+    assert capsys.readouterr().err == "interrupted; run the same command again\n"

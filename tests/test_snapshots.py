@@ -149,15 +149,19 @@ def test_the_snapshots_files_are_published_in_an_order_a_resume_can_use_at_every
     from tune_jobs import snapshots
 
     staging, storage = snapshot_folders(tmp_path)
+    (staging / "trial-1").mkdir()
+    (staging / "trial-1" / "result.json").write_text("{}\n{}\n")  # a trial's rows, its last one new
     listing = os.walk
     monkeypatch.setattr(snapshots.os, "walk", lambda top: ((f, d, sorted(n)) for f, d, n in listing(top)))
     renamed, rename = [], os.replace
     monkeypatch.setattr(snapshots.os, "replace", lambda a, b: (renamed.append(Path(b).name), rename(a, b)))
     snapshots.replace_files(str(staging), str(storage))
     # a stop between two renames leaves trial states older than the searcher's, and the generator's "finished" never
-    # newer than the trials
-    assert sorted(renamed) == sorted(SNAPSHOT) and renamed[-2:] == [NAME, "search_gen_state-2026-12-01_00-00-00.json"]
-    assert {p.name: p.read_text() for p in storage.iterdir()} == {n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
+    # newer than the trials; the trial folders go first (a trial TERMINATED in them had lost its last row)
+    assert renamed[0] == "result.json" and sorted(renamed[1:]) == sorted(SNAPSHOT)
+    assert renamed[-2:] == [NAME, "search_gen_state-2026-12-01_00-00-00.json"]
+    assert {p.name: p.read_text() for p in storage.iterdir() if p.is_file()} == {
+        n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
 
 
 def test_tune_writing_its_next_snapshot_during_the_copy_leaves_the_published_one_from_one_moment(tmp_path,

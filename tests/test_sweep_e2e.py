@@ -309,6 +309,26 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
 
 
+def test_a_sigterm_while_ray_starts_is_an_interrupt_with_its_line_and_leaves_no_process(tmp_path, few_digits_root):
+    # ray.init puts its own handler in place (sys.exit(15)) while it starts: a scheduler's SIGTERM then ended the
+    # driver with exit 15 and not a word
+    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=1, epochs=1)
+    driver = start("sweep", str(spec), cwd=tmp_path)
+
+    def ray_starting() -> bool:
+        try:
+            return any(p.name() == "gcs_server" for p in psutil.Process(driver.pid).children(recursive=True))
+        except psutil.Error:
+            return False
+    wait_for(ray_starting, timeout=120, every=0.01)
+    driver.send_signal(signal.SIGTERM)
+    out = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 130, (driver.returncode, out[-3000:])
+    assert re.fullmatch(r"interrupted.*(continue with: .*resume t --storage .*|run the same command again)",
+                        out.rstrip().splitlines()[-1]), out[-3000:]
+    wait_for(lambda: not [p for p in psutil.process_iter() if _session(p.pid) == driver.pid], timeout=60)
+
+
 def load_rungs(spec_dir: Path, storage: str | None = None) -> dict:
     """The scheduler's state in the sweep's newest experiment snapshot (Tune's callback state file)."""
     # one file per driver, named by its start time (Tune copies them all again at the end: no use in mtimes)

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from . import layout
 from .layout import SEED, STUDY
-from .infra import raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
+from .infra import RUN_AGAIN, raise_if_interrupted, raise_if_problem, report_problem, stops_on_problems
 from .lease import sweep_lease
 from .naming import counted
 from .space import STUDY_KEY, same_config, searched_values
@@ -44,7 +44,7 @@ def add_confirm_command(sub) -> None:
                               "its spec is read there when its folder is gone, else from sqlite:///mlflow.db)")
     confirm.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     confirm.add_argument("--data-root", default=None, help="where the data sets are now, if they moved")
-    confirm.set_defaults(run=run_confirm_command)
+    confirm.set_defaults(run=run_confirm_command, on_interrupt=RUN_AGAIN)  # before its own stop says more
 
 
 def run_confirm_command(args) -> int:

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,24 +141,39 @@ def start_ray(spec: Spec, address: str | None) -> None:
     """Connect to a cluster, or start a private local instance bound to 127.0.0.1."""
     import ray
 
-    if address:
-        join_cluster(address)
-        where = f"the cluster at {address}"
-    else:
-        quiet_token_auth_notice()
-        private_auth_token()
-        with loopback_only(), process_groups_of_their_own():
-            ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
-        _private_gcs[:] = gcs_of_private_ray()
-        where = "this machine"
-    sigterm_as_interrupt()  # again: ray.init put its own handler in place, which dumps a crash report and dies
+    with sigterm_stays_an_interrupt():
+        if address:
+            join_cluster(address)
+            where = f"the cluster at {address}"
+        else:
+            quiet_token_auth_notice()
+            private_auth_token()
+            with loopback_only(), process_groups_of_their_own():
+                ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+            _private_gcs[:] = gcs_of_private_ray()
+            where = "this machine"
     resources = ray.cluster_resources()
     if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
         check_cluster_cpus(spec, resources.get("CPU", 0.0), where)
     gpus = resources.get("GPU", 0.0)
     if wait := check_cluster_gpus(spec, gpus, where, gpu_ceiling() if address and spec.gpus > gpus else None):
         print(f"attzoom: {wait}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def sigterm_stays_an_interrupt():
+    """ray.init puts its own SIGTERM handler in place (sys.exit(15); once connected, a crash dump): a SIGTERM while
+    Ray started ended the driver with exit 15 and no word. It is the interrupt it is, and the sweep's handler is put
+    back once Ray has started."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        sigterm_as_interrupt()
 
 
 def gpu_ceiling() -> float | None:

@@ -133,55 +133,67 @@ def _frozen(folder: Path):
 
 
 def replace_files(source: str, target: str) -> None:
-    """Copy the folder ``source`` into ``target``, each file written beside its place and renamed over it.
+    """Copy the folder ``source`` into ``target``, each file written beside its place and renamed over it; the
+    snapshot's own files (the folder's) last, as of a moment before the trial folders' copy: a stop midway leaves
+    trial folders at least as new as the trial states that name them (a trial TERMINATED there had lost its
+    result.json's last row when the stop came between the two).
 
     A file this driver copied before, quiet then and unchanged since, is skipped: at paper scale the trial folders
     hold thousands of the loggers' files, and between two snapshots only the running trials' change (Tune copied
     them all). A file written within the last second is copied again next time: a write in the same clock tick as
     the copy leaves its time stamp as it was."""
-    for folder, _, files in os.walk(source):
-        into = Path(target, os.path.relpath(folder, source))
-        into.mkdir(parents=True, exist_ok=True)
-        if folder == source:
-            _publish_together(Path(folder), into)
+    with _frozen(Path(source)) as frozen:
+        for folder, _, files in os.walk(source):
+            into = Path(target, os.path.relpath(folder, source))
+            into.mkdir(parents=True, exist_ok=True)
+            if folder != source:
+                for name in files:
+                    if not name.startswith("."):
+                        _replace(Path(folder, name), into / name)
+        _publish_together(frozen, Path(target))
+
+
+def _replace(path: Path, copy: Path, tries: int = 3) -> None:
+    """One trial folder's file; one that a logger appended to while it was copied is copied again."""
+    for _ in range(tries):
+        try:
+            _commit([_staged(path, copy, durable=False)])
+            return
+        except Rewritten:
             continue
-        for name in files:
-            if name.startswith("."):
-                continue
-            try:
-                _commit([_staged(Path(folder, name), into / name, durable=False)])
-            except (FileNotFoundError, Rewritten):  # gone or rewritten: the next snapshot has what replaced it
-                continue
+        except FileNotFoundError:  # gone since the listing: the next snapshot has what replaced it
+            return
 
 
-def _publish_together(folder: Path, into: Path) -> None:
+def _publish_together(frozen: Path, into: Path) -> None:
     """The snapshot's own files from one moment, each durable before its rename (a host crash after it must not
     leave an empty one), renamed in publish_order."""
-    with _frozen(folder) as frozen:
+    staged = []
+    try:
+        for name in publish_order(os.listdir(frozen)):
+            staged.append(_staged(frozen / name, into / name, durable=True))
+        with _publishing:
+            _commit(staged)
         staged = []
-        try:
-            for name in publish_order(os.listdir(frozen)):
-                staged.append(_staged(frozen / name, into / name, durable=True))
-            with _publishing:
-                _commit(staged)
-            staged = []
-        except Rewritten:  # a frozen copy is not rewritten; kept for a file system that fails a copy
-            pass
-        finally:
-            for item in staged:
-                if item is not None:
-                    item.part.unlink(missing_ok=True)
+    except Rewritten:  # a frozen copy is not rewritten; kept for a file system that fails a copy
+        pass
+    finally:
+        for item in staged:
+            if item is not None:
+                item.part.unlink(missing_ok=True)
 
 
 def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> None:
-    """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from one moment, one
-    object each (an object is written whole) in publish_order."""
+    """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from a moment before,
+    one object each (an object is written whole), in publish_order."""
     root = Path(local_path)
-    for folder in [path for path in root.iterdir() if path.is_dir()]:
-        upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
-    with _frozen(root) as frozen, _publishing:
-        for name in publish_order(os.listdir(frozen)):
-            upload(local_path=str(frozen / name), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{name}", exclude=exclude)
+    with _frozen(root) as frozen:
+        for folder in [path for path in root.iterdir() if path.is_dir()]:
+            upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
+        with _publishing:
+            for name in publish_order(os.listdir(frozen)):
+                upload(local_path=str(frozen / name), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{name}",
+                       exclude=exclude)
 
 
 @dataclass
