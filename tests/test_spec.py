@@ -1315,3 +1315,34 @@ def test_confirms_hints_name_the_drivers_address(tmp_path):
     assert f"resume tiny --storage {spec.storage} --address ray://head:10001`" in line, line
     line, _ = confirm_closing(spec, 3, [(spec.studies[0].name, 2)], address="auto")
     assert line.split("retry them with `", 1)[1].startswith(confirm_command(spec, 3, "auto")), line
+
+
+KILLED_WRITER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size = 1")  # the changed pages spill: the journal holds the old ones
+connection.execute("BEGIN IMMEDIATE")
+for i in range(50):
+    connection.execute("INSERT INTO tags VALUES (?, randomblob(10000), 'no-such-run')", (f"k{i}",))
+print("mid-write", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_read_not_refused(tmp_path):
+    # a driver SIGKILLed while MLflow wrote left a hot journal: the read-only check was refused ("attempt to write a
+    # readonly database") and every resume was told to pass the store it had passed
+    from mlflow.tracking import MlflowClient
+
+    from tune_jobs.spec import check_tracking_store
+
+    database = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").create_experiment("attzoom-t")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(database)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "mid-write\n"
+    writer.kill()
+    writer.wait(timeout=30)
+    assert (tmp_path / "mlflow.db-journal").exists()
+    check_tracking_store(f"sqlite:///{database}")
+    assert not (tmp_path / "mlflow.db-journal").exists()  # rolled back, as MLflow's first write would
+    assert MlflowClient(f"sqlite:///{database}").get_experiment_by_name("attzoom-t") is not None

@@ -647,18 +647,30 @@ def optuna_storage_url(spec: Spec) -> str | None:
 
 
 def sqlite_tables(database: Path) -> set[str]:
-    """The tables of an existing SQLite file, read without changing it; SpecError when it is no SQLite database."""
+    """The tables of an existing SQLite file, read without changing it; SpecError when it is no SQLite database.
+
+    A writer killed mid-transaction (a driver's SIGKILL) leaves a hot journal, which only a read-write connection
+    may roll back: read-only, the store was refused as "attempt to write a readonly database" until something
+    opened it to write. It is read again as MLflow would open it (the file is never created)."""
     import sqlite3
 
     try:
-        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
         try:
-            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            connection.close()
+            return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=5))
+        except sqlite3.OperationalError as e:
+            if "readonly" not in str(e) or not database.with_name(f"{database.name}-journal").exists():
+                raise
+            return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True, timeout=5))
     except sqlite3.Error as e:
         raise SpecError(f"{database} cannot be read as a tracking store ({e}); pass the --tracking-uri of the "
                         "sweep's store, sqlite:///PATH/mlflow.db") from None
+
+
+def _tables(connection) -> set[str]:
+    try:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        connection.close()
 
 
 def check_tracking_store(tracking_uri: str) -> None:
