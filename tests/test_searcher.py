@@ -152,6 +152,9 @@ def test_studies_live_in_the_optuna_storage_and_a_restore_fails_what_the_killed_
     loaded = {n: optuna.load_study(study_name=f"sw/{n}", storage=url) for n in NAMES}
     states = {t.user_attrs["tune_trial_id"]: t.state.name for study in loaded.values() for t in study.trials}
     assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "FAIL"}  # t1 resumes; t2 is asked afresh
+    # optuna-dashboard shows why a trial that never failed is FAIL (it showed no reason)
+    reasons = {t.user_attrs["tune_trial_id"]: t.user_attrs.get("dropped") for s in loaded.values() for t in s.trials}
+    assert reasons["t2"].startswith("asked by a driver stopped before its next snapshot") and reasons["t1"] is None
     complete(restored, "t1", 20.0)
     n = 2
     while restored.suggest(f"n{n}") is not Searcher.FINISHED:

@@ -15,6 +15,8 @@ import optuna
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
+DROPPED_ATTR = "dropped"  # why a trial is FAIL though it never failed: optuna-dashboard shows it beside the trial
+ASKED_AFRESH = "asked by a driver stopped before its next snapshot; the sweep asked again in its place"
 
 
 def optuna_study_name(sweep: str, study: str) -> str:
@@ -65,7 +67,9 @@ def settle_restored(storage, study_name: str, live: set[str]) -> set[str]:
     for trial in trials:
         owner = trial.user_attrs.get(TUNE_TRIAL_ATTR)
         if trial.state == optuna.trial.TrialState.RUNNING and (owner not in live or latest[owner] is not trial):
-            storage.set_trial_state_values(_storage_id(storage, study_id, trial), optuna.trial.TrialState.FAIL)
+            storage_id = _storage_id(storage, study_id, trial)
+            storage.set_trial_user_attr(storage_id, DROPPED_ATTR, ASKED_AFRESH)
+            storage.set_trial_state_values(storage_id, optuna.trial.TrialState.FAIL)
         elif trial.state.is_finished() and owner in live and latest[owner] is trial:
             told.add(owner)
     return told
