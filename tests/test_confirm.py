@@ -70,11 +70,16 @@ lr = [1e-3, 1e-2]
     first.send_signal(signal.SIGTERM)
     out = first.communicate(timeout=300)[0]
     assert first.returncode == 130 and "interrupted: " in out.rstrip().splitlines()[-1], out[-3000:]
-    assert "re-training each study's best config with seeds 1, 3, 4 (6 runs to train)" in out
+    # its first line says how to go on, as a sweep's does (for a confirm killed without a word)
+    [said] = [line for line in out.splitlines() if line.startswith("re-training each study's best config")]
+    assert said.startswith("re-training each study's best config with seeds 1, 3, 4 (6 runs to train)"), said
+    continue_with = said.split("; if it stops, continue with: ", 1)[1]
     stopped = {r.info.run_id for r in client.search_runs([eid], runs_filter(CONFIRM_ROLE))
                if r.info.status == "KILLED"}
     assert stopped, "no confirm run was stopped mid-training"
-    out = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
+    done = subprocess.run(continue_with, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    out = done.stdout + done.stderr
     assert "continuing c-confirm-" in out and "the confirm that was stopped" in out
     assert "final  tiny_resnet.cluttered-digits.attzoom  done 3/3" in out  # progress: the final summary, per study
     assert "Failed to fetch metrics" not in out

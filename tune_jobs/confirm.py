@@ -244,8 +244,10 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     if not todo:
         return {}, [], unfinished
     experiment, restored = confirm_experiment(spec, todo, done, params)
+    # with how to go on, as a sweep's first line: a confirm killed without a word (SIGKILL, OOM) said nothing of it
     print(f"re-training each study's best config with seeds {', '.join(map(str, wanted))} "
-          f"({counted(len(todo), 'run')} to train), for a verdict beyond one lucky trial", file=sys.stderr, flush=True)
+          f"({counted(len(todo), 'run')} to train), for a verdict beyond one lucky trial; if it stops, continue with: "
+          f"{confirm_command(spec, seeds, address)}", file=sys.stderr, flush=True)
     if restored:
         print(f"continuing {experiment}, the confirm that was stopped: its stopped trials go on from their "
               "checkpoints, in their own MLflow runs", file=sys.stderr, flush=True)
