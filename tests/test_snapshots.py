@@ -244,3 +244,27 @@ def test_a_resume_reads_the_searchers_state_from_the_storage_not_from_a_killed_d
     assert sorted(p.name for p in staging.iterdir()) == ["searcher-state-2026-12-01_00-00-00.pkl", "trial-1"]
     assert (staging / "searcher-state-2026-12-01_00-00-00.pkl").read_text() == "storage's"
     assert (staging / "trial-1" / "params.pkl").exists()
+
+
+def test_a_snapshot_file_is_quiet_by_when_it_was_frozen_not_by_when_it_was_published(tmp_path, monkeypatch):
+    # a long trial-folder copy made a file written just before the freeze count as quiet: rewritten later with the
+    # same size in the same clock tick, it would never be copied again
+    import time
+
+    from tune_jobs import snapshots
+
+    staging, storage = snapshot_folders(tmp_path)
+    (staging / "trial-1").mkdir()
+    (staging / "trial-1" / "result.json").write_text("{}\n")
+    written = time.time_ns() - snapshots.QUIET_NS // 2  # half a second before the freeze
+    os.utime(staging / NAME, ns=(written, written))
+    copy = shutil.copyfile
+
+    def slow_trial_copy(source, target, **kwargs):
+        copy(source, target, **kwargs)
+        if Path(source).parent.name == "trial-1":
+            time.sleep(snapshots.QUIET_NS / 1e9)  # thousands of loggers' files at paper scale
+    monkeypatch.setattr(snapshots.shutil, "copyfile", slow_trial_copy)
+    snapshots.replace_files(str(staging), str(storage))
+    assert (storage / NAME).read_text() == SNAPSHOT[NAME].replace("2", "3")
+    assert snapshots._copied[str(storage / NAME)] is None  # not quiet when read: copied again next time

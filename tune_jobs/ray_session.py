@@ -141,18 +141,18 @@ def start_ray(spec: Spec, address: str | None) -> None:
     """Connect to a cluster, or start a private local instance bound to 127.0.0.1."""
     import ray
 
-    with sigterm_stays_an_interrupt():
-        if address:
+    if address:
+        with sigterm_stays_an_interrupt():
             join_cluster(address)
-            where = f"the cluster at {address}"
-        else:
-            quiet_token_auth_notice()
-            private_auth_token()
-            with loopback_only(), process_groups_of_their_own():
-                ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
-            _private_gcs[:] = gcs_of_private_ray()
-            where = "this machine"
+        where = f"the cluster at {address}"
+    else:
+        quiet_token_auth_notice()
+        private_auth_token()
+        with sigterm_stays_an_interrupt(), loopback_only(), process_groups_of_their_own():
+            ray.init(address="local", num_gpus=spec.local_gpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+        _private_gcs[:] = gcs_of_private_ray()
+        where = "this machine"
     resources = ray.cluster_resources()
     if not address:  # a cluster's autoscaler may yet add bigger nodes; this machine is all a local run has
         check_cluster_cpus(spec, resources.get("CPU", 0.0), where)

@@ -20,6 +20,7 @@ a publish under way. A resume also makes the searcher agree with the trial state
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 from .space import STUDY_KEY
 from .spec import SpecError
 
+logger = logging.getLogger(__name__)
 PART = ".attzoom-part"  # a file being written; never a name Tune looks for
 QUIET_NS = 1_000_000_000
 _copied: dict[str, tuple[int, int] | None] = {}  # a copy in the storage -> its source's (size, mtime) when quiet
@@ -113,7 +115,9 @@ def snapshot_held(timeout: float = 10.0) -> bool:
 def publish_order(names) -> list[str]:
     """The trial states after the searcher's and the callbacks' state: a stop between them leaves the trial states
     older, which a restore reconciles (searcher.agree_with); the search generator's last, so that its "finished"
-    is never newer than the trials (a forgotten trial's slot would never be asked again)."""
+    is never newer than the trials (a forgotten trial's slot would never be asked again). The callbacks' state is
+    not reconciled: a forgotten trial's epochs stay in ASHA's rungs (results it did report) and in the MLflow
+    journal (its run is dropped as an orphan at the sweep's end)."""
     def rank(name: str) -> tuple[int, str]:
         return next((i + 1 for i, prefix in enumerate(LAST) if name.startswith(prefix)), 0), name
     return sorted(names, key=rank)
@@ -129,7 +133,8 @@ def _frozen(folder: Path):
                 if path.is_file() and not path.name.startswith("."):  # Tune's own temporary files, there a moment
                     with suppress(FileNotFoundError):
                         shutil.copy2(path, Path(frozen, path.name))  # its time stamp too: _staged compares it
-        yield Path(frozen)
+            frozen_at = time.time_ns()
+        yield Path(frozen), frozen_at
 
 
 def replace_files(source: str, target: str) -> None:
@@ -142,7 +147,7 @@ def replace_files(source: str, target: str) -> None:
     hold thousands of the loggers' files, and between two snapshots only the running trials' change (Tune copied
     them all). A file written within the last second is copied again next time: a write in the same clock tick as
     the copy leaves its time stamp as it was."""
-    with _frozen(Path(source)) as frozen:
+    with _frozen(Path(source)) as (frozen, frozen_at):
         for folder, _, files in os.walk(source):
             into = Path(target, os.path.relpath(folder, source))
             into.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ def replace_files(source: str, target: str) -> None:
                 for name in files:
                     if not name.startswith("."):
                         _replace(Path(folder, name), into / name)
-        _publish_together(frozen, Path(target))
+        _publish_together(frozen, frozen_at, Path(target))
 
 
 def _replace(path: Path, copy: Path, tries: int = 3) -> None:
@@ -165,18 +170,18 @@ def _replace(path: Path, copy: Path, tries: int = 3) -> None:
             return
 
 
-def _publish_together(frozen: Path, into: Path) -> None:
+def _publish_together(frozen: Path, frozen_at: int, into: Path) -> None:
     """The snapshot's own files from one moment, each durable before its rename (a host crash after it must not
     leave an empty one), renamed in publish_order."""
     staged = []
     try:
         for name in publish_order(os.listdir(frozen)):
-            staged.append(_staged(frozen / name, into / name, durable=True))
+            staged.append(_staged(frozen / name, into / name, durable=True, now=frozen_at))
         with _publishing:
             _commit(staged)
         staged = []
-    except Rewritten:  # a frozen copy is not rewritten; kept for a file system that fails a copy
-        pass
+    except Rewritten as e:  # a copy into the storage that does not read back whole: the storage keeps its last
+        logger.warning("the sweep's snapshot was not published this time: its copy of %s was not whole", e)
     finally:
         for item in staged:
             if item is not None:
@@ -187,7 +192,7 @@ def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> 
     """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from a moment before,
     one object each (an object is written whole), in publish_order."""
     root = Path(local_path)
-    with _frozen(root) as frozen:
+    with _frozen(root) as (frozen, _):
         for folder in [path for path in root.iterdir() if path.is_dir()]:
             upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
         with _publishing:
@@ -204,8 +209,9 @@ class _Copy:
     quiet: bool  # the source was last written over a second before: its mtime will move if it is written again
 
 
-def _staged(path: Path, copy: Path, durable: bool) -> _Copy | None:
-    """``path`` copied beside ``copy``; None: unchanged since this driver last copied it."""
+def _staged(path: Path, copy: Path, durable: bool, now: int | None = None) -> _Copy | None:
+    """``path`` copied beside ``copy``; None: unchanged since this driver last copied it. ``now``: when the file was
+    read (a frozen copy's time), for whether it was quiet then."""
     stat = path.stat()
     version = (stat.st_size, stat.st_mtime_ns)
     if _copied.get(str(copy)) == version and copy.exists():
@@ -222,7 +228,7 @@ def _staged(path: Path, copy: Path, durable: bool) -> _Copy | None:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return _Copy(part, copy, version, time.time_ns() - stat.st_mtime_ns > QUIET_NS)
+    return _Copy(part, copy, version, (now or time.time_ns()) - stat.st_mtime_ns > QUIET_NS)
 
 
 def _commit(staged: list[_Copy | None]) -> None:

@@ -658,7 +658,7 @@ def sqlite_tables(database: Path) -> set[str]:
         try:
             return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=5))
         except sqlite3.OperationalError as e:
-            if "readonly" not in str(e) or not database.with_name(f"{database.name}-journal").exists():
+            if "readonly" not in str(e) or not Path(f"{database.resolve()}-journal").exists():
                 raise
             return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True, timeout=5))
     except sqlite3.Error as e:
