@@ -268,3 +268,26 @@ def test_a_snapshot_file_is_quiet_by_when_it_was_frozen_not_by_when_it_was_publi
     snapshots.replace_files(str(staging), str(storage))
     assert (storage / NAME).read_text() == SNAPSHOT[NAME].replace("2", "3")
     assert snapshots._copied[str(storage / NAME)] is None  # not quiet when read: copied again next time
+
+
+def test_cloud_storage_gets_the_trial_folders_then_the_snapshots_own_files_in_publish_order(tmp_path):
+    # an object store writes each object whole, but Tune uploaded the folder as it was at each file's turn
+    import pyarrow.fs
+    from ray.train._internal.storage import _upload_to_fs_path
+
+    from tune_jobs.snapshots import upload_in_order
+
+    staging, bucket = snapshot_folders(tmp_path)
+    (staging / "trial-1").mkdir()
+    (staging / "trial-1" / "result.json").write_text("{}\n")
+    uploaded = []
+
+    def upload(local_path, fs, fs_path, exclude=None):
+        uploaded.append(Path(fs_path).name)
+        _upload_to_fs_path(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+    upload_in_order(upload, str(staging), pyarrow.fs.LocalFileSystem(), str(bucket))
+    assert uploaded[0] == "trial-1" and sorted(uploaded[1:]) == sorted(SNAPSHOT)
+    assert uploaded[-2:] == [NAME, "search_gen_state-2026-12-01_00-00-00.json"]
+    assert (bucket / "trial-1" / "result.json").read_text() == "{}\n"
+    assert {p.name: p.read_text() for p in bucket.iterdir() if p.is_file()} == {
+        n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
