@@ -654,13 +654,14 @@ def sqlite_tables(database: Path) -> set[str]:
     opened it to write. It is read again as MLflow would open it (the file is never created)."""
     import sqlite3
 
+    path = database.resolve()
     try:
         try:
-            return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=5))
+            return _tables(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5))
         except sqlite3.OperationalError as e:
-            if "readonly" not in str(e) or not Path(f"{database.resolve()}-journal").exists():
+            if "readonly" not in str(e) or not Path(f"{path}-journal").exists():
                 raise
-            return _tables(sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True, timeout=5))
+            return _tables(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=5))
     except sqlite3.Error as e:
         raise SpecError(f"{database} cannot be read as a tracking store ({e}); pass the --tracking-uri of the "
                         "sweep's store, sqlite:///PATH/mlflow.db") from None

@@ -102,15 +102,9 @@ def check_new_sweep(spec: Spec, spec_file: Path | None) -> None:
                     f"or change name in {spec_file}")
 
 
-def check_experiment_not_deleted(spec: Spec) -> None:
-    """The sweep's experiment, deleted in the MLflow UI, refuses every write: one line saying so (a store out of reach:
-    the resume waits it out as a sweep does)."""
-    _live_experiment(spec)
-
-
-def _live_experiment(spec: Spec):
-    """The sweep's experiment (None: not made yet, or the store out of reach, which the sweep waits out), refused
-    in one line when it was deleted in the MLflow UI."""
+def check_experiment_not_deleted(spec: Spec):
+    """The sweep's experiment (None: not made yet, or the store out of reach, which the sweep waits out). Deleted in
+    the MLflow UI, it refuses every write: one line saying so."""
     from .tracking import check_not_deleted
 
     try:
@@ -299,7 +293,7 @@ def check_unchanged_since_start(spec: Spec, changed_is: str | None = None) -> No
     """A saved spec edited since the sweep started would be half applied (the restored searcher keeps its N, the
     summary and the store take the new one): compared with the spec the sweep stored in its experiment.
     ``changed_is``: what the refusal calls the change (default: the saved spec changed since the start)."""
-    experiment = _live_experiment(spec)
+    experiment = check_experiment_not_deleted(spec)
     if experiment is not None:  # a resume in another storage of another sweep's name: before a local Ray starts
         from .tracking import recorded_storage
 
