@@ -35,8 +35,10 @@ def killed_mid_copy(tmp_path, how: str) -> bytes:
     with open(staging / NAME, "wb") as f:
         f.truncate(SIZE)  # sparse: read at once, written at the disk's pace
     (storage / NAME).write_bytes(b'{"old": true}')
+    scratch = tmp_path / "tmp"  # the copy's /tmp
+    scratch.mkdir()
     copy = subprocess.Popen([sys.executable, "-c", COPY, str(staging), str(storage), how], stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "TMPDIR": str(scratch)})
     assert copy.stdout.readline() == "copying\n"
     while copy.poll() is None and sum(p.stat().st_size for p in storage.iterdir()) <= len(b'{"old": true}'):
         pass  # until the copy has written its first bytes
@@ -45,8 +47,9 @@ def killed_mid_copy(tmp_path, how: str) -> bytes:
     if copy.returncode == 0:
         pytest.skip("the copy ended before the kill landed")
     left = (storage / NAME).read_bytes()
-    shutil.rmtree(staging)  # pytest keeps the last runs' folders: not 200 MB each
-    shutil.rmtree(storage)
+    assert not any(scratch.iterdir())  # a killed driver left its frozen copy in /tmp: 200 MB here, each kill
+    for folder in [staging, storage, *tmp_path.glob(".attzoom-snapshot-*")]:
+        shutil.rmtree(folder)  # pytest keeps the last runs' folders: not 200 MB each
     return left
 
 

@@ -126,8 +126,9 @@ def publish_order(names) -> list[str]:
 @contextmanager
 def _frozen(folder: Path):
     """A copy of the snapshot's own files (the folder's, not its trial folders') as of one moment: taken on local
-    disk while Tune cannot write them, so the slow copy to the storage runs while Tune goes on."""
-    with tempfile.TemporaryDirectory(prefix="attzoom-snapshot-") as frozen:
+    disk while Tune cannot write them, so the slow copy to the storage runs while Tune goes on. It lies beside the
+    folder, in the Ray session's, not in /tmp: a driver killed mid-publish leaves it there, not one per kill."""
+    with tempfile.TemporaryDirectory(prefix=".attzoom-snapshot-", dir=folder.parent) as frozen:
         with _writing:
             for path in folder.iterdir():
                 if path.is_file() and not path.name.startswith("."):  # Tune's own temporary files, there a moment
