@@ -202,8 +202,8 @@ def test_tune_writes_its_snapshot_under_the_lock_and_a_driver_ending_itself_wait
 
     held = []
     monkeypatch.setattr(TuneController, "save_to_dir", lambda self: held.append(snapshots._writing.locked()))
-    snapshots._save_under_lock()  # as whole_file_snapshots does, once per driver
-    snapshots._save_under_lock()
+    for _ in range(2):  # as whole_file_snapshots does, once per driver
+        snapshots._wrap_once(TuneController, "save_to_dir", snapshots._save_under_lock)
     TuneController.save_to_dir(None)
     assert held == [True] and not snapshots._writing.locked()
     staging, storage = snapshot_folders(tmp_path)
@@ -241,7 +241,8 @@ def test_a_resume_reads_the_searchers_state_from_the_storage_not_from_a_killed_d
         for path in storage.iterdir():
             shutil.copyfile(path, staging / path.name)
     monkeypatch.setattr(_ExperimentCheckpointManager, "sync_down_experiment_state", download)
-    snapshots._restore_from_storage_only()
+    snapshots._wrap_once(_ExperimentCheckpointManager, "sync_down_experiment_state",
+                         snapshots._restore_from_storage_only)
     manager = SimpleNamespace(_storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
     _ExperimentCheckpointManager.sync_down_experiment_state(manager)
     assert sorted(p.name for p in staging.iterdir()) == ["searcher-state-2026-12-01_00-00-00.pkl", "trial-1"]

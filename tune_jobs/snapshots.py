@@ -49,12 +49,29 @@ class Rewritten(Exception):
 def whole_file_snapshots() -> None:
     """Make this driver's Tune publish its snapshot whole: on a local file system each file replaced, not
     overwritten; everywhere, the snapshot's own files from one moment, in publish_order."""
-    import pyarrow.fs
     from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.execution.tune_controller import TuneController
 
-    if getattr(_FilesystemSyncer, "_attzoom_whole_files", False):
+    # Tune has no public hooks for how it uploads, writes and downloads its snapshot.
+    _wrap_once(_FilesystemSyncer, "_sync_up_command", _upload_whole)
+    _wrap_once(TuneController, "save_to_dir", _save_under_lock)
+    _wrap_once(_ExperimentCheckpointManager, "sync_down_experiment_state", _restore_from_storage_only)
+
+
+def _wrap_once(owner, name: str, wrap) -> None:
+    """owner.name replaced by wrap(owner.name), once per process however many drivers it starts."""
+    original = getattr(owner, name)
+    if getattr(original, "_attzoom_wrapped", False):
         return
-    overwrite = _FilesystemSyncer._sync_up_command  # noqa: SLF001 - Tune has no public hook for how it uploads
+    wrapper = wrap(original)
+    wrapper._attzoom_wrapped = True
+    setattr(owner, name, wrapper)
+
+
+def _upload_whole(overwrite):
+    """A local folder's files replaced, not overwritten; cloud objects uploaded in publish_order."""
+    import pyarrow.fs
 
     def sync_up_command(self, local_path: str, uri: str, exclude: list | None = None):
         if exclude:
@@ -63,47 +80,27 @@ def whole_file_snapshots() -> None:
             return replace_files, {"source": local_path, "target": uri}
         upload, kwargs = overwrite(self, local_path, uri, exclude)
         return upload_in_order, {"upload": upload, **kwargs}
-
-    _FilesystemSyncer._sync_up_command = sync_up_command  # noqa: SLF001
-    _FilesystemSyncer._attzoom_whole_files = True  # noqa: SLF001
-    _save_under_lock()
-    _restore_from_storage_only()
+    return sync_up_command
 
 
-def _save_under_lock() -> None:
+def _save_under_lock(save):
     """Tune writes the snapshot's files one after another: no copy of them is taken while it does."""
-    from ray.tune.execution.tune_controller import TuneController
-
-    save = TuneController.save_to_dir
-    if getattr(save, "_attzoom_locked", False):
-        return
-
     def save_to_dir(self):
         with _writing:
             save(self)
-
-    save_to_dir._attzoom_locked = True
-    TuneController.save_to_dir = save_to_dir
+    return save_to_dir
 
 
-def _restore_from_storage_only() -> None:
+def _restore_from_storage_only(download):
     """A resume reads the trial states from the storage but the searcher's state from the driver's staging folder,
     which a cluster's Ray session keeps across drivers: a killed driver's unpublished snapshot there was newer than
     the storage's, and the two disagreed. The staging folder's snapshot files go before Tune copies the storage's."""
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
-
-    download = _ExperimentCheckpointManager.sync_down_experiment_state
-    if getattr(download, "_attzoom_clears", False):
-        return
-
     def sync_down_experiment_state(self):
         staging = Path(self._storage.experiment_driver_staging_path)
         for stale in [*staging.glob("*.json"), *staging.glob("*.pkl")]:
             stale.unlink(missing_ok=True)
         download(self)
-
-    sync_down_experiment_state._attzoom_clears = True
-    _ExperimentCheckpointManager.sync_down_experiment_state = sync_down_experiment_state
+    return sync_down_experiment_state
 
 
 def snapshot_held(timeout: float = 10.0) -> bool:
