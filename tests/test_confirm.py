@@ -151,22 +151,23 @@ def test_a_stopped_confirm_is_restored_only_for_just_the_seeds_left_on_the_same_
     (tmp_path / "ray_results" / "c-confirm-99").mkdir()  # an older one: only the latest is restored
     client = MlflowClient(uri)
     eid = client.create_experiment(experiment_name("c"))
-    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params) == ("c-confirm-100", {(study, 1), (study, 3)})
+    restored = ("c-confirm-100", {(study, 1), (study, 3)})
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params, eid) == restored
     for todo, done, configs in (([(study, 3)], {(study, 1)}, {study: {"lr": 0.1, "batch_size": 128}}),  # a new best
                                 ([(study, 3), (study, 4)], {(study, 1)}, params),  # more seeds than it trains
                                 ([(study, 3)], set(), params)):  # seed 1 is no longer done (nor wanted)
-        name, restored = confirm_experiment(spec, todo, done, configs)
+        name, restored = confirm_experiment(spec, todo, done, configs, eid)
         assert name != "c-confirm-100" and restored == set(), (todo, done)
     # its seed-3 trial started over from epoch 1 (a damaged checkpoint): the confirm deleted its first run itself, and
     # that kept the stopped confirm from being restored
     tags = {SWEEP: "c", STUDY: study, ROLE: CONFIRM_ROLE, SEED: "3", TRIAL: "x"}
     dropped = client.create_run(eid, tags=tags)
     drop_run(client, dropped.info.run_id, "restart")
-    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params)[1] == {(study, 1), (study, 3)}
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params, eid)[1] == {(study, 1), (study, 3)}
     # its seed-3 run finished, then was deleted in the UI: Tune would never run that ended trial again
     run = client.create_run(eid, tags=tags)
     client.delete_run(run.info.run_id)
-    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params)[1] == set()
+    assert confirm_experiment(spec, [(study, 3)], {(study, 1)}, params, eid)[1] == set()
 
 
 def mid_epoch_confirm(client, experiment_id) -> bool:

@@ -243,7 +243,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
               "re-training the new one", file=sys.stderr, flush=True)
     if not todo:
         return {}, [], unfinished
-    experiment, restored = confirm_experiment(spec, todo, done, params)
+    experiment, restored = confirm_experiment(spec, todo, done, params, experiment_id)
     # with how to go on, as a sweep's first line: a confirm killed without a word (SIGKILL, OOM) said nothing of it
     print(f"re-training each study's best config with seeds {', '.join(map(str, wanted))} "
           f"({counted(len(todo), 'run')} to train), for a verdict beyond one lucky trial; if it stops, continue with: "
@@ -305,7 +305,8 @@ def new_confirm_tuner(spec: Spec, seeds: int, experiment: str, trainable, contex
 CONFIRM_FILE = "attzoom-confirm.json"  # in a confirm's Tune folder: the (study, seed) pairs and best configs it trains
 
 
-def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, params: dict[str, dict]) -> tuple[str, set]:
+def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, params: dict[str, dict],
+                       experiment_id: str) -> tuple[str, set]:
     """(the Tune experiment's name, the pairs it trains when it is restored, else none): the latest confirm of this
     sweep when it stopped with just ``todo`` left (its other pairs ``done``) on the same best configs. Restored,
     its stopped trials go on from their checkpoints in their own MLflow runs; run afresh, they trained again in new
@@ -317,23 +318,20 @@ def confirm_experiment(spec: Spec, todo: list[tuple[str, int]], done: set, param
     if stamps:
         latest = f"{spec.name}-confirm-{max(stamps)}"
         pairs = saved_pairs(spec, latest, params)
-        if set(todo) <= pairs and pairs - set(todo) <= done and not set(todo) & deleted_pairs(spec) and \
+        if set(todo) <= pairs and pairs - set(todo) <= done and not set(todo) & deleted_pairs(spec, experiment_id) and \
                 tune.Tuner.can_restore(sweep_location(spec.storage, latest)):
             return latest, pairs
     return f"{spec.name}-confirm-{int(time.time())}", set()
 
 
-def deleted_pairs(spec: Spec) -> set[tuple[str, int]]:
+def deleted_pairs(spec: Spec, experiment_id: str) -> set[tuple[str, int]]:
     """(study, seed) of confirm runs deleted in the MLflow UI: their Tune trials ended, and a restored experiment
     never runs an ended trial again, so such a pair is trained in a new experiment."""
     from mlflow.tracking import MlflowClient
 
     from .summary import deleted_runs
-    from .tracking import sweep_experiment
 
-    experiment = sweep_experiment(spec.tracking_uri, spec.name)
-    runs = deleted_runs(MlflowClient(spec.tracking_uri), experiment.experiment_id, layout.CONFIRM_ROLE) \
-        if experiment else []
+    runs = deleted_runs(MlflowClient(spec.tracking_uri), experiment_id, layout.CONFIRM_ROLE)
     return {(run.data.tags[STUDY], int(run.data.tags[SEED])) for run in runs}
 
 
