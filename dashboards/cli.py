@@ -28,7 +28,8 @@ def add_report_command(sub) -> None:
 def add_explain_command(sub) -> None:
     explain = sub.add_parser("explain", help="Grad-CAM, AttZoom attention and zoom view of a trained run (PNG grid)")
     explain.add_argument("run_ids", nargs="+", metavar="RUN_ID",
-                         help="a trial run's id; a second one is shown side by side (e.g. baseline vs attzoom)")
+                         help="a trial run's id (or the Tune trial id in its name); a second one is shown side by "
+                              "side (e.g. baseline vs attzoom)")
     explain.add_argument("--images", type=int, default=8, help="validation images, one row each (default 8)")
     explain.add_argument("--out", type=Path, default=None, help="output folder (default: reports/explain/<run_id>)")
     explain.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -37,18 +38,19 @@ def add_explain_command(sub) -> None:
 
 
 def run_explain_command(args) -> int:
-    from .explain import write_explanations
+    from .explain import resolve_run, write_explanations
 
     try:
         if len(args.run_ids) > 2 or args.images < 1:
             raise ReportError("give one run id, or two to compare side by side, and --images of at least 1")
-        if len(set(args.run_ids)) < len(args.run_ids):
-            raise ReportError(f"the same run twice ({args.run_ids[0]}): give two different run ids to compare, or one "
-                              "to explain alone")
-        check_out(args.out, Path("reports") / "explain" / args.run_ids[0])
         check_store(args.tracking_uri)
+        run_ids = [resolve_run(args.tracking_uri, ref) for ref in args.run_ids]
+        if len(set(run_ids)) < len(run_ids):
+            raise ReportError(f"the same run twice ({run_ids[0]}): give two different run ids to compare, or one "
+                              "to explain alone")
+        check_out(args.out, Path("reports") / "explain" / run_ids[0])
         check_data_root(args.data_root)
-        path = write_explanations(args.tracking_uri, args.run_ids, args.images, args.out, args.data_root)
+        path = write_explanations(args.tracking_uri, run_ids, args.images, args.out, args.data_root)
     except ReportError as e:
         print(f"attzoom explain: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from tune_jobs.layout import CHECKPOINT, DATASET, ROLE, STUDY, STUDY_ROLE, SWEEP
+from tune_jobs.layout import CHECKPOINT, DATASET, ROLE, STUDY, STUDY_ROLE, SWEEP, TRIAL
 from tune_jobs.spec import hide_password
 
 from .errors import ReportError
@@ -155,6 +155,24 @@ def _inverse_cdf(profile: torch.Tensor, size: int) -> torch.Tensor:
 
 # --- one run ----------------------------------------------------------------------------------------
 
+def resolve_run(tracking_uri: str, ref: str) -> str:
+    """The run id ``ref`` names: a run id, or the Tune trial id a trial run's name shows ("attzoom #3 (7b7d55c1)"),
+    which is what a user copies from the MLflow UI's run list or the sweep's progress lines."""
+    client = MlflowClient(tracking_uri)
+    try:
+        return client.get_run(ref).info.run_id
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
+        pass
+    if not ref.replace("_", "").replace("-", "").isalnum():
+        return ref  # not a trial id either: explain() says there is no such run
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{TRIAL}` = '{ref}'", max_results=10) if experiments else []
+    if len(found) > 1:
+        named = ", ".join(f"{r.info.run_id} ({r.data.tags.get(SWEEP, '?')})" for r in found)
+        raise ReportError(f"trial id {ref} names {len(found)} runs: {named}; pass the run id of the one to explain")
+    return found[0].info.run_id if found else ref
+
+
 def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None = None) -> Explanation:
     """Download the run's best checkpoint, rebuild the model, explain its first N validation images."""
     from attzoom.data import DataError, load
@@ -166,7 +184,8 @@ def explain(tracking_uri: str, run_id: str, n_images: int, data_root: str | None
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown id
         raise ReportError(f"no run {run_id!r} in {hide_password(tracking_uri)}; copy the run id from `attzoom report` "
-                          "(best trial per study) or the MLflow UI, or pass --tracking-uri") from None
+                          "(best trial per study) or the MLflow UI (or the trial id in a run's name), or pass "
+                          "--tracking-uri") from None
     if run.data.tags.get(ROLE) == STUDY_ROLE:
         raise ReportError(study_run_problem(tracking_uri, run))
     with tempfile.TemporaryDirectory() as tmp:

@@ -178,6 +178,27 @@ def test_unknown_run_is_one_line_exit_2(runs, capsys):
     assert err.count("\n") == 1 and "no run" in err and "0" * 32 in err
 
 
+def test_a_run_is_named_by_the_tune_trial_id_its_name_shows(runs, tmp_path, capsys):
+    # run names show "<variant> #<n> (<trial id>)"; given that id, explain said there was no such run
+    code = main(["explain", "attzoom-1", "--images", "1", "--out", str(tmp_path / "by-trial"),
+                 "--tracking-uri", runs["uri"]])
+    assert code == 0, capsys.readouterr().err
+    [png_file] = (tmp_path / "by-trial").glob("*.png")
+    assert png_file.name in [name for name, _ in logged_pngs(runs["uri"], runs["attzoom"])]
+    code = main(["explain", "attzoom-1", runs["attzoom"], "--tracking-uri", runs["uri"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "the same run twice" in err, err
+    client = MlflowClient(runs["uri"])
+    other = client.create_experiment(experiment_name("other"))
+    twin = client.create_run(other, tags={SWEEP: "other", TRIAL: "attzoom-1"}).info.run_id
+    try:
+        code = main(["explain", "attzoom-1", "--tracking-uri", runs["uri"]])
+    finally:
+        client.delete_experiment(other)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and runs["attzoom"] in err and twin in err, err
+
+
 def test_the_same_run_twice_is_refused_in_one_line(runs, tmp_path, capsys):
     # it drew a grid comparing a run with itself and logged it to that run
     code = main(["explain", runs["attzoom"], runs["attzoom"], "--out", str(tmp_path / "same"),
