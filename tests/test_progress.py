@@ -219,6 +219,36 @@ def test_a_terminal_gets_one_live_table_with_a_row_per_study_and_a_total():
     assert "elapsed" in text.getvalue() and "left" in text.getvalue()
 
 
+def test_a_table_taller_than_the_terminal_keeps_the_running_studies_the_total_and_the_time_left():
+    # 15 studies in 16 rows: the live table showed 12 studies and "...", never the total or the time left
+    spec = replace(SPEC, datasets=("cluttered-digits", "cifar100", "tinyimagenet"),
+                   variants=("baseline", "attzoom", "zoom-only", "attention-only", "resize2x"), trials=2)
+    studies = [s.name for s in spec.studies]
+    loop = Loop(StudyProgress(spec, out=io.StringIO(), live=True))
+    for study in studies[:12]:
+        trial = loop.start(study)
+        loop.epoch(trial, 1, 10.0)
+        loop.finish(trial)
+    running = [loop.start(study) for study in studies[12:14]]
+    loop.epoch(running[0], 1, 40.0)
+    narrow = io.StringIO()  # study names folded onto two lines: still within the terminal
+    Console(file=narrow, width=90).print(loop.callback.table(loop.trials, screen=(90, 16)))
+    assert len(narrow.getvalue().splitlines()) < 16 and "total" in narrow.getvalue(), narrow.getvalue()
+    text = io.StringIO()
+    Console(file=text, width=120).print(loop.callback.table(loop.trials, screen=(120, 16)))
+    lines = text.getvalue().splitlines()
+    assert len(lines) < 16, text.getvalue()
+    shown = [s for s in studies if any(f"│ {s} " in line for line in lines)]
+    assert studies[12] in shown and studies[13] in shown and 2 < len(shown) < len(studies), text.getvalue()
+    more = next(line for line in lines if "more studies" in line)
+    assert f"{len(studies) - len(shown)} more studies" in more, text.getvalue()
+    assert re.search(r"total\s*│\s*12/30\s*│\s*2\s*│\s*0\s*│\s*40\.00", text.getvalue()), text.getvalue()
+    assert "left" in lines[-1]
+    whole = io.StringIO()
+    Console(file=whole, width=120).print(loop.callback.table(loop.trials, final=True))
+    assert all(f"│ {s} " in whole.getvalue() for s in studies)  # the last table, printed once the run ends: whole
+
+
 def test_the_last_table_after_a_stop_shows_the_unfinished_trials():
     # after Ctrl-C on a terminal the last table read "running 0, failed 0" beside "done 2/3": the stopped trial
     # showed nowhere (the log lines said "unfinished 1")

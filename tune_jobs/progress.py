@@ -226,13 +226,33 @@ class StudyProgress(Callback):
 
     def _draw(self, trials, final: bool = False) -> None:
         self._drawn_at = time.monotonic()
-        self._live_display().update(self.table(trials, final), refresh=True)
+        console = self._console()
+        screen = None if final else (console.width, console.height)  # the last table is printed whole, below
+        self._live_display().update(self.table(trials, final, screen), refresh=True)
 
-    def table(self, trials, final: bool = False):
-        """The rich table: a row per study, then the totals; its caption, the elapsed time and the time left."""
+    def table(self, trials, final: bool = False, screen: tuple[int, int] | None = None):
+        """The rich table: a row per study, then the totals; its caption, the elapsed time and the time left.
+        ``screen`` (width, height): a table taller than the terminal lost its last rows, the total and time left
+        among them; the studies with trials running then come first, and the rest are one row."""
+        rows = self.rows(trials)
+        whole = self._table(rows, trials, final)
+        if screen is None or (height := rendered_height(whole, screen[0])) < screen[1]:
+            return whole
+        ranked = sorted(rows, key=lambda n: (not rows[n]["running"], not rows[n]["waiting"],
+                                             rows[n]["done"] + rows[n]["failed"] >= self.trials))
+
+        def cut(keep: int):
+            return self._table({n: r for n, r in rows.items() if n in ranked[:keep]}, trials, final,
+                               [r for n, r in rows.items() if n not in ranked[:keep]])
+        low, high = 0, max(len(rows) - (height - screen[1]) - 2, 0)  # a row is a line or more; one says the rest
+        while low < high:  # the most studies that fit, a few renders even for the 60 studies of the paper's matrix
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if rendered_height(cut(middle), screen[0]) < screen[1] else (low, middle - 1)
+        return cut(low)
+
+    def _table(self, rows: dict, trials, final: bool, hidden: list[dict] = ()):
         from rich.table import Column, Table
 
-        rows = self.rows(trials)
         elapsed = time.monotonic() - self._started
         left = "" if final else f", left {about(self.time_left(trials))}"
         # once the run has ended nothing runs: the trials a stop left unfinished (which a resume runs on) show instead
@@ -240,13 +260,20 @@ class StudyProgress(Callback):
         numbers = [Column(name, justify="right") for name in ("done", "unfinished" if final else "running", "failed",
                                                                f"best {self.metric}", "epochs/s")]
         table = Table(Column("study", overflow="fold"), *numbers, caption=f"elapsed {duration(elapsed)}{left}")
+
+        def add(name, them, epochs, **style):
+            bests = [r["best"] for r in them if r["best"] is not None]
+            table.add_row(name, f"{sum(r['done'] for r in them)}/{len(them) * self.trials}",
+                          str(sum(r[live] for r in them)), str(sum(r["failed"] for r in them)),
+                          fmt(max(bests) if bests else None), rate(epochs, elapsed), **style)
         for name, r in rows.items():
-            table.add_row(name, f"{r['done']}/{self.trials}", str(r[live]), str(r["failed"]), fmt(r["best"]),
-                          rate(self._epochs[name], elapsed), end_section=name == self.studies[-1])
-        bests = [r["best"] for r in rows.values() if r["best"] is not None]
-        table.add_row("total", f"{sum(r['done'] for r in rows.values())}/{len(rows) * self.trials}",
-                      str(sum(r[live] for r in rows.values())), str(sum(r["failed"] for r in rows.values())),
-                      fmt(max(bests) if bests else None), rate(sum(self._epochs.values()), elapsed), style="bold")
+            add(name, [r], self._epochs[name], end_section=name == list(rows)[-1] and not hidden)
+        if hidden and rows:  # with no study shown, the total says it all
+            names = [n for n in self.studies if n not in rows]
+            add(f"{counted(len(hidden), 'more study', 'more studies')}", hidden,
+                sum(self._epochs[n] for n in names), end_section=True, style="dim")
+        everything = [*rows.values(), *hidden]
+        add("total", everything, sum(self._epochs.values()), style="bold")
         return table
 
     def stop(self) -> None:
@@ -255,6 +282,16 @@ class StudyProgress(Callback):
             self._display.stop()
             self._display = None
             atexit.unregister(self.stop)
+
+
+def rendered_height(renderable, width: int) -> int:
+    """Lines a renderable takes on a terminal this wide (folded study names take two)."""
+    import io
+
+    from rich.console import Console
+
+    return len(Console(file=io.StringIO(), width=width, force_terminal=True).render_lines(
+        renderable, pad=False, new_lines=False))
 
 
 def state_of(trial) -> str:
