@@ -43,12 +43,12 @@ def run_explain_command(args) -> int:
     try:
         if len(args.run_ids) > 2 or args.images < 1:
             raise ReportError("give one run id, or two to compare side by side, and --images of at least 1")
+        check_out(args.out, Path("reports") / "explain" / args.run_ids[0])
         check_store(args.tracking_uri)
         run_ids = [resolve_run(args.tracking_uri, ref) for ref in args.run_ids]
         if len(set(run_ids)) < len(run_ids):
             raise ReportError(f"the same run twice ({run_ids[0]}): give two different run ids to compare, or one "
                               "to explain alone")
-        check_out(args.out, Path("reports") / "explain" / run_ids[0])
         check_data_root(args.data_root)
         path = write_explanations(args.tracking_uri, run_ids, args.images, args.out, args.data_root)
     except ReportError as e:

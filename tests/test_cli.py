@@ -252,7 +252,7 @@ def test_status_lists_every_study_of_the_spec_against_its_n_trials(started_sweep
 
     assert attzoom_main(["status", "t1", "--tracking-uri", started_sweep]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "t1: 4 trials per study", lines
+    assert lines[0] == "t1: in progress, 0 of 8 trials ended (4 per study)", lines  # its state and how far, first
     assert lines[1].startswith("  tiny_resnet.cluttered-digits.attzoom: finished 0, running 1, failed 0,"), lines
     assert not lines[1].endswith("done") and lines[2:] == ["  no trial yet: tiny_resnet.cluttered-digits.baseline"]
     # a misspelt name: it said "no sweep named 't2'" without the names there (report lists them)

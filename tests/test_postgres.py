@@ -118,7 +118,7 @@ def test_a_sweep_killed_and_resumed_on_postgres_runs_each_trial_once_and_logs_ea
     assert status.returncode == 0, status.stderr[-3000:]
     assert SECRET not in status.stdout + status.stderr
     assert_no_password_stored_or_reported(tracking, tmp_path)
-    assert status.stdout.startswith("t: 2 trials per study\n"), status.stdout
+    assert status.stdout.startswith("t: done, 4 of 4 trials ended (2 per study)\n"), status.stdout
     assert status.stdout.count(": finished 2, running 0, failed 0,") == status.stdout.count(", done\n") == 2, \
         status.stdout
 

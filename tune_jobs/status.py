@@ -77,8 +77,7 @@ def overall(studies, known: bool, driver_alive: bool | None) -> str:
 def print_sweep_status(status: dict) -> None:
     """One line per study against its N trials: a study with no run yet is listed too, so the lines show what the
     sweep still has to do."""
-    trials = status["trials_per_study"]
-    print(f"{status['sweep']}:" + (f" {counted(trials, 'trial')} per study" if trials else ""))
+    print(headline(status))
     started = {name: study for name, study in status["studies"].items() if study["state"] != WAITING}
     if not started:  # a sweep stopped before its first trial opened a run
         print("  no trial has started yet")
@@ -89,10 +88,21 @@ def print_sweep_status(status: dict) -> None:
     print_what_resumes(status)
 
 
+def headline(status: dict) -> str:
+    """The sweep's state and how far it is, first: at the paper's scale the study lines fill a screen."""
+    trials, studies = status["trials_per_study"], status["studies"].values()
+    if not trials:
+        return f"{status['sweep']}: {status['state']}"
+    ended = sum(study["finished"] + study["failed"] for study in studies)
+    return (f"{status['sweep']}: {status['state']}, {ended} of {counted(len(studies) * trials, 'trial')} ended "
+            f"({trials} per study)")
+
+
 def study_line(study: dict) -> str:
     best = "-" if study["best_val_top1"] is None else f"{study['best_val_top1']:.2f}"
     pruned = f" ({study['pruned']} stopped early by the scheduler)" if study["pruned"] else ""
-    stopped = f", stopped {study['stopped']} (resume continues them)" if study["stopped"] else ""
+    them = "it" if study["stopped"] == 1 else "them"
+    stopped = f", stopped {study['stopped']} (resume continues {them})" if study["stopped"] else ""
     return (f"finished {study['finished']}{pruned}, running {study['running']}, failed {study['failed']}{stopped}, "
             f"epochs {study['epochs']}, best val_top1 {best}{ending(study)}")
 
