@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_jobs.spec import SpecError
+from tune_jobs.spec import Spec, SpecError
 
 COPY = """
 import sys
@@ -295,3 +295,49 @@ def test_cloud_storage_gets_the_trial_folders_then_the_snapshots_own_files_in_pu
     assert (bucket / "trial-1" / "result.json").read_text() == "{}\n"
     assert {p.name: p.read_text() for p in bucket.iterdir() if p.is_file()} == {
         n: t.replace("2", "3") for n, t in SNAPSHOT.items()}
+
+
+def test_the_snapshot_period_grows_with_what_a_snapshot_costs_and_a_users_own_period_stays(tmp_path, monkeypatch):
+    # at the paper's 720 trials the experiment state is ~15 MB: written and published every second (a fixed
+    # TUNE_GLOBAL_CHECKPOINT_S of 1), the driver's CPU rose from 24 % to 73 % of a core over the sweep
+    import time
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from tune_jobs import snapshots
+    from tune_jobs.ray_session import tune_settings
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    spec = Spec(name="t", backbones=("tiny_resnet",), datasets=("cluttered-digits",), variants=("baseline",))
+    for key, value in tune_settings(spec).items():
+        monkeypatch.setenv(key, value)  # as apply_tune_settings does for a sweep
+    snapshots.whole_file_snapshots()
+    # the driver's staging folder under a folder of its own, not a Ray session's (no Ray runs here)
+    monkeypatch.setattr("ray.train._internal.storage._get_ray_train_session_dir", lambda: str(tmp_path / "session"))
+    storage = StorageContext(storage_path=str(tmp_path / "storage"), experiment_dir_name="t")
+    staging = Path(storage.experiment_driver_staging_path)
+    staging.mkdir(parents=True, exist_ok=True)
+
+    def manager():  # as TuneController makes it
+        return _ExperimentCheckpointManager(storage=storage, checkpoint_period=os.getenv("TUNE_GLOBAL_CHECKPOINT_S",
+                                                                                        "auto"))
+
+    def save(seconds: float):
+        def save_to_dir():
+            time.sleep(seconds)  # a large experiment state being written
+            (staging / NAME).write_text('{"trial_data": []}')
+        return save_to_dir
+
+    cheap, costly = manager(), manager()
+    cheap.sync_up_experiment_state(save_fn=save(0.0), wait=True)
+    assert cheap._checkpoint_period == 1.0  # a small sweep's: a kill forgets at most a second of started trials
+    costly.sync_up_experiment_state(save_fn=save(0.2), wait=True)
+    assert 19 * 0.2 <= costly._checkpoint_period < 19 * 2
+    costly.sync_up_experiment_state(save_fn=save(0.0))  # within the period: no snapshot, the period stays
+    assert 19 * 0.2 <= costly._checkpoint_period
+    assert (tmp_path / "storage" / "t" / NAME).exists()  # published as before
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")  # the README: a user's own value of these wins
+    own = manager()
+    own.sync_up_experiment_state(save_fn=save(0.2), wait=True)
+    assert own._checkpoint_period == 7.0

@@ -24,9 +24,7 @@ def tune_settings(spec: Spec) -> dict[str, str]:
     """The environment variables that change how Ray, Tune and the driver's MLflow client run a sweep (a user's
     own values win)."""
     return {
-        # Snapshot the experiment every second (not every 10 s): a driver killed between two
-        # snapshots forgets the trials started since, and each of those costs a repeated trial.
-        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+        # (The experiment snapshot's period is set from its cost: snapshots.py, _period_from_cost.)
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
         "RAY_AIR_NEW_OUTPUT": "0",  # Tune's table output; StudyProgress prints per study instead
         # Tune's default TensorBoard logger costs a second of imports before the first trial and duplicates
