@@ -271,7 +271,7 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     resumed = start("sweep", str(spec), "--continue", cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
     wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path), every=0.3)
-    time.sleep(1.5)  # an experiment snapshot (every second) records that checkpoint
+    time.sleep(1.5)  # an experiment snapshot (Tune takes one at each trial checkpoint) records that checkpoint
     crash(resumed)
     damaged = one_epoch_in(tmp_path)  # a checkpoint cut short (a disk that filled, a copy killed midway)
     last_pt = damaged / "checkpoint_000000" / "last.pt"
