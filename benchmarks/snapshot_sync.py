@@ -1,7 +1,7 @@
 """The driver's copy of Tune's snapshot into a local storage folder: Tune's own copy against tune_jobs.snapshots.
 
 At the paper's scale (720 trials) the driver's staging folder holds a multi-megabyte experiment state and a
-folder per trial with the loggers' files. Tune copies all of it every second, overwriting in place; the sweep
+folder per trial with the loggers' files. Tune copies all of it at every snapshot, overwriting in place; the sweep
 writes each changed file beside its place, syncs the snapshot's own files to disk, checks that the experiment
 state parses, and renames it (a kill leaves whole files), skipping files unchanged since its last copy. Between
 two copies, the experiment state and the running trials' results change. Prints one JSON object: seconds per copy

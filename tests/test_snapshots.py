@@ -329,15 +329,29 @@ def test_the_snapshot_period_grows_with_what_a_snapshot_costs_and_a_users_own_pe
             (staging / NAME).write_text('{"trial_data": []}')
         return save_to_dir
 
+    manager().sync_up_experiment_state(save_fn=save(0.0), wait=True)  # a first snapshot imports what Tune needs
     cheap, costly = manager(), manager()
-    cheap.sync_up_experiment_state(save_fn=save(0.0), wait=True)
-    assert cheap._checkpoint_period == 1.0  # a small sweep's: a kill forgets at most a second of started trials
+    cheap.sync_up_experiment_state(save_fn=save(0.0))  # the publish goes on in Tune's sync thread
+    assert 1.0 <= cheap._checkpoint_period < 19 * 0.2  # a small sweep's: about a second (a kill forgets little)
     costly.sync_up_experiment_state(save_fn=save(0.2), wait=True)
-    assert 19 * 0.2 <= costly._checkpoint_period < 19 * 2
+    assert 19 * 0.2 <= costly._checkpoint_period < 10
     costly.sync_up_experiment_state(save_fn=save(0.0))  # within the period: no snapshot, the period stays
     assert 19 * 0.2 <= costly._checkpoint_period
     assert (tmp_path / "storage" / "t" / NAME).exists()  # published as before
+    storage.syncer.wait()
+    assert storage.syncer.attzoom_publish_s > 0  # what the publish in Tune's sync thread took ...
+    storage.syncer.attzoom_publish_s = 0.3  # ... counts too (a large state, a slow shared folder)
+    cheap._last_save_time = float("-inf")
+    cheap.sync_up_experiment_state(save_fn=save(0.0))
+    assert 19 * 0.3 <= cheap._checkpoint_period
+    storage.syncer.attzoom_publish_s = 60  # an object store's publish of a minute: a kill forgets at most 10 s
+    cheap._last_save_time = float("-inf")
+    cheap.sync_up_experiment_state(save_fn=save(0.0))
+    assert cheap._checkpoint_period == 10.0
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")  # the README: a user's own value of these wins
     own = manager()
     own.sync_up_experiment_state(save_fn=save(0.2), wait=True)
     assert own._checkpoint_period == 7.0
+    restored = _ExperimentCheckpointManager(storage=storage, checkpoint_period="auto")  # a resume: Tune restores
+    restored.sync_up_experiment_state(save_fn=save(0.0), wait=True)  # the period it saved, not the user's
+    assert restored._checkpoint_period == 7.0

@@ -1,6 +1,6 @@
 """Tune's experiment snapshot in the storage: whole files only, and one snapshot's files together.
 
-Every second Tune copies the driver's snapshot (trial states, the searcher's and the callbacks'
+At every snapshot Tune copied the driver's snapshot (trial states, the searcher's and the callbacks'
 state) into the sweep's folder, overwriting each file in place. A driver killed during that copy
 left a file cut short, and the resume then failed to read it and started the search over beside
 the trials it had. On a local or shared folder each file is now written beside its place and
@@ -41,8 +41,9 @@ _writing = threading.Lock()  # held while Tune writes the driver's snapshot, and
 _publishing = threading.Lock()  # held while a snapshot's files are renamed (or uploaded) into the storage
 LAST = ("experiment_state-", "search_gen_state-")  # published last, in this order (publish_order)
 MIN_PERIOD_S = 1.0  # between two snapshots: a driver killed between them forgets the trials started since
-COST_SHARE = 19  # a snapshot period is at least this many times what the last snapshot cost (~5 % of the driver)
-_last_publish_s = [0.0]  # how long the last publish took, in Tune's sync thread
+MAX_PERIOD_S = 10.0  # Tune's own floor: a slow storage's publish (wall time, mostly waiting) may not stretch it more
+COST_SHARE = 19  # a snapshot period is this many times what the last snapshot cost (~5 % of the driver)
+PERIOD_VARIABLE = "TUNE_GLOBAL_CHECKPOINT_S"
 
 
 class Rewritten(Exception):
@@ -81,10 +82,21 @@ def _upload_whole(overwrite):
         if exclude:
             return overwrite(self, local_path, uri, exclude)
         if isinstance(self.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            return replace_files, {"source": local_path, "target": uri}
+            return _timed(self, replace_files), {"source": local_path, "target": uri}
         upload, kwargs = overwrite(self, local_path, uri, exclude)
-        return upload_in_order, {"upload": upload, **kwargs}
+        return _timed(self, upload_in_order), {"upload": upload, **kwargs}
     return sync_up_command
+
+
+def _timed(syncer, publish):
+    """``publish``, its duration kept on the syncer that runs it, for the next snapshot's period."""
+    def timed(**kwargs):
+        started = time.monotonic()
+        try:
+            publish(**kwargs)
+        finally:
+            syncer.attzoom_publish_s = time.monotonic() - started
+    return timed
 
 
 def _save_under_lock(save):
@@ -108,16 +120,22 @@ def _restore_from_storage_only(download):
 
 
 def _period_from_cost(sync_up):
-    """A snapshot every second while it is cheap, and every 19 of its costs once it is not (its writing by Tune and
-    its publish): at the paper's 720 trials the experiment state is ~15 MB, and a fixed second had the driver
-    writing it, twice, most of the time. That keeps snapshots at ~5 % of the driver, as Tune's own "auto" period,
-    whose 10-s floor would forget up to 10 s of started trials on a kill. A user's TUNE_GLOBAL_CHECKPOINT_S stays."""
-    def sync_up_experiment_state(self, *args, **kwargs):
-        saved_before, started = self._last_save_time, time.monotonic()  # noqa: SLF001 - (both)
-        sync_up(self, *args, **kwargs)
-        if self._last_save_time != saved_before and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ:  # noqa: SLF001
-            cost = time.monotonic() - started + _last_publish_s[0]
-            self._checkpoint_period = max(MIN_PERIOD_S, COST_SHARE * cost)  # noqa: SLF001
+    """A snapshot every second while it is cheap, every 19 of its costs (Tune's writing and the publish) once it
+    is not, up to 10 s: at the paper's 720 trials the experiment state is ~15 MB, and a fixed second had the driver
+    writing it, twice, a fifth of the time. A user's TUNE_GLOBAL_CHECKPOINT_S fixes the period, on a resume too (Tune
+    restores the period it saved)."""
+    def sync_up_experiment_state(self, *args, force: bool = False, wait: bool = False, **kwargs):
+        saved_before, started = self._last_save_time, time.monotonic()  # noqa: SLF001 - (all four)
+        waited = force or wait or self._should_force_sync_up  # noqa: SLF001 - the call waits for the publish
+        publish = 0.0 if waited else getattr(self._storage.syncer, "attzoom_publish_s", 0.0)  # noqa: SLF001
+        sync_up(self, *args, force=force, wait=wait, **kwargs)
+        if self._last_save_time == saved_before:  # noqa: SLF001 - within the period: no snapshot was taken
+            return
+        if (own := os.environ.get(PERIOD_VARIABLE, "auto")) != "auto":
+            self._checkpoint_period = float(own)  # noqa: SLF001
+        elif PERIOD_VARIABLE not in os.environ:
+            cost = time.monotonic() - started + publish
+            self._checkpoint_period = min(max(MIN_PERIOD_S, COST_SHARE * cost), MAX_PERIOD_S)  # noqa: SLF001
     return sync_up_experiment_state
 
 
@@ -139,20 +157,11 @@ def publish_order(names) -> list[str]:
 
 
 @contextmanager
-def _timed_publish():
-    """What a publish cost, for the next snapshot's period (_period_from_cost)."""
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        _last_publish_s[0] = time.monotonic() - started
-
-
-@contextmanager
 def _frozen(folder: Path):
     """A copy of the snapshot's own files (the folder's, not its trial folders') as of one moment: taken on local
     disk while Tune cannot write them, so the slow copy to the storage runs while Tune goes on. It lies beside the
-    folder, in the Ray session's, not in /tmp: a driver killed mid-publish leaves it there, not one per kill."""
+    folder, in the Ray session's folder: a driver killed mid-publish leaves it there, with Ray's own leftovers of
+    the session, not loose in /tmp."""
     with tempfile.TemporaryDirectory(prefix=".attzoom-snapshot-", dir=folder.parent) as frozen:
         with _writing:
             for path in folder.iterdir():
@@ -173,7 +182,7 @@ def replace_files(source: str, target: str) -> None:
     hold thousands of the loggers' files, and between two snapshots only the running trials' change (Tune copied
     them all). A file written within the last second is copied again next time: a write in the same clock tick as
     the copy leaves its time stamp as it was."""
-    with _timed_publish(), _frozen(Path(source)) as (frozen, frozen_at):
+    with _frozen(Path(source)) as (frozen, frozen_at):
         for folder, _, files in os.walk(source):
             into = Path(target, os.path.relpath(folder, source))
             into.mkdir(parents=True, exist_ok=True)
@@ -218,7 +227,7 @@ def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> 
     """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from a moment before,
     one object each (an object is written whole), in publish_order."""
     root = Path(local_path)
-    with _timed_publish(), _frozen(root) as (frozen, _):
+    with _frozen(root) as (frozen, _):
         for folder in [path for path in root.iterdir() if path.is_dir()]:
             upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
         with _publishing:
