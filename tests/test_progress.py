@@ -234,6 +234,7 @@ def test_a_table_taller_than_the_terminal_keeps_the_running_studies_the_total_an
     narrow = io.StringIO()  # study names folded onto two lines: still within the terminal
     Console(file=narrow, width=90).print(loop.callback.table(loop.trials, screen=(90, 16)))
     assert len(narrow.getvalue().splitlines()) < 16 and "total" in narrow.getvalue(), narrow.getvalue()
+    assert "more studies" in narrow.getvalue() and narrow.getvalue().count("│       1 │") == 2, narrow.getvalue()
     text = io.StringIO()
     Console(file=text, width=120).print(loop.callback.table(loop.trials, screen=(120, 16)))
     lines = text.getvalue().splitlines()

@@ -236,7 +236,7 @@ class StudyProgress(Callback):
         among them; the studies with trials running then come first, and the rest are one row."""
         rows = self.rows(trials)
         whole = self._table(rows, trials, final)
-        if screen is None or (height := rendered_height(whole, screen[0])) < screen[1]:
+        if screen is None or rendered_height(whole, screen[0]) < screen[1]:
             return whole
         ranked = sorted(rows, key=lambda n: (not rows[n]["running"], not rows[n]["waiting"],
                                              rows[n]["done"] + rows[n]["failed"] >= self.trials))
@@ -244,13 +244,9 @@ class StudyProgress(Callback):
         def cut(keep: int):
             return self._table({n: r for n, r in rows.items() if n in ranked[:keep]}, trials, final,
                                [r for n, r in rows.items() if n not in ranked[:keep]])
-        low, high = 0, max(len(rows) - (height - screen[1]) - 2, 0)  # a row is a line or more; one says the rest
-        while low < high:  # the most studies that fit, a few renders even for the 60 studies of the paper's matrix
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if rendered_height(cut(middle), screen[0]) < screen[1] else (low, middle - 1)
-        return cut(low)
+        return cut(most_that_fit(lambda keep: rendered_height(cut(keep), screen[0]) < screen[1], len(rows) - 1))
 
-    def _table(self, rows: dict, trials, final: bool, hidden: list[dict] = ()):
+    def _table(self, rows: dict, trials, final: bool, hidden: list[dict] | None = None):
         from rich.table import Column, Table
 
         elapsed = time.monotonic() - self._started
@@ -266,13 +262,14 @@ class StudyProgress(Callback):
             table.add_row(name, f"{sum(r['done'] for r in them)}/{len(them) * self.trials}",
                           str(sum(r[live] for r in them)), str(sum(r["failed"] for r in them)),
                           fmt(max(bests) if bests else None), rate(epochs, elapsed), **style)
+        last = list(rows)[-1] if rows else None
         for name, r in rows.items():
-            add(name, [r], self._epochs[name], end_section=name == list(rows)[-1] and not hidden)
+            add(name, [r], self._epochs[name], end_section=name == last and not hidden)
         if hidden and rows:  # with no study shown, the total says it all
             names = [n for n in self.studies if n not in rows]
             add(f"{counted(len(hidden), 'more study', 'more studies')}", hidden,
                 sum(self._epochs[n] for n in names), end_section=True, style="dim")
-        everything = [*rows.values(), *hidden]
+        everything = [*rows.values(), *(hidden or [])]
         add("total", everything, sum(self._epochs.values()), style="bold")
         return table
 
@@ -282,6 +279,16 @@ class StudyProgress(Callback):
             self._display.stop()
             self._display = None
             atexit.unregister(self.stop)
+
+
+def most_that_fit(fits, most: int) -> int:
+    """The largest n in 0..most with fits(n) (fits(0) taken as true; fits holds up to some n, not above): a binary
+    search, a few renders of the table even for the 60 studies of the paper's matrix with its controls."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 def rendered_height(renderable, width: int) -> int:
