@@ -165,11 +165,15 @@ def resolve_run(tracking_uri: str, ref: str) -> str:
         pass
     if not ref.replace("_", "").replace("-", "").isalnum():
         return ref  # not a trial id either: explain() says there is no such run
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(experiments, f"tags.`{TRIAL}` = '{ref}'", max_results=10) if experiments else []
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(experiments, f"tags.`{TRIAL}` = '{ref}'", max_results=10) if experiments else []
+    except Exception as e:  # noqa: BLE001 - MLflow's own errors: the store is there (check_store) but fails
+        raise ReportError(f"cannot look up trial id {ref} in {hide_password(tracking_uri)} ({type(e).__name__}); "
+                          "pass the run id instead") from None
     if len(found) > 1:
         named = ", ".join(f"{r.info.run_id} ({r.data.tags.get(SWEEP, '?')})" for r in found)
-        raise ReportError(f"trial id {ref} names {len(found)} runs: {named}; pass the run id of the one to explain")
+        raise ReportError(f"trial id {ref} names more than one run: {named}; pass the run id of the one to explain")
     return found[0].info.run_id if found else ref
 
 

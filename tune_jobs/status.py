@@ -93,7 +93,7 @@ def headline(status: dict) -> str:
     trials, studies = status["trials_per_study"], status["studies"].values()
     if not trials:
         return f"{status['sweep']}: {status['state']}"
-    ended = sum(study["finished"] + study["failed"] for study in studies)
+    ended = sum(min(study["finished"] + study["failed"], trials) for study in studies)  # a study's extra runs
     return (f"{status['sweep']}: {status['state']}, {ended} of {counted(len(studies) * trials, 'trial')} ended "
             f"({trials} per study)")
 
