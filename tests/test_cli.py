@@ -308,6 +308,12 @@ def test_status_says_done_only_for_a_study_none_of_whose_trials_failed(tmp_path,
     assert "attzoom: finished 1, running 0, failed 1, epochs 0, best val_top1 -, ended with 1 failed" in out, out
     assert ", done" not in out
     assert out.index(".baseline:") < out.index(".attzoom:")  # the spec's order, as the sweep's table (was a-z)
+    # a study with a run too many (a resume of an older version ran one more trial) counts N, not N + 1
+    run = client.create_run(eid, tags={SWEEP: "f1", STUDY: "tiny_resnet.cluttered-digits.attzoom", ROLE: "trial",
+                                       TRIAL: "attzoom2"}).info.run_id
+    client.set_terminated(run, "FINISHED")
+    assert attzoom_main(["status", "f1", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "f1: failed, 4 of 4 trials ended (2 per study)"
 
 
 def test_status_reads_a_store_on_a_read_only_disk(started_sweep, tmp_path):
