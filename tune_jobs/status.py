@@ -91,8 +91,8 @@ def print_sweep_status(status: dict) -> None:
 def headline(status: dict) -> str:
     """The sweep's state and how far it is, first: at the paper's scale the study lines fill a screen."""
     trials, studies = status["trials_per_study"], status["studies"].values()
-    if not trials:
-        return f"{status['sweep']}: {status['state']}"
+    if not trials:  # no stored spec (a sweep stopped before it stored one): nothing to count against
+        return f"{status['sweep']}:"
     ended = sum(min(study["finished"] + study["failed"], trials) for study in studies)  # a study's extra runs
     return (f"{status['sweep']}: {status['state']}, {ended} of {counted(len(studies) * trials, 'trial')} ended "
             f"({trials} per study)")
