@@ -21,7 +21,7 @@ from tune_jobs.layout import (CHECKPOINT, CHECKPOINT_DIR, CONFIRM_ROLE, PARENT, 
                               experiment_name, runs_filter)
 
 pytestmark = pytest.mark.slow
-SEEDS = 3
+SEEDS = 2  # the fewest a mean ± std and a confidence interval need; each seed more is two more runs to train
 
 
 def cli(*args: str, cwd: Path) -> str:
@@ -72,7 +72,7 @@ lr = [1e-3, 1e-2]
     assert first.returncode == 130 and "interrupted: " in out.rstrip().splitlines()[-1], out[-3000:]
     # its first line says how to go on, as a sweep's does (for a confirm killed without a word)
     [said] = [line for line in out.splitlines() if line.startswith("re-training each study's best config")]
-    assert said.startswith("re-training each study's best config with seeds 1, 3, 4 (6 runs to train)"), said
+    assert said.startswith("re-training each study's best config with seeds 1, 3 (4 runs to train)"), said
     continue_with = said.split("; if it stops, continue with: ", 1)[1]
     stopped = {r.info.run_id for r in client.search_runs([eid], runs_filter(CONFIRM_ROLE))
                if r.info.status == "KILLED"}
@@ -81,7 +81,7 @@ lr = [1e-3, 1e-2]
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     out = done.stdout + done.stderr
     assert "continuing c-confirm-" in out and "the confirm that was stopped" in out
-    assert "final  tiny_resnet.cluttered-digits.attzoom  done 3/3" in out  # progress: the final summary, per study
+    assert "final  tiny_resnet.cluttered-digits.attzoom  done 2/2" in out  # progress: the final summary, per study
     assert "Failed to fetch metrics" not in out
 
     parents = {r.data.tags[STUDY]: r for r in client.search_runs([eid], runs_filter(STUDY_ROLE))}
@@ -101,7 +101,7 @@ lr = [1e-3, 1e-2]
                {k: v for k, v in best.items() if k != "seed"}
         assert [a.path for a in client.list_artifacts(run.info.run_id, CHECKPOINT_DIR)] == [CHECKPOINT]
     for runs in by_study.values():  # never the sweep's own seed (2): its best trial trained with it
-        assert sorted(int(r.data.tags[SEED]) for r in runs) == [1, 3, 4]
+        assert sorted(int(r.data.tags[SEED]) for r in runs) == [1, 3]
 
     # confirming again trains nothing new, and does not say it re-trains (a second demo said so)
     again = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
@@ -117,7 +117,7 @@ lr = [1e-3, 1e-2]
         top1 = [client.get_run(r.info.run_id).data.metrics["test_top1"] for r in runs]  # logged by the report
         stats[study] = (statistics.mean(top1), statistics.stdev(top1))
         assert rows[study]["test top-1 mean ± std"] == f"{stats[study][0]:.2f} ± {stats[study][1]:.2f}"
-        assert rows[study]["seeds"] == "1, 3, 4"
+        assert rows[study]["seeds"] == "1, 3"
     base, att = stats["tiny_resnet.cluttered-digits.baseline"], stats["tiny_resnet.cluttered-digits.attzoom"]
     row = rows["tiny_resnet.cluttered-digits.attzoom"]
     assert row["Δ vs baseline [95 % CI]"].startswith(f"{att[0] - base[0]:+.2f} [")
