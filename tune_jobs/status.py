@@ -90,10 +90,12 @@ def print_sweep_status(status: dict) -> None:
 
 def headline(status: dict) -> str:
     """The sweep's state and how far it is, first: at the paper's scale the study lines fill a screen."""
+    from .summary import closed
+
     trials, studies = status["trials_per_study"], status["studies"].values()
     if not trials:  # no stored spec (a sweep stopped before it stored one): nothing to count against
         return f"{status['sweep']}:"
-    ended = sum(min(study["finished"] + study["failed"], trials) for study in studies)  # a study's extra runs
+    ended = sum(min(closed(study), trials) for study in studies)  # a study's extra runs count up to its N
     return (f"{status['sweep']}: {status['state']}, {ended} of {counted(len(studies) * trials, 'trial')} ended "
             f"({trials} per study)")
 
