@@ -227,7 +227,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
 
     from .mlflow_callback import adopt
     from .ray_session import apply_tune_settings, start_ray, stop_ray
-    from .trainable import SweepContext, ended
+    from .trainable import SweepContext, ended, trial_trainable
 
     apply_tune_settings(spec)
     experiment_id, parents = tracking_after_kept_writes(spec)
@@ -254,8 +254,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     try:
         start_ray(spec, address)
         context = SweepContext(spec)
-        trainable = tune.with_resources(tune.with_parameters(run_confirm_trial, sweep=context, params=params),
-                                        {"cpu": spec.cpus, "gpu": spec.gpus})
+        trainable = trial_trainable(run_confirm_trial, context, params=params)
         path = sweep_location(spec.storage, experiment)
         if restored:
             adopt(context)  # the restored logger goes on with this driver's spec (a moved data root, say)

@@ -505,13 +505,12 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         from .searcher import MultiStudySearcher
         from .space import study_space
         from .summary import finish_studies
-        from .trainable import SweepContext, ended, run_trial
+        from .trainable import SweepContext, ended, run_trial, trial_trainable
 
         if not address:
             start_ray(spec, address)  # inside the try: a local Ray with too few CPUs or GPUs is stopped too
         context = SweepContext(spec)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
-                                        {"cpu": spec.cpus, "gpu": spec.gpus})
+        trainable = trial_trainable(run_trial, context)
         _wait_for_owner_check(tracking)  # before Tune writes anything into this storage
         path = sweep_location(spec.storage, spec.name)  # not a Path: that makes s3://b/x s3:/b/x
         restoring = resume and tune.Tuner.can_restore(path)  # a first demo is no resume

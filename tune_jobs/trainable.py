@@ -109,6 +109,20 @@ def _stop_training() -> None:
         thread.join(timeout=EXIT_JOIN_S)
 
 
+def trial_trainable(function, sweep: SweepContext, **params):
+    """What Tune runs for each trial: ``function(config, sweep=..., **params)`` with the trial's resources, named
+    after ``function`` (a restored sweep's trainable must keep its name). The arguments travel in the closure,
+    which Tune pickles into Ray's key-value store. Not tune.with_parameters: it puts them into Ray's object
+    store, owned by the driver; a SIGTERM sent to every process (Slurm's scancel) ended the raylet, the driver
+    tried to recover that object, found the store gone, and Ray's C++ ended it (exit 1) before its interrupt
+    line, about one time in three."""
+    def trial(config: dict) -> None:
+        return function(config, sweep=sweep, **params)
+
+    trial.__name__ = trial.__qualname__ = function.__name__
+    return tune.with_resources(trial, {"cpu": sweep.spec.cpus, "gpu": sweep.spec.gpus})
+
+
 def run_trial(config: dict, sweep: SweepContext) -> None:
     """Train one trial; a storage failure is reported to the driver, not raised (so no retry is charged)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
