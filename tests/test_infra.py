@@ -496,7 +496,6 @@ def test_a_trials_arguments_travel_in_its_trainable_not_in_rays_object_store():
     # tune.with_parameters put them into Ray's object store, owned by the driver: a SIGTERM sent to every process
     # ended the raylet, the driver tried to recover that object, and Ray's C++ ended it (exit 1) before it could say
     # how to go on (the killed-twice e2e test, about one run in three)
-    import ray
     from ray import cloudpickle
     from ray.tune import Experiment
 
@@ -504,12 +503,13 @@ def test_a_trials_arguments_travel_in_its_trainable_not_in_rays_object_store():
     from tune_jobs.trainable import SweepContext, trial_trainable
 
     demo = load_spec(Path(__file__).parent.parent / "tune_jobs" / "specs" / "demo.toml")
-    trainable = trial_trainable(_arguments_seen, SweepContext(demo), params={"lr": 0.1})
-    assert not ray.is_initialized()  # nothing was put anywhere: no Ray was needed to build it
+    params = {"best": "config-of-study-x"}
+    trainable = trial_trainable(_arguments_seen, SweepContext(demo), params=params)
     assert Experiment.get_trainable_name(trainable) == "_arguments_seen"  # a restore finds the name it saved
     assert trainable._resources.required_resources == {"CPU": demo.cpus}  # the spec's resources per trial
-    shipped = cloudpickle.loads(cloudpickle.dumps(trainable))  # as Tune sends it to a trial's process
-    assert shipped({"a": 1}) == ({"a": 1}, demo, {"lr": 0.1})
+    pickled = cloudpickle.dumps(trainable)  # what Tune stores in Ray's key-value store for the trials' processes
+    assert b"config-of-study-x" in pickled and demo.data_root.encode() in pickled  # not a reference to an object
+    assert cloudpickle.loads(pickled)({"a": 1}) == ({"a": 1}, demo, params)
 
 
 def _arguments_seen(config, sweep, params):

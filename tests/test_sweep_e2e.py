@@ -24,6 +24,7 @@ from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, OPTUNA_TRIAL, PRUNED
                               TRIAL, STUDY_ROLE, TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.cli import attzoom_executable
 from tune_jobs.lease import lease_path
+from tune_jobs.snapshots import snapshot_trials
 from tune_jobs.logs import STOP_NOTICE
 from tune_jobs.tracking import open_store
 from tune_jobs.spec import optuna_storage_url
@@ -237,18 +238,31 @@ def lease_holder(storage: Path) -> int | None:
         return None
 
 
-def one_epoch_in(spec_dir: Path) -> Path | None:
-    """The folder of a trial whose run is RUNNING with exactly one epoch checkpointed, if there is one."""
+def one_epoch_in(spec_dir: Path, since: float) -> Path | None:
+    """The folder of a trial whose run is RUNNING with exactly one epoch checkpointed, that checkpoint written after
+    ``since`` (a time.time()): one a killed driver left is no trial that has just begun its second epoch."""
     running = {r.data.tags[TRIAL] for r in trial_runs(spec_dir)[1] if r.info.status == "RUNNING"}
     for folder in sorted((spec_dir / "ray_results" / "t").glob("*-*")):
-        if folder.name.rsplit("-", 1)[1] in running and [p.name for p in folder.glob("checkpoint_*")] == [
-                "checkpoint_000000"]:
+        first = folder / "checkpoint_000000"
+        try:
+            fresh = first.stat().st_mtime > since
+        except OSError:
+            continue
+        if folder.name.rsplit("-", 1)[1] in running and fresh and [p.name for p in folder.glob("checkpoint_*")] == [
+                first.name]:
             return folder
     return None
 
 
+def epochs_in_snapshot(spec_dir: Path, trial_folder: Path) -> int:
+    """The epochs of a trial that the newest published experiment snapshot holds (its last result's epoch)."""
+    trials = snapshot_trials(str(spec_dir / "ray_results" / "t")) or {}
+    trial = trials.get(trial_folder.name.rsplit("-", 1)[1])
+    return trial.last_result.get("epoch", 0) if trial else 0
+
+
 def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(tmp_path, digits_root):
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=3)
+    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=3, epochs=2)
     first = start("sweep", str(spec), "--continue", cwd=tmp_path)  # a new sweep: started
     wait_for(lambda: "FINISHED" in statuses(tmp_path) and "RUNNING" in statuses(tmp_path))
     # SIGTERM to every process by pid, as Slurm's scancel and systemd's stop of a unit's control group send it: Ray's
@@ -263,17 +277,22 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
                         rf"stopped by a SIGTERM, which ended Ray's processes too \(.+\)); continue with: "
                         rf"{re.escape(resume)}", out.rstrip().splitlines()[-1]), out[-3000:]
     # a driver killed without a word (SIGKILL, the OOM killer, a lost head node) said how to go on as it started
-    said = (f"sweep t: 2 studies x 3 trials of up to 3 epochs; results in {tmp_path / 'ray_results' / 't'}, runs in "
+    said = (f"sweep t: 2 studies x 3 trials of up to 2 epochs; results in {tmp_path / 'ray_results' / 't'}, runs in "
             f"sqlite:///{tmp_path / 'mlflow.db'}; if it stops, continue with: {resume}")
     assert said in out.splitlines()
 
     # the same command again (a job its scheduler runs again): continued as `resume` does; it was exit 2
+    started = time.time()
     resumed = start("sweep", str(spec), "--continue", cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
-    wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path), every=0.3)
-    time.sleep(1.5)  # an experiment snapshot (Tune takes one at each trial checkpoint) records that checkpoint
+    wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path, started),
+             every=0.3)
+    damaged = one_epoch_in(tmp_path, started)
+    # the experiment snapshot resume reads has that epoch, and so its checkpoint (Tune takes one once the driver has
+    # the trial's result): a fixed 1.5 s wait was too short for a driver busy beside two training trials
+    wait_for(lambda: epochs_in_snapshot(tmp_path, damaged) >= 1, every=0.1)
     crash(resumed)
-    damaged = one_epoch_in(tmp_path)  # a checkpoint cut short (a disk that filled, a copy killed midway)
+    assert one_epoch_in(tmp_path, started) == damaged  # still one epoch in: its second had not ended
     last_pt = damaged / "checkpoint_000000" / "last.pt"
     last_pt.write_bytes(last_pt.read_bytes()[:1000])
 
@@ -289,7 +308,7 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     trial = damaged.name.rsplit("-", 1)[1]
     assert f"trial {trial}: cannot resume from" in out and "starts over from epoch 1" in out, out[-3000:]
     assert "Restored on" not in out  # Ray's line per resumed trial; the progress says "resumed after epoch N"
-    assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)  # its new run holds each epoch once
+    assert_exactly_once(tmp_path, trials_per_study=3, epochs=2, studies=2)  # its new run holds each epoch once
     assert not (tmp_path / "ray_results" / "t.lease").exists()
     # the same sweep again (a script run twice): done, nothing run; it was exit 2, "continue it with ... resume"
     again = subprocess.run([sys.executable, "-m", "tune_jobs.cli", "sweep", str(spec)], cwd=tmp_path,
@@ -302,7 +321,7 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
                             str(tmp_path / "ray_results")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "had finished already: nothing to run" in again.stdout.splitlines()[-1], again
     assert ((tmp_path / "mlflow.db").read_bytes(), sweep_entries(tmp_path)) == before
-    assert_exactly_once(tmp_path, trials_per_study=3, epochs=3, studies=2)
+    assert_exactly_once(tmp_path, trials_per_study=3, epochs=2, studies=2)
     # the killed tries' working files lived in their trial folders, and the tries that ended removed them
     trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
