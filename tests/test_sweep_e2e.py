@@ -574,10 +574,12 @@ def test_on_s3_studies_share_the_global_cap_asha_prunes_within_each_study_and_a_
     assert peak == 2  # the cap holds across studies ...
     studies = [r.data.tags[STUDY] for r in runs]
     assert studies[:2] != [studies[0]] * 2  # ... both studies start at once, fewest trials first
-    # ... and the last trial takes a slot as it comes free, not once the other trial has ended too. Measured as how
-    # long the slot stood empty, not as an overlap: pruned trials of the same length may end in the same second
-    # (0.27 s apart, the last starting 0.8 s after the first ended, failed the overlap check on a busy machine)
-    assert last_start - freed < 2500, f"the cluster idled {last_start - freed} ms at the end"
+    # ... and the last trial takes a slot as it comes free, not once the other trial has ended too: where that one
+    # still ran 5 s after the slot came free, the last started before it ended. Trials that end close together
+    # cannot tell the two apart (0.27 s apart failed an overlap check), and a bound on the empty slot (2.5 s) is a
+    # timing: it failed at 2.6 s on a busy machine, the two trials having ended 1.6 s apart
+    [other] = [r for r in runs[:-1] if r.info.start_time <= freed < r.info.end_time]
+    assert other.info.end_time - freed < 5000 or last_start < other.info.end_time, (freed, last_start, other.info)
 
     # each study's parent: the counts each driver ended with, at the step of the trials closed then (all at step 0,
     # the interrupted driver's and the last one's, showed as two values of one step)
