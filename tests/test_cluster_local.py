@@ -23,6 +23,7 @@ import pytest
 
 from test_sweep_e2e import assert_exactly_once, free_port, trial_runs, wait_for, write_spec
 from tune_jobs.layout import TRIAL
+from tune_jobs.sweep import trial_id_of
 from tune_jobs.trainable import STATUS_KEY
 
 pytestmark = pytest.mark.slow
@@ -195,7 +196,7 @@ def test_a_worker_node_killed_mid_sweep_its_trials_resume_on_the_other_node(tmp_
     assert max(r["epoch"] for r in before) < min(r["epoch"] for r in after)
     # MLflow: that trial's run has each epoch once, the first one logged before the kill
     client, runs = trial_runs(tmp_path)
-    run = next(r for r in runs if r.data.tags[TRIAL] == victim["trial"].rsplit("-", 1)[1])
+    run = next(r for r in runs if r.data.tags[TRIAL] == trial_id_of(victim["trial"]))
     history = sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, EPOCHS + 1))
     assert "failures" not in run.data.metrics  # a lost node is no error of the trial's own

@@ -28,7 +28,7 @@ from tune_jobs.snapshots import snapshot_trials
 from tune_jobs.logs import STOP_NOTICE
 from tune_jobs.tracking import open_store
 from tune_jobs.spec import optuna_storage_url
-from tune_jobs.sweep import load_saved_spec
+from tune_jobs.sweep import load_saved_spec, trial_id_of
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
     from pyarrow.fs import FileType
 
     client, runs = trial_runs(spec_dir)
-    folders = {name.rsplit("-", 1)[1]: path
+    folders = {trial_id_of(name): path
                for name, path in sweep_entries(spec_dir, storage, FileType.Directory).items()}
     tune_trials = set(folders)
     trial_ids = [r.data.tags[TRIAL] for r in runs]
@@ -248,7 +248,7 @@ def one_epoch_in(spec_dir: Path, since: float) -> Path | None:
             fresh = first.stat().st_mtime > since
         except OSError:
             continue
-        if folder.name.rsplit("-", 1)[1] in running and fresh and [p.name for p in folder.glob("checkpoint_*")] == [
+        if trial_id_of(folder) in running and fresh and [p.name for p in folder.glob("checkpoint_*")] == [
                 first.name]:
             return folder
     return None
@@ -257,7 +257,7 @@ def one_epoch_in(spec_dir: Path, since: float) -> Path | None:
 def epochs_in_snapshot(spec_dir: Path, trial_folder: Path) -> int:
     """The epochs of a trial that the newest published experiment snapshot holds (its last result's epoch)."""
     trials = snapshot_trials(str(spec_dir / "ray_results" / "t")) or {}
-    trial = trials.get(trial_folder.name.rsplit("-", 1)[1])
+    trial = trials.get(trial_id_of(trial_folder))
     return trial.last_result.get("epoch", 0) if trial else 0
 
 
@@ -305,7 +305,7 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert second.stderr.count("\n") == 1 and f"pid {last.pid}" in second.stderr, second.stderr
     out = finish(last)
     assert "| tiny_resnet.cluttered-digits.attzoom | 3 | 0 | 0 |" in out
-    trial = damaged.name.rsplit("-", 1)[1]
+    trial = trial_id_of(damaged)
     assert f"trial {trial}: cannot resume from" in out and "starts over from epoch 1" in out, out[-3000:]
     assert "Restored on" not in out  # Ray's line per resumed trial; the progress says "resumed after epoch N"
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=2, studies=2)  # its new run holds each epoch once
@@ -323,7 +323,7 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     assert ((tmp_path / "mlflow.db").read_bytes(), sweep_entries(tmp_path)) == before
     assert_exactly_once(tmp_path, trials_per_study=3, epochs=2, studies=2)
     # the killed tries' working files lived in their trial folders, and the tries that ended removed them
-    trials = [d.name.rsplit("-", 1)[1] for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
+    trials = [trial_id_of(d) for d in (tmp_path / "ray_results" / "t").iterdir() if d.is_dir()]
     assert not [p for t in trials for p in Path(tempfile.gettempdir()).glob(f"attzoom-{t}-*")]
     assert not list((tmp_path / "ray_results" / "t").glob("*/work"))
 

@@ -633,7 +633,7 @@ def trial_dirname(trial) -> str:
     return f"{trial.config.get('study', 'trial')}-{trial.trial_id}"
 
 
-def trial_id_of(trial_path: str) -> str:
+def trial_id_of(trial_path: str | Path) -> str:
     return Path(trial_path).name.rsplit("-", 1)[-1]
 
 
