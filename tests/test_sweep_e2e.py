@@ -125,10 +125,11 @@ def trial_runs(spec_dir: Path, sweep="t"):
 
 
 def wait_for(condition, timeout=600, every=1.0):
+    """Poll ``condition`` until it gives something true, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return
+        if value := condition():
+            return value
         time.sleep(every)
     raise AssertionError("condition not reached in time")
 
@@ -285,9 +286,8 @@ def test_killed_twice_and_resumed_runs_each_trial_once_and_logs_each_epoch_once(
     started = time.time()
     resumed = start("sweep", str(spec), "--continue", cwd=tmp_path)
     done_before = statuses(tmp_path).count("FINISHED")
-    wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path, started),
-             every=0.3)
-    damaged = one_epoch_in(tmp_path, started)
+    damaged = wait_for(lambda: statuses(tmp_path).count("FINISHED") > done_before and one_epoch_in(tmp_path, started),
+                       every=0.3)
     # the experiment snapshot resume reads has that epoch, and so its checkpoint (Tune takes one once the driver has
     # the trial's result): a fixed 1.5 s wait was too short for a driver busy beside two training trials
     wait_for(lambda: epochs_in_snapshot(tmp_path, damaged) >= 1, every=0.1)
