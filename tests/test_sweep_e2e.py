@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gate import TcpGate
 from tune_jobs.layout import (ERROR, FIT_STATUSES, GPU_IDS, OPTUNA_TRIAL, PRUNED_AT, PRUNED_STATUS, STATUS, STUDY,
                               TRIAL, STUDY_ROLE, TRIAL_ROLE, experiment_name, runs_filter)
 from tune_jobs.cli import attzoom_executable
@@ -467,37 +468,43 @@ def epochs_checkpointed(storage: Path) -> int:
     return sum(int(p.name.rsplit("_", 1)[1]) + 1 for p in storage.glob("t/*/checkpoint_*"))
 
 
-def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_cleanly(tmp_path, digits_root):
+def test_a_tracking_server_outage_is_waited_out_and_one_past_the_deadline_stops_cleanly(tmp_path, few_digits_root):
     port = free_port()
     server = start_tracking_server(tmp_path, port)
-    spec = write_spec(tmp_path / "spec.toml", digits_root, trials=2, epochs=10, patience=10, variants=("baseline",),
-                      tracking_uri=f"http://127.0.0.1:{port}", outage_minutes=0.4)
-    storage = tmp_path / "ray_results"
-    sweep = start("sweep", str(spec), cwd=tmp_path, stderr=subprocess.PIPE)
+    gate = TcpGate(port, free_port())  # the sweep reaches the server through it: a cut gate is the outage
+    spec = write_spec(tmp_path / "spec.toml", few_digits_root, trials=2, epochs=10, patience=10, variants=("baseline",),
+                      tracking_uri=f"http://127.0.0.1:{gate.port}", outage_minutes=0.2)
+    storage, err_file = tmp_path / "ray_results", tmp_path / "driver.err"
+    with open(err_file, "w") as err:
+        sweep = start("sweep", str(spec), cwd=tmp_path, stderr=err)
+
+    def said(text: str) -> bool:
+        return text in err_file.read_text()
+
     try:
         wait_for(lambda: logged_epochs(tmp_path) >= 1, every=0.5)
-        crash(server)  # an outage shorter than the deadline (the restart takes seconds): waited out
+        gate.cut()  # an outage shorter than the deadline: waited out, training going on meanwhile
         trained = epochs_checkpointed(storage)
-        server = start_tracking_server(tmp_path, port)
-        assert epochs_checkpointed(storage) > trained, "training stopped during the outage"
-        logged = logged_epochs(tmp_path)
-        wait_for(lambda: logged_epochs(tmp_path) > logged, every=0.5)
-        crash(server)  # this one outlasts the deadline
-        out, err = sweep.communicate(timeout=300)
+        wait_for(lambda: said("unreachable (") and epochs_checkpointed(storage) > trained, every=0.2)
+        gate.open()
+        wait_for(lambda: said("is back after"), every=0.2)  # and the writes kept meanwhile made
+        gate.cut()  # this one outlasts the deadline
+        out = sweep.communicate(timeout=300)[0]
     finally:
-        crash(server)
+        crash(sweep)
+    err = err_file.read_text()
     assert sweep.returncode == 3, out[-2000:] + err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("attzoom sweep: stopped: tracking store http://") and "unreachable for 0.4 min" in last
+    assert last.startswith("attzoom sweep: stopped: tracking store http://") and "unreachable for 0.2 min" in last
     assert "attzoom resume t --storage" in last and "Traceback" not in drivers_own(err), err[-3000:]
     assert "sweep t done" not in out
     assert "Retrying (" not in err, err[-3000:]  # urllib3's warning per request, every few seconds of the outage
 
-    server = start_tracking_server(tmp_path, port)
+    gate.open()
     try:
         out = finish(start("resume", "t", "--storage", str(storage), cwd=tmp_path))
         assert "| tiny_resnet.cluttered-digits.baseline | 2 | 0 | 0 |" in out
-        assert f"ui t --tracking-uri http://127.0.0.1:{port}" in out.splitlines()[-1]  # as a sweep's last line says
+        assert f"ui t --tracking-uri http://127.0.0.1:{gate.port}" in out.splitlines()[-1]  # as a sweep's last says
         assert "View run" not in out  # MLflow's line per run a server store finishes (its URL may hold a password)
         assert_exactly_once(tmp_path, trials_per_study=2, epochs=10, studies=1)
         no_failure_recorded(tmp_path)
