@@ -5,7 +5,13 @@ import pickle
 import urllib.request
 from pathlib import Path
 
-import numpy as np
+# One compute thread per process, as Ray gives a one-CPU trial: the suite's processes (its test workers, the sweeps
+# and `attzoom train` they start) outnumber the cores, and torch's OpenMP threads wait for each other by spinning. A
+# test_train fit of 2.4 s alone took 11-14 s beside two busy processes with torch's two threads, 3-4 s with one
+# (21 s in a whole suite). Set before torch or NumPy loads; the subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 
 MAX_WORKERS = 4  # each holds torch, and its sweeps a Ray instance: ~1.5 GiB apiece

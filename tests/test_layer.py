@@ -193,10 +193,16 @@ def test_literal_forward_is_conv_of_zero_insert():
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)  # the bias is added apart: rounding only
 
 
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("zoom", [2, 4])
 def test_float32_gradients_stay_close_to_float64(fused, zoom):
-    """Both modes' float32 gradients are within float32 rounding of the float64 ones (no lossy reduction)."""
+    """Both modes' float32 gradients are within float32 rounding of the float64 ones (no lossy reduction). The
+    bound, 16 float32 epsilons of the largest gradient, holds for any summation order: one thread (as a Ray trial
+    runs, OMP_NUM_THREADS=1) sums the weight gradients in one long run, 3.8 epsilons off here, where two threads
+    were 2.4 off; a half-precision reduction would be thousands off."""
     torch.manual_seed(3)
     layer = AttZoom(3, 3, zoom=zoom, fused=fused)
     x = torch.randn(2, 3, 8, 9)
@@ -208,7 +214,7 @@ def test_float32_gradients_stay_close_to_float64(fused, zoom):
         grads[dtype] = {name: p.grad.double() for name, p in layer.named_parameters()}
     for name, exact in grads[torch.float64].items():
         scale = exact.abs().max().item()
-        assert (grads[torch.float32][name] - exact).abs().max() < 4e-7 * max(scale, 1), name
+        assert (grads[torch.float32][name] - exact).abs().max() < 16 * FLOAT32_EPS * max(scale, 1), name
 
 
 def test_state_dict_is_shared_between_modes():
