@@ -103,6 +103,10 @@ lr = [1e-3, 1e-2]
     for runs in by_study.values():  # never the sweep's own seed (2): its best trial trained with it
         assert sorted(int(r.data.tags[SEED]) for r in runs) == [1, 3]
 
+    # the ended confirm trials keep best.pt, not the resume state (tune_jobs/reclaim.py)
+    assert list((tmp_path / "ray_results").glob("c-confirm-*/*/checkpoint_*/best.pt"))
+    assert not list((tmp_path / "ray_results").glob("c-confirm-*/*/checkpoint_*/last.pt"))
+
     # confirming again trains nothing new, and does not say it re-trains (a second demo said so)
     again = cli("confirm", "c", "--seeds", str(SEEDS), "--storage", str(tmp_path / "ray_results"), cwd=tmp_path)
     assert "trained seeds" not in again and "re-training" not in again

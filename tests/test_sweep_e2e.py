@@ -193,6 +193,9 @@ def assert_exactly_once(spec_dir: Path, trials_per_study: int, epochs: int, stud
             assert sorted(steps) == list(range(1, epochs_of(run, epochs) + 1)), f"{key} steps {steps}"
     assert len(per_study) == studies
     assert all(len(r) == trials_per_study for r in per_study.values())
+    if storage is None:  # on a local storage no ended trial keeps its resume state (tune_jobs/reclaim.py)
+        kept = [p for folder in folders.values() for p in Path(folder).glob("checkpoint_*/last.pt")]
+        assert not kept and all(list(Path(f).glob("checkpoint_*")) for f in folders.values()), kept
     ran = load_saved_spec("t", storage or str(spec_dir / "ray_results"))  # as the sweep saved it, overrides applied
     default = optuna_storage_url(ran)  # beside a SQLite store, else in the Tune storage
     assert_studies_in_optuna(optuna_storage or default, per_study, epochs)

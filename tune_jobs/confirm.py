@@ -227,6 +227,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
 
     from .mlflow_callback import adopt
     from .ray_session import apply_tune_settings, start_ray, stop_ray
+    from .reclaim import after_fit
     from .trainable import SweepContext, ended, trial_trainable
 
     apply_tune_settings(spec)
@@ -267,6 +268,7 @@ def run_confirm(spec: Spec, seeds: int, address: str | None = None) -> tuple[dic
     finally:
         stop_ray()
     raise_if_problem()
+    after_fit(spec.storage, experiment)
     raise_if_interrupted(ended(results), len(restored or todo), confirm_command(spec, seeds, address))
     trained: dict[str, list[int]] = {}
     now = done_pairs(spec.tracking_uri, experiment_id, params)
@@ -286,11 +288,12 @@ def new_confirm_tuner(spec: Spec, seeds: int, experiment: str, trainable, contex
     from .guard import SweepGuard
     from .mlflow_callback import MlflowCallback
     from .progress import StudyProgress
+    from .reclaim import EndedTrialsLastPt
 
     logger = MlflowCallback(context, lambda: (experiment_id, parents), partial(confirm_trial, params=params))
     progress = StudyProgress(spec, seeds, confirm_study, [s for s in spec.studies if s.name in params],
                              done_before=done_before, continued_by="confirm")
-    callbacks = [SweepGuard(), logger, progress, CSVLoggerCallback(), JsonLoggerCallback()]
+    callbacks = [SweepGuard(), logger, progress, EndedTrialsLastPt(), CSVLoggerCallback(), JsonLoggerCallback()]
     return tune.Tuner(
         trainable,
         param_space={"pair": tune.grid_search([{STUDY_KEY: s, "seed": k} for s, k in todo])},

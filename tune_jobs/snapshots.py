@@ -293,6 +293,7 @@ class SnapshotTrial:
     config: dict
     last_result: dict
     metric_analysis: dict  # metric -> {"max": ..., "min": ..., "last": ...} over the results Tune had
+    folder: str = ""  # the trial's folder, relative to the sweep's
 
     def best(self, metric: str) -> float | None:
         """The highest value of ``metric`` Tune had from the trial (its best epoch, where the study lacks it)."""
@@ -312,7 +313,8 @@ def snapshot_trials(folder: str) -> dict[str, SnapshotTrial] | None:
         config = state.get("config") if isinstance(state.get("config"), dict) else {}
         trials[state["trial_id"]] = SnapshotTrial(config.get(STUDY_KEY), state["status"], config,
                                                   metadata.get("last_result") or {},
-                                                  metadata.get("metric_analysis") or {})
+                                                  metadata.get("metric_analysis") or {},
+                                                  state.get("relative_logdir") or "")
     return trials
 
 

@@ -501,6 +501,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         from .guard import SweepGuard
         from .mlflow_callback import MlflowCallback, adopt
         from .progress import StudyProgress
+        from .reclaim import EndedTrialsLastPt, after_fit
         from .scheduler import early_stopping
         from .searcher import MultiStudySearcher
         from .space import study_space
@@ -524,7 +525,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
         else:
             scheduler, marks = early_stopping(spec)  # marks pruned trials after the logger saw their last epoch
             callbacks = [SweepGuard(), MlflowCallback(context, tracking.result), StudyProgress(spec), *marks,
-                         CSVLoggerCallback(), JsonLoggerCallback()]
+                         EndedTrialsLastPt(), CSVLoggerCallback(), JsonLoggerCallback()]
             searcher = MultiStudySearcher({s.name: study_space(spec.search, s) for s in spec.studies},
                                           spec.trials, spec.max_concurrent, spec.metric, "max", spec.seed,
                                           storage_url=optuna_storage_url(spec), sweep=spec.name)
@@ -543,6 +544,7 @@ def _run_sweep(spec: Spec, address: str | None, resume: bool) -> dict:
     finally:
         stop_ray()
     raise_if_problem()  # the MLflow writes could not all be made: no summary, no "done"
+    after_fit(spec.storage, spec.name)
     experiment_id, parents = _tracking_ids(tracking, spec, driver_address(address))
     drop_orphan_runs(spec, experiment_id, {trial_id_of(r.path) for r in results})
     drop_orphan_folders(spec, {Path(r.path).name for r in results})
