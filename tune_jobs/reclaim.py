@@ -20,7 +20,7 @@ from .snapshots import snapshot_trials
 from .spec import local_path
 from .trainable import STATUS_KEY
 
-CHECK_EVERY_S = 10.0  # while a trial's end waits for a snapshot: a look parses it whole (~15 MB at 720 trials)
+CHECK_EVERY_S = 10.0  # while an end waits for a snapshot; a look parses it whole: 0.12 s at 720 trials (13 MB)
 
 
 def remove_ended_last_pts(sweep_folder: Path, done: set[str]) -> set[str]:
