@@ -194,6 +194,9 @@ def restore(checkpoint: tune.Checkpoint | None, work: Path) -> None:
     except FileNotFoundError as gone:
         raise CheckpointError(f"cannot resume from {checkpoint.path}: it is gone (the driver stopped after Tune "
                               "deleted it for a newer one)") from gone
+    if not (work / "last.pt").is_file():  # else fit starts at epoch 1 unnoticed, under the epochs already logged
+        raise CheckpointError(f"cannot resume from {checkpoint.path}: it holds no last.pt (an ended trial's, removed "
+                              "once a snapshot recorded its end: reclaim.py, or a copy made without it)")
     # fit's lock file came with the folder: a copy of the saving try's, never a live lock (this try's folder is its
     # own), and where the storage lacks flock it is a marker naming that try's process, which would refuse this one
     (work / LOCK_FILE).unlink(missing_ok=True)
