@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,22 @@ def test_a_snapshot_rewritten_while_it_is_copied_is_not_published(tmp_path, monk
     monkeypatch.setattr(snapshots.shutil, "copyfile", copy)
     snapshots.replace_files(str(staging), str(storage))  # the next snapshot's copy
     assert (storage / NAME).read_text() == '{"trial_data": [1, 2, 3, 4]}'
+
+
+def test_an_older_copy_of_the_snapshot_is_never_published_over_a_newer_one(tmp_path):
+    # Ray starts the next publish when one runs past its sync timeout (30 min): the two raced for the renames, and
+    # the older copy could land last, so a resume restored the trials as they were before it
+    from tune_jobs import snapshots
+
+    storage, older, newer = tmp_path / "storage", tmp_path / "older", tmp_path / "newer"
+    for folder, trials in ((storage, "[]"), (older, "[1]"), (newer, "[1, 2]")):
+        folder.mkdir()
+        (folder / NAME).write_text(f'{{"trial_data": {trials}}}')
+    now = time.time_ns()
+    snapshots._publish_together(newer, now, 8, storage)  # noqa: SLF001 - the copies' renames, in the order they raced
+    snapshots._publish_together(older, now, 7, storage)  # noqa: SLF001 - copied before, renamed after
+    assert (storage / NAME).read_text() == '{"trial_data": [1, 2]}'
+    assert sorted(os.listdir(storage)) == [NAME]  # the older copy's staged file is gone too
 
 
 def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):

@@ -19,6 +19,7 @@ a publish under way. A resume also makes the searcher agree with the trial state
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ QUIET_NS = 1_000_000_000
 _copied: dict[str, tuple[int, int] | None] = {}  # a copy in the storage -> its source's (size, mtime) when quiet
 _writing = threading.Lock()  # held while Tune writes the driver's snapshot, and while a copy of it is taken
 _publishing = threading.Lock()  # held while a snapshot's files are renamed (or uploaded) into the storage
+_freezes = itertools.count(1)  # the order in which copies of the snapshot were taken (the clock may step back)
+_published: dict[Path, int] = {}  # a storage folder -> the newest copy renamed into it
 LAST = ("experiment_state-", "search_gen_state-")  # published last, in this order (publish_order)
 MIN_PERIOD_S = 1.0  # between two snapshots: a driver killed between them forgets the trials started since
 MAX_PERIOD_S = 10.0  # Tune's own floor: a slow storage's publish (wall time, mostly waiting) may not stretch it more
@@ -168,8 +171,8 @@ def _frozen(folder: Path):
                 if path.is_file() and not path.name.startswith("."):  # Tune's own temporary files, there a moment
                     with suppress(FileNotFoundError):
                         shutil.copy2(path, Path(frozen, path.name))  # its time stamp too: _staged compares it
-            frozen_at = time.time_ns()
-        yield Path(frozen), frozen_at
+            frozen_at, order = time.time_ns(), next(_freezes)
+        yield Path(frozen), frozen_at, order
 
 
 def replace_files(source: str, target: str) -> None:
@@ -182,7 +185,7 @@ def replace_files(source: str, target: str) -> None:
     hold thousands of the loggers' files, and between two snapshots only the running trials' change (Tune copied
     them all). A file written within the last second is copied again next time: a write in the same clock tick as
     the copy leaves its time stamp as it was."""
-    with _frozen(Path(source)) as (frozen, frozen_at):
+    with _frozen(Path(source)) as (frozen, frozen_at, order):
         for folder, _, files in os.walk(source):
             into = Path(target, os.path.relpath(folder, source))
             into.mkdir(parents=True, exist_ok=True)
@@ -190,7 +193,7 @@ def replace_files(source: str, target: str) -> None:
                 for name in files:
                     if not name.startswith("."):
                         _replace(Path(folder, name), into / name)
-        _publish_together(frozen, frozen_at, Path(target))
+        _publish_together(frozen, frozen_at, order, Path(target))
 
 
 def _replace(path: Path, copy: Path, tries: int = 3) -> None:
@@ -205,15 +208,20 @@ def _replace(path: Path, copy: Path, tries: int = 3) -> None:
             return
 
 
-def _publish_together(frozen: Path, frozen_at: int, into: Path) -> None:
+def _publish_together(frozen: Path, frozen_at: int, order: int, into: Path) -> None:
     """The snapshot's own files from one moment, each durable before its rename (a host crash after it must not
-    leave an empty one), renamed in publish_order."""
+    leave an empty one), renamed in publish_order; never over those of a later copy. Ray starts the next publish
+    when one runs past its sync timeout (30 min), and the two raced for the renames: the older could land last,
+    and a resume then restored trials as they were before, one that had ended among them (its last.pt gone)."""
     staged = []
     try:
         for name in publish_order(os.listdir(frozen)):
             staged.append(_staged(frozen / name, into / name, durable=True, now=frozen_at))
         with _publishing:
+            if order <= _published.get(into, 0):
+                return  # a later copy is in place; this one's staged files go (finally)
             _commit(staged)
+            _published[into] = order
         staged = []
     except Rewritten as e:  # a copy into the storage that does not read back whole: the storage keeps its last
         logger.warning("the sweep's snapshot was not published this time: its copy of %s was not whole", e)
@@ -227,7 +235,7 @@ def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> 
     """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from a moment before,
     one object each (an object is written whole), in publish_order."""
     root = Path(local_path)
-    with _frozen(root) as (frozen, _):
+    with _frozen(root) as (frozen, _, _):
         for folder in [path for path in root.iterdir() if path.is_dir()]:
             upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
         with _publishing:
