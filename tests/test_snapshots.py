@@ -136,6 +136,29 @@ def test_an_older_copy_of_the_snapshot_is_never_published_over_a_newer_one(tmp_p
     assert sorted(os.listdir(storage)) == [NAME]  # the older copy's staged file is gone too
 
 
+def test_on_cloud_storage_an_older_copy_of_the_snapshot_is_never_uploaded_over_a_newer_one(tmp_path):
+    import pyarrow.fs
+    from ray.train._internal.storage import _upload_to_fs_path  # what Tune's syncer uploads with
+
+    from tune_jobs import snapshots
+
+    staging, bucket = tmp_path / "staging", tmp_path / "bucket"
+    (staging / "trial").mkdir(parents=True)
+    bucket.mkdir()
+    (staging / NAME).write_text('{"trial_data": [1]}')
+    raced = []
+
+    def upload(local_path, fs, fs_path, exclude=None):
+        _upload_to_fs_path(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+        if not raced:  # while the first copy's trial folders upload, the next snapshot is taken and uploaded whole
+            raced.append(fs_path)
+            (staging / NAME).write_text('{"trial_data": [1, 2]}')
+            snapshots.upload_in_order(upload, str(staging), fs, str(bucket))
+
+    snapshots.upload_in_order(upload, str(staging), pyarrow.fs.LocalFileSystem(), str(bucket))
+    assert raced and (bucket / NAME).read_text() == '{"trial_data": [1, 2]}'
+
+
 def test_a_resume_from_a_damaged_snapshot_is_one_line(tmp_path):
     from tune_jobs.snapshots import check_snapshot_readable
 

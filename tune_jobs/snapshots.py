@@ -41,7 +41,7 @@ _copied: dict[str, tuple[int, int] | None] = {}  # a copy in the storage -> its 
 _writing = threading.Lock()  # held while Tune writes the driver's snapshot, and while a copy of it is taken
 _publishing = threading.Lock()  # held while a snapshot's files are renamed (or uploaded) into the storage
 _freezes = itertools.count(1)  # the order in which copies of the snapshot were taken (the clock may step back)
-_published: dict[Path, int] = {}  # a storage folder -> the newest copy renamed into it
+_published: dict[str, int] = {}  # a storage folder -> the newest copy published into it
 LAST = ("experiment_state-", "search_gen_state-")  # published last, in this order (publish_order)
 MIN_PERIOD_S = 1.0  # between two snapshots: a driver killed between them forgets the trials started since
 MAX_PERIOD_S = 10.0  # Tune's own floor: a slow storage's publish (wall time, mostly waiting) may not stretch it more
@@ -218,10 +218,9 @@ def _publish_together(frozen: Path, frozen_at: int, order: int, into: Path) -> N
         for name in publish_order(os.listdir(frozen)):
             staged.append(_staged(frozen / name, into / name, durable=True, now=frozen_at))
         with _publishing:
-            if order <= _published.get(into, 0):
+            if not _newest(order, str(into)):
                 return  # a later copy is in place; this one's staged files go (finally)
             _commit(staged)
-            _published[into] = order
         staged = []
     except Rewritten as e:  # a copy into the storage that does not read back whole: the storage keeps its last
         logger.warning("the sweep's snapshot was not published this time: its copy of %s was not whole", e)
@@ -235,13 +234,24 @@ def upload_in_order(upload, local_path: str, fs, fs_path: str, exclude=None) -> 
     """Cloud storage: the trial folders as Tune uploads them, then the snapshot's own files from a moment before,
     one object each (an object is written whole), in publish_order."""
     root = Path(local_path)
-    with _frozen(root) as (frozen, _, _):
+    with _frozen(root) as (frozen, _, order):
         for folder in [path for path in root.iterdir() if path.is_dir()]:
             upload(local_path=str(folder), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{folder.name}", exclude=exclude)
         with _publishing:
+            if not _newest(order, fs_path):
+                return
             for name in publish_order(os.listdir(frozen)):
                 upload(local_path=str(frozen / name), fs=fs, fs_path=f"{fs_path.rstrip('/')}/{name}",
                        exclude=exclude)
+
+
+def _newest(order: int, into: str) -> bool:
+    """Whether the copy taken ``order``-th is newer than any published into ``into`` (then it is the newest);
+    under _publishing."""
+    if order <= _published.get(into, 0):
+        return False
+    _published[into] = order
+    return True
 
 
 @dataclass
