@@ -18,7 +18,7 @@ from ray import tune
 
 from .snapshots import snapshot_trials
 from .spec import local_path
-from .trainable import STATUS_KEY
+from .trainable import STATUS_KEY, reported_end
 
 CHECK_EVERY_S = 10.0  # while an end waits for a snapshot; a look parses it whole: 0.12 s at 720 trials (13 MB)
 
@@ -33,7 +33,7 @@ def remove_ended_last_pts(sweep_folder: Path, done: set[str]) -> set[str]:
         return set()  # freeing space never stops a sweep
     ended = set()
     for trial_id, trial in trials.items():
-        if trial_id in done or trial.status != "TERMINATED" or STATUS_KEY not in trial.last_result or not trial.folder:
+        if trial_id in done or not reported_end(trial) or not trial.folder:  # a snapshot's trial reads as Tune's
             continue
         try:
             for last in (sweep_folder / trial.folder).glob("checkpoint_*/last.pt"):
